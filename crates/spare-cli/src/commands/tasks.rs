@@ -1,0 +1,110 @@
+//! `spare tasks`
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+use spare_ledger::{HostedTask, RequestedTask};
+
+use crate::{Context, output};
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct Args {
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+    /// List tasks this node ran for other peers instead.
+    #[arg(long)]
+    hosted: bool,
+    /// How many tasks to list.
+    #[arg(long, default_value_t = 20)]
+    limit: u32,
+}
+
+pub(crate) async fn execute(context: &Context, args: Args) -> Result<ExitCode> {
+    let client = context.client();
+    if args.hosted {
+        let tasks: Vec<HostedTask> = client
+            .get(&format!("/v1/hosted?limit={}", args.limit))
+            .await?;
+        if args.json {
+            output::json(&tasks)?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        let mut rows = vec![header("REQUESTER")];
+        for t in &tasks {
+            rows.push(row(
+                &t.task,
+                "",
+                &t.requester,
+                &t.state,
+                t.exit_code,
+                t.failure.as_deref(),
+                t.fuel,
+                t.wall_ms,
+                t.started_ms,
+            ));
+        }
+        output::table(&rows);
+    } else {
+        let tasks: Vec<RequestedTask> = client
+            .get(&format!("/v1/tasks?limit={}", args.limit))
+            .await?;
+        if args.json {
+            output::json(&tasks)?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        let mut rows = vec![header("HOST")];
+        for t in &tasks {
+            rows.push(row(
+                &t.task,
+                &t.name,
+                t.host.as_deref().unwrap_or("-"),
+                &t.state,
+                t.exit_code,
+                t.failure.as_deref(),
+                t.fuel,
+                t.wall_ms,
+                t.submitted_ms,
+            ));
+        }
+        output::table(&rows);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn header(who: &str) -> Vec<String> {
+    ["TASK", "NAME", who, "ENDED", "FUEL", "WALL", "WHEN"]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect()
+}
+
+#[allow(clippy::too_many_arguments)]
+fn row(
+    task: &str,
+    name: &str,
+    peer: &str,
+    state: &spare_ledger::TaskState,
+    exit_code: Option<i32>,
+    failure: Option<&str>,
+    fuel: Option<u64>,
+    wall_ms: Option<u64>,
+    when_ms: u64,
+) -> Vec<String> {
+    let ended = match (state, exit_code, failure) {
+        (spare_ledger::TaskState::Exited, Some(code), _) => format!("exit {code}"),
+        (_, _, Some(failure)) => failure.to_owned(),
+        (state, _, _) => format!("{state:?}").to_lowercase(),
+    };
+    vec![
+        task.chars().take(12).collect(),
+        name.to_owned(),
+        output::short_peer(peer),
+        ended,
+        fuel.map(|f| f.to_string()).unwrap_or_else(|| "-".into()),
+        wall_ms
+            .map(|w| format!("{w} ms"))
+            .unwrap_or_else(|| "-".into()),
+        output::ago(when_ms),
+    ]
+}

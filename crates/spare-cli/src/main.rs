@@ -1,0 +1,125 @@
+//! `spare`: run the daemon, run tasks on the swarm, inspect it.
+//!
+//! One file per verb under `commands/`, each a clap `Args` struct with an
+//! `execute` function. Every verb but `up`, `init`, `demo` and the hidden
+//! `worker` talks to the daemon through its Unix-socket API only.
+
+mod client;
+mod commands;
+mod output;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use spare_node::Paths;
+
+/// A peer-to-peer cloud built from spare cycles.
+#[derive(Debug, Parser)]
+#[command(name = "spare", version, about, long_about = None, max_term_width = 100)]
+struct Cli {
+    /// Directory holding everything of one node (keys, config, database,
+    /// blobs, API socket). Default: the XDG directories.
+    #[arg(long, global = true, env = "SPARE_DATA_DIR", value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create this node's key and config file (never overwrites them).
+    Init(commands::init::Args),
+    /// Run the daemon in the foreground.
+    Up(commands::up::Args),
+    /// Show this node's peer id and addresses.
+    Id(commands::id::Args),
+    /// List connected peers and what each offers.
+    Peers(commands::peers::Args),
+    /// Run a WebAssembly program on the swarm, like running it here.
+    Run(commands::run::Args),
+    /// List recent tasks, where they ran and how they ended.
+    Tasks(commands::tasks::Args),
+    /// Start a three-node swarm on this machine and run a task on it.
+    Demo(commands::demo::Args),
+    /// Internal: a sandbox worker process, started by the daemon.
+    #[command(hide = true)]
+    Worker(commands::worker::Args),
+}
+
+/// What every command gets.
+#[derive(Debug, Clone)]
+pub(crate) struct Context {
+    pub(crate) paths: Paths,
+    /// `--data-dir` as given, to repeat it in hints.
+    pub(crate) data_dir: Option<PathBuf>,
+}
+
+impl Context {
+    /// The command that starts this node's daemon, for hints.
+    pub(crate) fn up_command(&self) -> String {
+        match &self.data_dir {
+            Some(dir) => format!("spare --data-dir {} up", dir.display()),
+            None => "spare up".to_owned(),
+        }
+    }
+
+    pub(crate) fn client(&self) -> client::Client {
+        client::Client::new(&self.paths.socket, self.up_command())
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The worker must lower its priority before any thread exists, so it
+    // runs before logging and the async runtime are set up.
+    if let Command::Worker(args) = &cli.command {
+        return commands::worker::execute(args);
+    }
+    init_logging(matches!(cli.command, Command::Up(_)));
+    let paths = match Paths::resolve(cli.data_dir.as_deref()) {
+        Ok(paths) => paths,
+        Err(e) => return output::fail(&anyhow::anyhow!(e)),
+    };
+    let context = Context {
+        paths,
+        data_dir: cli.data_dir.clone(),
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => return output::fail(&anyhow::anyhow!("cannot start the async runtime: {e}")),
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Init(args) => commands::init::execute(&context, args),
+            Command::Up(args) => commands::up::execute(&context, args).await,
+            Command::Id(args) => commands::id::execute(&context, args).await,
+            Command::Peers(args) => commands::peers::execute(&context, args).await,
+            Command::Run(args) => commands::run::execute(&context, args).await,
+            Command::Tasks(args) => commands::tasks::execute(&context, args).await,
+            Command::Demo(args) => commands::demo::execute(args).await,
+            Command::Worker(_) => unreachable!("handled above"),
+        }
+    });
+    // Do not wait for stray blocking tasks (a stdin reader) at exit.
+    runtime.shutdown_background();
+    match result {
+        Ok(code) => code,
+        Err(e) => output::fail(&e),
+    }
+}
+
+fn init_logging(daemon: bool) {
+    let default = if daemon { "info" } else { "warn" };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}

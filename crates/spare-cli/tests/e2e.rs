@@ -1,0 +1,425 @@
+//! Multi-process tests of the real `spare` binary: daemons on loopback,
+//! tasks run through the CLI exactly as a user would run them.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use spare_testkit::{Daemon, Swarm};
+
+fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_spare"))
+}
+
+fn example(name: &str) -> String {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../examples")
+        .join(name)
+        .display()
+        .to_string()
+}
+
+/// Runs a CLI verb against `node`, feeding `stdin`.
+fn spare(node: &Daemon, args: &[&str], stdin: &[u8]) -> Output {
+    let mut child = node
+        .cli()
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spare runs");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(stdin)
+        .expect("write stdin");
+    child.wait_with_output().expect("spare finishes")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn json(output: &Output) -> serde_json::Value {
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+        panic!(
+            "not JSON ({e}): {}{}",
+            text(&output.stdout),
+            text(&output.stderr)
+        )
+    })
+}
+
+/// The exactly-one-line error a failed command prints.
+fn error_line(output: &Output) -> String {
+    let stderr = text(&output.stderr);
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("spare: error:"))
+        .collect();
+    assert_eq!(lines.len(), 1, "expected one error line, got:\n{stderr}");
+    lines[0].to_owned()
+}
+
+#[test]
+fn a_task_runs_on_a_remote_peer_like_a_local_program() {
+    let swarm = Swarm::start(&bin(), 3, 1).expect("swarm starts");
+    let a = &swarm.nodes[0];
+
+    // stdout, stderr, exit code, args, env and stdin, as if run locally.
+    let out = spare(
+        a,
+        &[
+            "run",
+            "--env",
+            "GREETING=hi",
+            "-e",
+            "EXIT_CODE=3",
+            &example("echo.wasm"),
+            "--",
+            "x",
+            "y z",
+        ],
+        b"piped input\n",
+    );
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        "arg[1]=x\narg[2]=y z\nenv GREETING=hi\nenv EXIT_CODE=3\nstdin:\npiped input\n"
+    );
+    assert_eq!(text(&out.stderr), "to stderr\n");
+
+    // --json names the host, which is not the requester.
+    let out = spare(
+        a,
+        &["run", "--json", &example("primes.wasm"), "--", "1000"],
+        b"1 2 3\n",
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let result = json(&out);
+    let host = result["host"].as_str().expect("host").to_owned();
+    assert_ne!(host, a.peer_id());
+    assert!(swarm.nodes.iter().any(|n| n.peer_id() == host));
+    assert_eq!(result["exit_code"], 0);
+    assert!(
+        result["stdout"]
+            .as_str()
+            .unwrap()
+            .contains("primes below 1000: 168")
+    );
+    assert!(result["stdout"].as_str().unwrap().contains("sum 6"));
+    assert!(result["fuel"].as_u64().unwrap() > 0);
+    assert!(result["wall_ms"].is_u64());
+
+    // --on pins the host; --local runs here.
+    let c = swarm.nodes[2].peer_id();
+    let out = spare(
+        a,
+        &["run", "--json", "--on", c, &example("hello.wasm")],
+        b"",
+    );
+    assert_eq!(json(&out)["host"], c);
+    let out = spare(
+        a,
+        &["run", "--json", "--local", &example("hello.wasm")],
+        b"",
+    );
+    assert_eq!(json(&out)["host"], a.peer_id());
+    assert_eq!(json(&out)["stdout"], "hello from spare\n");
+
+    // A preview-2 component runs too.
+    let out = spare(a, &["run", &example("hello_component.wasm")], b"");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "hello from spare\n");
+
+    // `tasks` lists them, with where they ran and how they ended.
+    let out = spare(a, &["tasks", "--json"], b"");
+    let tasks = json(&out);
+    let tasks = tasks.as_array().expect("list");
+    assert_eq!(tasks.len(), 5);
+    assert!(tasks.iter().all(|t| t["state"] == "exited"));
+    assert!(tasks.iter().any(|t| t["host"] == c));
+    let out = spare(a, &["tasks"], b"");
+    assert!(text(&out.stdout).contains("primes.wasm"));
+
+    // The host keeps a record and a signed receipt of what it ran.
+    let host_node = swarm.nodes.iter().find(|n| n.peer_id() == c).unwrap();
+    let hosted = spare(host_node, &["tasks", "--hosted", "--json"], b"");
+    assert!(
+        json(&hosted)
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["requester"] == a.peer_id())
+    );
+
+    // `id` and `peers`.
+    let id = json(&spare(a, &["id", "--json"], b""));
+    assert_eq!(id["peer_id"], a.peer_id());
+    assert!(
+        id["listen_addrs"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("/ip4/127.0.0.1/tcp/")
+    );
+    let peers = json(&spare(a, &["peers", "--json"], b""));
+    assert_eq!(peers.as_array().unwrap().len(), 2);
+    assert!(peers[0]["offer"]["cores"].as_u64().unwrap() >= 1);
+}
+
+#[test]
+fn hostile_guests_and_bad_input_end_with_one_clear_line() {
+    let swarm = Swarm::start(&bin(), 2, 1).expect("swarm starts");
+    let a = &swarm.nodes[0];
+    let cases: &[(&[&str], i32, &str)] = &[
+        (
+            &["run", "--fuel", "1e8", &example("hostile/loop.wasm")],
+            137,
+            "ran out of fuel (limit 100000000)",
+        ),
+        (
+            &["run", "--timeout", "500ms", &example("hostile/loop.wasm")],
+            124,
+            "exceeded its wall-time limit of 500 ms",
+        ),
+        (
+            &["run", "--memory", "16MiB", &example("hostile/alloc.wasm")],
+            137,
+            "exceeded its memory limit of 16 MiB",
+        ),
+        (
+            &["run", "--stack", "256KiB", &example("hostile/recurse.wasm")],
+            137,
+            "overflowed its stack (limit 256 KiB)",
+        ),
+        (
+            &["run", "--output", "1MiB", &example("hostile/flood.wasm")],
+            137,
+            "wrote more than 1 MiB to stdout",
+        ),
+        (&["run", &example("hostile/crash.wasm")], 134, "trapped"),
+        (
+            &["run", &example("hostile/import.wasm")],
+            126,
+            "imports `env::launch_missiles`",
+        ),
+        (
+            &["run", &example("hostile/notwasm.wasm")],
+            125,
+            "is not WebAssembly",
+        ),
+        (
+            &[
+                "run",
+                "--on",
+                "12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN",
+                &example("hello.wasm"),
+            ],
+            125,
+            "is not connected",
+        ),
+        (
+            &["run", "--on", "not-a-peer", &example("hello.wasm")],
+            125,
+            "is not a peer id",
+        ),
+        (
+            &["run", "--memory", "64 parsecs", &example("hello.wasm")],
+            125,
+            "unknown unit `parsecs`",
+        ),
+        (&["run", &example("no-such-file.wasm")], 125, "cannot read"),
+    ];
+    for (args, code, message) in cases {
+        let out = spare(a, args, b"");
+        let line = error_line(&out);
+        assert!(line.contains(message), "{args:?}: {line}");
+        assert_eq!(out.status.code(), Some(*code), "{args:?}: {line}");
+    }
+
+    // The guest's own failed open, not a sandbox error.
+    let out = spare(a, &["run", &example("hostile/passwd.wasm")], b"");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).starts_with("cannot open /etc/passwd:"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // The daemons keep serving after all of that.
+    let out = spare(a, &["run", &example("hello.wasm")], b"");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "hello from spare\n");
+}
+
+#[test]
+fn a_task_whose_host_is_killed_finishes_on_another_peer() {
+    let swarm = Swarm::start(&bin(), 3, 1).expect("swarm starts");
+    let a = &swarm.nodes[0];
+    // Long enough to kill its host mid-run (a few seconds of CPU).
+    let child = a
+        .cli()
+        .args(["run", "--json", &example("cpubound.wasm"), "--", "300"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Find the host from the requester's records once the task is placed.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let host = loop {
+        let tasks = a.get("/v1/tasks?limit=1").unwrap();
+        if let Some(host) = tasks[0]["host"].as_str() {
+            break host.to_owned();
+        }
+        assert!(Instant::now() < deadline, "task never placed");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let mut swarm = swarm;
+    let victim = swarm
+        .nodes
+        .iter()
+        .position(|n| n.peer_id() == host)
+        .expect("host is in the swarm");
+    swarm.nodes[victim].kill();
+
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let result: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_ne!(result["host"], host.as_str());
+    assert_eq!(result["attempts"], 2);
+    assert!(text(&out.stdout).contains("cpubound: rounds=300"));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("retrying on another peer"), "{stderr}");
+}
+
+#[test]
+fn workers_run_at_idle_priority() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Daemon::start(&bin(), &dir.path().join("a"), &["--cores", "2"]).unwrap();
+    let pids = node.worker_pids().unwrap();
+    assert_eq!(pids.len(), 2);
+    for pid in pids {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+        let (nice, policy): (i32, u32) = (fields[16].parse().unwrap(), fields[38].parse().unwrap());
+        // SCHED_IDLE is policy 5; where it is refused, nice 19 is the floor.
+        assert!(
+            policy == 5 || nice == 19,
+            "worker {pid}: policy {policy}, nice {nice}"
+        );
+    }
+    // The daemon itself keeps normal priority.
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", node.pid().unwrap())).unwrap();
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+    assert_eq!(fields[38], "0");
+}
+
+#[test]
+fn ctrl_c_cancels_the_task_on_its_host() {
+    let swarm = Swarm::start(&bin(), 2, 1).expect("swarm starts");
+    let (a, b) = (&swarm.nodes[0], &swarm.nodes[1]);
+    let child = a
+        .cli()
+        .args(["run", &example("hostile/loop.wasm")])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while b.get("/v1/node").unwrap()["running"] != 1 {
+        assert!(Instant::now() < deadline, "task never started on b");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: kill only takes integers.
+    unsafe {
+        libc::kill(child.id() as libc::pid_t, libc::SIGINT);
+    }
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "{}", text(&out.stderr));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let hosted = b.get("/v1/hosted?limit=1").unwrap();
+        if hosted[0]["state"] == "cancelled" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "host did not cancel: {hosted}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(b.get("/v1/node").unwrap()["running"], 0);
+}
+
+#[test]
+fn init_is_implied_never_destructive_and_the_cli_explains_a_missing_daemon() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("n");
+    let run = |args: &[&str]| {
+        Command::new(bin())
+            .arg("--data-dir")
+            .arg(&data)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+
+    let out = run(&["id"]);
+    assert_eq!(out.status.code(), Some(125));
+    let line = text(&out.stderr);
+    assert!(line.contains("no spare daemon is running"), "{line}");
+    assert!(
+        line.contains(&format!("spare --data-dir {} up", data.display())),
+        "{line}"
+    );
+
+    let out = run(&["init"]);
+    assert!(out.status.success());
+    let key = std::fs::read(data.join("node.key")).unwrap();
+    let out = run(&["init"]);
+    assert!(text(&out.stdout).contains("already exists"));
+    assert_eq!(std::fs::read(data.join("node.key")).unwrap(), key);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(data.join("node.key"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+
+    // `up` on a fresh directory creates the node by itself.
+    let fresh = dir.path().join("fresh");
+    let node = Daemon::start(&bin(), &fresh, &[]).unwrap();
+    assert!(fresh.join("node.key").exists());
+    let mode = std::fs::metadata(node.socket())
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+
+    // A second daemon on the same directory is refused with the reason.
+    let out = Command::new(bin())
+        .arg("--data-dir")
+        .arg(&fresh)
+        .args(["up", "--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(125));
+    assert!(
+        text(&out.stderr).contains("already running"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // A bad config line is named.
+    std::fs::write(data.join("config.toml"), "cores = 0\n").unwrap();
+    let out = run(&["up", "--no-mdns"]);
+    assert_eq!(out.status.code(), Some(125));
+    assert!(
+        text(&out.stderr).contains("config.toml:1: cores = 0"),
+        "{}",
+        text(&out.stderr)
+    );
+}

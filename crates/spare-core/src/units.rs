@@ -1,0 +1,261 @@
+//! Human units on the command line and in config files: `64MiB`, `5s`, `1e9`.
+//!
+//! Every parser rejects what it does not understand with an error that names
+//! the offending text, never a silent default.
+
+use std::time::Duration;
+
+/// Why a quantity could not be parsed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UnitError {
+    #[error("`{0}` is empty; expected a number")]
+    Empty(String),
+    #[error("`{text}` is not a number{hint}")]
+    NotANumber { text: String, hint: &'static str },
+    #[error("`{text}` has an unknown unit `{unit}` (expected one of {expected})")]
+    UnknownUnit {
+        text: String,
+        unit: String,
+        expected: &'static str,
+    },
+    #[error("`{0}` is negative")]
+    Negative(String),
+    #[error("`{0}` is too large")]
+    Overflow(String),
+    #[error("`{0}` is not a whole number")]
+    Fractional(String),
+}
+
+const BYTE_UNITS: &str = "B, KB, MB, GB, TB, KiB, MiB, GiB, TiB";
+const DURATION_UNITS: &str = "ms, s, m, h";
+
+/// Splits `12.5MiB` into (`12.5`, `MiB`).
+fn split_unit(text: &str) -> (&str, &str) {
+    let end = text
+        .find(|c: char| !(c.is_ascii_digit() || matches!(c, '.' | '-' | '+' | 'e' | 'E' | '_')))
+        .unwrap_or(text.len());
+    // An `e` directly before a letter unit is part of the unit, not an exponent
+    // (no unit starts with `e`, so this only matters for malformed input).
+    (text[..end].trim(), text[end..].trim())
+}
+
+fn parse_number(text: &str, number: &str) -> Result<f64, UnitError> {
+    if number.is_empty() {
+        return Err(UnitError::NotANumber {
+            text: text.to_owned(),
+            hint: "",
+        });
+    }
+    let cleaned = number.replace('_', "");
+    let value: f64 = cleaned.parse().map_err(|_| UnitError::NotANumber {
+        text: text.to_owned(),
+        hint: "",
+    })?;
+    if !value.is_finite() {
+        return Err(UnitError::Overflow(text.to_owned()));
+    }
+    if value < 0.0 {
+        return Err(UnitError::Negative(text.to_owned()));
+    }
+    Ok(value)
+}
+
+fn to_u64(text: &str, value: f64) -> Result<u64, UnitError> {
+    // 2^64 is exactly representable; anything at or above it overflows.
+    if value >= 18_446_744_073_709_551_616.0 {
+        return Err(UnitError::Overflow(text.to_owned()));
+    }
+    if value.fract() != 0.0 {
+        return Err(UnitError::Fractional(text.to_owned()));
+    }
+    // The range check above makes the cast exact.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    Ok(value as u64)
+}
+
+/// Parses a byte size: `1048576`, `64MiB`, `1.5GB`, `512 KiB`.
+///
+/// Decimal units (KB, MB, …) are powers of 1000, binary units (KiB, MiB, …)
+/// powers of 1024; a bare number is bytes.
+pub fn parse_bytes(text: &str) -> Result<u64, UnitError> {
+    let trimmed = text.trim();
+    if trimmed.is_empty() {
+        return Err(UnitError::Empty(text.to_owned()));
+    }
+    let (number, unit) = split_unit(trimmed);
+    let value = parse_number(text, number)?;
+    let scale: f64 = match unit {
+        "" | "B" | "b" => 1.0,
+        "K" | "k" | "KB" | "kB" => 1e3,
+        "M" | "MB" => 1e6,
+        "G" | "GB" => 1e9,
+        "T" | "TB" => 1e12,
+        "Ki" | "KiB" => 1024.0,
+        "Mi" | "MiB" => 1024.0 * 1024.0,
+        "Gi" | "GiB" => 1024.0 * 1024.0 * 1024.0,
+        "Ti" | "TiB" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
+        other => {
+            return Err(UnitError::UnknownUnit {
+                text: text.to_owned(),
+                unit: other.to_owned(),
+                expected: BYTE_UNITS,
+            });
+        }
+    };
+    to_u64(text, (value * scale).round())
+}
+
+/// Parses a duration: `250ms`, `5s`, `1.5m`, `2h`; a bare number is seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, UnitError> {
+    let trimmed = text.trim();
+    if trimmed.is_empty() {
+        return Err(UnitError::Empty(text.to_owned()));
+    }
+    let (number, unit) = split_unit(trimmed);
+    let value = parse_number(text, number)?;
+    let millis_per_unit = match unit {
+        "ms" => 1.0,
+        "" | "s" | "sec" | "secs" => 1e3,
+        "m" | "min" | "mins" => 60e3,
+        "h" | "hr" | "hrs" => 3600e3,
+        other => {
+            return Err(UnitError::UnknownUnit {
+                text: text.to_owned(),
+                unit: other.to_owned(),
+                expected: DURATION_UNITS,
+            });
+        }
+    };
+    let millis = to_u64(text, (value * millis_per_unit).round())?;
+    Ok(Duration::from_millis(millis))
+}
+
+/// Parses a count that may be written in scientific notation: `1000`, `1e9`,
+/// `2.5e6`, `1_000_000`.
+pub fn parse_count(text: &str) -> Result<u64, UnitError> {
+    let trimmed = text.trim();
+    if trimmed.is_empty() {
+        return Err(UnitError::Empty(text.to_owned()));
+    }
+    let (number, unit) = split_unit(trimmed);
+    if !unit.is_empty() {
+        return Err(UnitError::NotANumber {
+            text: text.to_owned(),
+            hint: " (a count takes no unit)",
+        });
+    }
+    let value = parse_number(text, number)?;
+    to_u64(text, value)
+}
+
+/// Formats a byte size with a binary unit, e.g. `64 MiB`.
+pub fn format_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else if value.fract() == 0.0 {
+        format!("{value:.0} {}", UNITS[unit])
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+/// Formats a duration for humans: `850 ms`, `5 s`, `1.5 s`, `2 min`.
+pub fn format_duration(duration: Duration) -> String {
+    let ms = duration.as_millis();
+    if ms < 1000 {
+        format!("{ms} ms")
+    } else if ms % 1000 == 0 && ms < 120_000 {
+        format!("{} s", ms / 1000)
+    } else if ms < 120_000 {
+        format!("{:.1} s", duration.as_secs_f64())
+    } else {
+        format!("{:.1} min", duration.as_secs_f64() / 60.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn bytes_accept_decimal_and_binary_units() {
+        assert_eq!(parse_bytes("64MiB"), Ok(64 << 20));
+        assert_eq!(parse_bytes("64 MiB"), Ok(64 << 20));
+        assert_eq!(parse_bytes("1.5GB"), Ok(1_500_000_000));
+        assert_eq!(parse_bytes("4096"), Ok(4096));
+        assert_eq!(parse_bytes("1KiB"), Ok(1024));
+    }
+
+    #[test]
+    fn bytes_reject_bad_input_with_the_cause() {
+        assert!(
+            matches!(parse_bytes("64 parsecs"), Err(UnitError::UnknownUnit { unit, .. }) if unit == "parsecs")
+        );
+        assert!(matches!(parse_bytes("-1MiB"), Err(UnitError::Negative(_))));
+        assert!(matches!(parse_bytes(""), Err(UnitError::Empty(_))));
+        assert!(matches!(
+            parse_bytes("MiB"),
+            Err(UnitError::NotANumber { .. })
+        ));
+        assert!(matches!(
+            parse_bytes("1e30TiB"),
+            Err(UnitError::Overflow(_))
+        ));
+        assert!(matches!(parse_bytes("0.3"), Err(UnitError::Fractional(_))));
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("1.5m"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
+        assert!(matches!(
+            parse_duration("5 fortnights"),
+            Err(UnitError::UnknownUnit { .. })
+        ));
+    }
+
+    #[test]
+    fn counts_take_scientific_notation() {
+        assert_eq!(parse_count("1e9"), Ok(1_000_000_000));
+        assert_eq!(parse_count("2.5e6"), Ok(2_500_000));
+        assert_eq!(parse_count("1_000"), Ok(1000));
+        assert!(parse_count("1.5").is_err());
+        assert!(parse_count("10k").is_err());
+    }
+
+    #[test]
+    fn formatting() {
+        assert_eq!(format_bytes(64 << 20), "64 MiB");
+        assert_eq!(format_bytes(1536), "1.5 KiB");
+        assert_eq!(format_bytes(12), "12 B");
+        assert_eq!(format_duration(Duration::from_millis(850)), "850 ms");
+        assert_eq!(format_duration(Duration::from_secs(5)), "5 s");
+    }
+
+    proptest! {
+        #[test]
+        fn parsers_never_panic(text in ".{0,40}") {
+            let _ = parse_bytes(&text);
+            let _ = parse_duration(&text);
+            let _ = parse_count(&text);
+        }
+
+        #[test]
+        fn whole_mebibytes_round_trip(n in 0u64..1_000_000) {
+            prop_assert_eq!(parse_bytes(&format!("{n}MiB")), Ok(n << 20));
+            // Formatting rounds to one decimal; parsing it back lands within 5%.
+            let back = parse_bytes(&format_bytes(n << 20)).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert!(back.abs_diff(n << 20) <= (n << 20) / 20);
+        }
+    }
+}

@@ -1,0 +1,455 @@
+//! The messages peers exchange, their size bounds, and their codec.
+//!
+//! Every message type implements [`Message`]: a hard size bound checked
+//! before decoding, and a semantic check run right after. [`decode`] is the
+//! only way bytes from a peer become a value, so a message that is oversized,
+//! malformed or out of bounds is an error here and never a panic elsewhere.
+//! The property tests at the bottom feed it arbitrary bytes.
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::limits::MAX_MODULE_BYTES;
+use crate::outcome::{MAX_DETAIL_BYTES, clip_detail};
+use crate::receipt::MAX_RECEIPT_BYTES;
+use crate::task::SpecError;
+use crate::{BlobId, Limits, Outcome, SignedReceipt, TaskId, TaskSpec};
+
+/// Request-response protocol for running and cancelling tasks.
+pub const TASK_PROTOCOL: &str = "/spare/task/1";
+/// Request-response protocol for fetching blob chunks.
+pub const BLOB_PROTOCOL: &str = "/spare/blob/1";
+/// Gossipsub topic on which nodes publish their [`Offer`].
+pub const OFFER_TOPIC: &str = "spare/offers/1";
+
+/// Largest blob chunk requested or served at once.
+pub const MAX_BLOB_CHUNK: u32 = 1 << 20;
+
+/// A message that crosses the wire between peers.
+pub trait Message: Serialize + DeserializeOwned {
+    /// Largest encoding accepted, in bytes.
+    const MAX_BYTES: usize;
+    /// What a well-formed message promises beyond its type.
+    fn validate(&self) -> Result<(), String>;
+}
+
+/// Why bytes from a peer were refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    #[error("message of {size} bytes exceeds the {max}-byte bound")]
+    TooLarge { size: usize, max: usize },
+    #[error("malformed message: {0}")]
+    Malformed(String),
+    #[error("invalid message: {0}")]
+    Invalid(String),
+}
+
+/// Encodes `msg`, refusing to produce anything the receiver would refuse.
+pub fn encode<M: Message>(msg: &M) -> Result<Vec<u8>, WireError> {
+    let mut out = Vec::new();
+    ciborium::into_writer(msg, &mut out).map_err(|e| WireError::Malformed(e.to_string()))?;
+    if out.len() > M::MAX_BYTES {
+        return Err(WireError::TooLarge {
+            size: out.len(),
+            max: M::MAX_BYTES,
+        });
+    }
+    Ok(out)
+}
+
+/// Decodes and validates bytes received from a peer.
+pub fn decode<M: Message>(bytes: &[u8]) -> Result<M, WireError> {
+    if bytes.len() > M::MAX_BYTES {
+        return Err(WireError::TooLarge {
+            size: bytes.len(),
+            max: M::MAX_BYTES,
+        });
+    }
+    let msg: M = ciborium::from_reader(bytes).map_err(|e| WireError::Malformed(e.to_string()))?;
+    msg.validate().map_err(WireError::Invalid)?;
+    Ok(msg)
+}
+
+/// A requester's message to a host on [`TASK_PROTOCOL`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TaskRequest {
+    /// Run this task; the response comes when it has finished.
+    Run(TaskSpec),
+    /// Stop a task this requester asked for earlier.
+    Cancel(TaskId),
+}
+
+/// A host's answer on [`TASK_PROTOCOL`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TaskResponse {
+    /// The task ran (or was stopped by the sandbox); here is how it ended.
+    Done(Report),
+    /// The host did not run the task. The requester may try elsewhere.
+    Refused(Refusal),
+    /// Answer to [`TaskRequest::Cancel`]: whether a running task was found.
+    Cancelled(bool),
+}
+
+/// How a task ended on its host, with the host's signed receipt.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Report {
+    pub task: TaskId,
+    pub outcome: Outcome,
+    pub receipt: SignedReceipt,
+}
+
+/// Why a host did not run a task.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum Refusal {
+    #[error("the host is busy ({queued} tasks queued)")]
+    Busy { queued: u32 },
+    #[error("the host refused the task: {0}")]
+    Invalid(String),
+    #[error("the host could not fetch {0}")]
+    BlobUnavailable(String),
+    #[error("the host is shutting down")]
+    ShuttingDown,
+    #[error("the host is out of service: {0}")]
+    Unavailable(String),
+}
+
+impl Refusal {
+    /// Whether the requester should try another host. An invalid task fails
+    /// the same everywhere.
+    pub fn is_retryable(&self) -> bool {
+        !matches!(self, Refusal::Invalid(_))
+    }
+
+    pub fn invalid(err: &SpecError) -> Self {
+        Refusal::Invalid(clip_detail(err.to_string()))
+    }
+}
+
+impl Message for TaskRequest {
+    /// A spec carries at most 1 MiB of args and env and 64 KiB of stdin.
+    const MAX_BYTES: usize = 2 << 20;
+
+    fn validate(&self) -> Result<(), String> {
+        match self {
+            TaskRequest::Run(spec) => spec.validate().map_err(|e| e.to_string()),
+            TaskRequest::Cancel(_) => Ok(()),
+        }
+    }
+}
+
+impl Message for TaskResponse {
+    /// Two output streams at the largest limit, plus room for the rest.
+    const MAX_BYTES: usize = 2 * Limits::MAX.output as usize + (64 << 10);
+
+    fn validate(&self) -> Result<(), String> {
+        match self {
+            TaskResponse::Done(report) => {
+                report.outcome.validate()?;
+                if report.receipt.body.len() > MAX_RECEIPT_BYTES {
+                    return Err("receipt too large".into());
+                }
+                Ok(())
+            }
+            TaskResponse::Refused(refusal) => match refusal {
+                Refusal::Invalid(t) | Refusal::BlobUnavailable(t) | Refusal::Unavailable(t)
+                    if t.len() > MAX_DETAIL_BYTES =>
+                {
+                    Err("refusal detail too long".into())
+                }
+                _ => Ok(()),
+            },
+            TaskResponse::Cancelled(_) => Ok(()),
+        }
+    }
+}
+
+/// A request on [`BLOB_PROTOCOL`] for `len` bytes of blob `id` from `offset`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlobRequest {
+    pub id: BlobId,
+    pub offset: u64,
+    pub len: u32,
+}
+
+/// The answer to a [`BlobRequest`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BlobResponse {
+    /// Bytes from the requested offset, and the blob's total size.
+    Chunk {
+        total: u64,
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
+    /// This peer does not have the blob, or will not share it with the asker.
+    NotFound,
+}
+
+impl Message for BlobRequest {
+    const MAX_BYTES: usize = 128;
+
+    fn validate(&self) -> Result<(), String> {
+        if self.len == 0 || self.len > MAX_BLOB_CHUNK {
+            return Err(format!(
+                "chunk length {} not in 1..={MAX_BLOB_CHUNK}",
+                self.len
+            ));
+        }
+        if self.offset >= MAX_MODULE_BYTES.max(crate::limits::MAX_STDIN_BYTES) {
+            return Err(format!("offset {} beyond any blob", self.offset));
+        }
+        Ok(())
+    }
+}
+
+impl Message for BlobResponse {
+    const MAX_BYTES: usize = MAX_BLOB_CHUNK as usize + 128;
+
+    fn validate(&self) -> Result<(), String> {
+        match self {
+            BlobResponse::Chunk { total, data } => {
+                if data.len() > MAX_BLOB_CHUNK as usize {
+                    return Err("chunk larger than the maximum".into());
+                }
+                if (data.len() as u64) > *total {
+                    return Err("chunk larger than its blob".into());
+                }
+                Ok(())
+            }
+            BlobResponse::NotFound => Ok(()),
+        }
+    }
+}
+
+/// What a runtime is called in offers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Runtime {
+    /// WASI preview 1 modules and preview 2 components on wasmtime.
+    Wasm,
+}
+
+/// What a node can give the swarm right now, published on [`OFFER_TOPIC`].
+///
+/// The publisher is the gossipsub message's signed source, so an offer does
+/// not name its node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Offer {
+    /// Cores this node contributes: it runs this many tasks at once.
+    pub cores: u16,
+    /// Of those, how many are idle now.
+    pub idle: u16,
+    /// Tasks waiting for a core.
+    pub queued: u32,
+    /// Memory available to guests, in bytes.
+    pub memory: u64,
+    pub runtimes: Vec<Runtime>,
+    /// The largest limits this host grants.
+    pub max_limits: Limits,
+    /// Increases with every offer this node publishes; older ones are stale.
+    pub seq: u64,
+}
+
+/// Largest number of runtimes an offer may list.
+pub const MAX_OFFER_RUNTIMES: usize = 8;
+
+impl Message for Offer {
+    const MAX_BYTES: usize = 1024;
+
+    fn validate(&self) -> Result<(), String> {
+        if self.idle > self.cores {
+            return Err(format!("{} idle cores of {}", self.idle, self.cores));
+        }
+        if self.runtimes.len() > MAX_OFFER_RUNTIMES {
+            return Err("too many runtimes".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outcome::{Failure, OutputStream, Status};
+    use crate::task::{BlobRef, Stdin};
+    use proptest::prelude::*;
+
+    fn report() -> Report {
+        Report {
+            task: TaskId::from_bytes([3; 16]),
+            outcome: Outcome {
+                status: Status::Exited(3),
+                stdout: b"out".to_vec(),
+                stderr: b"err".to_vec(),
+                fuel: 99,
+                wall_ms: 1,
+            },
+            receipt: SignedReceipt {
+                body: vec![1, 2, 3],
+                host_key: vec![4],
+                signature: vec![5],
+            },
+        }
+    }
+
+    #[test]
+    fn round_trips() {
+        let spec = crate::task::tests::sample();
+        let req = TaskRequest::Run(spec);
+        assert_eq!(decode::<TaskRequest>(&encode(&req).unwrap()), Ok(req));
+        let resp = TaskResponse::Done(report());
+        assert_eq!(decode::<TaskResponse>(&encode(&resp).unwrap()), Ok(resp));
+        let refused = TaskResponse::Refused(Refusal::Busy { queued: 4 });
+        assert_eq!(
+            decode::<TaskResponse>(&encode(&refused).unwrap()),
+            Ok(refused)
+        );
+    }
+
+    #[test]
+    fn oversized_input_is_refused_before_decoding() {
+        let bytes = vec![0u8; BlobRequest::MAX_BYTES + 1];
+        assert!(matches!(
+            decode::<BlobRequest>(&bytes),
+            Err(WireError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn invalid_values_are_refused_after_decoding() {
+        let req = BlobRequest {
+            id: BlobId::of(b""),
+            offset: 0,
+            len: MAX_BLOB_CHUNK + 1,
+        };
+        let mut bytes = Vec::new();
+        ciborium::into_writer(&req, &mut bytes).unwrap();
+        assert!(matches!(
+            decode::<BlobRequest>(&bytes),
+            Err(WireError::Invalid(_))
+        ));
+
+        let offer = Offer {
+            cores: 1,
+            idle: 2,
+            queued: 0,
+            memory: 0,
+            runtimes: vec![Runtime::Wasm],
+            max_limits: Limits::MAX,
+            seq: 1,
+        };
+        let mut bytes = Vec::new();
+        ciborium::into_writer(&offer, &mut bytes).unwrap();
+        assert!(matches!(
+            decode::<Offer>(&bytes),
+            Err(WireError::Invalid(_))
+        ));
+    }
+
+    fn arb_limits() -> impl Strategy<Value = Limits> {
+        (
+            any::<u64>(),
+            any::<u64>(),
+            any::<u64>(),
+            any::<u64>(),
+            any::<u64>(),
+        )
+            .prop_map(|(fuel, memory, wall_ms, output, stack)| Limits {
+                fuel,
+                memory,
+                wall_ms,
+                output,
+                stack,
+            })
+    }
+
+    fn arb_spec() -> impl Strategy<Value = TaskSpec> {
+        (
+            any::<[u8; 16]>(),
+            ".{0,20}",
+            any::<[u8; 32]>(),
+            any::<u64>(),
+            prop::collection::vec(".{0,10}", 0..5),
+            prop::collection::vec((".{0,8}", ".{0,8}"), 0..5),
+            prop::collection::vec(any::<u8>(), 0..64),
+            arb_limits(),
+        )
+            .prop_map(
+                |(id, name, module, size, args, env, stdin, limits)| TaskSpec {
+                    id: TaskId::from_bytes(id),
+                    name,
+                    module: BlobRef {
+                        id: BlobId::from_bytes(module),
+                        size,
+                    },
+                    args,
+                    env,
+                    stdin: Stdin::for_bytes(&stdin),
+                    limits,
+                },
+            )
+    }
+
+    fn arb_failure() -> impl Strategy<Value = Failure> {
+        prop_oneof![
+            ".{0,30}".prop_map(Failure::Trap),
+            ".{0,30}".prop_map(Failure::Invalid),
+            any::<u64>().prop_map(|limit| Failure::OutOfFuel { limit }),
+            any::<u64>().prop_map(|limit| Failure::OutputLimit {
+                stream: OutputStream::Stderr,
+                limit
+            }),
+            Just(Failure::Cancelled),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..4096)) {
+            let _ = decode::<TaskRequest>(&bytes);
+            let _ = decode::<TaskResponse>(&bytes);
+            let _ = decode::<BlobRequest>(&bytes);
+            let _ = decode::<BlobResponse>(&bytes);
+            let _ = decode::<Offer>(&bytes);
+        }
+
+        #[test]
+        fn specs_round_trip_or_are_refused_by_validation(spec in arb_spec()) {
+            let req = TaskRequest::Run(spec.clone());
+            match encode(&req) {
+                Ok(bytes) => {
+                    let decoded = decode::<TaskRequest>(&bytes);
+                    match spec.validate() {
+                        Ok(()) => prop_assert_eq!(decoded, Ok(req)),
+                        Err(_) => prop_assert!(matches!(decoded, Err(WireError::Invalid(_)))),
+                    }
+                }
+                Err(e) => prop_assert!(false, "encode failed: {e}"),
+            }
+        }
+
+        #[test]
+        fn mutated_valid_messages_never_panic(
+            spec in arb_spec(),
+            flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
+        ) {
+            let mut bytes = encode(&TaskRequest::Run(spec)).unwrap_or_default();
+            if !bytes.is_empty() {
+                for (index, value) in flips {
+                    let i = index.index(bytes.len());
+                    bytes[i] = value;
+                }
+            }
+            let _ = decode::<TaskRequest>(&bytes);
+        }
+
+        #[test]
+        fn failures_round_trip(failure in arb_failure(), code in any::<i32>(), out in prop::collection::vec(any::<u8>(), 0..100)) {
+            for status in [Status::Exited(code), Status::Failed(failure.clone())] {
+                let mut r = report();
+                r.outcome.status = status;
+                r.outcome.stdout = out.clone();
+                let resp = TaskResponse::Done(r);
+                prop_assert_eq!(decode::<TaskResponse>(&encode(&resp).unwrap()), Ok(resp));
+            }
+        }
+    }
+}

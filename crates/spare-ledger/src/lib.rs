@@ -1,0 +1,613 @@
+//! The SQLite state of a spare node: tasks it requested, tasks it hosted,
+//! and receipts for work done.
+//!
+//! One database file per node, in WAL mode with `synchronous=NORMAL`: a
+//! commit reaches the WAL before it returns, so a `kill -9` of the daemon
+//! loses nothing that was committed (only an OS crash may lose the last few
+//! transactions). Statements are tiny and indexed; the daemon calls them in
+//! place under a mutex.
+//!
+//! Schema changes bump [`SCHEMA_VERSION`] and add a step to [`migrate`].
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::{Deserialize, Serialize};
+use spare_core::{Outcome, PeerId, Receipt, SignedReceipt, TaskId};
+
+/// The schema this code reads and writes.
+pub const SCHEMA_VERSION: i64 = 1;
+
+/// Why a ledger operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error(
+        "database schema version {found} is newer than this spare understands ({SCHEMA_VERSION}); upgrade spare"
+    )]
+    TooNew { found: i64 },
+}
+
+/// A node's database.
+#[derive(Debug)]
+pub struct Ledger {
+    conn: Mutex<Connection>,
+}
+
+/// Where a task stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskState {
+    Running,
+    /// The guest exited (with any code).
+    Exited,
+    /// The guest did not finish: a limit, a trap, a host failure.
+    Failed,
+    Cancelled,
+    /// The daemon stopped while the task was running.
+    Interrupted,
+}
+
+impl TaskState {
+    fn as_str(self) -> &'static str {
+        match self {
+            TaskState::Running => "running",
+            TaskState::Exited => "exited",
+            TaskState::Failed => "failed",
+            TaskState::Cancelled => "cancelled",
+            TaskState::Interrupted => "interrupted",
+        }
+    }
+
+    fn parse(text: &str) -> Self {
+        match text {
+            "running" => TaskState::Running,
+            "exited" => TaskState::Exited,
+            "cancelled" => TaskState::Cancelled,
+            "interrupted" => TaskState::Interrupted,
+            _ => TaskState::Failed,
+        }
+    }
+}
+
+/// How a task ended, as the ledger keeps it (outputs are not kept).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Ending {
+    pub state: TaskState,
+    pub exit_code: Option<i32>,
+    /// The one-line cause when the guest did not exit by itself.
+    pub failure: Option<String>,
+    pub fuel: u64,
+    pub wall_ms: u64,
+}
+
+impl Ending {
+    pub fn of(outcome: &Outcome) -> Self {
+        let (state, failure) = match outcome.failure() {
+            None => (TaskState::Exited, None),
+            Some(spare_core::Failure::Cancelled) => {
+                (TaskState::Cancelled, Some("cancelled".to_owned()))
+            }
+            Some(f) => (TaskState::Failed, Some(f.to_string())),
+        };
+        Self {
+            state,
+            exit_code: outcome.exit_code(),
+            failure,
+            fuel: outcome.fuel,
+            wall_ms: outcome.wall_ms,
+        }
+    }
+
+    /// An ending for a task that failed before any host reported on it.
+    pub fn failed(cause: impl Into<String>) -> Self {
+        Self {
+            state: TaskState::Failed,
+            exit_code: None,
+            failure: Some(cause.into()),
+            fuel: 0,
+            wall_ms: 0,
+        }
+    }
+}
+
+/// A task this node requested.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestedTask {
+    pub task: String,
+    pub name: String,
+    pub module: String,
+    pub submitted_ms: u64,
+    pub finished_ms: Option<u64>,
+    /// The peer that ran (or is running) the last attempt.
+    pub host: Option<String>,
+    pub attempts: u32,
+    pub state: TaskState,
+    pub exit_code: Option<i32>,
+    pub failure: Option<String>,
+    pub fuel: Option<u64>,
+    pub wall_ms: Option<u64>,
+}
+
+/// A task this node ran for a peer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostedTask {
+    pub task: String,
+    pub requester: String,
+    pub module: String,
+    pub started_ms: u64,
+    pub finished_ms: Option<u64>,
+    pub state: TaskState,
+    pub exit_code: Option<i32>,
+    pub failure: Option<String>,
+    pub fuel: Option<u64>,
+    pub wall_ms: Option<u64>,
+}
+
+/// Whether we issued a receipt (as host) or received one (as requester).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReceiptRole {
+    Issued,
+    Received,
+}
+
+/// Totals of receipts, the input of the future credit system.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ReceiptTotals {
+    pub count: u64,
+    pub fuel: u64,
+    pub wall_ms: u64,
+}
+
+impl Ledger {
+    /// Opens (creating if needed) the database at `path` and brings its
+    /// schema up to date. Tasks left running by a previous daemon are marked
+    /// interrupted.
+    pub fn open(path: &Path) -> Result<Self, LedgerError> {
+        Self::init(Connection::open(path)?)
+    }
+
+    /// A private database in memory, for tests.
+    pub fn open_in_memory() -> Result<Self, LedgerError> {
+        Self::init(Connection::open_in_memory()?)
+    }
+
+    fn init(conn: Connection) -> Result<Self, LedgerError> {
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        migrate(&conn)?;
+        conn.execute(
+            "UPDATE requested SET state = 'interrupted', finished_ms = ?1 WHERE state = 'running'",
+            params![spare_core::now_ms() as i64],
+        )?;
+        conn.execute(
+            "UPDATE hosted SET state = 'interrupted', finished_ms = ?1 WHERE state = 'running'",
+            params![spare_core::now_ms() as i64],
+        )?;
+        Ok(Self {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave SQLite inconsistent:
+        // every statement is its own transaction.
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records a task this node is about to place.
+    pub fn task_submitted(
+        &self,
+        task: &TaskId,
+        name: &str,
+        module: &str,
+    ) -> Result<(), LedgerError> {
+        self.conn().execute(
+            "INSERT INTO requested (task, name, module, submitted_ms, state, attempts)
+             VALUES (?1, ?2, ?3, ?4, 'running', 0)",
+            params![task.to_string(), name, module, spare_core::now_ms() as i64],
+        )?;
+        Ok(())
+    }
+
+    /// Records that an attempt of `task` went to `host`.
+    pub fn task_attempt(&self, task: &TaskId, host: &PeerId) -> Result<(), LedgerError> {
+        self.conn().execute(
+            "UPDATE requested SET attempts = attempts + 1, host = ?2 WHERE task = ?1",
+            params![task.to_string(), host.to_string()],
+        )?;
+        Ok(())
+    }
+
+    /// Records how a requested task ended.
+    pub fn task_finished(&self, task: &TaskId, ending: &Ending) -> Result<(), LedgerError> {
+        self.conn().execute(
+            "UPDATE requested SET state = ?2, exit_code = ?3, failure = ?4, fuel = ?5, wall_ms = ?6,
+                    finished_ms = ?7
+             WHERE task = ?1",
+            params![
+                task.to_string(),
+                ending.state.as_str(),
+                ending.exit_code,
+                ending.failure,
+                ending.fuel as i64,
+                ending.wall_ms as i64,
+                spare_core::now_ms() as i64
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// The `limit` most recently submitted tasks, newest first.
+    pub fn recent_tasks(&self, limit: u32) -> Result<Vec<RequestedTask>, LedgerError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(&format!(
+            "{REQUESTED_COLUMNS} ORDER BY submitted_ms DESC, rowid DESC LIMIT ?1"
+        ))?;
+        let rows = stmt.query_map(params![limit], requested_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// One requested task by id.
+    pub fn requested_task(&self, task: &TaskId) -> Result<Option<RequestedTask>, LedgerError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(&format!("{REQUESTED_COLUMNS} WHERE task = ?1"))?;
+        Ok(stmt
+            .query_row(params![task.to_string()], requested_row)
+            .optional()?)
+    }
+
+    /// Records that this node started a task for `requester`.
+    pub fn hosted_started(
+        &self,
+        task: &TaskId,
+        requester: &PeerId,
+        module: &str,
+    ) -> Result<(), LedgerError> {
+        self.conn().execute(
+            "INSERT OR REPLACE INTO hosted (task, requester, module, started_ms, state)
+             VALUES (?1, ?2, ?3, ?4, 'running')",
+            params![
+                task.to_string(),
+                requester.to_string(),
+                module,
+                spare_core::now_ms() as i64
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Records how a hosted task ended.
+    pub fn hosted_finished(
+        &self,
+        task: &TaskId,
+        requester: &PeerId,
+        ending: &Ending,
+    ) -> Result<(), LedgerError> {
+        self.conn().execute(
+            "UPDATE hosted SET state = ?3, exit_code = ?4, failure = ?5, fuel = ?6, wall_ms = ?7,
+                    finished_ms = ?8
+             WHERE task = ?1 AND requester = ?2",
+            params![
+                task.to_string(),
+                requester.to_string(),
+                ending.state.as_str(),
+                ending.exit_code,
+                ending.failure,
+                ending.fuel as i64,
+                ending.wall_ms as i64,
+                spare_core::now_ms() as i64
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// The `limit` most recently started hosted tasks, newest first.
+    pub fn recent_hosted(&self, limit: u32) -> Result<Vec<HostedTask>, LedgerError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT task, requester, module, started_ms, finished_ms, state, exit_code, failure, fuel,
+                    wall_ms
+             FROM hosted ORDER BY started_ms DESC, rowid DESC LIMIT ?1",
+        )?;
+        let rows = stmt.query_map(params![limit], |r| {
+            Ok(HostedTask {
+                task: r.get(0)?,
+                requester: r.get(1)?,
+                module: r.get(2)?,
+                started_ms: r.get::<_, i64>(3)? as u64,
+                finished_ms: r.get::<_, Option<i64>>(4)?.map(|v| v as u64),
+                state: TaskState::parse(&r.get::<_, String>(5)?),
+                exit_code: r.get(6)?,
+                failure: r.get(7)?,
+                fuel: r.get::<_, Option<i64>>(8)?.map(|v| v as u64),
+                wall_ms: r.get::<_, Option<i64>>(9)?.map(|v| v as u64),
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Stores a verified receipt. Storing the same receipt twice is a no-op.
+    pub fn store_receipt(
+        &self,
+        receipt: &Receipt,
+        signed: &SignedReceipt,
+        role: ReceiptRole,
+    ) -> Result<(), LedgerError> {
+        self.conn().execute(
+            "INSERT OR IGNORE INTO receipts
+                (task, host, requester, role, fuel, wall_ms, finished_ms, body, host_key, signature)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            params![
+                receipt.task.to_string(),
+                receipt.host.to_string(),
+                receipt.requester.to_string(),
+                match role {
+                    ReceiptRole::Issued => "issued",
+                    ReceiptRole::Received => "received",
+                },
+                receipt.fuel as i64,
+                receipt.wall_ms as i64,
+                receipt.finished_ms as i64,
+                signed.body,
+                signed.host_key,
+                signed.signature
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Sums of the receipts in `role`.
+    pub fn receipt_totals(&self, role: ReceiptRole) -> Result<ReceiptTotals, LedgerError> {
+        let role = match role {
+            ReceiptRole::Issued => "issued",
+            ReceiptRole::Received => "received",
+        };
+        let totals = self
+            .conn()
+            .query_row(
+                "SELECT COUNT(*), COALESCE(SUM(fuel), 0), COALESCE(SUM(wall_ms), 0)
+                 FROM receipts WHERE role = ?1",
+                params![role],
+                |r| {
+                    Ok(ReceiptTotals {
+                        count: r.get::<_, i64>(0)? as u64,
+                        fuel: r.get::<_, i64>(1)? as u64,
+                        wall_ms: r.get::<_, i64>(2)? as u64,
+                    })
+                },
+            )
+            .optional()?;
+        Ok(totals.unwrap_or_default())
+    }
+
+    /// The signed receipt for `task` from `host`, if stored.
+    pub fn receipt(
+        &self,
+        task: &TaskId,
+        host: &PeerId,
+    ) -> Result<Option<SignedReceipt>, LedgerError> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT body, host_key, signature FROM receipts WHERE task = ?1 AND host = ?2",
+                params![task.to_string(), host.to_string()],
+                |r| {
+                    Ok(SignedReceipt {
+                        body: r.get(0)?,
+                        host_key: r.get(1)?,
+                        signature: r.get(2)?,
+                    })
+                },
+            )
+            .optional()?)
+    }
+}
+
+const REQUESTED_COLUMNS: &str =
+    "SELECT task, name, module, submitted_ms, finished_ms, host, attempts,
+        state, exit_code, failure, fuel, wall_ms FROM requested";
+
+fn requested_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RequestedTask> {
+    Ok(RequestedTask {
+        task: r.get(0)?,
+        name: r.get(1)?,
+        module: r.get(2)?,
+        submitted_ms: r.get::<_, i64>(3)? as u64,
+        finished_ms: r.get::<_, Option<i64>>(4)?.map(|v| v as u64),
+        host: r.get(5)?,
+        attempts: r.get(6)?,
+        state: TaskState::parse(&r.get::<_, String>(7)?),
+        exit_code: r.get(8)?,
+        failure: r.get(9)?,
+        fuel: r.get::<_, Option<i64>>(10)?.map(|v| v as u64),
+        wall_ms: r.get::<_, Option<i64>>(11)?.map(|v| v as u64),
+    })
+}
+
+/// Brings the schema from whatever version the file has to [`SCHEMA_VERSION`].
+fn migrate(conn: &Connection) -> Result<(), LedgerError> {
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if version > SCHEMA_VERSION {
+        return Err(LedgerError::TooNew { found: version });
+    }
+    if version < 1 {
+        conn.execute_batch(
+            "BEGIN;
+             CREATE TABLE requested (
+                 task TEXT PRIMARY KEY,
+                 name TEXT NOT NULL,
+                 module TEXT NOT NULL,
+                 submitted_ms INTEGER NOT NULL,
+                 finished_ms INTEGER,
+                 host TEXT,
+                 attempts INTEGER NOT NULL DEFAULT 0,
+                 state TEXT NOT NULL,
+                 exit_code INTEGER,
+                 failure TEXT,
+                 fuel INTEGER,
+                 wall_ms INTEGER
+             );
+             CREATE INDEX requested_by_time ON requested (submitted_ms);
+             CREATE TABLE hosted (
+                 task TEXT NOT NULL,
+                 requester TEXT NOT NULL,
+                 module TEXT NOT NULL,
+                 started_ms INTEGER NOT NULL,
+                 finished_ms INTEGER,
+                 state TEXT NOT NULL,
+                 exit_code INTEGER,
+                 failure TEXT,
+                 fuel INTEGER,
+                 wall_ms INTEGER,
+                 PRIMARY KEY (requester, task)
+             );
+             CREATE INDEX hosted_by_time ON hosted (started_ms);
+             CREATE TABLE receipts (
+                 task TEXT NOT NULL,
+                 host TEXT NOT NULL,
+                 requester TEXT NOT NULL,
+                 role TEXT NOT NULL CHECK (role IN ('issued', 'received')),
+                 fuel INTEGER NOT NULL,
+                 wall_ms INTEGER NOT NULL,
+                 finished_ms INTEGER NOT NULL,
+                 body BLOB NOT NULL,
+                 host_key BLOB NOT NULL,
+                 signature BLOB NOT NULL,
+                 PRIMARY KEY (task, host)
+             );
+             PRAGMA user_version = 1;
+             COMMIT;",
+        )?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use spare_core::identity::Keypair;
+    use spare_core::{BlobId, Failure};
+
+    fn outcome(code: i32) -> Outcome {
+        Outcome {
+            status: spare_core::Status::Exited(code),
+            stdout: vec![],
+            stderr: vec![],
+            fuel: 42,
+            wall_ms: 7,
+        }
+    }
+
+    #[test]
+    fn requested_tasks_move_through_their_states() {
+        let ledger = Ledger::open_in_memory().unwrap();
+        let task = TaskId::random();
+        let host = PeerId::random();
+        ledger.task_submitted(&task, "primes.wasm", "abc").unwrap();
+        ledger.task_attempt(&task, &host).unwrap();
+        ledger
+            .task_finished(&task, &Ending::of(&outcome(3)))
+            .unwrap();
+        let rec = ledger.requested_task(&task).unwrap().unwrap();
+        assert_eq!(rec.state, TaskState::Exited);
+        assert_eq!(rec.exit_code, Some(3));
+        assert_eq!(rec.attempts, 1);
+        assert_eq!(rec.host, Some(host.to_string()));
+        assert_eq!(rec.fuel, Some(42));
+
+        let failed = Outcome::failed(Failure::OutOfFuel { limit: 10 });
+        let other = TaskId::random();
+        ledger.task_submitted(&other, "loop.wasm", "def").unwrap();
+        ledger.task_finished(&other, &Ending::of(&failed)).unwrap();
+        let recent = ledger.recent_tasks(10).unwrap();
+        assert_eq!(recent.len(), 2);
+        let rec = recent.iter().find(|t| t.task == other.to_string()).unwrap();
+        assert_eq!(rec.state, TaskState::Failed);
+        assert_eq!(rec.failure.as_deref(), Some("ran out of fuel (limit 10)"));
+    }
+
+    #[test]
+    fn a_restart_marks_running_tasks_interrupted_and_keeps_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let (running, done) = (TaskId::random(), TaskId::random());
+        let requester = PeerId::random();
+        {
+            let ledger = Ledger::open(&path).unwrap();
+            ledger.task_submitted(&running, "a", "m").unwrap();
+            ledger.task_submitted(&done, "b", "m").unwrap();
+            ledger
+                .task_finished(&done, &Ending::of(&outcome(0)))
+                .unwrap();
+            ledger.hosted_started(&running, &requester, "m").unwrap();
+        }
+        let ledger = Ledger::open(&path).unwrap();
+        let state = |t: &TaskId| ledger.requested_task(t).unwrap().unwrap().state;
+        assert_eq!(state(&running), TaskState::Interrupted);
+        assert_eq!(state(&done), TaskState::Exited);
+        assert_eq!(
+            ledger.recent_hosted(10).unwrap()[0].state,
+            TaskState::Interrupted
+        );
+    }
+
+    #[test]
+    fn receipts_are_stored_once_and_summed() {
+        let ledger = Ledger::open_in_memory().unwrap();
+        let key = Keypair::generate_ed25519();
+        let receipt = Receipt {
+            task: TaskId::random(),
+            requester: PeerId::random(),
+            host: key.public().to_peer_id(),
+            module: BlobId::of(b"m"),
+            fuel: 100,
+            wall_ms: 3,
+            exit_code: Some(0),
+            finished_ms: 1,
+        };
+        let signed = SignedReceipt::sign(&receipt, &key).unwrap();
+        ledger
+            .store_receipt(&receipt, &signed, ReceiptRole::Issued)
+            .unwrap();
+        ledger
+            .store_receipt(&receipt, &signed, ReceiptRole::Issued)
+            .unwrap();
+        let totals = ledger.receipt_totals(ReceiptRole::Issued).unwrap();
+        assert_eq!(
+            totals,
+            ReceiptTotals {
+                count: 1,
+                fuel: 100,
+                wall_ms: 3
+            }
+        );
+        assert_eq!(
+            ledger.receipt_totals(ReceiptRole::Received).unwrap().count,
+            0
+        );
+        let back = ledger
+            .receipt(&receipt.task, &receipt.host)
+            .unwrap()
+            .unwrap();
+        assert_eq!(back.verify().unwrap(), receipt);
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused_with_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        Connection::open(&path)
+            .unwrap()
+            .pragma_update(None, "user_version", 99)
+            .unwrap();
+        let err = Ledger::open(&path).unwrap_err();
+        assert!(err.to_string().contains("upgrade spare"), "{err}");
+    }
+}

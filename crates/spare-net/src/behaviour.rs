@@ -1,0 +1,175 @@
+//! The composed libp2p behaviour and the swarm around it.
+
+use std::time::Duration;
+
+use libp2p::core::transport::{MemoryTransport, Transport as _};
+use libp2p::core::upgrade::Version;
+use libp2p::identity::Keypair;
+use libp2p::swarm::NetworkBehaviour;
+use libp2p::swarm::behaviour::toggle::Toggle;
+use libp2p::{
+    StreamProtocol, Swarm, SwarmBuilder, connection_limits, gossipsub, identify, kad, mdns, noise,
+    ping, request_response, tcp, yamux,
+};
+use spare_core::Limits;
+use spare_core::wire::{
+    BLOB_PROTOCOL, BlobRequest, BlobResponse, Message, Offer, TASK_PROTOCOL, TaskRequest,
+    TaskResponse,
+};
+
+use crate::codec::CborCodec;
+use crate::{NetConfig, NetError, Transport};
+
+/// Kademlia protocol name: spare nodes form their own DHT.
+const KAD_PROTOCOL: &str = "/spare/kad/1.0.0";
+/// Identify's protocol version string; peers with another one are ignored.
+pub(crate) const IDENTIFY_PROTOCOL: &str = "/spare/id/1.0.0";
+/// How often we ping each peer, and how long a ping may take before the peer
+/// counts as gone (its connection is then closed, failing its requests).
+pub(crate) const PING_INTERVAL: Duration = Duration::from_secs(5);
+pub(crate) const PING_TIMEOUT: Duration = Duration::from_secs(5);
+/// Established connections in all, and per peer.
+const MAX_CONNECTIONS: u32 = 256;
+const MAX_CONNECTIONS_PER_PEER: u32 = 2;
+/// Connections being set up from outside at once.
+const MAX_PENDING_INCOMING: u32 = 64;
+/// Concurrent inbound requests per connection and protocol.
+const MAX_CONCURRENT_STREAMS: usize = 1024;
+/// An outbound task request may take this long: the longest wall time any
+/// host grants, plus compile time. Requesters apply their own, tighter,
+/// per-task deadline on top.
+const TASK_REQUEST_TIMEOUT: Duration = Duration::from_millis(Limits::MAX.wall_ms + 10 * 60 * 1000);
+const BLOB_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// Connections with no traffic close after this long.
+const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(3600);
+
+pub(crate) type TaskBehaviour = request_response::Behaviour<CborCodec<TaskRequest, TaskResponse>>;
+pub(crate) type BlobBehaviour = request_response::Behaviour<CborCodec<BlobRequest, BlobResponse>>;
+
+#[derive(NetworkBehaviour)]
+pub(crate) struct Behaviour {
+    pub(crate) limits: connection_limits::Behaviour,
+    pub(crate) identify: identify::Behaviour,
+    pub(crate) ping: ping::Behaviour,
+    pub(crate) mdns: Toggle<mdns::tokio::Behaviour>,
+    pub(crate) kad: kad::Behaviour<kad::store::MemoryStore>,
+    pub(crate) gossipsub: gossipsub::Behaviour,
+    pub(crate) task: TaskBehaviour,
+    pub(crate) blob: BlobBehaviour,
+}
+
+impl Behaviour {
+    fn new(key: &Keypair, mdns_on: bool) -> Result<Self, NetError> {
+        let peer_id = key.public().to_peer_id();
+        let limits = connection_limits::Behaviour::new(
+            connection_limits::ConnectionLimits::default()
+                .with_max_established(Some(MAX_CONNECTIONS))
+                .with_max_established_per_peer(Some(MAX_CONNECTIONS_PER_PEER))
+                .with_max_pending_incoming(Some(MAX_PENDING_INCOMING)),
+        );
+        let identify = identify::Behaviour::new(
+            identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public())
+                .with_agent_version(format!("spare/{}", env!("CARGO_PKG_VERSION"))),
+        );
+        let ping = ping::Behaviour::new(
+            ping::Config::new()
+                .with_interval(PING_INTERVAL)
+                .with_timeout(PING_TIMEOUT),
+        );
+        let mdns = if mdns_on {
+            Some(
+                mdns::tokio::Behaviour::new(mdns::Config::default(), peer_id)
+                    .map_err(NetError::Mdns)?,
+            )
+        } else {
+            None
+        };
+        let mut kad = kad::Behaviour::with_config(
+            peer_id,
+            kad::store::MemoryStore::new(peer_id),
+            kad::Config::new(StreamProtocol::new(KAD_PROTOCOL)),
+        );
+        kad.set_mode(Some(kad::Mode::Server));
+        let gossip_config = gossipsub::ConfigBuilder::default()
+            .heartbeat_interval(Duration::from_secs(1))
+            .validation_mode(gossipsub::ValidationMode::Strict)
+            .validate_messages()
+            .max_transmit_size(Offer::MAX_BYTES + 512)
+            .build()
+            .map_err(|e| NetError::Config(e.to_string()))?;
+        let gossipsub = gossipsub::Behaviour::new(
+            gossipsub::MessageAuthenticity::Signed(key.clone()),
+            gossip_config,
+        )
+        .map_err(|e| NetError::Config(e.into()))?;
+        let task = request_response::Behaviour::with_codec(
+            CborCodec::default(),
+            [(
+                StreamProtocol::new(TASK_PROTOCOL),
+                request_response::ProtocolSupport::Full,
+            )],
+            request_response::Config::default()
+                .with_request_timeout(TASK_REQUEST_TIMEOUT)
+                .with_max_concurrent_streams(MAX_CONCURRENT_STREAMS),
+        );
+        let blob = request_response::Behaviour::with_codec(
+            CborCodec::default(),
+            [(
+                StreamProtocol::new(BLOB_PROTOCOL),
+                request_response::ProtocolSupport::Full,
+            )],
+            request_response::Config::default()
+                .with_request_timeout(BLOB_REQUEST_TIMEOUT)
+                .with_max_concurrent_streams(MAX_CONCURRENT_STREAMS),
+        );
+        Ok(Self {
+            limits,
+            identify,
+            ping,
+            mdns: Toggle::from(mdns),
+            kad,
+            gossipsub,
+            task,
+            blob,
+        })
+    }
+}
+
+/// Builds the swarm on the configured transport.
+pub(crate) fn build_swarm(config: &NetConfig) -> Result<Swarm<Behaviour>, NetError> {
+    let key = config.keypair.clone();
+    let mdns_on = config.mdns;
+    let swarm_config =
+        |c: libp2p::swarm::Config| c.with_idle_connection_timeout(IDLE_CONNECTION_TIMEOUT);
+    let swarm = match config.transport {
+        Transport::TcpQuic => SwarmBuilder::with_existing_identity(key)
+            .with_tokio()
+            .with_tcp(
+                tcp::Config::default().nodelay(true),
+                noise::Config::new,
+                yamux::Config::default,
+            )
+            .map_err(|e| NetError::Transport(e.to_string()))?
+            .with_quic()
+            .with_behaviour(|key| Behaviour::new(key, mdns_on).map_err(Box::from))
+            .map_err(|e| NetError::Transport(e.to_string()))?
+            .with_swarm_config(swarm_config)
+            .build(),
+        Transport::Memory => SwarmBuilder::with_existing_identity(key)
+            .with_tokio()
+            .with_other_transport(|key| {
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
+                    MemoryTransport::default()
+                        .upgrade(Version::V1)
+                        .authenticate(noise::Config::new(key)?)
+                        .multiplex(yamux::Config::default()),
+                )
+            })
+            .map_err(|e| NetError::Transport(e.to_string()))?
+            .with_behaviour(|key| Behaviour::new(key, mdns_on).map_err(Box::from))
+            .map_err(|e| NetError::Transport(e.to_string()))?
+            .with_swarm_config(swarm_config)
+            .build(),
+    };
+    Ok(swarm)
+}

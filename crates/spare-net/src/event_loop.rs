@@ -1,0 +1,489 @@
+//! The one task that owns the [`Swarm`].
+//!
+//! It `select!`s, biased in this order, over: shutdown; commands from
+//! [`NetHandle`](crate::NetHandle)s (local work first, as libp2p's coding
+//! guidelines ask); swarm events; and a maintenance tick. Replies to commands
+//! travel back on oneshot channels kept in maps keyed by request id.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use libp2p::gossipsub::{self, IdentTopic, MessageAcceptance};
+use libp2p::request_response::{self, OutboundFailure, OutboundRequestId, ResponseChannel};
+use libp2p::swarm::SwarmEvent;
+use libp2p::swarm::dial_opts::DialOpts;
+use libp2p::{Multiaddr, PeerId, Swarm, core::transport::ListenerId, identify, kad, mdns, ping};
+use spare_core::wire::{
+    self, BlobRequest, BlobResponse, Offer, Refusal, TaskRequest, TaskResponse,
+};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::MissedTickBehavior;
+use tokio_util::sync::CancellationToken;
+
+use crate::behaviour::{Behaviour, BehaviourEvent, IDENTIFY_PROTOCOL};
+use crate::{NetError, NetEvent, RequestError, Responder, Shared};
+
+/// How often the loop checks its connections and tidies its maps.
+const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(10);
+/// Kademlia bootstrap runs every this many maintenance ticks.
+const KAD_BOOTSTRAP_EVERY: u32 = 30;
+/// Above this many connected peers, peers learned from the DHT are not
+/// dialled proactively.
+const TARGET_PEERS: usize = 32;
+/// How long listeners may take to come up at start.
+const LISTEN_TIMEOUT: Duration = Duration::from_secs(10);
+
+type Reply<T> = oneshot::Sender<Result<T, RequestError>>;
+
+/// What a [`NetHandle`](crate::NetHandle) asks of the loop.
+#[derive(Debug)]
+pub(crate) enum Command {
+    SendTask {
+        peer: PeerId,
+        request: Box<TaskRequest>,
+        reply: Reply<TaskResponse>,
+    },
+    FetchBlob {
+        peer: PeerId,
+        request: BlobRequest,
+        reply: Reply<BlobResponse>,
+    },
+    RespondTask(ResponseChannel<TaskResponse>, Box<TaskResponse>),
+    RespondBlob(ResponseChannel<BlobResponse>, BlobResponse),
+    PublishOffer(Offer),
+    Dial(Multiaddr),
+    Disconnect(PeerId),
+}
+
+pub(crate) struct EventLoop {
+    swarm: Swarm<Behaviour>,
+    topic: IdentTopic,
+    bootstrap: Vec<Multiaddr>,
+    commands: mpsc::Receiver<Command>,
+    /// Given to each [`Responder`] so replies come back through `commands`.
+    own_commands: mpsc::Sender<Command>,
+    events: mpsc::Sender<NetEvent>,
+    shared: Arc<Shared>,
+    pending_tasks: HashMap<OutboundRequestId, Reply<TaskResponse>>,
+    pending_blobs: HashMap<OutboundRequestId, Reply<BlobResponse>>,
+    /// Our latest offer, encoded, re-published to each peer that subscribes.
+    offer: Option<Vec<u8>>,
+    ticks: u32,
+}
+
+impl EventLoop {
+    pub(crate) fn new(
+        swarm: Swarm<Behaviour>,
+        topic: IdentTopic,
+        bootstrap: Vec<Multiaddr>,
+        commands: mpsc::Receiver<Command>,
+        own_commands: mpsc::Sender<Command>,
+        events: mpsc::Sender<NetEvent>,
+        shared: Arc<Shared>,
+    ) -> Self {
+        Self {
+            swarm,
+            topic,
+            bootstrap,
+            commands,
+            own_commands,
+            events,
+            shared,
+            pending_tasks: HashMap::new(),
+            pending_blobs: HashMap::new(),
+            offer: None,
+            ticks: 0,
+        }
+    }
+
+    /// Drives the swarm until every listener in `listeners` has an address,
+    /// so the caller can report where the node listens.
+    pub(crate) async fn wait_for_listeners(
+        &mut self,
+        listeners: &[ListenerId],
+    ) -> Result<(), NetError> {
+        let mut waiting: Vec<ListenerId> = listeners.to_vec();
+        let deadline = tokio::time::sleep(LISTEN_TIMEOUT);
+        tokio::pin!(deadline);
+        while !waiting.is_empty() {
+            tokio::select! {
+                () = &mut deadline => {
+                    return Err(NetError::Config(format!("{} listener(s) did not start within {LISTEN_TIMEOUT:?}", waiting.len())));
+                }
+                event = self.swarm.select_next_some() => match event {
+                    SwarmEvent::NewListenAddr { listener_id, .. } => {
+                        waiting.retain(|l| *l != listener_id);
+                        self.handle_event(event);
+                    }
+                    SwarmEvent::ListenerError { error, .. } => {
+                        return Err(NetError::Config(format!("listener failed: {error}")));
+                    }
+                    SwarmEvent::ListenerClosed { reason: Err(error), .. } => {
+                        return Err(NetError::Config(format!("listener closed: {error}")));
+                    }
+                    other => self.handle_event(other),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn dial_bootstrap(&mut self) {
+        for addr in self.bootstrap.clone() {
+            if let Err(e) = self.swarm.dial(addr.clone()) {
+                tracing::warn!("cannot dial bootstrap peer {addr}: {e}");
+            }
+        }
+    }
+
+    pub(crate) async fn run(mut self, shutdown: CancellationToken) {
+        let mut maintenance = tokio::time::interval(MAINTENANCE_INTERVAL);
+        maintenance.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => break,
+                command = self.commands.recv() => match command {
+                    Some(command) => self.handle_command(command),
+                    None => break,
+                },
+                event = self.swarm.select_next_some() => self.handle_event(event),
+                _ = maintenance.tick() => self.maintain(),
+            }
+        }
+        tracing::debug!("network event loop stopped");
+    }
+
+    fn handle_command(&mut self, command: Command) {
+        let behaviour = self.swarm.behaviour_mut();
+        match command {
+            Command::SendTask {
+                peer,
+                request,
+                reply,
+            } => {
+                let id = behaviour.task.send_request(&peer, *request);
+                self.pending_tasks.insert(id, reply);
+            }
+            Command::FetchBlob {
+                peer,
+                request,
+                reply,
+            } => {
+                let id = behaviour.blob.send_request(&peer, request);
+                self.pending_blobs.insert(id, reply);
+            }
+            Command::RespondTask(channel, response) => {
+                // Fails only if the peer went away; nothing to do then.
+                let _ = behaviour.task.send_response(channel, *response);
+            }
+            Command::RespondBlob(channel, response) => {
+                let _ = behaviour.blob.send_response(channel, response);
+            }
+            Command::PublishOffer(offer) => match wire::encode(&offer) {
+                Ok(bytes) => {
+                    self.offer = Some(bytes);
+                    self.publish_offer();
+                }
+                Err(e) => tracing::error!("cannot encode our own offer: {e}"),
+            },
+            Command::Dial(addr) => {
+                if let Err(e) = self.swarm.dial(addr.clone()) {
+                    tracing::warn!("cannot dial {addr}: {e}");
+                }
+            }
+            Command::Disconnect(peer) => {
+                let _ = self.swarm.disconnect_peer_id(peer);
+            }
+        }
+    }
+
+    fn publish_offer(&mut self) {
+        let Some(bytes) = self.offer.clone() else {
+            return;
+        };
+        match self
+            .swarm
+            .behaviour_mut()
+            .gossipsub
+            .publish(self.topic.clone(), bytes)
+        {
+            Ok(_) | Err(gossipsub::PublishError::NoPeersSubscribedToTopic) => {}
+            Err(e) => tracing::debug!("cannot publish offer: {e}"),
+        }
+    }
+
+    fn handle_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::NewListenAddr { address, .. } => {
+                tracing::info!("listening on {address}");
+                let mut addrs = self
+                    .shared
+                    .listen_addrs
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner());
+                if !addrs.contains(&address) {
+                    addrs.push(address);
+                }
+            }
+            SwarmEvent::ExpiredListenAddr { address, .. } => {
+                self.shared
+                    .listen_addrs
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .retain(|a| *a != address);
+            }
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                endpoint,
+                num_established,
+                ..
+            } => {
+                self.write_peers()
+                    .connected(peer_id, endpoint.get_remote_address().clone());
+                if num_established.get() == 1 {
+                    tracing::debug!(%peer_id, "connected");
+                    self.emit(NetEvent::PeerConnected(peer_id));
+                }
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established: 0,
+                cause,
+                ..
+            } => {
+                tracing::debug!(%peer_id, ?cause, "disconnected");
+                self.write_peers().disconnected(&peer_id);
+                self.emit(NetEvent::PeerDisconnected(peer_id));
+            }
+            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+                tracing::debug!(?peer_id, "dial failed: {error}");
+            }
+            SwarmEvent::Behaviour(event) => self.handle_behaviour(event),
+            _ => {}
+        }
+    }
+
+    fn handle_behaviour(&mut self, event: BehaviourEvent) {
+        match event {
+            BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
+                if info.protocol_version != IDENTIFY_PROTOCOL {
+                    tracing::debug!(%peer_id, version = info.protocol_version, "not a spare node; disconnecting");
+                    let _ = self.swarm.disconnect_peer_id(peer_id);
+                    return;
+                }
+                for addr in &info.listen_addrs {
+                    self.swarm
+                        .behaviour_mut()
+                        .kad
+                        .add_address(&peer_id, addr.clone());
+                }
+                self.write_peers()
+                    .identified(&peer_id, info.agent_version, &info.listen_addrs);
+            }
+            BehaviourEvent::Ping(ping::Event { peer, result, .. }) => match result {
+                Ok(rtt) => self.write_peers().rtt(&peer, rtt),
+                Err(e) => {
+                    // A peer that stops answering pings is gone for our
+                    // purposes: closing the connection fails its pending
+                    // requests, so their tasks are retried elsewhere.
+                    tracing::info!(%peer, "peer stopped answering ({e}); disconnecting");
+                    let _ = self.swarm.disconnect_peer_id(peer);
+                }
+            },
+            BehaviourEvent::Mdns(mdns::Event::Discovered(found)) => {
+                for (peer, addr) in found {
+                    self.swarm
+                        .behaviour_mut()
+                        .kad
+                        .add_address(&peer, addr.clone());
+                    if !self.swarm.is_connected(&peer) {
+                        let opts = DialOpts::peer_id(peer).addresses(vec![addr]).build();
+                        let _ = self.swarm.dial(opts);
+                    }
+                }
+            }
+            BehaviourEvent::Kad(kad::Event::RoutingUpdated { peer, .. }) => {
+                let few = self.read_peer_count() < TARGET_PEERS;
+                if few && !self.swarm.is_connected(&peer) {
+                    let _ = self.swarm.dial(peer);
+                }
+            }
+            BehaviourEvent::Gossipsub(gossipsub::Event::Message {
+                propagation_source,
+                message_id,
+                message,
+            }) => {
+                let acceptance = match (message.source, wire::decode::<Offer>(&message.data)) {
+                    (Some(source), Ok(offer)) => {
+                        self.write_peers().offer(&source, offer);
+                        MessageAcceptance::Accept
+                    }
+                    (_, Err(e)) => {
+                        tracing::debug!(%propagation_source, "invalid offer: {e}");
+                        MessageAcceptance::Reject
+                    }
+                    (None, Ok(_)) => MessageAcceptance::Reject,
+                };
+                let _ = self
+                    .swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .report_message_validation_result(&message_id, &propagation_source, acceptance);
+            }
+            BehaviourEvent::Gossipsub(gossipsub::Event::Subscribed { .. }) => self.publish_offer(),
+            BehaviourEvent::Task(event) => self.handle_task(event),
+            BehaviourEvent::Blob(event) => self.handle_blob(event),
+            _ => {}
+        }
+    }
+
+    fn handle_task(&mut self, event: request_response::Event<TaskRequest, TaskResponse>) {
+        match event {
+            request_response::Event::Message { peer, message, .. } => match message {
+                request_response::Message::Request {
+                    request, channel, ..
+                } => {
+                    let reply = Responder {
+                        channel,
+                        commands: self.own_commands.clone(),
+                    };
+                    if let Err(e) = self.events.try_send(NetEvent::TaskRequest {
+                        peer,
+                        request,
+                        reply,
+                    }) {
+                        // The daemon is saturated: refuse now rather than queue
+                        // without bound.
+                        if let mpsc::error::TrySendError::Full(NetEvent::TaskRequest {
+                            reply,
+                            ..
+                        }) = e
+                        {
+                            let busy = TaskResponse::Refused(Refusal::Busy { queued: u32::MAX });
+                            let _ = self
+                                .swarm
+                                .behaviour_mut()
+                                .task
+                                .send_response(reply.channel, busy);
+                        }
+                    }
+                }
+                request_response::Message::Response {
+                    request_id,
+                    response,
+                } => {
+                    if let Some(reply) = self.pending_tasks.remove(&request_id) {
+                        let _ = reply.send(Ok(response));
+                    }
+                }
+            },
+            request_response::Event::OutboundFailure {
+                request_id,
+                error,
+                peer,
+                ..
+            } => {
+                tracing::debug!(%peer, "task request failed: {error}");
+                if let Some(reply) = self.pending_tasks.remove(&request_id) {
+                    let _ = reply.send(Err(request_error(error)));
+                }
+            }
+            request_response::Event::InboundFailure { peer, error, .. } => {
+                tracing::debug!(%peer, "inbound task request failed: {error}");
+            }
+            request_response::Event::ResponseSent { .. } => {}
+        }
+    }
+
+    fn handle_blob(&mut self, event: request_response::Event<BlobRequest, BlobResponse>) {
+        match event {
+            request_response::Event::Message { peer, message, .. } => match message {
+                request_response::Message::Request {
+                    request, channel, ..
+                } => {
+                    let reply = Responder {
+                        channel,
+                        commands: self.own_commands.clone(),
+                    };
+                    if let Err(mpsc::error::TrySendError::Full(NetEvent::BlobRequest {
+                        reply,
+                        ..
+                    })) = self.events.try_send(NetEvent::BlobRequest {
+                        peer,
+                        request,
+                        reply,
+                    }) {
+                        let _ = self
+                            .swarm
+                            .behaviour_mut()
+                            .blob
+                            .send_response(reply.channel, BlobResponse::NotFound);
+                    }
+                }
+                request_response::Message::Response {
+                    request_id,
+                    response,
+                } => {
+                    if let Some(reply) = self.pending_blobs.remove(&request_id) {
+                        let _ = reply.send(Ok(response));
+                    }
+                }
+            },
+            request_response::Event::OutboundFailure {
+                request_id, error, ..
+            } => {
+                if let Some(reply) = self.pending_blobs.remove(&request_id) {
+                    let _ = reply.send(Err(request_error(error)));
+                }
+            }
+            request_response::Event::InboundFailure { peer, error, .. } => {
+                tracing::debug!(%peer, "inbound blob request failed: {error}");
+            }
+            request_response::Event::ResponseSent { .. } => {}
+        }
+    }
+
+    fn maintain(&mut self) {
+        self.ticks = self.ticks.wrapping_add(1);
+        // Requesters that gave up no longer need their reply slot.
+        self.pending_tasks.retain(|_, reply| !reply.is_closed());
+        self.pending_blobs.retain(|_, reply| !reply.is_closed());
+        if self.read_peer_count() == 0 {
+            self.dial_bootstrap();
+        }
+        if self.ticks % KAD_BOOTSTRAP_EVERY == 1 {
+            let _ = self.swarm.behaviour_mut().kad.bootstrap();
+        }
+    }
+
+    fn emit(&self, event: NetEvent) {
+        if self.events.try_send(event).is_err() {
+            tracing::debug!("event queue full; dropped a peer event");
+        }
+    }
+
+    fn write_peers(&self) -> std::sync::RwLockWriteGuard<'_, crate::peers::PeerTable> {
+        self.shared.peers.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn read_peer_count(&self) -> usize {
+        self.shared
+            .peers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
+    }
+}
+
+fn request_error(error: OutboundFailure) -> RequestError {
+    match error {
+        OutboundFailure::DialFailure => RequestError::Unreachable("dial failed".into()),
+        OutboundFailure::Timeout => RequestError::Timeout,
+        OutboundFailure::ConnectionClosed => RequestError::ConnectionClosed,
+        OutboundFailure::UnsupportedProtocols => RequestError::Unsupported,
+        OutboundFailure::Io(e) => RequestError::Io(e.to_string()),
+    }
+}

@@ -1,0 +1,293 @@
+//! The peer-to-peer network of spare, on rust-libp2p.
+//!
+//! [`start`] builds the swarm (TCP + QUIC, or libp2p's memory transport in
+//! tests), spawns the event loop that owns it, and returns a cloneable
+//! [`NetHandle`] plus a stream of [`NetEvent`]s. Everything else talks to the
+//! swarm through that handle, over bounded channels; each command carries a
+//! oneshot for its reply (the shape of libp2p's file-sharing example).
+//!
+//! Protocols: identify, ping, mDNS (optional), Kademlia, gossipsub for
+//! [`Offer`]s, and two request-response protocols with a bounded CBOR codec:
+//! [`TASK_PROTOCOL`](spare_core::wire::TASK_PROTOCOL) and
+//! [`BLOB_PROTOCOL`](spare_core::wire::BLOB_PROTOCOL).
+//!
+//! **Architecture invariant:** this crate knows nothing about wasmtime. It
+//! moves [`spare_core::wire`] messages and never looks inside a task.
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
+mod behaviour;
+mod codec;
+mod event_loop;
+mod peers;
+
+use std::sync::{Arc, RwLock};
+
+use libp2p::PeerId;
+use libp2p::identity::Keypair;
+use libp2p::request_response::ResponseChannel;
+use spare_core::wire::{BlobRequest, BlobResponse, Offer, TaskRequest, TaskResponse};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+pub use libp2p::{Multiaddr, identity};
+pub use peers::PeerInfo;
+
+/// Commands queued to the event loop before senders wait.
+const COMMAND_QUEUE: usize = 1024;
+/// Events queued to the daemon; inbound requests beyond this are refused as
+/// busy rather than buffered.
+const EVENT_QUEUE: usize = 1024;
+
+/// Which transport the swarm runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    /// TCP and QUIC: what a real node uses.
+    TcpQuic,
+    /// libp2p's in-process memory transport, for protocol tests.
+    Memory,
+}
+
+/// How to start the network.
+#[derive(Clone, Debug)]
+pub struct NetConfig {
+    /// The node key; its public key is the PeerId.
+    pub keypair: Keypair,
+    pub listen: Vec<Multiaddr>,
+    /// Peers to dial at start (and again whenever we have no peer at all).
+    pub bootstrap: Vec<Multiaddr>,
+    /// Discover peers on the local network with mDNS.
+    pub mdns: bool,
+    pub transport: Transport,
+}
+
+/// Why the network could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("cannot set up the transport: {0}")]
+    Transport(String),
+    #[error("cannot start mDNS: {0}")]
+    Mdns(std::io::Error),
+    #[error("invalid network configuration: {0}")]
+    Config(String),
+    #[error("cannot listen on {addr}: {reason}")]
+    Listen { addr: Multiaddr, reason: String },
+}
+
+/// Why a request to a peer failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    #[error("cannot reach peer: {0}")]
+    Unreachable(String),
+    #[error("peer did not answer in time")]
+    Timeout,
+    #[error("connection to peer closed")]
+    ConnectionClosed,
+    #[error("peer does not speak the protocol")]
+    Unsupported,
+    #[error("request failed: {0}")]
+    Io(String),
+    #[error("the network is shutting down")]
+    Shutdown,
+}
+
+/// Something the daemon must act on.
+#[derive(Debug)]
+pub enum NetEvent {
+    /// A peer asks us to run or cancel a task.
+    TaskRequest {
+        peer: PeerId,
+        request: TaskRequest,
+        reply: Responder<TaskResponse>,
+    },
+    /// A peer asks for a chunk of a blob.
+    BlobRequest {
+        peer: PeerId,
+        request: BlobRequest,
+        reply: Responder<BlobResponse>,
+    },
+    PeerConnected(PeerId),
+    PeerDisconnected(PeerId),
+}
+
+/// The way back to a peer that sent a request. Dropping it without replying
+/// closes the peer's stream, which it sees as a failed request.
+#[derive(Debug)]
+pub struct Responder<R> {
+    channel: ResponseChannel<R>,
+    commands: mpsc::Sender<event_loop::Command>,
+}
+
+impl Responder<TaskResponse> {
+    pub async fn send(self, response: TaskResponse) {
+        let _ = self
+            .commands
+            .send(event_loop::Command::RespondTask(
+                self.channel,
+                Box::new(response),
+            ))
+            .await;
+    }
+}
+
+impl Responder<BlobResponse> {
+    pub async fn send(self, response: BlobResponse) {
+        let _ = self
+            .commands
+            .send(event_loop::Command::RespondBlob(self.channel, response))
+            .await;
+    }
+}
+
+/// A cloneable handle to the running network.
+#[derive(Clone, Debug)]
+pub struct NetHandle {
+    local_peer_id: PeerId,
+    commands: mpsc::Sender<event_loop::Command>,
+    shared: Arc<Shared>,
+}
+
+/// State the event loop publishes for cheap reads.
+#[derive(Debug, Default)]
+struct Shared {
+    peers: RwLock<peers::PeerTable>,
+    listen_addrs: RwLock<Vec<Multiaddr>>,
+}
+
+/// Starts the network: binds the listen addresses, dials the bootstrap
+/// peers, and spawns the event loop, which runs until `shutdown` fires.
+pub async fn start(
+    config: NetConfig,
+    shutdown: CancellationToken,
+) -> Result<(NetHandle, mpsc::Receiver<NetEvent>), NetError> {
+    let mut swarm = behaviour::build_swarm(&config)?;
+    let mut listeners = Vec::with_capacity(config.listen.len());
+    for addr in &config.listen {
+        let id = swarm
+            .listen_on(addr.clone())
+            .map_err(|e| NetError::Listen {
+                addr: addr.clone(),
+                reason: e.to_string(),
+            })?;
+        listeners.push(id);
+    }
+    let topic = libp2p::gossipsub::IdentTopic::new(spare_core::wire::OFFER_TOPIC);
+    swarm
+        .behaviour_mut()
+        .gossipsub
+        .subscribe(&topic)
+        .map_err(|e| NetError::Config(e.to_string()))?;
+
+    let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
+    let (event_tx, event_rx) = mpsc::channel(EVENT_QUEUE);
+    let shared = Arc::new(Shared::default());
+    let local_peer_id = *swarm.local_peer_id();
+    let mut event_loop = event_loop::EventLoop::new(
+        swarm,
+        topic,
+        config.bootstrap.clone(),
+        cmd_rx,
+        cmd_tx.clone(),
+        event_tx,
+        Arc::clone(&shared),
+    );
+    event_loop.wait_for_listeners(&listeners).await?;
+    event_loop.dial_bootstrap();
+    tokio::spawn(event_loop.run(shutdown));
+    Ok((
+        NetHandle {
+            local_peer_id,
+            commands: cmd_tx,
+            shared,
+        },
+        event_rx,
+    ))
+}
+
+impl NetHandle {
+    pub fn local_peer_id(&self) -> PeerId {
+        self.local_peer_id
+    }
+
+    /// The addresses we listen on, each ending in `/p2p/<our peer id>` so it
+    /// can be given to another node's `--bootstrap` as is.
+    pub fn listen_addrs(&self) -> Vec<Multiaddr> {
+        let addrs = self
+            .shared
+            .listen_addrs
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
+        addrs
+            .iter()
+            .map(|a| a.clone().with_p2p(self.local_peer_id).unwrap_or_else(|a| a))
+            .collect()
+    }
+
+    /// A snapshot of the connected peers.
+    pub fn peers(&self) -> Vec<PeerInfo> {
+        self.shared
+            .peers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .snapshot()
+    }
+
+    pub fn is_connected(&self, peer: &PeerId) -> bool {
+        self.peers().iter().any(|p| p.peer == *peer)
+    }
+
+    /// Sends a task request and waits for the answer. Cancel-safe: dropping
+    /// the future abandons the answer (the request itself stays on the wire).
+    pub async fn send_task(
+        &self,
+        peer: PeerId,
+        request: TaskRequest,
+    ) -> Result<TaskResponse, RequestError> {
+        let (tx, rx) = oneshot::channel();
+        self.command(event_loop::Command::SendTask {
+            peer,
+            request: Box::new(request),
+            reply: tx,
+        })
+        .await?;
+        rx.await.map_err(|_| RequestError::Shutdown)?
+    }
+
+    /// Asks `peer` for a chunk of a blob.
+    pub async fn fetch_blob(
+        &self,
+        peer: PeerId,
+        request: BlobRequest,
+    ) -> Result<BlobResponse, RequestError> {
+        let (tx, rx) = oneshot::channel();
+        self.command(event_loop::Command::FetchBlob {
+            peer,
+            request,
+            reply: tx,
+        })
+        .await?;
+        rx.await.map_err(|_| RequestError::Shutdown)?
+    }
+
+    /// Publishes our offer to the swarm (and re-publishes it to peers that
+    /// join later).
+    pub async fn publish_offer(&self, offer: Offer) {
+        let _ = self.command(event_loop::Command::PublishOffer(offer)).await;
+    }
+
+    /// Dials `addr`; the result shows up as a connected peer, or not.
+    pub async fn dial(&self, addr: Multiaddr) {
+        let _ = self.command(event_loop::Command::Dial(addr)).await;
+    }
+
+    /// Closes every connection to `peer`.
+    pub async fn disconnect(&self, peer: PeerId) {
+        let _ = self.command(event_loop::Command::Disconnect(peer)).await;
+    }
+
+    async fn command(&self, command: event_loop::Command) -> Result<(), RequestError> {
+        self.commands
+            .send(command)
+            .await
+            .map_err(|_| RequestError::Shutdown)
+    }
+}

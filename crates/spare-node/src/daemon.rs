@@ -1,0 +1,162 @@
+//! The daemon's life: `spare init` and `spare up`.
+
+use std::io::Write;
+use std::os::unix::io::AsRawFd;
+
+use libp2p::PeerId;
+use spare_net::Transport;
+use spare_runtime::WorkerCommand;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, TEMPLATE};
+use crate::node::{Node, NodeOptions};
+use crate::paths::Paths;
+use crate::{NodeError, api, identity};
+
+/// What `spare init` did.
+#[derive(Debug)]
+pub struct InitReport {
+    pub peer_id: PeerId,
+    /// False when the node already existed; nothing was overwritten.
+    pub created_key: bool,
+    pub created_config: bool,
+}
+
+/// Creates the node's directories, key and config file, keeping whatever
+/// already exists.
+pub fn init(paths: &Paths) -> Result<InitReport, NodeError> {
+    paths.create_dirs().map_err(|e| NodeError::Io {
+        what: format!("cannot create {}", paths.data_dir.display()),
+        source: e,
+    })?;
+    let (key, created_key) = identity::load_or_create(&paths.key)?;
+    let created_config = match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&paths.config)
+    {
+        Ok(mut file) => {
+            file.write_all(TEMPLATE.as_bytes())
+                .map_err(|e| NodeError::Io {
+                    what: format!("cannot write {}", paths.config.display()),
+                    source: e,
+                })?;
+            true
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
+        Err(e) => {
+            return Err(NodeError::Io {
+                what: format!("cannot create {}", paths.config.display()),
+                source: e,
+            });
+        }
+    };
+    Ok(InitReport {
+        peer_id: key.public().to_peer_id(),
+        created_key,
+        created_config,
+    })
+}
+
+/// Everything `spare up` needs.
+#[derive(Clone, Debug)]
+pub struct DaemonOptions {
+    pub paths: Paths,
+    pub config: Config,
+    pub worker: WorkerCommand,
+}
+
+/// Runs the daemon in the foreground until SIGINT or SIGTERM.
+pub async fn run(options: DaemonOptions) -> Result<(), NodeError> {
+    let DaemonOptions {
+        paths,
+        config,
+        worker,
+    } = options;
+    init(&paths)?;
+    let _lock = lock(&paths)?;
+    let (key, _) = identity::load_or_create(&paths.key)?;
+    let shutdown = CancellationToken::new();
+    let node = Node::start(
+        NodeOptions {
+            paths: paths.clone(),
+            config,
+            key,
+            worker,
+            transport: Transport::TcpQuic,
+        },
+        shutdown.clone(),
+    )
+    .await?;
+    let listener = api::bind(&paths.socket).map_err(|e| NodeError::Io {
+        what: format!("cannot serve the API on {}", paths.socket.display()),
+        source: e,
+    })?;
+    announce(&node, &paths);
+    let app = api::router(node.clone());
+    let server = axum::serve(listener, app);
+    tokio::select! {
+        result = server => {
+            if let Err(e) = result {
+                tracing::error!("API server stopped: {e}");
+            }
+        }
+        () = signal() => tracing::info!("shutting down"),
+    }
+    node.shutdown();
+    let _ = std::fs::remove_file(&paths.socket);
+    Ok(())
+}
+
+/// Tells the person who started the daemon where it is.
+fn announce(node: &Node, paths: &Paths) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "spare node {}", node.peer_id());
+    for addr in node.net().listen_addrs() {
+        let _ = writeln!(out, "  listening on {addr}");
+    }
+    let _ = writeln!(out, "  control API on {}", paths.socket.display());
+    if let Some(p) = node.pool().priority() {
+        let _ = writeln!(
+            out,
+            "  {} worker(s) at {:?} priority, nice {}, idle I/O {}",
+            node.config().cores,
+            p.policy,
+            p.nice,
+            if p.idle_io { "yes" } else { "no" }
+        );
+    }
+    let _ = out.flush();
+}
+
+async fn signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+/// Holds an exclusive lock on the data directory for the daemon's life.
+fn lock(paths: &Paths) -> Result<std::fs::File, NodeError> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&paths.lock)
+        .map_err(|e| NodeError::Io {
+            what: format!("cannot open {}", paths.lock.display()),
+            source: e,
+        })?;
+    // SAFETY: flock only takes the descriptor of a file we own and an integer.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(NodeError::Locked(paths.data_dir.display().to_string()));
+    }
+    Ok(file)
+}

@@ -1,0 +1,125 @@
+//! The node key: Ed25519, stored with mode 0600, never overwritten.
+
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+
+use libp2p::identity::Keypair;
+
+/// Why the node key could not be loaded or created.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("cannot read node key {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("cannot write node key {path}: {source}")]
+    Write {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("node key {path} is corrupt: {reason}")]
+    Corrupt { path: String, reason: String },
+    #[error("node key {path} is readable by others (mode {mode:o}); run `chmod 600 {path}`")]
+    Exposed { path: String, mode: u32 },
+}
+
+/// Loads the key at `path`, or creates one if there is none. Returns the key
+/// and whether it was created.
+pub fn load_or_create(path: &Path) -> Result<(Keypair, bool), KeyError> {
+    match load(path) {
+        Ok(key) => Ok((key, false)),
+        Err(KeyError::Read { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            create(path).map(|key| (key, true))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Loads an existing key, refusing one that others can read.
+pub fn load(path: &Path) -> Result<Keypair, KeyError> {
+    let shown = path.display().to_string();
+    let meta = std::fs::metadata(path).map_err(|source| KeyError::Read {
+        path: shown.clone(),
+        source,
+    })?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(KeyError::Exposed { path: shown, mode });
+    }
+    let bytes = std::fs::read(path).map_err(|source| KeyError::Read {
+        path: shown.clone(),
+        source,
+    })?;
+    let key = Keypair::from_protobuf_encoding(&bytes).map_err(|e| KeyError::Corrupt {
+        path: shown.clone(),
+        reason: e.to_string(),
+    })?;
+    if key.key_type() != libp2p::identity::KeyType::Ed25519 {
+        return Err(KeyError::Corrupt {
+            path: shown,
+            reason: "not an Ed25519 key".into(),
+        });
+    }
+    Ok(key)
+}
+
+/// Creates a new key; fails rather than overwrite an existing file.
+fn create(path: &Path) -> Result<Keypair, KeyError> {
+    let shown = path.display().to_string();
+    let key = Keypair::generate_ed25519();
+    let bytes = key.to_protobuf_encoding().map_err(|e| KeyError::Corrupt {
+        path: shown.clone(),
+        reason: e.to_string(),
+    })?;
+    let write = |source| KeyError::Write {
+        path: shown.clone(),
+        source,
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(write)?;
+    file.write_all(&bytes).map_err(write)?;
+    file.sync_all().map_err(write)?;
+    Ok(key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_is_created_private_and_then_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.key");
+        let (first, created) = load_or_create(&path).unwrap();
+        assert!(created);
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let (second, created) = load_or_create(&path).unwrap();
+        assert!(!created);
+        assert_eq!(first.public(), second.public());
+    }
+
+    #[test]
+    fn an_exposed_or_corrupt_key_is_refused_not_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.key");
+        std::fs::write(&path, b"garbage").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(matches!(
+            load_or_create(&path),
+            Err(KeyError::Exposed { .. })
+        ));
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(matches!(
+            load_or_create(&path),
+            Err(KeyError::Corrupt { .. })
+        ));
+        assert_eq!(std::fs::read(&path).unwrap(), b"garbage");
+    }
+}

@@ -1,0 +1,330 @@
+//! The node: the parts of a daemon wired together, and the tasks that keep
+//! them talking.
+//!
+//! [`Node::start`] opens the ledger and blob store, starts the worker pool and
+//! the network, and spawns two background tasks: one that dispatches network
+//! events ([`host`](crate::host) serves inbound tasks and blob chunks), one
+//! that publishes this node's offer when its load changes. All of them stop
+//! when the node's shutdown token fires.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use libp2p::PeerId;
+use libp2p::identity::Keypair;
+use spare_core::wire::{Offer, Runtime};
+use spare_core::{BlobId, TaskId};
+use spare_ledger::Ledger;
+use spare_net::{NetConfig, NetEvent, NetHandle, Transport};
+use spare_runtime::{PoolConfig, WorkerCommand, WorkerPool};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::blobs::BlobStore;
+use crate::config::Config;
+use crate::paths::Paths;
+use crate::{NodeError, host};
+
+/// How often the offer loop looks at the pool's load.
+const OFFER_CHECK: Duration = Duration::from_millis(100);
+/// An unchanged offer is re-published this often, so newcomers and peers
+/// that missed one converge.
+const OFFER_REFRESH: Duration = Duration::from_secs(5);
+
+/// Everything needed to start a node.
+#[derive(Clone, Debug)]
+pub struct NodeOptions {
+    pub paths: Paths,
+    pub config: Config,
+    pub key: Keypair,
+    /// How to start a worker process (normally `spare worker`).
+    pub worker: WorkerCommand,
+    pub transport: Transport,
+}
+
+/// A running node. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Node {
+    pub(crate) inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Inner {
+    pub(crate) key: Keypair,
+    pub(crate) peer_id: PeerId,
+    pub(crate) paths: Paths,
+    pub(crate) config: Config,
+    pub(crate) net: NetHandle,
+    pub(crate) pool: WorkerPool,
+    pub(crate) ledger: Ledger,
+    pub(crate) blobs: BlobStore,
+    /// Tasks we host, by (requester, task), so only their requester can
+    /// cancel them.
+    pub(crate) hosted: Mutex<HashMap<(PeerId, TaskId), CancellationToken>>,
+    /// Tasks we requested and that are still running.
+    pub(crate) requested: Mutex<HashMap<TaskId, CancellationToken>>,
+    /// Blobs each peer may fetch from us: those of tasks we sent it, counted
+    /// per task.
+    pub(crate) grants: Mutex<HashMap<PeerId, HashMap<BlobId, u32>>>,
+    /// Task requests we sent to each peer and that are unanswered.
+    pub(crate) in_flight: Mutex<HashMap<PeerId, u32>>,
+    pub(crate) shutdown: CancellationToken,
+    pub(crate) started: Instant,
+}
+
+impl Node {
+    /// Starts every part of the node.
+    pub async fn start(
+        options: NodeOptions,
+        shutdown: CancellationToken,
+    ) -> Result<Self, NodeError> {
+        let NodeOptions {
+            paths,
+            config,
+            key,
+            worker,
+            transport,
+        } = options;
+        let ledger = Ledger::open(&paths.db)?;
+        let blobs = BlobStore::open(&paths.blobs).map_err(|e| NodeError::Io {
+            what: format!("cannot open blob store {}", paths.blobs.display()),
+            source: e,
+        })?;
+        let pool = WorkerPool::start(PoolConfig {
+            command: worker,
+            slots: usize::from(config.cores),
+        })
+        .await?;
+        let (net, events) = spare_net::start(
+            NetConfig {
+                keypair: key.clone(),
+                listen: config.listen.clone(),
+                bootstrap: config.bootstrap.clone(),
+                mdns: config.mdns,
+                transport,
+            },
+            shutdown.child_token(),
+        )
+        .await?;
+        let node = Node {
+            inner: Arc::new(Inner {
+                peer_id: key.public().to_peer_id(),
+                key,
+                paths,
+                config,
+                net,
+                pool,
+                ledger,
+                blobs,
+                hosted: Mutex::default(),
+                requested: Mutex::default(),
+                grants: Mutex::default(),
+                in_flight: Mutex::default(),
+                shutdown,
+                started: Instant::now(),
+            }),
+        };
+        tokio::spawn(node.clone().dispatch_events(events));
+        tokio::spawn(node.clone().publish_offers());
+        Ok(node)
+    }
+
+    pub fn peer_id(&self) -> PeerId {
+        self.inner.peer_id
+    }
+
+    pub fn net(&self) -> &NetHandle {
+        &self.inner.net
+    }
+
+    pub fn pool(&self) -> &WorkerPool {
+        &self.inner.pool
+    }
+
+    pub fn ledger(&self) -> &Ledger {
+        &self.inner.ledger
+    }
+
+    pub fn blobs(&self) -> &BlobStore {
+        &self.inner.blobs
+    }
+
+    pub fn paths(&self) -> &Paths {
+        &self.inner.paths
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    pub fn uptime(&self) -> Duration {
+        self.inner.started.elapsed()
+    }
+
+    /// Stops the node's background tasks and its network.
+    pub fn shutdown(&self) {
+        self.inner.shutdown.cancel();
+    }
+
+    /// Routes network events: inbound requests each get a task of their own.
+    async fn dispatch_events(self, mut events: mpsc::Receiver<NetEvent>) {
+        loop {
+            let event = tokio::select! {
+                biased;
+                () = self.inner.shutdown.cancelled() => break,
+                event = events.recv() => match event {
+                    Some(event) => event,
+                    None => break,
+                },
+            };
+            match event {
+                NetEvent::TaskRequest {
+                    peer,
+                    request,
+                    reply,
+                } => {
+                    tokio::spawn(host::serve_task(self.clone(), peer, request, reply));
+                }
+                NetEvent::BlobRequest {
+                    peer,
+                    request,
+                    reply,
+                } => {
+                    tokio::spawn(host::serve_blob(self.clone(), peer, request, reply));
+                }
+                NetEvent::PeerDisconnected(peer) => self.peer_gone(&peer),
+                NetEvent::PeerConnected(_) => {}
+            }
+        }
+    }
+
+    /// A requester that disconnects can no longer receive its results:
+    /// stop its tasks here and forget what it may fetch.
+    fn peer_gone(&self, peer: &PeerId) {
+        for ((requester, task), token) in self.lock(&self.inner.hosted).iter() {
+            if requester == peer {
+                tracing::info!(%peer, %task, "requester disconnected; cancelling its task");
+                token.cancel();
+            }
+        }
+        self.lock(&self.inner.grants).remove(peer);
+    }
+
+    /// Publishes this node's offer when its load changes, and periodically.
+    async fn publish_offers(self) {
+        let seq = AtomicU64::new(0);
+        let mut last: Option<(Offer, Instant)> = None;
+        let mut tick = tokio::time::interval(OFFER_CHECK);
+        loop {
+            tokio::select! {
+                biased;
+                () = self.inner.shutdown.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            let mut offer = self.offer(0);
+            let unchanged = last.as_ref().is_some_and(|(prev, at)| {
+                prev.idle == offer.idle
+                    && prev.queued == offer.queued
+                    && at.elapsed() < OFFER_REFRESH
+            });
+            if unchanged {
+                continue;
+            }
+            offer.seq = seq.fetch_add(1, Ordering::Relaxed) + 1;
+            self.inner.net.publish_offer(offer.clone()).await;
+            last = Some((offer, Instant::now()));
+        }
+    }
+
+    /// What this node can give now.
+    pub fn offer(&self, seq: u64) -> Offer {
+        let stats = self.inner.pool.stats();
+        let cores = u16::try_from(stats.slots).unwrap_or(u16::MAX);
+        let busy = u16::try_from(stats.running).unwrap_or(u16::MAX);
+        Offer {
+            cores,
+            idle: cores.saturating_sub(busy),
+            queued: u32::try_from(stats.queued).unwrap_or(u32::MAX),
+            memory: self.inner.config.max_limits.memory,
+            runtimes: vec![Runtime::Wasm],
+            max_limits: self.inner.config.max_limits,
+            seq,
+        }
+    }
+
+    /// Lets `peer` fetch `blobs` until [`Node::revoke`] with the same list.
+    pub(crate) fn grant(&self, peer: PeerId, blobs: &[BlobId]) {
+        let mut grants = self.lock(&self.inner.grants);
+        let entry = grants.entry(peer).or_default();
+        for blob in blobs {
+            *entry.entry(*blob).or_insert(0) += 1;
+        }
+    }
+
+    pub(crate) fn revoke(&self, peer: PeerId, blobs: &[BlobId]) {
+        let mut grants = self.lock(&self.inner.grants);
+        if let Some(entry) = grants.get_mut(&peer) {
+            for blob in blobs {
+                if let Some(count) = entry.get_mut(blob) {
+                    *count -= 1;
+                    if *count == 0 {
+                        entry.remove(blob);
+                    }
+                }
+            }
+            if entry.is_empty() {
+                grants.remove(&peer);
+            }
+        }
+    }
+
+    pub(crate) fn may_fetch(&self, peer: &PeerId, blob: &BlobId) -> bool {
+        self.lock(&self.inner.grants)
+            .get(peer)
+            .is_some_and(|blobs| blobs.contains_key(blob))
+    }
+
+    /// Peers we have unanswered task requests with, and how many.
+    pub(crate) fn in_flight(&self) -> HashMap<PeerId, u32> {
+        self.lock(&self.inner.in_flight).clone()
+    }
+
+    pub(crate) fn lock<'a, T>(&self, mutex: &'a Mutex<T>) -> MutexGuard<'a, T> {
+        mutex.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Connected peer ids.
+    pub fn connected_peers(&self) -> HashSet<PeerId> {
+        self.inner.net.peers().into_iter().map(|p| p.peer).collect()
+    }
+}
+
+/// Counts a request to a peer for as long as it is outstanding.
+pub(crate) struct InFlight {
+    node: Node,
+    peer: PeerId,
+}
+
+impl InFlight {
+    pub(crate) fn start(node: &Node, peer: PeerId) -> Self {
+        *node.lock(&node.inner.in_flight).entry(peer).or_insert(0) += 1;
+        Self {
+            node: node.clone(),
+            peer,
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut map = self.node.lock(&self.node.inner.in_flight);
+        if let Some(count) = map.get_mut(&self.peer) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                map.remove(&self.peer);
+            }
+        }
+    }
+}

@@ -1,0 +1,471 @@
+//! The requester side: placing a task on the best peer, retrying elsewhere
+//! when a host fails, and reporting progress as [`TaskEvent`]s.
+
+use std::time::{Duration, Instant};
+
+use libp2p::PeerId;
+use spare_core::wire::{Report, TaskRequest, TaskResponse};
+use spare_core::{BlobId, Failure, Outcome, Stdin, TaskId, TaskSpec};
+use spare_ledger::{Ending, ReceiptRole};
+use spare_scheduler::{AttemptError, Candidate, RetryPolicy, rank};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::types::{Placement, Submission, SubmitStdin, TaskEvent, TaskResult};
+use crate::host::job_for;
+use crate::node::{InFlight, Node};
+
+/// How long to wait for a first peer with an offer before giving up, when
+/// the node has just started or the swarm is just forming.
+const PEER_WAIT: Duration = Duration::from_secs(5);
+/// A host gets the task's wall-time limit plus this long to answer (blob
+/// transfer and compilation are not counted by the guest's clock).
+const ATTEMPT_GRACE: Duration = Duration::from_secs(60);
+/// How long a cancel request to a host may take.
+const CANCEL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Why a submission was refused before it ran anywhere.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("the module {0} has not been uploaded (PUT /v1/blobs/{0})")]
+    MissingModule(BlobId),
+    #[error("the stdin blob {0} has not been uploaded")]
+    MissingStdin(BlobId),
+}
+
+/// Checks a submission and turns it into a task spec.
+pub fn prepare(node: &Node, submission: &Submission) -> Result<(TaskSpec, Placement), SubmitError> {
+    let stdin = match &submission.stdin {
+        SubmitStdin::None => Stdin::Empty,
+        SubmitStdin::Inline(text) => {
+            Stdin::for_bytes(&crate::api::types::decode_b64(text).map_err(SubmitError::Invalid)?)
+        }
+        SubmitStdin::Blob(blob) => {
+            if !node.blobs().has(&blob.id) {
+                return Err(SubmitError::MissingStdin(blob.id));
+            }
+            Stdin::Blob(*blob)
+        }
+    };
+    if let Stdin::Blob(blob) = &stdin {
+        // Inline input above the inline bound becomes a blob here.
+        if !node.blobs().has(&blob.id) {
+            if let SubmitStdin::Inline(text) = &submission.stdin {
+                let bytes = crate::api::types::decode_b64(text).map_err(SubmitError::Invalid)?;
+                node.blobs()
+                    .put(&bytes)
+                    .map_err(|e| SubmitError::Invalid(e.to_string()))?;
+            }
+        }
+    }
+    if !node.blobs().has(&submission.module.id) {
+        return Err(SubmitError::MissingModule(submission.module.id));
+    }
+    let size = node
+        .blobs()
+        .size(&submission.module.id)
+        .map_err(|e| SubmitError::Invalid(e.to_string()))?;
+    if size != submission.module.size {
+        return Err(SubmitError::Invalid(format!(
+            "module size {} does not match the uploaded blob ({size} bytes)",
+            submission.module.size
+        )));
+    }
+    let spec = TaskSpec {
+        id: TaskId::random(),
+        name: submission.name.clone(),
+        module: submission.module,
+        args: submission.args.clone(),
+        env: submission.env.clone(),
+        stdin,
+        limits: submission.limits,
+    };
+    spec.validate()
+        .map_err(|e| SubmitError::Invalid(e.to_string()))?;
+    if let Placement::On(peer) = &submission.placement {
+        peer.parse::<PeerId>()
+            .map_err(|_| SubmitError::Invalid(format!("`{peer}` is not a peer id")))?;
+    }
+    Ok((spec, submission.placement.clone()))
+}
+
+/// Runs a prepared task to the end, sending events to `events`. Stops early
+/// when `events` is closed (the client went away) or the task is cancelled.
+pub async fn run(
+    node: Node,
+    spec: TaskSpec,
+    placement: Placement,
+    events: mpsc::Sender<TaskEvent>,
+) {
+    let token = CancellationToken::new();
+    node.lock(&node.inner.requested)
+        .insert(spec.id, token.clone());
+    let _ = events
+        .send(TaskEvent::Accepted {
+            task: spec.id.to_string(),
+        })
+        .await;
+    if let Err(e) = node
+        .ledger()
+        .task_submitted(&spec.id, &spec.name, &spec.module.id.to_string())
+    {
+        tracing::error!("ledger: {e}");
+    }
+    let closed = events.clone();
+    let watch = token.clone();
+    // The client closing its stream cancels the task, as Ctrl-C would.
+    let watcher = tokio::spawn(async move {
+        tokio::select! {
+            () = closed.closed() => watch.cancel(),
+            () = watch.cancelled() => {}
+        }
+    });
+    let event = match placement {
+        Placement::Local => run_local(&node, &spec, &token).await,
+        Placement::On(peer) => match peer.parse::<PeerId>() {
+            Ok(peer) => run_remote(&node, &spec, Some(peer), &token, &events).await,
+            Err(_) => TaskEvent::Failed {
+                error: format!("`{peer}` is not a peer id"),
+            },
+        },
+        Placement::Auto => run_remote(&node, &spec, None, &token, &events).await,
+    };
+    let ending = match &event {
+        TaskEvent::Finished { result } => Ending {
+            state: match (result.exit_code, &result.failure_kind) {
+                (Some(_), _) => spare_ledger::TaskState::Exited,
+                (None, Some(crate::api::types::FailureKind::Cancelled)) => {
+                    spare_ledger::TaskState::Cancelled
+                }
+                (None, _) => spare_ledger::TaskState::Failed,
+            },
+            exit_code: result.exit_code,
+            failure: result.failure.clone(),
+            fuel: result.fuel,
+            wall_ms: result.wall_ms,
+        },
+        TaskEvent::Failed { error } => Ending::failed(error.clone()),
+        _ => Ending::failed("no result"),
+    };
+    if let Err(e) = node.ledger().task_finished(&spec.id, &ending) {
+        tracing::error!("ledger: {e}");
+    }
+    node.lock(&node.inner.requested).remove(&spec.id);
+    watcher.abort();
+    let _ = events.send(event).await;
+}
+
+/// Cancels a task this node requested. Returns whether it was running.
+pub fn cancel(node: &Node, task: &TaskId) -> bool {
+    match node.lock(&node.inner.requested).get(task) {
+        Some(token) => {
+            token.cancel();
+            true
+        }
+        None => false,
+    }
+}
+
+async fn run_local(node: &Node, spec: &TaskSpec, token: &CancellationToken) -> TaskEvent {
+    if let Err(e) = node.ledger().task_attempt(&spec.id, &node.peer_id()) {
+        tracing::error!("ledger: {e}");
+    }
+    let outcome = node
+        .pool()
+        .run(job_for(spec, node.blobs()), token.clone())
+        .await;
+    finished(spec, node.peer_id(), 1, &outcome, false)
+}
+
+fn finished(
+    spec: &TaskSpec,
+    host: PeerId,
+    attempts: u32,
+    outcome: &Outcome,
+    receipt: bool,
+) -> TaskEvent {
+    TaskEvent::Finished {
+        result: TaskResult::new(
+            spec.id.to_string(),
+            host.to_string(),
+            attempts,
+            outcome,
+            receipt,
+        ),
+    }
+}
+
+/// What became of one attempt.
+enum Attempt {
+    /// The host ran the task (whatever its exit).
+    Ran(Box<Report>),
+    /// The attempt failed; maybe another host can do better.
+    Failed {
+        error: AttemptError,
+        reason: String,
+    },
+    Cancelled,
+}
+
+async fn run_remote(
+    node: &Node,
+    spec: &TaskSpec,
+    pinned: Option<PeerId>,
+    token: &CancellationToken,
+    events: &mpsc::Sender<TaskEvent>,
+) -> TaskEvent {
+    let policy = RetryPolicy::default();
+    let mut tried: Vec<PeerId> = Vec::new();
+    let mut attempt = 0u32;
+    let mut last_failure = String::new();
+    loop {
+        let host = match pinned {
+            Some(peer) => {
+                if !node.net().is_connected(&peer) && !wait_for_peer(node, peer, token).await {
+                    return TaskEvent::Failed {
+                        error: format!(
+                            "peer {peer} is not connected (`spare peers` lists the connected ones)"
+                        ),
+                    };
+                }
+                peer
+            }
+            None => match choose(node, spec, &tried, token).await {
+                Some(peer) => peer,
+                None if attempt == 0 => {
+                    return TaskEvent::Failed {
+                        error: "no peer offers to run tasks; join a swarm with `spare up --bootstrap <addr>`, or run here with --local".into(),
+                    };
+                }
+                None => {
+                    return TaskEvent::Failed {
+                        error: format!("gave up after {attempt} attempt(s): {last_failure}"),
+                    };
+                }
+            },
+        };
+        attempt += 1;
+        tried.push(host);
+        if let Err(e) = node.ledger().task_attempt(&spec.id, &host) {
+            tracing::error!("ledger: {e}");
+        }
+        let _ = events
+            .send(TaskEvent::Placed {
+                attempt,
+                host: host.to_string(),
+            })
+            .await;
+        match attempt_on(node, spec, host, token).await {
+            Attempt::Ran(report) => {
+                let receipt = accept_receipt(node, spec, host, &report);
+                let outcome = report.outcome;
+                let host_fault = outcome.failure().is_some_and(Failure::is_retryable);
+                if host_fault
+                    && pinned.is_none()
+                    && policy.should_retry(attempt, AttemptError::HostFault)
+                {
+                    last_failure = outcome
+                        .failure()
+                        .map(ToString::to_string)
+                        .unwrap_or_default();
+                    retrying(events, attempt, host, &last_failure).await;
+                    continue;
+                }
+                return finished(spec, host, attempt, &outcome, receipt);
+            }
+            Attempt::Cancelled => {
+                return finished(
+                    spec,
+                    host,
+                    attempt,
+                    &Outcome::failed(Failure::Cancelled),
+                    false,
+                );
+            }
+            Attempt::Failed { error, reason } => {
+                tracing::info!(task = %spec.id, %host, "attempt {attempt} failed: {reason}");
+                last_failure = format!("{host}: {reason}");
+                if pinned.is_some() || !policy.should_retry(attempt, error) {
+                    let outcome = Outcome::failed(Failure::Host(reason));
+                    return if error == AttemptError::TaskFault {
+                        finished(spec, host, attempt, &outcome, false)
+                    } else {
+                        TaskEvent::Failed {
+                            error: format!("gave up after {attempt} attempt(s): {last_failure}"),
+                        }
+                    };
+                }
+                retrying(events, attempt, host, &reason).await;
+            }
+        }
+    }
+}
+
+async fn retrying(events: &mpsc::Sender<TaskEvent>, attempt: u32, host: PeerId, reason: &str) {
+    let _ = events
+        .send(TaskEvent::Retrying {
+            attempt,
+            host: host.to_string(),
+            reason: reason.to_owned(),
+        })
+        .await;
+}
+
+/// Sends the task to `host` and waits for its answer, the deadline, or a
+/// cancellation.
+async fn attempt_on(
+    node: &Node,
+    spec: &TaskSpec,
+    host: PeerId,
+    token: &CancellationToken,
+) -> Attempt {
+    let blobs = blobs_of(spec);
+    node.grant(host, &blobs);
+    let _in_flight = InFlight::start(node, host);
+    let deadline = Duration::from_millis(spec.limits.wall_ms) + ATTEMPT_GRACE;
+    let request = node.net().send_task(host, TaskRequest::Run(spec.clone()));
+    let result = tokio::select! {
+        biased;
+        () = token.cancelled() => {
+            let cancel = node.net().send_task(host, TaskRequest::Cancel(spec.id));
+            let _ = tokio::time::timeout(CANCEL_TIMEOUT, cancel).await;
+            node.revoke(host, &blobs);
+            return Attempt::Cancelled;
+        }
+        result = tokio::time::timeout(deadline, request) => result,
+    };
+    node.revoke(host, &blobs);
+    match result {
+        Err(_) => {
+            // The host holds the task past any reasonable time: treat it as
+            // gone, and tell it to stop in case it is merely slow.
+            let cancel = node.net().send_task(host, TaskRequest::Cancel(spec.id));
+            let _ = tokio::time::timeout(CANCEL_TIMEOUT, cancel).await;
+            Attempt::Failed {
+                error: AttemptError::HostLost,
+                reason: format!(
+                    "no answer within {}",
+                    spare_core::units::format_duration(deadline)
+                ),
+            }
+        }
+        Ok(Err(e)) => Attempt::Failed {
+            error: AttemptError::HostLost,
+            reason: e.to_string(),
+        },
+        Ok(Ok(TaskResponse::Done(report))) => {
+            if report.task != spec.id {
+                return Attempt::Failed {
+                    error: AttemptError::HostFault,
+                    reason: "the host answered for another task".into(),
+                };
+            }
+            Attempt::Ran(Box::new(report))
+        }
+        Ok(Ok(TaskResponse::Refused(refusal))) => Attempt::Failed {
+            error: if refusal.is_retryable() {
+                AttemptError::Refused
+            } else {
+                AttemptError::TaskFault
+            },
+            reason: refusal.to_string(),
+        },
+        Ok(Ok(TaskResponse::Cancelled(_))) => Attempt::Failed {
+            error: AttemptError::HostFault,
+            reason: "the host answered out of turn".into(),
+        },
+    }
+}
+
+fn blobs_of(spec: &TaskSpec) -> Vec<BlobId> {
+    let mut blobs = vec![spec.module.id];
+    if let Stdin::Blob(blob) = &spec.stdin {
+        blobs.push(blob.id);
+    }
+    blobs
+}
+
+/// Verifies the host's receipt and stores it. A bad receipt is logged and
+/// not stored; the outcome is still the host's.
+fn accept_receipt(node: &Node, spec: &TaskSpec, host: PeerId, report: &Report) -> bool {
+    let receipt = match report.receipt.verify() {
+        Ok(receipt) => receipt,
+        Err(e) => {
+            tracing::warn!(%host, task = %spec.id, "bad receipt: {e}");
+            return false;
+        }
+    };
+    let matches = receipt.host == host
+        && receipt.task == spec.id
+        && receipt.requester == node.peer_id()
+        && receipt.module == spec.module.id
+        && receipt.fuel == report.outcome.fuel;
+    if !matches {
+        tracing::warn!(%host, task = %spec.id, "receipt does not match the task it came with");
+        return false;
+    }
+    match node
+        .ledger()
+        .store_receipt(&receipt, &report.receipt, ReceiptRole::Received)
+    {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::error!("ledger: {e}");
+            false
+        }
+    }
+}
+
+/// Picks the best peer not yet tried, waiting briefly for offers when none
+/// is known yet.
+async fn choose(
+    node: &Node,
+    spec: &TaskSpec,
+    tried: &[PeerId],
+    token: &CancellationToken,
+) -> Option<PeerId> {
+    let give_up = Instant::now() + PEER_WAIT;
+    loop {
+        let in_flight = node.in_flight();
+        let candidates: Vec<Candidate> = node
+            .net()
+            .peers()
+            .into_iter()
+            .filter_map(|p| {
+                let (offer, _) = p.offer?;
+                Some(Candidate {
+                    peer: p.peer,
+                    cores: offer.cores,
+                    idle: offer.idle,
+                    queued: offer.queued,
+                    in_flight: in_flight.get(&p.peer).copied().unwrap_or(0),
+                    rtt: p.rtt,
+                    max_limits: offer.max_limits,
+                })
+            })
+            .collect();
+        if let Some(best) = rank(&candidates, &spec.limits, tried).first() {
+            return Some(*best);
+        }
+        // Nothing to choose from. Right after start-up peers may still be
+        // connecting; on a retry every known peer may have been tried.
+        if !tried.is_empty() || Instant::now() >= give_up || token.is_cancelled() {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits briefly for a pinned peer to connect.
+async fn wait_for_peer(node: &Node, peer: PeerId, token: &CancellationToken) -> bool {
+    let give_up = Instant::now() + PEER_WAIT;
+    while Instant::now() < give_up && !token.is_cancelled() {
+        if node.net().is_connected(&peer) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}

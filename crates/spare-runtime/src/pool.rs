@@ -1,0 +1,330 @@
+//! The daemon's side of the workers: a fixed number of slots, warm worker
+//! processes, and the watchdog that kills one when its task is cancelled or
+//! overruns.
+//!
+//! Cancel-safety: dropping the future returned by [`WorkerPool::run`] kills
+//! the worker it was using (its `Child` is `kill_on_drop`), so a job never
+//! keeps running for a requester that has gone.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::{ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use spare_core::{Failure, Outcome};
+use tokio::io::BufReader;
+use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::Job;
+use crate::ipc::{FromWorker, MAX_RESULT_FRAME, ToWorker, read_frame_async, write_frame_async};
+use crate::priority::PriorityReport;
+
+/// Extra time beyond a job's wall-time limit before the pool kills its
+/// worker: covers compiling a large module, which the guest's own clock
+/// does not count.
+const WATCHDOG_GRACE: Duration = Duration::from_secs(30);
+/// How long a new worker may take to say it is ready.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How to start a worker process.
+#[derive(Clone, Debug)]
+pub struct WorkerCommand {
+    pub program: PathBuf,
+    pub args: Vec<OsString>,
+}
+
+/// The pool's shape.
+#[derive(Clone, Debug)]
+pub struct PoolConfig {
+    pub command: WorkerCommand,
+    /// Jobs that run at once: the cores this node contributes.
+    pub slots: usize,
+}
+
+/// A snapshot of the pool's load.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PoolStats {
+    pub slots: usize,
+    pub running: usize,
+    pub queued: usize,
+}
+
+/// Runs jobs in worker processes, at most `slots` at a time; the rest wait.
+#[derive(Clone, Debug)]
+pub struct WorkerPool {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: PoolConfig,
+    /// One permit per slot.
+    slots: Semaphore,
+    /// Warm workers not running a job.
+    idle: Mutex<Vec<Worker>>,
+    running: AtomicUsize,
+    queued: AtomicUsize,
+    /// What the most recent worker obtained when lowering its priority.
+    priority: Mutex<Option<PriorityReport>>,
+    /// Pids of live workers, for status and tests.
+    pids: Pids,
+}
+
+type Pids = Arc<Mutex<Vec<u32>>>;
+
+#[derive(Debug)]
+struct Worker {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+    pid: u32,
+    /// The pool's list of live pids, which this worker leaves when dropped
+    /// (and killed, by `kill_on_drop`).
+    pids: Pids,
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.pids
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|p| *p != self.pid);
+    }
+}
+
+/// Why the pool could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error("cannot start worker process {program}: {source}")]
+    Spawn {
+        program: String,
+        source: std::io::Error,
+    },
+    #[error("worker process did not start: {0}")]
+    Startup(String),
+}
+
+impl WorkerPool {
+    /// Starts the pool with every slot's worker warm.
+    pub async fn start(config: PoolConfig) -> Result<Self, PoolError> {
+        let slots = config.slots.max(1);
+        let pool = Self {
+            inner: Arc::new(Inner {
+                config,
+                slots: Semaphore::new(slots),
+                idle: Mutex::new(Vec::new()),
+                running: AtomicUsize::new(0),
+                queued: AtomicUsize::new(0),
+                priority: Mutex::new(None),
+                pids: Pids::default(),
+            }),
+        };
+        for _ in 0..slots {
+            let worker = pool.spawn().await?;
+            pool.inner.lock_idle().push(worker);
+        }
+        Ok(pool)
+    }
+
+    pub fn stats(&self) -> PoolStats {
+        PoolStats {
+            slots: self.inner.config.slots.max(1),
+            running: self.inner.running.load(Ordering::Relaxed),
+            queued: self.inner.queued.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The priority the workers run at.
+    pub fn priority(&self) -> Option<PriorityReport> {
+        *self
+            .inner
+            .priority
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Process ids of the live workers.
+    pub fn worker_pids(&self) -> Vec<u32> {
+        self.inner.lock_pids().clone()
+    }
+
+    /// Runs `job`, waiting for a free slot first. Resolves early with
+    /// [`Failure::Cancelled`] when `cancel` fires.
+    pub async fn run(&self, job: Job, cancel: CancellationToken) -> Outcome {
+        let _queued = Gauge::up(&self.inner.queued);
+        let permit = tokio::select! {
+            biased;
+            () = cancel.cancelled() => return Outcome::failed(Failure::Cancelled),
+            permit = self.inner.slots.acquire() => match permit {
+                Ok(permit) => permit,
+                Err(_) => return Outcome::failed(Failure::Host("worker pool closed".into())),
+            },
+        };
+        drop(_queued);
+        let _running = Gauge::up(&self.inner.running);
+        let outcome = self.run_in_worker(job, &cancel).await;
+        drop(permit);
+        outcome
+    }
+
+    async fn run_in_worker(&self, job: Job, cancel: &CancellationToken) -> Outcome {
+        let idle = self.inner.lock_idle().pop();
+        let mut worker = match idle {
+            Some(worker) => worker,
+            None => match self.spawn().await {
+                Ok(worker) => worker,
+                Err(e) => return Outcome::failed(Failure::Host(e.to_string())),
+            },
+        };
+        let limit_ms = job.limits.wall_ms;
+        let watchdog = Duration::from_millis(limit_ms) + WATCHDOG_GRACE;
+        if let Err(e) = write_frame_async(&mut worker.stdin, &ToWorker::Run(Box::new(job))).await {
+            return self
+                .bury(worker, &format!("cannot send it the job: {e}"))
+                .await;
+        }
+        let reply = tokio::select! {
+            biased;
+            () = cancel.cancelled() => {
+                self.kill(worker).await;
+                return Outcome::failed(Failure::Cancelled);
+            }
+            () = tokio::time::sleep(watchdog) => {
+                self.kill(worker).await;
+                return Outcome::failed(Failure::Timeout { limit_ms });
+            }
+            reply = read_frame_async::<FromWorker>(&mut worker.stdout, MAX_RESULT_FRAME) => reply,
+        };
+        match reply {
+            Ok(FromWorker::Done(outcome)) => match outcome.validate() {
+                Ok(()) => {
+                    self.inner.lock_idle().push(worker);
+                    *outcome
+                }
+                Err(e) => {
+                    self.bury(worker, &format!("it sent an invalid result: {e}"))
+                        .await
+                }
+            },
+            Ok(FromWorker::Ready { .. }) => self.bury(worker, "it answered out of turn").await,
+            Err(_) => self.bury(worker, "").await,
+        }
+    }
+
+    /// Starts one worker and waits for its ready message.
+    async fn spawn(&self) -> Result<Worker, PoolError> {
+        let command = &self.inner.config.command;
+        let mut child = Command::new(&command.program)
+            .args(&command.args)
+            .env_clear()
+            .envs(std::env::vars_os().filter(|(k, _)| k == "RUST_LOG"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|source| PoolError::Spawn {
+                program: command.program.display().to_string(),
+                source,
+            })?;
+        let (Some(stdin), Some(stdout), Some(pid)) =
+            (child.stdin.take(), child.stdout.take(), child.id())
+        else {
+            return Err(PoolError::Startup("no pipes to the worker".into()));
+        };
+        let mut worker = Worker {
+            child,
+            stdin,
+            stdout: BufReader::with_capacity(64 << 10, stdout),
+            pid,
+            pids: Arc::clone(&self.inner.pids),
+        };
+        let hello = tokio::time::timeout(
+            STARTUP_TIMEOUT,
+            read_frame_async::<FromWorker>(&mut worker.stdout, MAX_RESULT_FRAME),
+        )
+        .await;
+        match hello {
+            Ok(Ok(FromWorker::Ready { priority })) => {
+                *self
+                    .inner
+                    .priority
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = Some(priority);
+                self.inner.lock_pids().push(pid);
+                Ok(worker)
+            }
+            Ok(Ok(FromWorker::Done(_))) => {
+                Err(PoolError::Startup("unexpected first message".into()))
+            }
+            Ok(Err(e)) => {
+                let status = worker.child.wait().await.ok();
+                Err(PoolError::Startup(format!("{e} ({})", describe(status))))
+            }
+            Err(_) => Err(PoolError::Startup(format!(
+                "no answer within {STARTUP_TIMEOUT:?}"
+            ))),
+        }
+    }
+
+    async fn kill(&self, mut worker: Worker) {
+        let _ = worker.child.kill().await;
+    }
+
+    /// Reaps a worker that failed and reports how it died.
+    async fn bury(&self, mut worker: Worker, why: &str) -> Outcome {
+        let _ = worker.child.start_kill();
+        let status = tokio::time::timeout(Duration::from_secs(5), worker.child.wait())
+            .await
+            .ok()
+            .and_then(Result::ok);
+        let mut detail = describe(status);
+        if !why.is_empty() {
+            detail = format!("{why} ({detail})");
+        }
+        tracing::warn!(pid = worker.pid, "worker lost: {detail}");
+        Outcome::failed(Failure::WorkerCrashed(detail))
+    }
+}
+
+impl Inner {
+    fn lock_idle(&self) -> std::sync::MutexGuard<'_, Vec<Worker>> {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_pids(&self) -> std::sync::MutexGuard<'_, Vec<u32>> {
+        self.pids.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn describe(status: Option<ExitStatus>) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match status {
+        Some(s) => match (s.code(), s.signal()) {
+            (Some(code), _) => format!("exited with code {code}"),
+            (None, Some(signal)) => format!("killed by signal {signal}"),
+            (None, None) => "ended".into(),
+        },
+        None => "exit status unknown".into(),
+    }
+}
+
+/// Counts something for as long as it lives.
+struct Gauge<'a>(&'a AtomicUsize);
+
+impl<'a> Gauge<'a> {
+    fn up(counter: &'a AtomicUsize) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        Self(counter)
+    }
+}
+
+impl Drop for Gauge<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,483 @@
+//! Running one guest under its limits with wasmtime.
+//!
+//! A [`Sandbox`] owns the wasmtime engines, the WASI linkers and the caches of
+//! compiled modules. It is used by one worker thread; every call to
+//! [`Sandbox::run`] gets a fresh [`Store`] that dies with the job, so nothing
+//! a guest does outlives it.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use spare_core::outcome::clip_detail;
+use spare_core::wasm::{WasmKind, sniff};
+use spare_core::{BlobId, Failure, Limits, Outcome, OutputStream, Status};
+use wasmtime::component::{Component, ResourceTable};
+use wasmtime::{Config, Engine, InstancePre, Linker, Module, OptLevel, Store, Trap};
+use wasmtime_wasi::p1::WasiP1Ctx;
+use wasmtime_wasi::p2::bindings::sync::{Command, CommandPre};
+use wasmtime_wasi::p2::pipe::MemoryInputPipe;
+use wasmtime_wasi::{I32Exit, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+
+use crate::cache::{DiskCache, Lru};
+use crate::job::{Job, JobStdin};
+use crate::limiter::GuestLimiter;
+use crate::output::CappedOutput;
+
+/// The epoch ticker's period: the granularity of the wall-time limit.
+const EPOCH_TICK: Duration = Duration::from_millis(5);
+/// Prepared modules kept in memory per engine.
+const PREPARED_CACHE: usize = 64;
+/// Engines kept at once; there is one per distinct stack limit in use.
+const MAX_ENGINES: usize = 4;
+
+/// Store state for a WASI preview 1 module.
+struct P1State {
+    wasi: WasiP1Ctx,
+    limiter: GuestLimiter,
+}
+
+/// Store state for a WASI preview 2 component.
+struct P2State {
+    ctx: WasiCtx,
+    table: ResourceTable,
+    limiter: GuestLimiter,
+}
+
+impl WasiView for P2State {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.ctx,
+            table: &mut self.table,
+        }
+    }
+}
+
+/// A module or component ready to instantiate.
+#[derive(Clone)]
+enum Prepared {
+    Module(InstancePre<P1State>),
+    Component(CommandPre<P2State>),
+}
+
+/// One wasmtime engine (engines differ only by their stack limit) with its
+/// linkers and caches.
+struct EngineSet {
+    stack: u64,
+    engine: Engine,
+    p1_linker: Linker<P1State>,
+    p2_linker: wasmtime::component::Linker<P2State>,
+    /// Every `(module, name)` the preview 1 linker defines, to name a missing
+    /// import precisely.
+    p1_provided: HashSet<(String, String)>,
+    disk: Option<DiskCache>,
+    prepared: Lru<BlobId, Prepared>,
+}
+
+/// Runs guests. See the crate docs for the limits it enforces.
+pub struct Sandbox {
+    cache_root: Option<PathBuf>,
+    engines: Vec<EngineSet>,
+    /// Engines the epoch ticker thread advances.
+    ticking: Arc<Mutex<Vec<Engine>>>,
+}
+
+impl std::fmt::Debug for Sandbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sandbox")
+            .field("cache_root", &self.cache_root)
+            .field("engines", &self.engines.len())
+            .finish()
+    }
+}
+
+impl Sandbox {
+    /// A sandbox that caches compiled modules under `cache_root`, if given.
+    pub fn new(cache_root: Option<PathBuf>) -> Self {
+        let ticking: Arc<Mutex<Vec<Engine>>> = Arc::default();
+        let weak = Arc::downgrade(&ticking);
+        // The ticker holds only a weak reference, so it ends with the sandbox.
+        let spawned = std::thread::Builder::new()
+            .name("epoch-ticker".into())
+            .spawn(move || {
+                while let Some(engines) = weak.upgrade() {
+                    for engine in engines.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+                        engine.increment_epoch();
+                    }
+                    drop(engines);
+                    std::thread::sleep(EPOCH_TICK);
+                }
+            });
+        if let Err(e) = spawned {
+            // Without a ticker the wall-time limit falls back to the pool's
+            // kill; say so rather than fail.
+            tracing::warn!("cannot start the epoch ticker: {e}");
+        }
+        Self {
+            cache_root,
+            engines: Vec::new(),
+            ticking,
+        }
+    }
+
+    /// Runs `job` to completion and reports how it ended. Never panics on
+    /// anything the guest does.
+    pub fn run(&mut self, job: &Job) -> Outcome {
+        let started = Instant::now();
+        let mut outcome = match self.run_inner(job) {
+            Ok(outcome) => outcome,
+            Err(failure) => Outcome::failed(failure),
+        };
+        outcome.wall_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        outcome
+    }
+
+    fn run_inner(&mut self, job: &Job) -> Result<Outcome, Failure> {
+        let stdin = match &job.stdin {
+            JobStdin::Bytes(bytes) => bytes.clone(),
+            JobStdin::File(path) => std::fs::read(path)
+                .map_err(|e| Failure::Host(format!("cannot read stdin blob: {e}")))?,
+        };
+        let set = self.engine_for(job.limits.stack)?;
+        let prepared = set.prepare(&job.module, &job.module_path)?;
+        let ticks = job
+            .limits
+            .wall_ms
+            .div_ceil(EPOCH_TICK.as_millis() as u64)
+            .max(1);
+        let stdout = CappedOutput::new(job.limits.output);
+        let stderr = CappedOutput::new(job.limits.output);
+        let mut builder = WasiCtxBuilder::new();
+        builder
+            .arg(&job.name)
+            .args(&job.args)
+            .envs(&job.env)
+            .stdin(MemoryInputPipe::new(stdin))
+            .stdout(stdout.clone())
+            .stderr(stderr.clone())
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false);
+        let limiter = GuestLimiter::new(job.limits.memory);
+        let (result, fuel_left, memory_exceeded) = match prepared {
+            Prepared::Module(pre) => {
+                let mut store = Store::new(
+                    &set.engine,
+                    P1State {
+                        wasi: builder.build_p1(),
+                        limiter,
+                    },
+                );
+                store.limiter(|s| &mut s.limiter);
+                arm(&mut store, &job.limits, ticks)?;
+                let result = pre.instantiate(&mut store).and_then(|instance| {
+                    let start = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
+                    start.call(&mut store, ())
+                });
+                let fuel_left = store.get_fuel().unwrap_or(0);
+                (
+                    result.map(|()| 0),
+                    fuel_left,
+                    store.data().limiter.memory_exceeded,
+                )
+            }
+            Prepared::Component(pre) => {
+                let mut store = Store::new(
+                    &set.engine,
+                    P2State {
+                        ctx: builder.build(),
+                        table: ResourceTable::new(),
+                        limiter,
+                    },
+                );
+                store.limiter(|s| &mut s.limiter);
+                arm(&mut store, &job.limits, ticks)?;
+                let result = pre
+                    .instantiate(&mut store)
+                    .and_then(|command: Command| command.wasi_cli_run().call_run(&mut store))
+                    .map(|ran| if ran.is_ok() { 0 } else { 1 });
+                let fuel_left = store.get_fuel().unwrap_or(0);
+                (result, fuel_left, store.data().limiter.memory_exceeded)
+            }
+        };
+        let status = match result {
+            Ok(code) => Status::Exited(code),
+            Err(err) => classify(&err, &job.limits, memory_exceeded, &stdout, &stderr),
+        };
+        Ok(Outcome {
+            status,
+            stdout: stdout.take(),
+            stderr: stderr.take(),
+            fuel: job.limits.fuel.saturating_sub(fuel_left),
+            wall_ms: 0,
+        })
+    }
+
+    /// The engine whose stack limit is `stack`, created on first use.
+    fn engine_for(&mut self, stack: u64) -> Result<&mut EngineSet, Failure> {
+        if let Some(pos) = self.engines.iter().position(|e| e.stack == stack) {
+            // Most recently used last.
+            let set = self.engines.remove(pos);
+            self.engines.push(set);
+        } else {
+            if self.engines.len() >= MAX_ENGINES {
+                let old = self.engines.remove(0);
+                self.ticking
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .retain(|e| !Engine::same(e, &old.engine));
+            }
+            let set = EngineSet::new(stack, self.cache_root.as_deref())?;
+            self.ticking
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(set.engine.clone());
+            self.engines.push(set);
+        }
+        self.engines
+            .last_mut()
+            .ok_or_else(|| Failure::Host("no engine".into()))
+    }
+}
+
+/// Sets fuel and the wall-time deadline on a fresh store.
+fn arm<T>(store: &mut Store<T>, limits: &Limits, ticks: u64) -> Result<(), Failure> {
+    store
+        .set_fuel(limits.fuel)
+        .map_err(|e| Failure::Host(format!("cannot set fuel: {e}")))?;
+    store.set_epoch_deadline(ticks);
+    Ok(())
+}
+
+/// Names the cause of a guest's abnormal end.
+fn classify(
+    err: &wasmtime::Error,
+    limits: &Limits,
+    memory_exceeded: bool,
+    stdout: &CappedOutput,
+    stderr: &CappedOutput,
+) -> Status {
+    if let Some(exit) = err.downcast_ref::<I32Exit>() {
+        return Status::Exited(exit.0);
+    }
+    let failure = if stdout.overflowed() {
+        Failure::OutputLimit {
+            stream: OutputStream::Stdout,
+            limit: limits.output,
+        }
+    } else if stderr.overflowed() {
+        Failure::OutputLimit {
+            stream: OutputStream::Stderr,
+            limit: limits.output,
+        }
+    } else if memory_exceeded {
+        Failure::MemoryLimit {
+            limit: limits.memory,
+        }
+    } else {
+        match err.downcast_ref::<Trap>() {
+            Some(Trap::OutOfFuel) => Failure::OutOfFuel { limit: limits.fuel },
+            Some(Trap::Interrupt) => Failure::Timeout {
+                limit_ms: limits.wall_ms,
+            },
+            Some(Trap::StackOverflow) => Failure::StackOverflow {
+                limit: limits.stack,
+            },
+            Some(trap) => Failure::Trap(trap.to_string()),
+            None => Failure::Trap(one_line(err)),
+        }
+    };
+    Status::Failed(failure)
+}
+
+/// An error and its causes on one line, clipped.
+fn one_line(err: &wasmtime::Error) -> String {
+    let text = format!("{err:#}").replace('\n', " ");
+    clip_detail(text)
+}
+
+impl EngineSet {
+    fn new(stack: u64, cache_root: Option<&Path>) -> Result<Self, Failure> {
+        let host =
+            |what: &str, e: wasmtime::Error| Failure::Host(format!("{what}: {}", one_line(&e)));
+        let mut config = Config::new();
+        config
+            .consume_fuel(true)
+            .epoch_interruption(true)
+            .max_wasm_stack(usize::try_from(stack).unwrap_or(usize::MAX))
+            .wasm_component_model(true)
+            .cranelift_opt_level(OptLevel::Speed);
+        let engine = Engine::new(&config).map_err(|e| host("cannot create engine", e))?;
+
+        let mut p1_linker = Linker::new(&engine);
+        wasmtime_wasi::p1::add_to_linker_sync(&mut p1_linker, |s: &mut P1State| &mut s.wasi)
+            .map_err(|e| host("cannot link WASI preview 1", e))?;
+        let mut p2_linker = wasmtime::component::Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut p2_linker)
+            .map_err(|e| host("cannot link WASI preview 2", e))?;
+
+        let mut probe = Store::new(
+            &engine,
+            P1State {
+                wasi: WasiCtxBuilder::new().build_p1(),
+                limiter: GuestLimiter::new(0),
+            },
+        );
+        let p1_provided = p1_linker
+            .iter(&mut probe)
+            .map(|(module, name, _)| (module.to_owned(), name.to_owned()))
+            .collect();
+
+        let disk = match cache_root {
+            Some(root) => match DiskCache::new(root, &engine) {
+                Ok(disk) => Some(disk),
+                Err(e) => {
+                    tracing::warn!("compiled-module cache disabled: {e}");
+                    None
+                }
+            },
+            None => None,
+        };
+        Ok(Self {
+            stack,
+            engine,
+            p1_linker,
+            p2_linker,
+            p1_provided,
+            disk,
+            prepared: Lru::new(PREPARED_CACHE),
+        })
+    }
+
+    /// Finds or builds the prepared instance of `module`: memory cache, then
+    /// disk cache, then compilation.
+    fn prepare(&mut self, module: &BlobId, path: &Path) -> Result<Prepared, Failure> {
+        if let Some(prepared) = self.prepared.get(module) {
+            return Ok(prepared.clone());
+        }
+        let prepared = self.load(module, path)?;
+        self.prepared.insert(*module, prepared.clone());
+        Ok(prepared)
+    }
+
+    fn load(&self, id: &BlobId, path: &Path) -> Result<Prepared, Failure> {
+        let cached = self
+            .disk
+            .as_ref()
+            .map(|d| d.path(id))
+            .filter(|p| p.exists());
+        let mut header = [0u8; 8];
+        let kind = {
+            use std::io::Read;
+            let mut file = std::fs::File::open(path).map_err(|e| {
+                Failure::Host(format!("cannot open module {}: {e}", path.display()))
+            })?;
+            let n = file.read(&mut header).unwrap_or(0);
+            sniff(&header[..n]).map_err(Failure::NotWasm)?
+        };
+        match kind {
+            WasmKind::Module => {
+                let module = match cached.and_then(|p| self.deserialize_module(&p)) {
+                    Some(module) => module,
+                    None => {
+                        let bytes = read_module(path)?;
+                        let module = Module::new(&self.engine, &bytes).map_err(|e| invalid(&e))?;
+                        self.save(id, module.serialize());
+                        module
+                    }
+                };
+                self.prepare_module(&module).map(Prepared::Module)
+            }
+            WasmKind::Component => {
+                let component = match cached.and_then(|p| self.deserialize_component(&p)) {
+                    Some(component) => component,
+                    None => {
+                        let bytes = read_module(path)?;
+                        let component =
+                            Component::new(&self.engine, &bytes).map_err(|e| invalid(&e))?;
+                        self.save(id, component.serialize());
+                        component
+                    }
+                };
+                let pre = self
+                    .p2_linker
+                    .instantiate_pre(&component)
+                    .map_err(|e| Failure::Invalid(one_line(&e)))?;
+                CommandPre::new(pre)
+                    .map(Prepared::Component)
+                    .map_err(|_| Failure::NoEntryPoint)
+            }
+        }
+    }
+
+    fn prepare_module(&self, module: &Module) -> Result<InstancePre<P1State>, Failure> {
+        for import in module.imports() {
+            let key = (import.module().to_owned(), import.name().to_owned());
+            if !self.p1_provided.contains(&key) {
+                return Err(Failure::MissingImport {
+                    module: clip_detail(key.0),
+                    name: clip_detail(key.1),
+                });
+            }
+        }
+        match module.get_export("_start") {
+            Some(wasmtime::ExternType::Func(_)) => {}
+            _ => return Err(Failure::NoEntryPoint),
+        }
+        self.p1_linker
+            .instantiate_pre(module)
+            .map_err(|e| Failure::Invalid(one_line(&e)))
+    }
+
+    fn deserialize_module(&self, path: &Path) -> Option<Module> {
+        // SAFETY: the file was written by `save` from `Module::serialize` of
+        // an engine with the same compatibility hash (it names the
+        // directory), in the node's private data directory; wasmtime still
+        // checks the header and refuses an incompatible artifact.
+        match unsafe { Module::deserialize_file(&self.engine, path) } {
+            Ok(module) => Some(module),
+            Err(e) => {
+                tracing::debug!("ignoring cached artifact {}: {e}", path.display());
+                None
+            }
+        }
+    }
+
+    fn deserialize_component(&self, path: &Path) -> Option<Component> {
+        // SAFETY: as in `deserialize_module`.
+        match unsafe { Component::deserialize_file(&self.engine, path) } {
+            Ok(component) => Some(component),
+            Err(e) => {
+                tracing::debug!("ignoring cached artifact {}: {e}", path.display());
+                None
+            }
+        }
+    }
+
+    fn save(&self, id: &BlobId, artifact: wasmtime::Result<Vec<u8>>) {
+        let (Some(disk), Ok(bytes)) = (&self.disk, artifact) else {
+            return;
+        };
+        if let Err(e) = disk.store(id, &bytes) {
+            tracing::warn!("cannot cache compiled module {id}: {e}");
+        }
+    }
+}
+
+fn read_module(path: &Path) -> Result<Vec<u8>, Failure> {
+    let bytes = std::fs::read(path)
+        .map_err(|e| Failure::Host(format!("cannot read module {}: {e}", path.display())))?;
+    if bytes.len() as u64 > spare_core::limits::MAX_MODULE_BYTES {
+        return Err(Failure::Invalid(format!(
+            "module of {} bytes exceeds the maximum {}",
+            bytes.len(),
+            spare_core::limits::MAX_MODULE_BYTES
+        )));
+    }
+    Ok(bytes)
+}
+
+fn invalid(err: &wasmtime::Error) -> Failure {
+    Failure::Invalid(one_line(err))
+}

@@ -1,0 +1,256 @@
+//! Placement decisions: which peer runs a task, and where to go when a host
+//! fails. Pure functions over snapshots, no I/O, so every rule here is
+//! property-tested.
+//!
+//! The daemon gathers [`Candidate`]s from what it knows (offers heard on
+//! gossipsub, ping round-trip times, its own in-flight tasks), asks [`rank`]
+//! for an order, and consults [`RetryPolicy`] after each failed attempt.
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
+use std::cmp::Ordering;
+use std::time::Duration;
+
+use spare_core::{Limits, PeerId};
+
+/// What the requester knows about one connected peer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Candidate {
+    pub peer: PeerId,
+    /// Cores the peer contributes.
+    pub cores: u16,
+    /// Idle cores in the peer's latest offer.
+    pub idle: u16,
+    /// Tasks queued on the peer, per its latest offer.
+    pub queued: u32,
+    /// Tasks this node sent there since that offer and not yet answered;
+    /// corrects the offer between publications.
+    pub in_flight: u32,
+    /// Latest ping round-trip time, if any.
+    pub rtt: Option<Duration>,
+    /// The largest limits the peer grants.
+    pub max_limits: Limits,
+}
+
+impl Candidate {
+    /// Idle cores left after the tasks we already sent; negative means the
+    /// peer will queue our next task.
+    fn spare_cores(&self) -> i64 {
+        i64::from(self.idle) - i64::from(self.in_flight)
+    }
+
+    /// Work waiting ahead of a new task, per core.
+    fn backlog_per_core(&self) -> u64 {
+        let waiting =
+            u64::from(self.queued) + u64::from(self.in_flight.saturating_sub(u32::from(self.idle)));
+        waiting * 1000 / u64::from(self.cores.max(1))
+    }
+
+    fn grants(&self, limits: &Limits) -> bool {
+        limits.check_within(&self.max_limits).is_ok()
+    }
+}
+
+/// Orders candidates best first for a task with `limits`, leaving out peers
+/// in `exclude` (already tried) and peers that would refuse the limits.
+///
+/// Best means: a free core now beats a queue; then the shorter queue per
+/// core; then the lower round-trip time; then more free cores; ties broken by
+/// peer id so the order is deterministic.
+pub fn rank(candidates: &[Candidate], limits: &Limits, exclude: &[PeerId]) -> Vec<PeerId> {
+    let mut eligible: Vec<&Candidate> = candidates
+        .iter()
+        .filter(|c| c.cores > 0 && !exclude.contains(&c.peer) && c.grants(limits))
+        .collect();
+    eligible.sort_by(|a, b| compare(a, b));
+    eligible.into_iter().map(|c| c.peer).collect()
+}
+
+fn compare(a: &Candidate, b: &Candidate) -> Ordering {
+    let free = |c: &Candidate| c.spare_cores() > 0;
+    free(b)
+        .cmp(&free(a))
+        .then_with(|| a.backlog_per_core().cmp(&b.backlog_per_core()))
+        .then_with(|| rtt_key(a).cmp(&rtt_key(b)))
+        .then_with(|| b.spare_cores().cmp(&a.spare_cores()))
+        .then_with(|| a.peer.cmp(&b.peer))
+}
+
+/// Unknown latency sorts after any measured one.
+fn rtt_key(c: &Candidate) -> Duration {
+    c.rtt.unwrap_or(Duration::MAX)
+}
+
+/// Why an attempt on a host failed, as far as retrying is concerned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttemptError {
+    /// The connection broke or the host stopped answering.
+    HostLost,
+    /// The host refused for a reason another host may not have (busy,
+    /// shutting down, could not fetch the module).
+    Refused,
+    /// The host ran the task and its worker crashed.
+    HostFault,
+    /// The task itself is at fault; every host would fail it the same way.
+    TaskFault,
+}
+
+/// How many hosts a task may try before the requester gives up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included.
+    pub max_attempts: u32,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self { max_attempts: 3 }
+    }
+}
+
+impl RetryPolicy {
+    /// Whether to try again after attempt number `attempt` (1-based) failed
+    /// with `error`.
+    pub fn should_retry(&self, attempt: u32, error: AttemptError) -> bool {
+        error != AttemptError::TaskFault && attempt < self.max_attempts
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn cand(idle: u16, queued: u32, rtt_ms: u64) -> Candidate {
+        Candidate {
+            peer: PeerId::random(),
+            cores: 2,
+            idle,
+            queued,
+            in_flight: 0,
+            rtt: Some(Duration::from_millis(rtt_ms)),
+            max_limits: Limits::MAX,
+        }
+    }
+
+    #[test]
+    fn idle_beats_fast() {
+        let busy_fast = Candidate {
+            idle: 0,
+            ..cand(0, 3, 1)
+        };
+        let idle_slow = cand(2, 0, 50);
+        let order = rank(
+            &[busy_fast.clone(), idle_slow.clone()],
+            &Limits::DEFAULT,
+            &[],
+        );
+        assert_eq!(order, vec![idle_slow.peer, busy_fast.peer]);
+    }
+
+    #[test]
+    fn among_idle_peers_the_nearest_wins() {
+        let far = cand(2, 0, 40);
+        let near = cand(1, 0, 2);
+        assert_eq!(
+            rank(&[far.clone(), near.clone()], &Limits::DEFAULT, &[]),
+            vec![near.peer, far.peer]
+        );
+    }
+
+    #[test]
+    fn in_flight_tasks_use_up_idle_cores() {
+        let mut a = cand(1, 0, 1);
+        a.in_flight = 1;
+        let b = cand(1, 0, 9);
+        assert_eq!(
+            rank(&[a.clone(), b.clone()], &Limits::DEFAULT, &[]),
+            vec![b.peer, a.peer]
+        );
+    }
+
+    #[test]
+    fn excluded_and_stingy_peers_are_left_out() {
+        let tried = cand(2, 0, 1);
+        let mut stingy = cand(2, 0, 1);
+        stingy.max_limits.memory = 1 << 20;
+        let ok = cand(1, 5, 100);
+        let order = rank(
+            &[tried.clone(), stingy, ok.clone()],
+            &Limits::DEFAULT,
+            &[tried.peer],
+        );
+        assert_eq!(order, vec![ok.peer]);
+    }
+
+    #[test]
+    fn retries_are_bounded_and_skip_task_faults() {
+        let policy = RetryPolicy::default();
+        assert!(policy.should_retry(1, AttemptError::HostLost));
+        assert!(policy.should_retry(2, AttemptError::Refused));
+        assert!(!policy.should_retry(3, AttemptError::HostLost));
+        assert!(!policy.should_retry(1, AttemptError::TaskFault));
+    }
+
+    fn arb_candidate() -> impl Strategy<Value = Candidate> {
+        (
+            0u16..8,
+            0u16..8,
+            0u32..20,
+            0u32..10,
+            proptest::option::of(0u64..500),
+            any::<bool>(),
+        )
+            .prop_map(
+                |(cores, idle, queued, in_flight, rtt, generous)| Candidate {
+                    peer: PeerId::random(),
+                    cores,
+                    idle: idle.min(cores),
+                    queued,
+                    in_flight,
+                    rtt: rtt.map(Duration::from_millis),
+                    max_limits: if generous { Limits::MAX } else { Limits::MIN },
+                },
+            )
+    }
+
+    proptest! {
+        #[test]
+        fn rank_is_a_filtered_permutation(cands in prop::collection::vec(arb_candidate(), 0..12), n_excluded in 0usize..4) {
+            let exclude: Vec<PeerId> = cands.iter().take(n_excluded).map(|c| c.peer).collect();
+            let order = rank(&cands, &Limits::DEFAULT, &exclude);
+            // Every ranked peer is eligible, appears once, and none is excluded.
+            let mut seen = std::collections::HashSet::new();
+            for peer in &order {
+                prop_assert!(seen.insert(*peer));
+                prop_assert!(!exclude.contains(peer));
+                let c = cands.iter().find(|c| c.peer == *peer).unwrap();
+                prop_assert!(c.cores > 0 && c.grants(&Limits::DEFAULT));
+            }
+            // Every eligible peer is ranked.
+            let eligible = cands.iter().filter(|c| c.cores > 0 && !exclude.contains(&c.peer) && c.grants(&Limits::DEFAULT)).count();
+            prop_assert_eq!(order.len(), eligible);
+        }
+
+        #[test]
+        fn a_peer_with_a_free_core_always_precedes_one_without(cands in prop::collection::vec(arb_candidate(), 0..12)) {
+            let order = rank(&cands, &Limits::DEFAULT, &[]);
+            let free: Vec<bool> = order.iter().map(|p| cands.iter().find(|c| c.peer == *p).unwrap().spare_cores() > 0).collect();
+            // Once a busy peer appears, no free peer follows.
+            if let Some(first_busy) = free.iter().position(|f| !f) {
+                prop_assert!(free[first_busy..].iter().all(|f| !f));
+            }
+        }
+
+        #[test]
+        fn attempts_never_exceed_the_policy(max in 1u32..6, errors in prop::collection::vec(0u8..3, 0..10)) {
+            let policy = RetryPolicy { max_attempts: max };
+            let mut attempt = 1;
+            for e in errors {
+                let err = [AttemptError::HostLost, AttemptError::Refused, AttemptError::HostFault][e as usize];
+                if !policy.should_retry(attempt, err) { break; }
+                attempt += 1;
+            }
+            prop_assert!(attempt <= max);
+        }
+    }
+}

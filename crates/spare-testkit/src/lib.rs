@@ -1,0 +1,284 @@
+//! Real spare daemons in temporary directories, for multi-process tests,
+//! benchmarks and `spare demo`.
+//!
+//! A [`Daemon`] is a `spare up` child process on loopback with mDNS off (so
+//! concurrent test swarms never find each other), its own data directory,
+//! and its log in `daemon.log` there. A [`Swarm`] is several of them joined
+//! through the first one. Dropping either kills its processes.
+//!
+//! Deliberately synchronous and free of the daemon's own crates: it talks to
+//! the daemon the way an outsider would, over the API socket with plain
+//! HTTP/1.1.
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use serde_json::Value;
+
+/// How long a daemon may take to start answering its API.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One `spare up` process.
+#[derive(Debug)]
+pub struct Daemon {
+    /// Its data directory.
+    pub dir: PathBuf,
+    bin: PathBuf,
+    child: Option<Child>,
+    peer_id: String,
+    addr: String,
+}
+
+impl Daemon {
+    /// Starts `bin --data-dir dir up` on a free loopback TCP port, with
+    /// `extra` flags, and waits until its API answers.
+    pub fn start(bin: &Path, dir: &Path, extra: &[&str]) -> Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let log = std::fs::File::create(dir.join("daemon.log"))?;
+        let child = Command::new(bin)
+            .arg("--data-dir")
+            .arg(dir)
+            .args(["up", "--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns"])
+            .args(extra)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("cannot start {}", bin.display()))?;
+        let mut daemon = Self {
+            dir: dir.to_path_buf(),
+            bin: bin.to_path_buf(),
+            child: Some(child),
+            peer_id: String::new(),
+            addr: String::new(),
+        };
+        let deadline = Instant::now() + START_TIMEOUT;
+        let info = loop {
+            if let Some(status) = daemon
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                bail!(
+                    "daemon in {} exited with {status}:\n{}",
+                    dir.display(),
+                    daemon.log()
+                );
+            }
+            match daemon.get("/v1/node") {
+                Ok(info) => break info,
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50))
+                }
+                Err(e) => bail!(
+                    "daemon in {} did not start: {e}\n{}",
+                    dir.display(),
+                    daemon.log()
+                ),
+            }
+        };
+        daemon.peer_id = info["peer_id"].as_str().unwrap_or_default().to_owned();
+        daemon.addr = info["listen_addrs"][0]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        if daemon.peer_id.is_empty() || daemon.addr.is_empty() {
+            bail!(
+                "daemon in {} reported no id or address: {info}",
+                dir.display()
+            );
+        }
+        Ok(daemon)
+    }
+
+    pub fn peer_id(&self) -> &str {
+        &self.peer_id
+    }
+
+    /// Its first listen address, with `/p2p/<peer id>`.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("api.sock")
+    }
+
+    /// The daemon's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// A `spare --data-dir <dir>` command to run a CLI verb against it.
+    pub fn cli(&self) -> Command {
+        let mut command = Command::new(&self.bin);
+        command.arg("--data-dir").arg(&self.dir);
+        command
+    }
+
+    /// GETs an API path and parses the JSON answer.
+    pub fn get(&self, path: &str) -> Result<Value> {
+        let mut stream = UnixStream::connect(self.socket())?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: spare\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response)?;
+        let text = String::from_utf8_lossy(&response);
+        let (head, body) = text
+            .split_once("\r\n\r\n")
+            .ok_or_else(|| anyhow!("malformed HTTP response"))?;
+        if !head.starts_with("HTTP/1.1 200") {
+            bail!("GET {path}: {}", head.lines().next().unwrap_or_default());
+        }
+        Ok(serde_json::from_str(body)?)
+    }
+
+    /// Peers this daemon sees with an offer.
+    pub fn peers_with_offers(&self) -> Result<Vec<String>> {
+        let peers = self.get("/v1/peers")?;
+        Ok(peers
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter(|p| !p["offer"].is_null())
+                    .filter_map(|p| p["peer_id"].as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    /// Waits until at least `n` peers with offers are connected.
+    pub fn wait_for_peers(&self, n: usize, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let found = self.peers_with_offers().unwrap_or_default();
+            if found.len() >= n {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "{} sees {} peer(s) with offers, expected {n}\n{}",
+                    self.peer_id,
+                    found.len(),
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Pids of its worker processes.
+    pub fn worker_pids(&self) -> Result<Vec<u32>> {
+        let info = self.get("/v1/node")?;
+        Ok(info["workers"]
+            .as_array()
+            .map(|w| {
+                w.iter()
+                    .filter_map(|w| w["pid"].as_u64())
+                    .map(|p| p as u32)
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    /// Kills the daemon with SIGKILL, as a crash would, and its workers.
+    pub fn kill(&mut self) {
+        let workers = self.worker_pids().unwrap_or_default();
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        for pid in workers {
+            // SAFETY: kill only takes integers; a pid that already exited is harmless.
+            unsafe {
+                libc::kill(pid as libc::pid_t, libc::SIGKILL);
+            }
+        }
+    }
+
+    /// Stops the daemon with SIGTERM and waits for it.
+    pub fn stop(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: kill only takes integers.
+            unsafe {
+                libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+            }
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    /// Its log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Several daemons, joined through the first.
+#[derive(Debug)]
+pub struct Swarm {
+    pub nodes: Vec<Daemon>,
+    /// Holds the data directories until the swarm is dropped.
+    _dir: Option<tempfile::TempDir>,
+    root: PathBuf,
+}
+
+impl Swarm {
+    /// Starts `n` daemons of `bin` in a fresh temporary directory, each
+    /// contributing `cores` cores, and waits until every one sees all the
+    /// others with offers.
+    pub fn start(bin: &Path, n: usize, cores: u16) -> Result<Self> {
+        let dir = tempfile::Builder::new().prefix("spare-swarm-").tempdir()?;
+        let root = dir.path().to_path_buf();
+        let mut swarm = Self::start_in(bin, &root, n, cores)?;
+        swarm._dir = Some(dir);
+        Ok(swarm)
+    }
+
+    /// As [`Swarm::start`], in `root`, which is kept afterwards.
+    pub fn start_in(bin: &Path, root: &Path, n: usize, cores: u16) -> Result<Self> {
+        let cores = cores.to_string();
+        let mut nodes: Vec<Daemon> = Vec::with_capacity(n);
+        for i in 0..n {
+            let name = char::from(b'a' + (i % 26) as u8).to_string();
+            let mut extra = vec!["--cores", &cores];
+            let bootstrap;
+            if let Some(first) = nodes.first() {
+                bootstrap = first.addr().to_owned();
+                extra.extend(["--bootstrap", &bootstrap]);
+            }
+            nodes.push(Daemon::start(bin, &root.join(name), &extra)?);
+        }
+        for node in &nodes {
+            node.wait_for_peers(n - 1, Duration::from_secs(30))?;
+        }
+        Ok(Self {
+            nodes,
+            _dir: None,
+            root: root.to_path_buf(),
+        })
+    }
+
+    /// The directory holding the nodes' data directories.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+}
