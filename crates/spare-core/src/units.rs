@@ -102,7 +102,10 @@ pub fn parse_bytes(text: &str) -> Result<u64, UnitError> {
             });
         }
     };
-    to_u64(text, (value * scale).round())
+    // Scaled units round to the nearest byte; a bare count of bytes must be
+    // whole.
+    let bytes = if scale == 1.0 { value } else { (value * scale).round() };
+    to_u64(text, bytes)
 }
 
 /// Parses a duration: `250ms`, `5s`, `1.5m`, `2h`; a bare number is seconds.
