@@ -4,6 +4,8 @@
 //! `execute` function. Every verb but `up`, `init`, `demo` and the hidden
 //! `worker` talks to the daemon through its Unix-socket API only.
 
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
 mod client;
 mod commands;
 mod output;

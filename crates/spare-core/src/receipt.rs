@@ -57,7 +57,7 @@ pub enum ReceiptError {
     #[error("receipt carries an invalid public key")]
     BadKey,
     #[error("receipt is signed by {signer}, not by its host {host}")]
-    WrongSigner { signer: PeerId, host: PeerId },
+    WrongSigner { signer: String, host: String },
     #[error("receipt signature is invalid")]
     BadSignature,
     #[error("could not sign receipt: {0}")]
@@ -95,8 +95,8 @@ impl SignedReceipt {
         let signer = key.to_peer_id();
         if signer != receipt.host {
             return Err(ReceiptError::WrongSigner {
-                signer,
-                host: receipt.host,
+                signer: signer.to_string(),
+                host: receipt.host.to_string(),
             });
         }
         if !key.verify(&signed_bytes(&self.body), &self.signature) {

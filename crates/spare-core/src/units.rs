@@ -104,7 +104,11 @@ pub fn parse_bytes(text: &str) -> Result<u64, UnitError> {
     };
     // Scaled units round to the nearest byte; a bare count of bytes must be
     // whole.
-    let bytes = if scale == 1.0 { value } else { (value * scale).round() };
+    let bytes = if scale == 1.0 {
+        value
+    } else {
+        (value * scale).round()
+    };
     to_u64(text, bytes)
 }
 
@@ -174,7 +178,7 @@ pub fn format_duration(duration: Duration) -> String {
     let ms = duration.as_millis();
     if ms < 1000 {
         format!("{ms} ms")
-    } else if ms % 1000 == 0 && ms < 120_000 {
+    } else if ms.is_multiple_of(1000) && ms < 120_000 {
         format!("{} s", ms / 1000)
     } else if ms < 120_000 {
         format!("{:.1} s", duration.as_secs_f64())

@@ -350,25 +350,22 @@ impl EventLoop {
                         channel,
                         commands: self.own_commands.clone(),
                     };
-                    if let Err(e) = self.events.try_send(NetEvent::TaskRequest {
+                    // The daemon is saturated: refuse now rather than queue
+                    // without bound.
+                    if let Err(mpsc::error::TrySendError::Full(NetEvent::TaskRequest {
+                        reply,
+                        ..
+                    })) = self.events.try_send(NetEvent::TaskRequest {
                         peer,
                         request,
                         reply,
                     }) {
-                        // The daemon is saturated: refuse now rather than queue
-                        // without bound.
-                        if let mpsc::error::TrySendError::Full(NetEvent::TaskRequest {
-                            reply,
-                            ..
-                        }) = e
-                        {
-                            let busy = TaskResponse::Refused(Refusal::Busy { queued: u32::MAX });
-                            let _ = self
-                                .swarm
-                                .behaviour_mut()
-                                .task
-                                .send_response(reply.channel, busy);
-                        }
+                        let busy = TaskResponse::Refused(Refusal::Busy { queued: u32::MAX });
+                        let _ = self
+                            .swarm
+                            .behaviour_mut()
+                            .task
+                            .send_response(reply.channel, busy);
                     }
                 }
                 request_response::Message::Response {

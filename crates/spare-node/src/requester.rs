@@ -40,7 +40,15 @@ pub fn prepare(node: &Node, submission: &Submission) -> Result<(TaskSpec, Placem
     let stdin = match &submission.stdin {
         SubmitStdin::None => Stdin::Empty,
         SubmitStdin::Inline(text) => {
-            Stdin::for_bytes(&crate::api::types::decode_b64(text).map_err(SubmitError::Invalid)?)
+            let bytes = crate::api::types::decode_b64(text).map_err(SubmitError::Invalid)?;
+            let stdin = Stdin::for_bytes(&bytes);
+            // Inline input above the inline bound travels as a blob.
+            if let Stdin::Blob(blob) = &stdin {
+                node.blobs()
+                    .put_verified(&blob.id, &bytes)
+                    .map_err(|e| SubmitError::Invalid(e.to_string()))?;
+            }
+            stdin
         }
         SubmitStdin::Blob(blob) => {
             if !node.blobs().has(&blob.id) {
@@ -49,17 +57,6 @@ pub fn prepare(node: &Node, submission: &Submission) -> Result<(TaskSpec, Placem
             Stdin::Blob(*blob)
         }
     };
-    if let Stdin::Blob(blob) = &stdin {
-        // Inline input above the inline bound becomes a blob here.
-        if !node.blobs().has(&blob.id) {
-            if let SubmitStdin::Inline(text) = &submission.stdin {
-                let bytes = crate::api::types::decode_b64(text).map_err(SubmitError::Invalid)?;
-                node.blobs()
-                    .put(&bytes)
-                    .map_err(|e| SubmitError::Invalid(e.to_string()))?;
-            }
-        }
-    }
     if !node.blobs().has(&submission.module.id) {
         return Err(SubmitError::MissingModule(submission.module.id));
     }

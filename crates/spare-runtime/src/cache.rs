@@ -81,10 +81,13 @@ impl<K: Hash + Eq + Clone, V> Lru<K, V> {
     }
 
     fn touch(&mut self, key: &K) {
-        if let Some(pos) = self.order.iter().position(|k| k == key) {
-            if let Some(k) = self.order.remove(pos) {
-                self.order.push_back(k);
-            }
+        if let Some(k) = self
+            .order
+            .iter()
+            .position(|k| k == key)
+            .and_then(|pos| self.order.remove(pos))
+        {
+            self.order.push_back(k);
         }
     }
 }

@@ -235,7 +235,7 @@ fn environment(pairs: &[String]) -> Result<Vec<(String, String)>> {
     pairs
         .iter()
         .map(|pair| match pair.split_once('=') {
-            Some((name, _)) if name.is_empty() => bail!("--env `{pair}` has an empty name"),
+            Some(("", _)) => bail!("--env `{pair}` has an empty name"),
             Some((name, value)) => Ok((name.to_owned(), value.to_owned())),
             None => std::env::var(pair)
                 .map(|value| (pair.clone(), value))
