@@ -423,3 +423,111 @@ fn init_is_implied_never_destructive_and_the_cli_explains_a_missing_daemon() {
         text(&out.stderr)
     );
 }
+
+/// Polls `check` every 20 ms until it holds or `timeout` passes.
+fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn spawn_run(node: &Daemon, args: &[&str]) -> std::process::Child {
+    node.cli()
+        .arg("run")
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spare run starts")
+}
+
+#[test]
+fn a_host_runs_as_many_tasks_as_its_cores_and_queues_the_rest() {
+    let swarm = Swarm::start(&bin(), 2, 1).expect("swarm starts");
+    let (a, b) = (&swarm.nodes[0], &swarm.nodes[1]);
+    let loop_wasm = example("hostile/loop.wasm");
+    let mut first = spawn_run(a, &["--on", b.peer_id(), "--timeout", "30s", &loop_wasm]);
+    let mut second = spawn_run(a, &["--on", b.peer_id(), "--timeout", "30s", &loop_wasm]);
+    wait_until("one running and one queued on b", Duration::from_secs(20), || {
+        let info = b.get("/v1/node").unwrap();
+        info["running"] == 1 && info["queued"] == 1
+    });
+    // The queue shows in b's offer too, so requesters can avoid it.
+    wait_until("b's offer to show the queue", Duration::from_secs(10), || {
+        let peers = a.get("/v1/peers").unwrap();
+        peers[0]["offer"]["idle"] == 0 && peers[0]["offer"]["queued"] == 1
+    });
+    // Closing the requesting CLI cancels the tasks on b.
+    first.kill().unwrap();
+    second.kill().unwrap();
+    let _ = (first.wait(), second.wait());
+    wait_until("b to be idle again", Duration::from_secs(10), || {
+        let info = b.get("/v1/node").unwrap();
+        info["running"] == 0 && info["queued"] == 0
+    });
+}
+
+#[test]
+fn a_crashed_worker_is_replaced_and_its_task_retried_elsewhere() {
+    let swarm = Swarm::start(&bin(), 3, 1).expect("swarm starts");
+    let a = &swarm.nodes[0];
+    let child = spawn_run(a, &["--json", &example("cpubound.wasm"), "--", "300"]);
+    let mut host = String::new();
+    wait_until("the task to be placed", Duration::from_secs(20), || {
+        host = a.get("/v1/tasks?limit=1").unwrap()[0]["host"].as_str().unwrap_or_default().to_owned();
+        !host.is_empty()
+    });
+    let host_node = swarm.nodes.iter().find(|n| n.peer_id() == host).unwrap();
+    wait_until("the task to run on its host", Duration::from_secs(20), || {
+        host_node.get("/v1/node").unwrap()["running"] == 1
+    });
+    let workers = host_node.worker_pids().unwrap();
+    assert_eq!(workers.len(), 1);
+    // SAFETY: kill only takes integers.
+    unsafe {
+        libc::kill(workers[0] as libc::pid_t, libc::SIGKILL);
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let result = json(&out);
+    assert_ne!(result["host"], host.as_str());
+    assert_eq!(result["attempts"], 2);
+    assert!(text(&out.stderr).contains("the worker process died"), "{}", text(&out.stderr));
+    // The host replaced its worker and keeps serving.
+    let out = spare(a, &["run", "--json", "--on", &host, &example("hello.wasm")], b"");
+    assert_eq!(json(&out)["stdout"], "hello from spare\n");
+    let replaced = host_node.worker_pids().unwrap();
+    assert_eq!(replaced.len(), 1);
+    assert_ne!(replaced, workers);
+}
+
+#[test]
+fn a_peer_that_stops_answering_is_given_up_on() {
+    let swarm = Swarm::start(&bin(), 2, 1).expect("swarm starts");
+    let (a, b) = (&swarm.nodes[0], &swarm.nodes[1]);
+    let child = spawn_run(a, &["--on", b.peer_id(), "--timeout", "60s", &example("hostile/loop.wasm")]);
+    wait_until("the task to run on b", Duration::from_secs(20), || {
+        b.get("/v1/node").unwrap()["running"] == 1
+    });
+    let pid = b.pid().unwrap() as libc::pid_t;
+    // SAFETY: kill only takes integers.
+    unsafe {
+        libc::kill(pid, libc::SIGSTOP);
+    }
+    let started = Instant::now();
+    let out = child.wait_with_output().unwrap();
+    // SAFETY: as above.
+    unsafe {
+        libc::kill(pid, libc::SIGCONT);
+    }
+    let line = error_line(&out);
+    assert_eq!(out.status.code(), Some(125), "{line}");
+    assert!(line.contains(b.peer_id()) && line.contains("connection to peer closed"), "{line}");
+    assert!(started.elapsed() < Duration::from_secs(30), "took {:?}", started.elapsed());
+    // The requester keeps serving.
+    let out = spare(a, &["run", "--local", &example("hello.wasm")], b"");
+    assert_eq!(text(&out.stdout), "hello from spare\n");
+}
