@@ -451,15 +451,23 @@ fn a_host_runs_as_many_tasks_as_its_cores_and_queues_the_rest() {
     let loop_wasm = example("hostile/loop.wasm");
     let mut first = spawn_run(a, &["--on", b.peer_id(), "--timeout", "30s", &loop_wasm]);
     let mut second = spawn_run(a, &["--on", b.peer_id(), "--timeout", "30s", &loop_wasm]);
-    wait_until("one running and one queued on b", Duration::from_secs(20), || {
-        let info = b.get("/v1/node").unwrap();
-        info["running"] == 1 && info["queued"] == 1
-    });
+    wait_until(
+        "one running and one queued on b",
+        Duration::from_secs(20),
+        || {
+            let info = b.get("/v1/node").unwrap();
+            info["running"] == 1 && info["queued"] == 1
+        },
+    );
     // The queue shows in b's offer too, so requesters can avoid it.
-    wait_until("b's offer to show the queue", Duration::from_secs(10), || {
-        let peers = a.get("/v1/peers").unwrap();
-        peers[0]["offer"]["idle"] == 0 && peers[0]["offer"]["queued"] == 1
-    });
+    wait_until(
+        "b's offer to show the queue",
+        Duration::from_secs(10),
+        || {
+            let peers = a.get("/v1/peers").unwrap();
+            peers[0]["offer"]["idle"] == 0 && peers[0]["offer"]["queued"] == 1
+        },
+    );
     // Closing the requesting CLI cancels the tasks on b.
     first.kill().unwrap();
     second.kill().unwrap();
@@ -477,13 +485,18 @@ fn a_crashed_worker_is_replaced_and_its_task_retried_elsewhere() {
     let child = spawn_run(a, &["--json", &example("cpubound.wasm"), "--", "300"]);
     let mut host = String::new();
     wait_until("the task to be placed", Duration::from_secs(20), || {
-        host = a.get("/v1/tasks?limit=1").unwrap()[0]["host"].as_str().unwrap_or_default().to_owned();
+        host = a.get("/v1/tasks?limit=1").unwrap()[0]["host"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
         !host.is_empty()
     });
     let host_node = swarm.nodes.iter().find(|n| n.peer_id() == host).unwrap();
-    wait_until("the task to run on its host", Duration::from_secs(20), || {
-        host_node.get("/v1/node").unwrap()["running"] == 1
-    });
+    wait_until(
+        "the task to run on its host",
+        Duration::from_secs(20),
+        || host_node.get("/v1/node").unwrap()["running"] == 1,
+    );
     let workers = host_node.worker_pids().unwrap();
     assert_eq!(workers.len(), 1);
     // SAFETY: kill only takes integers.
@@ -495,9 +508,17 @@ fn a_crashed_worker_is_replaced_and_its_task_retried_elsewhere() {
     let result = json(&out);
     assert_ne!(result["host"], host.as_str());
     assert_eq!(result["attempts"], 2);
-    assert!(text(&out.stderr).contains("the worker process died"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("the worker process died"),
+        "{}",
+        text(&out.stderr)
+    );
     // The host replaced its worker and keeps serving.
-    let out = spare(a, &["run", "--json", "--on", &host, &example("hello.wasm")], b"");
+    let out = spare(
+        a,
+        &["run", "--json", "--on", &host, &example("hello.wasm")],
+        b"",
+    );
     assert_eq!(json(&out)["stdout"], "hello from spare\n");
     let replaced = host_node.worker_pids().unwrap();
     assert_eq!(replaced.len(), 1);
@@ -508,7 +529,16 @@ fn a_crashed_worker_is_replaced_and_its_task_retried_elsewhere() {
 fn a_peer_that_stops_answering_is_given_up_on() {
     let swarm = Swarm::start(&bin(), 2, 1).expect("swarm starts");
     let (a, b) = (&swarm.nodes[0], &swarm.nodes[1]);
-    let child = spawn_run(a, &["--on", b.peer_id(), "--timeout", "60s", &example("hostile/loop.wasm")]);
+    let child = spawn_run(
+        a,
+        &[
+            "--on",
+            b.peer_id(),
+            "--timeout",
+            "60s",
+            &example("hostile/loop.wasm"),
+        ],
+    );
     wait_until("the task to run on b", Duration::from_secs(20), || {
         b.get("/v1/node").unwrap()["running"] == 1
     });
@@ -525,8 +555,15 @@ fn a_peer_that_stops_answering_is_given_up_on() {
     }
     let line = error_line(&out);
     assert_eq!(out.status.code(), Some(125), "{line}");
-    assert!(line.contains(b.peer_id()) && line.contains("connection to peer closed"), "{line}");
-    assert!(started.elapsed() < Duration::from_secs(30), "took {:?}", started.elapsed());
+    assert!(
+        line.contains(b.peer_id()) && line.contains("connection to peer closed"),
+        "{line}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "took {:?}",
+        started.elapsed()
+    );
     // The requester keeps serving.
     let out = spare(a, &["run", "--local", &example("hello.wasm")], b"");
     assert_eq!(text(&out.stdout), "hello from spare\n");

@@ -116,6 +116,35 @@ fn signed_bytes(body: &[u8]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// A receipt from a peer is decoded and verified without panicking,
+        /// whatever its bytes.
+        #[test]
+        fn arbitrary_receipts_never_panic(
+            body in prop::collection::vec(any::<u8>(), 0..300),
+            host_key in prop::collection::vec(any::<u8>(), 0..80),
+            signature in prop::collection::vec(any::<u8>(), 0..80),
+        ) {
+            let _ = SignedReceipt { body, host_key, signature }.verify();
+        }
+
+        /// Flipping any byte of a genuine receipt makes it fail to verify.
+        #[test]
+        fn any_bit_flip_is_detected(index in any::<prop::sample::Index>(), bit in 0u8..8, part in 0u8..3) {
+            let key = Keypair::generate_ed25519();
+            let mut signed = SignedReceipt::sign(&receipt(&key), &key).unwrap();
+            let bytes = match part {
+                0 => &mut signed.body,
+                1 => &mut signed.host_key,
+                _ => &mut signed.signature,
+            };
+            let i = index.index(bytes.len());
+            bytes[i] ^= 1 << bit;
+            prop_assert!(signed.verify().is_err());
+        }
+    }
 
     fn receipt(host: &Keypair) -> Receipt {
         Receipt {

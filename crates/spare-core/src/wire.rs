@@ -182,6 +182,8 @@ pub enum BlobResponse {
     },
     /// This peer does not have the blob, or will not share it with the asker.
     NotFound,
+    /// The request was malformed.
+    Invalid(String),
 }
 
 impl Message for BlobRequest {
@@ -216,6 +218,10 @@ impl Message for BlobResponse {
                 Ok(())
             }
             BlobResponse::NotFound => Ok(()),
+            BlobResponse::Invalid(why) if why.len() > MAX_DETAIL_BYTES => {
+                Err("detail too long".into())
+            }
+            BlobResponse::Invalid(_) => Ok(()),
         }
     }
 }

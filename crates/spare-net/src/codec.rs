@@ -9,7 +9,17 @@ use std::marker::PhantomData;
 
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use libp2p::StreamProtocol;
-use spare_core::wire::{self, Message};
+use spare_core::wire::{self, Message, WireError};
+
+/// A request as it arrives from a peer: decoded and valid, or the reason it
+/// is not. A malformed request within the size bound gets an error reply
+/// (the event loop answers it without bothering the daemon); one beyond the
+/// bound is cut off, because answering would mean reading it all.
+#[derive(Debug)]
+pub(crate) enum Incoming<R> {
+    Valid(R),
+    Malformed(String),
+}
 
 /// A codec for requests `Req` and responses `Resp`.
 pub(crate) struct CborCodec<Req, Resp>(PhantomData<fn() -> (Req, Resp)>);
@@ -26,12 +36,20 @@ impl<Req, Resp> Clone for CborCodec<Req, Resp> {
     }
 }
 
-async fn read_bounded<M: Message, T: AsyncRead + Unpin + Send>(io: &mut T) -> io::Result<M> {
+/// Reads one message of at most `M::MAX_BYTES`. An oversized message is an
+/// I/O error (the stream is abandoned); a malformed one is decoded into its
+/// error so the caller can answer it.
+async fn read_bounded<M: Message, T: AsyncRead + Unpin + Send>(
+    io: &mut T,
+) -> io::Result<Result<M, WireError>> {
     let mut buf = Vec::new();
     io.take(M::MAX_BYTES as u64 + 1)
         .read_to_end(&mut buf)
         .await?;
-    wire::decode(&buf).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    match wire::decode(&buf) {
+        Err(e @ WireError::TooLarge { .. }) => Err(io::Error::new(io::ErrorKind::InvalidData, e)),
+        decoded => Ok(decoded),
+    }
 }
 
 async fn write_message<M: Message, T: AsyncWrite + Unpin + Send>(
@@ -49,28 +67,44 @@ where
     Resp: Message + Send + Sync + 'static,
 {
     type Protocol = StreamProtocol;
-    type Request = Req;
+    type Request = Incoming<Req>;
     type Response = Resp;
 
-    async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Req>
+    async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Incoming<Req>>
     where
         T: AsyncRead + Unpin + Send,
     {
-        read_bounded(io).await
+        Ok(match read_bounded(io).await? {
+            Ok(req) => Incoming::Valid(req),
+            Err(e) => Incoming::Malformed(e.to_string()),
+        })
     }
 
     async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Resp>
     where
         T: AsyncRead + Unpin + Send,
     {
-        read_bounded(io).await
+        read_bounded(io)
+            .await?
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
     }
 
-    async fn write_request<T>(&mut self, _: &StreamProtocol, io: &mut T, req: Req) -> io::Result<()>
+    async fn write_request<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        req: Incoming<Req>,
+    ) -> io::Result<()>
     where
         T: AsyncWrite + Unpin + Send,
     {
-        write_message(io, &req).await
+        match req {
+            Incoming::Valid(req) => write_message(io, &req).await,
+            Incoming::Malformed(_) => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "refusing to send a malformed request",
+            )),
+        }
     }
 
     async fn write_response<T>(
@@ -117,10 +151,19 @@ mod tests {
         };
         let mut io = futures::io::Cursor::new(Vec::new());
         codec
-            .write_request(&protocol(), &mut io, req.clone())
+            .write_request(&protocol(), &mut io, Incoming::Valid(req.clone()))
             .await
             .unwrap();
         io.set_position(0);
-        assert_eq!(codec.read_request(&protocol(), &mut io).await.unwrap(), req);
+        let read = codec.read_request(&protocol(), &mut io).await.unwrap();
+        assert!(matches!(read, Incoming::Valid(r) if r == req));
+    }
+
+    #[tokio::test]
+    async fn garbage_within_the_bound_is_reported_not_fatal() {
+        let mut codec = CborCodec::<BlobRequest, BlobResponse>::default();
+        let mut io = futures::io::Cursor::new(b"\xff\x00garbage".to_vec());
+        let read = codec.read_request(&protocol(), &mut io).await.unwrap();
+        assert!(matches!(read, Incoming::Malformed(why) if why.starts_with("malformed message")));
     }
 }

@@ -23,6 +23,7 @@ use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
 use crate::behaviour::{Behaviour, BehaviourEvent, IDENTIFY_PROTOCOL};
+use crate::codec::Incoming;
 use crate::{NetError, NetEvent, RequestError, Responder, Shared};
 
 /// How often the loop checks its connections and tidies its maps.
@@ -164,7 +165,9 @@ impl EventLoop {
                 request,
                 reply,
             } => {
-                let id = behaviour.task.send_request(&peer, *request);
+                let id = behaviour
+                    .task
+                    .send_request(&peer, Incoming::Valid(*request));
                 self.pending_tasks.insert(id, reply);
             }
             Command::FetchBlob {
@@ -172,7 +175,7 @@ impl EventLoop {
                 request,
                 reply,
             } => {
-                let id = behaviour.blob.send_request(&peer, request);
+                let id = behaviour.blob.send_request(&peer, Incoming::Valid(request));
                 self.pending_blobs.insert(id, reply);
             }
             Command::RespondTask(channel, response) => {
@@ -285,13 +288,14 @@ impl EventLoop {
             }
             BehaviourEvent::Ping(ping::Event { peer, result, .. }) => match result {
                 Ok(rtt) => self.write_peers().rtt(&peer, rtt),
-                Err(e) => {
+                Err(ping::Failure::Timeout) => {
                     // A peer that stops answering pings is gone for our
                     // purposes: closing the connection fails its pending
                     // requests, so their tasks are retried elsewhere.
-                    tracing::info!(%peer, "peer stopped answering ({e}); disconnecting");
+                    tracing::info!(%peer, "peer stopped answering pings; disconnecting");
                     let _ = self.swarm.disconnect_peer_id(peer);
                 }
+                Err(e) => tracing::debug!(%peer, "ping: {e}"),
             },
             BehaviourEvent::Mdns(mdns::Event::Discovered(found)) => {
                 for (peer, addr) in found {
@@ -340,11 +344,26 @@ impl EventLoop {
         }
     }
 
-    fn handle_task(&mut self, event: request_response::Event<TaskRequest, TaskResponse>) {
+    fn handle_task(&mut self, event: request_response::Event<Incoming<TaskRequest>, TaskResponse>) {
         match event {
             request_response::Event::Message { peer, message, .. } => match message {
                 request_response::Message::Request {
-                    request, channel, ..
+                    request: Incoming::Malformed(why),
+                    channel,
+                    ..
+                } => {
+                    tracing::debug!(%peer, "malformed task request: {why}");
+                    let refusal = Refusal::Invalid(spare_core::outcome::clip_detail(why));
+                    let _ = self
+                        .swarm
+                        .behaviour_mut()
+                        .task
+                        .send_response(channel, TaskResponse::Refused(refusal));
+                }
+                request_response::Message::Request {
+                    request: Incoming::Valid(request),
+                    channel,
+                    ..
                 } => {
                     let reply = Responder {
                         channel,
@@ -395,11 +414,26 @@ impl EventLoop {
         }
     }
 
-    fn handle_blob(&mut self, event: request_response::Event<BlobRequest, BlobResponse>) {
+    fn handle_blob(&mut self, event: request_response::Event<Incoming<BlobRequest>, BlobResponse>) {
         match event {
             request_response::Event::Message { peer, message, .. } => match message {
                 request_response::Message::Request {
-                    request, channel, ..
+                    request: Incoming::Malformed(why),
+                    channel,
+                    ..
+                } => {
+                    tracing::debug!(%peer, "malformed blob request: {why}");
+                    let answer = BlobResponse::Invalid(spare_core::outcome::clip_detail(why));
+                    let _ = self
+                        .swarm
+                        .behaviour_mut()
+                        .blob
+                        .send_response(channel, answer);
+                }
+                request_response::Message::Request {
+                    request: Incoming::Valid(request),
+                    channel,
+                    ..
                 } => {
                     let reply = Responder {
                         channel,

@@ -159,6 +159,9 @@ impl BlobStore {
                     })?;
                 let data = match response {
                     BlobResponse::NotFound => return Err(BlobError::NotFound(id)),
+                    BlobResponse::Invalid(why) => {
+                        return Err(bad(format!("peer refused our request: {why}")));
+                    }
                     BlobResponse::Chunk { total, data } => {
                         if total != blob.size {
                             return Err(bad(format!("size {total}, expected {}", blob.size)));
