@@ -1,0 +1,245 @@
+//! In-process nodes: real `spare_node::Node`s on libp2p's memory transport
+//! with real worker processes, driven through the API router in-process
+//! (`oneshot`, no socket) and through the requester directly.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use http_body_util::BodyExt;
+use spare_core::{BlobRef, Limits};
+use spare_net::Transport;
+use spare_node::api::router;
+use spare_node::api::types::{Placement, Submission, SubmitStdin, TaskEvent};
+use spare_node::{Config, Node, NodeOptions, Paths};
+use spare_runtime::WorkerCommand;
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
+
+fn example(name: &str) -> Vec<u8> {
+    std::fs::read(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../../examples")
+            .join(name),
+    )
+    .unwrap()
+}
+
+async fn node(
+    dir: &std::path::Path,
+    bootstrap: Vec<spare_net::Multiaddr>,
+    shutdown: &CancellationToken,
+) -> Node {
+    let paths = Paths::in_dir(dir);
+    paths.create_dirs().unwrap();
+    let config = Config {
+        listen: vec![format!("/memory/{}", rand_port()).parse().unwrap()],
+        bootstrap,
+        mdns: false,
+        cores: 1,
+        ..Config::default()
+    };
+    Node::start(
+        NodeOptions {
+            paths,
+            config,
+            key: spare_net::identity::Keypair::generate_ed25519(),
+            worker: WorkerCommand {
+                program: env!("CARGO_BIN_EXE_spare").into(),
+                args: vec!["worker".into()],
+            },
+            transport: Transport::Memory,
+        },
+        shutdown.child_token(),
+    )
+    .await
+    .unwrap()
+}
+
+fn rand_port() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    u64::from(std::process::id()) * 1000 + NEXT.fetch_add(1, Ordering::Relaxed) + 1
+}
+
+async fn call(node: &Node, method: &str, uri: &str, body: Vec<u8>) -> (u16, Vec<u8>) {
+    let request = axum::http::Request::builder()
+        .method(method)
+        .uri(uri)
+        .header("content-type", "application/json")
+        .body(axum::body::Body::from(body))
+        .unwrap();
+    let response = router(node.clone()).oneshot(request).await.unwrap();
+    let status = response.status().as_u16();
+    (
+        status,
+        response
+            .into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+}
+
+fn error_of(body: &[u8]) -> String {
+    serde_json::from_slice::<serde_json::Value>(body).unwrap()["error"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+#[tokio::test]
+async fn the_api_refuses_bad_input_with_a_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let shutdown = CancellationToken::new();
+    let node = node(dir.path(), vec![], &shutdown).await;
+
+    let (status, body) = call(&node, "GET", "/v1/node", vec![]).await;
+    assert_eq!(status, 200);
+    let info: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(info["peer_id"], node.peer_id().to_string());
+
+    let hello = example("hello.wasm");
+    let id = BlobRef::of(&hello).id;
+    assert_eq!(
+        call(&node, "HEAD", &format!("/v1/blobs/{id}"), vec![])
+            .await
+            .0,
+        404
+    );
+    let (status, body) = call(
+        &node,
+        "PUT",
+        &format!("/v1/blobs/{id}"),
+        b"not the module".to_vec(),
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert!(error_of(&body).contains("does not match its hash"));
+    let (status, body) = call(&node, "PUT", "/v1/blobs/xyz", hello.clone()).await;
+    assert_eq!(status, 400);
+    assert!(error_of(&body).contains("is not a blob hash"));
+    assert_eq!(
+        call(&node, "PUT", &format!("/v1/blobs/{id}"), hello.clone())
+            .await
+            .0,
+        201
+    );
+    assert_eq!(
+        call(&node, "HEAD", &format!("/v1/blobs/{id}"), vec![])
+            .await
+            .0,
+        200
+    );
+
+    let (status, body) = call(&node, "POST", "/v1/tasks", b"{\"name\": 3}".to_vec()).await;
+    assert_eq!(status, 400);
+    assert!(error_of(&body).starts_with("invalid task submission"));
+
+    let missing = Submission {
+        name: "x.wasm".into(),
+        module: BlobRef::of(b"never uploaded"),
+        args: vec![],
+        env: vec![],
+        stdin: SubmitStdin::None,
+        limits: Limits::DEFAULT,
+        placement: Placement::Auto,
+    };
+    let (status, body) = call(
+        &node,
+        "POST",
+        "/v1/tasks",
+        serde_json::to_vec(&missing).unwrap(),
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert!(error_of(&body).contains("has not been uploaded"));
+
+    let mut too_big = missing.clone();
+    too_big.module = BlobRef::of(&hello);
+    too_big.limits.memory = u64::MAX;
+    let (status, body) = call(
+        &node,
+        "POST",
+        "/v1/tasks",
+        serde_json::to_vec(&too_big).unwrap(),
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert!(
+        error_of(&body).contains("memory limit"),
+        "{}",
+        error_of(&body)
+    );
+
+    let (status, body) = call(&node, "POST", "/v1/tasks/nope/cancel", vec![]).await;
+    assert_eq!(status, 400);
+    assert!(error_of(&body).contains("not a task id"));
+    shutdown.cancel();
+}
+
+#[tokio::test]
+async fn a_task_crosses_a_memory_swarm_with_its_receipt() {
+    let dir = tempfile::tempdir().unwrap();
+    let shutdown = CancellationToken::new();
+    let host = node(&dir.path().join("host"), vec![], &shutdown).await;
+    let requester = node(
+        &dir.path().join("req"),
+        host.net().listen_addrs(),
+        &shutdown,
+    )
+    .await;
+
+    let echo = example("echo.wasm");
+    let module = BlobRef::of(&echo);
+    requester.blobs().put(&echo).unwrap();
+    // Large stdin travels as a blob the host fetches in chunks.
+    let stdin: Vec<u8> = (0..3_000_000u32).map(|i| b'a' + (i % 26) as u8).collect();
+    let submission = Submission {
+        name: "echo.wasm".into(),
+        module,
+        args: vec!["arg".into()],
+        env: vec![],
+        stdin: SubmitStdin::Inline(spare_node::api::types::encode_b64(&stdin)),
+        limits: Limits::DEFAULT,
+        placement: Placement::Auto,
+    };
+    let (spec, placement) = spare_node::requester::prepare(&requester, &submission).unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(spare_node::requester::run(
+        requester.clone(),
+        spec,
+        placement,
+        tx,
+    ));
+    let result = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            match rx.recv().await.expect("events until the end") {
+                TaskEvent::Finished { result } => break result,
+                TaskEvent::Failed { error } => panic!("{error}"),
+                _ => {}
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(result.host, host.peer_id().to_string());
+    assert_eq!(result.exit_code, Some(0));
+    let stdout = result.stdout_bytes();
+    assert!(stdout.starts_with(b"arg[1]=arg\nstdin:\n"));
+    assert!(stdout.ends_with(&stdin[stdin.len() - 100..]));
+    assert!(result.receipt, "the host's receipt verified");
+    let issued = host
+        .ledger()
+        .receipt_totals(spare_ledger::ReceiptRole::Issued)
+        .unwrap();
+    let received = requester
+        .ledger()
+        .receipt_totals(spare_ledger::ReceiptRole::Received)
+        .unwrap();
+    assert_eq!(issued.count, 1);
+    assert_eq!(issued, received);
+    assert_eq!(received.fuel, result.fuel);
+    shutdown.cancel();
+}
