@@ -6,7 +6,6 @@
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
-mod client;
 mod commands;
 mod output;
 
@@ -67,8 +66,8 @@ impl Context {
         }
     }
 
-    pub(crate) fn client(&self) -> client::Client {
-        client::Client::new(&self.paths.socket, self.up_command())
+    pub(crate) fn client(&self) -> spare_node::api::client::Client {
+        spare_node::api::client::Client::new(&self.paths.socket, self.up_command())
     }
 }
 

@@ -77,7 +77,7 @@ pub async fn run(options: DaemonOptions) -> Result<(), NodeError> {
     let _lock = lock(&paths)?;
     let (key, _) = identity::load_or_create(&paths.key)?;
     let shutdown = CancellationToken::new();
-    let node = Box::pin(Node::start(
+    let node = Node::start(
         NodeOptions {
             paths: paths.clone(),
             config,
@@ -86,7 +86,7 @@ pub async fn run(options: DaemonOptions) -> Result<(), NodeError> {
             transport: Transport::TcpQuic,
         },
         shutdown.clone(),
-    ))
+    )
     .await?;
     let listener = api::bind(&paths.socket).map_err(|e| NodeError::Io {
         what: format!("cannot serve the API on {}", paths.socket.display()),

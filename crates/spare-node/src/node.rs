@@ -97,7 +97,8 @@ impl Node {
             slots: usize::from(config.cores),
         })
         .await?;
-        let (net, events) = spare_net::start(
+        // The swarm is large; keep it off this future's stack frame.
+        let (net, events) = Box::pin(spare_net::start(
             NetConfig {
                 keypair: key.clone(),
                 listen: config.listen.clone(),
@@ -106,7 +107,7 @@ impl Node {
                 transport,
             },
             shutdown.child_token(),
-        )
+        ))
         .await?;
         let node = Node {
             inner: Arc::new(Inner {

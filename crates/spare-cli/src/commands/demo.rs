@@ -14,7 +14,7 @@ use spare_core::BlobRef;
 use spare_node::api::types::{Placement, Submission, SubmitStdin, TaskEvent};
 use spare_testkit::Swarm;
 
-use crate::client::Client;
+use spare_node::api::client::Client;
 
 /// The sample guest: counts primes, greets, sums its stdin.
 const PRIMES: &[u8] = include_bytes!("../../../../examples/primes.wasm");

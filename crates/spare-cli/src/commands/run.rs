@@ -19,11 +19,11 @@ use spare_node::api::types::{
     CancelReply, FailureKind, Placement, Submission, SubmitStdin, TaskEvent, TaskResult, encode_b64,
 };
 
-use crate::client::Client;
 use crate::output::{
     EXIT_CANCELLED, EXIT_LIMIT, EXIT_SPARE, EXIT_TIMEOUT, EXIT_TRAP, EXIT_UNRUNNABLE, short_peer,
 };
 use crate::{Context, output};
+use spare_node::api::client::Client;
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct Args {

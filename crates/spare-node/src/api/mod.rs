@@ -14,6 +14,7 @@
 //! | `GET /v1/tasks?limit=N` | recent tasks this node requested |
 //! | `GET /v1/hosted?limit=N` | recent tasks this node ran for others |
 
+pub mod client;
 pub mod types;
 
 use std::convert::Infallible;

@@ -1,7 +1,9 @@
-//! A small HTTP client for the daemon's Unix-socket API.
+//! A small HTTP client for the daemon's Unix-socket API, used by the CLI,
+//! the demo and the benchmarks.
 
 use std::path::{Path, PathBuf};
 
+use crate::api::types::ErrorBody;
 use anyhow::{Context, Result, anyhow, bail};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -10,19 +12,18 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use spare_node::api::types::ErrorBody;
 use tokio::net::UnixStream;
 
 /// Talks to one daemon.
 #[derive(Clone, Debug)]
-pub(crate) struct Client {
+pub struct Client {
     socket: PathBuf,
     /// How to start the daemon, for the error shown when none is running.
     up_hint: String,
 }
 
 impl Client {
-    pub(crate) fn new(socket: &Path, up_hint: String) -> Self {
+    pub fn new(socket: &Path, up_hint: String) -> Self {
         Self {
             socket: socket.to_path_buf(),
             up_hint,
@@ -90,17 +91,13 @@ impl Client {
         }
     }
 
-    pub(crate) async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
         let response = Self::check(self.send(Method::GET, path, None).await?).await?;
         let body = response.into_body().collect().await?.to_bytes();
         serde_json::from_slice(&body).context("the daemon sent an unreadable answer")
     }
 
-    pub(crate) async fn post<B: Serialize, T: DeserializeOwned>(
-        &self,
-        path: &str,
-        body: &B,
-    ) -> Result<T> {
+    pub async fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T> {
         let json = Bytes::from(serde_json::to_vec(body)?);
         let response = Self::check(
             self.send(Method::POST, path, Some((json, "application/json")))
@@ -112,7 +109,7 @@ impl Client {
     }
 
     /// Whether the daemon has the blob at `path`.
-    pub(crate) async fn exists(&self, path: &str) -> Result<bool> {
+    pub async fn exists(&self, path: &str) -> Result<bool> {
         let response = self.send(Method::HEAD, path, None).await?;
         match response.status() {
             StatusCode::OK => Ok(true),
@@ -121,7 +118,7 @@ impl Client {
         }
     }
 
-    pub(crate) async fn put(&self, path: &str, bytes: Bytes) -> Result<()> {
+    pub async fn put(&self, path: &str, bytes: Bytes) -> Result<()> {
         Self::check(
             self.send(Method::PUT, path, Some((bytes, "application/octet-stream")))
                 .await?,
@@ -131,11 +128,7 @@ impl Client {
     }
 
     /// POSTs `body` and returns a reader of the NDJSON lines of the answer.
-    pub(crate) async fn post_stream<B: Serialize>(
-        &self,
-        path: &str,
-        body: &B,
-    ) -> Result<LineStream> {
+    pub async fn post_stream<B: Serialize>(&self, path: &str, body: &B) -> Result<LineStream> {
         let json = Bytes::from(serde_json::to_vec(body)?);
         let response = Self::check(
             self.send(Method::POST, path, Some((json, "application/json")))
@@ -151,14 +144,14 @@ impl Client {
 
 /// Reads a response body line by line.
 #[derive(Debug)]
-pub(crate) struct LineStream {
+pub struct LineStream {
     body: Incoming,
     buffer: Vec<u8>,
 }
 
 impl LineStream {
     /// The next line parsed as JSON, or `None` at the end.
-    pub(crate) async fn next<T: DeserializeOwned>(&mut self) -> Result<Option<T>> {
+    pub async fn next<T: DeserializeOwned>(&mut self) -> Result<Option<T>> {
         loop {
             if let Some(pos) = self.buffer.iter().position(|b| *b == b'\n') {
                 let line: Vec<u8> = self.buffer.drain(..=pos).collect();
