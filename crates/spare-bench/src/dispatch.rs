@@ -45,6 +45,17 @@ pub(crate) async fn run(env: &Env) -> Result<()> {
     let spare = Samples::new(samples);
     let tcp =
         tokio::task::spawn_blocking(move || tcp_round_trips(n, request_size, reply_size)).await??;
+    // The same path without the network: the share of the figure that is
+    // the API, the ledger and the worker.
+    let mut local_submission = submission.clone();
+    local_submission.placement = Placement::Local;
+    let mut local = Vec::with_capacity(n);
+    for _ in 0..n {
+        let start = Instant::now();
+        run_once(&client, &local_submission).await?;
+        local.push(start.elapsed());
+    }
+    let local = Samples::new(local);
 
     header(&format!(
         "Dispatch: trivial task on a remote peer over loopback ({n} sequential tasks)"
@@ -60,6 +71,18 @@ pub(crate) async fn run(env: &Env) -> Result<()> {
         &fmt(spare.p99()),
         &fmt(tcp.p99()),
         &ratio(spare.p99(), tcp.p99()),
+    );
+    row(
+        "p50, same task with --local (no network)",
+        &fmt(local.p50()),
+        &fmt(tcp.p50()),
+        &ratio(local.p50(), tcp.p50()),
+    );
+    row(
+        "p99, same task with --local (no network)",
+        &fmt(local.p99()),
+        &fmt(tcp.p99()),
+        &ratio(local.p99(), tcp.p99()),
     );
     println!(
         "\nbaseline: raw TCP round trip on loopback with a {request_size}-byte request and a {reply_size}-byte reply"

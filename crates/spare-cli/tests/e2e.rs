@@ -262,7 +262,7 @@ fn a_task_whose_host_is_killed_finishes_on_another_peer() {
     // Long enough to kill its host mid-run (a few seconds of CPU).
     let child = a
         .cli()
-        .args(["run", "--json", &example("cpubound.wasm"), "--", "300"])
+        .args(["run", "--json", &example("cpubound.wasm"), "--", "150"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -292,7 +292,7 @@ fn a_task_whose_host_is_killed_finishes_on_another_peer() {
     let result: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_ne!(result["host"], host.as_str());
     assert_eq!(result["attempts"], 2);
-    assert!(text(&out.stdout).contains("cpubound: rounds=300"));
+    assert!(text(&out.stdout).contains("cpubound: rounds=150"));
     let stderr = text(&out.stderr);
     assert!(stderr.contains("retrying on another peer"), "{stderr}");
 }
@@ -482,7 +482,7 @@ fn a_host_runs_as_many_tasks_as_its_cores_and_queues_the_rest() {
 fn a_crashed_worker_is_replaced_and_its_task_retried_elsewhere() {
     let swarm = Swarm::start(&bin(), 3, 1).expect("swarm starts");
     let a = &swarm.nodes[0];
-    let child = spawn_run(a, &["--json", &example("cpubound.wasm"), "--", "300"]);
+    let child = spawn_run(a, &["--json", &example("cpubound.wasm"), "--", "150"]);
     let mut host = String::new();
     wait_until("the task to be placed", Duration::from_secs(20), || {
         host = a.get("/v1/tasks?limit=1").unwrap()[0]["host"]

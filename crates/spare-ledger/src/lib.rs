@@ -11,7 +11,8 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 use std::path::Path;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard, mpsc};
+use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
@@ -35,7 +36,15 @@ pub enum LedgerError {
 #[derive(Debug)]
 pub struct Ledger {
     conn: Mutex<Connection>,
+    /// Dropping this stops the checkpoint thread.
+    _checkpointer: Option<mpsc::Sender<()>>,
 }
+
+/// How often the background thread moves the WAL into the database.
+const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
+/// Pages in the WAL before a writer checkpoints by itself: a safety net in
+/// case the background thread falls behind.
+const AUTOCHECKPOINT_PAGES: i64 = 20_000;
 
 /// Where a task stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -155,6 +164,15 @@ pub enum ReceiptRole {
     Received,
 }
 
+impl ReceiptRole {
+    fn as_str(self) -> &'static str {
+        match self {
+            ReceiptRole::Issued => "issued",
+            ReceiptRole::Received => "received",
+        }
+    }
+}
+
 /// Totals of receipts, the input of the future credit system.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct ReceiptTotals {
@@ -168,7 +186,9 @@ impl Ledger {
     /// schema up to date. Tasks left running by a previous daemon are marked
     /// interrupted.
     pub fn open(path: &Path) -> Result<Self, LedgerError> {
-        Self::init(Connection::open(path)?)
+        let mut ledger = Self::init(Connection::open(path)?)?;
+        ledger._checkpointer = Some(spawn_checkpointer(path)?);
+        Ok(ledger)
     }
 
     /// A private database in memory, for tests.
@@ -179,8 +199,11 @@ impl Ledger {
     fn init(conn: Connection) -> Result<Self, LedgerError> {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
+        // Checkpoints fsync; a background thread runs them so that a writer
+        // on the task path never waits for the disk (see `spawn_checkpointer`).
+        conn.pragma_update(None, "wal_autocheckpoint", AUTOCHECKPOINT_PAGES)?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.busy_timeout(Duration::from_secs(5))?;
         migrate(&conn)?;
         conn.execute(
             "UPDATE requested SET state = 'interrupted', finished_ms = ?1 WHERE state = 'running'",
@@ -192,6 +215,7 @@ impl Ledger {
         )?;
         Ok(Self {
             conn: Mutex::new(conn),
+            _checkpointer: None,
         })
     }
 
@@ -208,39 +232,58 @@ impl Ledger {
         name: &str,
         module: &str,
     ) -> Result<(), LedgerError> {
-        self.conn().execute(
-            "INSERT INTO requested (task, name, module, submitted_ms, state, attempts)
+        self.conn()
+            .prepare_cached(
+                "INSERT INTO requested (task, name, module, submitted_ms, state, attempts)
              VALUES (?1, ?2, ?3, ?4, 'running', 0)",
-            params![task.to_string(), name, module, spare_core::now_ms() as i64],
-        )?;
+            )?
+            .execute(params![
+                task.to_string(),
+                name,
+                module,
+                spare_core::now_ms() as i64
+            ])?;
         Ok(())
     }
 
     /// Records that an attempt of `task` went to `host`.
     pub fn task_attempt(&self, task: &TaskId, host: &PeerId) -> Result<(), LedgerError> {
-        self.conn().execute(
-            "UPDATE requested SET attempts = attempts + 1, host = ?2 WHERE task = ?1",
-            params![task.to_string(), host.to_string()],
-        )?;
+        self.conn()
+            .prepare_cached(
+                "UPDATE requested SET attempts = attempts + 1, host = ?2 WHERE task = ?1",
+            )?
+            .execute(params![task.to_string(), host.to_string()])?;
         Ok(())
     }
 
-    /// Records how a requested task ended.
-    pub fn task_finished(&self, task: &TaskId, ending: &Ending) -> Result<(), LedgerError> {
-        self.conn().execute(
+    /// Records how a requested task ended, with the host's verified receipt
+    /// if there is one, in one transaction.
+    pub fn task_finished(
+        &self,
+        task: &TaskId,
+        ending: &Ending,
+        receipt: Option<(&Receipt, &SignedReceipt)>,
+    ) -> Result<(), LedgerError> {
+        let conn = self.conn();
+        let tx = conn.unchecked_transaction()?;
+        tx.prepare_cached(
             "UPDATE requested SET state = ?2, exit_code = ?3, failure = ?4, fuel = ?5, wall_ms = ?6,
                     finished_ms = ?7
              WHERE task = ?1",
-            params![
-                task.to_string(),
-                ending.state.as_str(),
-                ending.exit_code,
-                ending.failure,
-                ending.fuel as i64,
-                ending.wall_ms as i64,
-                spare_core::now_ms() as i64
-            ],
-        )?;
+        )?
+        .execute(params![
+            task.to_string(),
+            ending.state.as_str(),
+            ending.exit_code,
+            ending.failure,
+            ending.fuel as i64,
+            ending.wall_ms as i64,
+            spare_core::now_ms() as i64
+        ])?;
+        if let Some((receipt, signed)) = receipt {
+            insert_receipt(&tx, receipt, signed, ReceiptRole::Received)?;
+        }
+        tx.commit()?;
         Ok(())
     }
 
@@ -270,41 +313,50 @@ impl Ledger {
         requester: &PeerId,
         module: &str,
     ) -> Result<(), LedgerError> {
-        self.conn().execute(
-            "INSERT OR REPLACE INTO hosted (task, requester, module, started_ms, state)
+        self.conn()
+            .prepare_cached(
+                "INSERT OR REPLACE INTO hosted (task, requester, module, started_ms, state)
              VALUES (?1, ?2, ?3, ?4, 'running')",
-            params![
+            )?
+            .execute(params![
                 task.to_string(),
                 requester.to_string(),
                 module,
                 spare_core::now_ms() as i64
-            ],
-        )?;
+            ])?;
         Ok(())
     }
 
-    /// Records how a hosted task ended.
+    /// Records how a hosted task ended, with the receipt this node issued
+    /// for it if any, in one transaction.
     pub fn hosted_finished(
         &self,
         task: &TaskId,
         requester: &PeerId,
         ending: &Ending,
+        receipt: Option<(&Receipt, &SignedReceipt)>,
     ) -> Result<(), LedgerError> {
-        self.conn().execute(
+        let conn = self.conn();
+        let tx = conn.unchecked_transaction()?;
+        tx.prepare_cached(
             "UPDATE hosted SET state = ?3, exit_code = ?4, failure = ?5, fuel = ?6, wall_ms = ?7,
                     finished_ms = ?8
              WHERE task = ?1 AND requester = ?2",
-            params![
-                task.to_string(),
-                requester.to_string(),
-                ending.state.as_str(),
-                ending.exit_code,
-                ending.failure,
-                ending.fuel as i64,
-                ending.wall_ms as i64,
-                spare_core::now_ms() as i64
-            ],
-        )?;
+        )?
+        .execute(params![
+            task.to_string(),
+            requester.to_string(),
+            ending.state.as_str(),
+            ending.exit_code,
+            ending.failure,
+            ending.fuel as i64,
+            ending.wall_ms as i64,
+            spare_core::now_ms() as i64
+        ])?;
+        if let Some((receipt, signed)) = receipt {
+            insert_receipt(&tx, receipt, signed, ReceiptRole::Issued)?;
+        }
+        tx.commit()?;
         Ok(())
     }
 
@@ -340,35 +392,12 @@ impl Ledger {
         signed: &SignedReceipt,
         role: ReceiptRole,
     ) -> Result<(), LedgerError> {
-        self.conn().execute(
-            "INSERT OR IGNORE INTO receipts
-                (task, host, requester, role, fuel, wall_ms, finished_ms, body, host_key, signature)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-            params![
-                receipt.task.to_string(),
-                receipt.host.to_string(),
-                receipt.requester.to_string(),
-                match role {
-                    ReceiptRole::Issued => "issued",
-                    ReceiptRole::Received => "received",
-                },
-                receipt.fuel as i64,
-                receipt.wall_ms as i64,
-                receipt.finished_ms as i64,
-                signed.body,
-                signed.host_key,
-                signed.signature
-            ],
-        )?;
-        Ok(())
+        insert_receipt(&self.conn(), receipt, signed, role)
     }
 
     /// Sums of the receipts in `role`.
     pub fn receipt_totals(&self, role: ReceiptRole) -> Result<ReceiptTotals, LedgerError> {
-        let role = match role {
-            ReceiptRole::Issued => "issued",
-            ReceiptRole::Received => "received",
-        };
+        let role = role.as_str();
         let totals = self
             .conn()
             .query_row(
@@ -410,6 +439,32 @@ impl Ledger {
     }
 }
 
+fn insert_receipt(
+    conn: &Connection,
+    receipt: &Receipt,
+    signed: &SignedReceipt,
+    role: ReceiptRole,
+) -> Result<(), LedgerError> {
+    conn.prepare_cached(
+        "INSERT OR IGNORE INTO receipts
+            (task, host, requester, role, fuel, wall_ms, finished_ms, body, host_key, signature)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+    )?
+    .execute(params![
+        receipt.task.to_string(),
+        receipt.host.to_string(),
+        receipt.requester.to_string(),
+        role.as_str(),
+        receipt.fuel as i64,
+        receipt.wall_ms as i64,
+        receipt.finished_ms as i64,
+        signed.body,
+        signed.host_key,
+        signed.signature
+    ])?;
+    Ok(())
+}
+
 const REQUESTED_COLUMNS: &str =
     "SELECT task, name, module, submitted_ms, finished_ms, host, attempts,
         state, exit_code, failure, fuel, wall_ms FROM requested";
@@ -429,6 +484,30 @@ fn requested_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RequestedTask> {
         fuel: r.get::<_, Option<i64>>(10)?.map(|v| v as u64),
         wall_ms: r.get::<_, Option<i64>>(11)?.map(|v| v as u64),
     })
+}
+
+/// Starts the thread that checkpoints the WAL every [`CHECKPOINT_INTERVAL`]
+/// on its own connection. Passive checkpoints never block writers.
+fn spawn_checkpointer(path: &Path) -> Result<mpsc::Sender<()>, LedgerError> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    let (stop, stopped) = mpsc::channel::<()>();
+    let spawned = std::thread::Builder::new()
+        .name("ledger-checkpoint".into())
+        .spawn(move || {
+            while let Err(mpsc::RecvTimeoutError::Timeout) =
+                stopped.recv_timeout(CHECKPOINT_INTERVAL)
+            {
+                if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                    tracing::warn!("ledger checkpoint failed: {e}");
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        // Writers still checkpoint by themselves past AUTOCHECKPOINT_PAGES.
+        tracing::warn!("no background ledger checkpoints: {e}");
+    }
+    Ok(stop)
 }
 
 /// Brings the schema from whatever version the file has to [`SCHEMA_VERSION`].
@@ -513,7 +592,7 @@ mod tests {
         ledger.task_submitted(&task, "primes.wasm", "abc").unwrap();
         ledger.task_attempt(&task, &host).unwrap();
         ledger
-            .task_finished(&task, &Ending::of(&outcome(3)))
+            .task_finished(&task, &Ending::of(&outcome(3)), None)
             .unwrap();
         let rec = ledger.requested_task(&task).unwrap().unwrap();
         assert_eq!(rec.state, TaskState::Exited);
@@ -525,7 +604,9 @@ mod tests {
         let failed = Outcome::failed(Failure::OutOfFuel { limit: 10 });
         let other = TaskId::random();
         ledger.task_submitted(&other, "loop.wasm", "def").unwrap();
-        ledger.task_finished(&other, &Ending::of(&failed)).unwrap();
+        ledger
+            .task_finished(&other, &Ending::of(&failed), None)
+            .unwrap();
         let recent = ledger.recent_tasks(10).unwrap();
         assert_eq!(recent.len(), 2);
         let rec = recent.iter().find(|t| t.task == other.to_string()).unwrap();
@@ -544,7 +625,7 @@ mod tests {
             ledger.task_submitted(&running, "a", "m").unwrap();
             ledger.task_submitted(&done, "b", "m").unwrap();
             ledger
-                .task_finished(&done, &Ending::of(&outcome(0)))
+                .task_finished(&done, &Ending::of(&outcome(0)), None)
                 .unwrap();
             ledger.hosted_started(&running, &requester, "m").unwrap();
         }

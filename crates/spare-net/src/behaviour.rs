@@ -139,8 +139,14 @@ impl Behaviour {
 pub(crate) fn build_swarm(config: &NetConfig) -> Result<Swarm<Behaviour>, NetError> {
     let key = config.keypair.clone();
     let mdns_on = config.mdns;
-    let swarm_config =
-        |c: libp2p::swarm::Config| c.with_idle_connection_timeout(IDLE_CONNECTION_TIMEOUT);
+    // With one protocol proposed, V1Lazy sends the request together with the
+    // protocol proposal instead of waiting a round trip for the echo: every
+    // task request and blob chunk saves one round trip. All spare peers
+    // speak it.
+    let swarm_config = |c: libp2p::swarm::Config| {
+        c.with_idle_connection_timeout(IDLE_CONNECTION_TIMEOUT)
+            .with_substream_upgrade_protocol_override(libp2p::core::upgrade::Version::V1Lazy)
+    };
     let swarm = match config.transport {
         Transport::TcpQuic => SwarmBuilder::with_existing_identity(key)
             .with_tokio()

@@ -288,14 +288,18 @@ impl EventLoop {
             }
             BehaviourEvent::Ping(ping::Event { peer, result, .. }) => match result {
                 Ok(rtt) => self.write_peers().rtt(&peer, rtt),
-                Err(ping::Failure::Timeout) => {
-                    // A peer that stops answering pings is gone for our
+                // A peer without ping cannot be watched, but is not gone.
+                Err(ping::Failure::Unsupported) => {
+                    tracing::debug!(%peer, "peer does not support ping")
+                }
+                Err(e) => {
+                    // A peer that stops answering pings (a timeout, or a ping
+                    // stream that cannot even be negotiated) is gone for our
                     // purposes: closing the connection fails its pending
                     // requests, so their tasks are retried elsewhere.
-                    tracing::info!(%peer, "peer stopped answering pings; disconnecting");
+                    tracing::info!(%peer, "peer stopped answering pings ({e}); disconnecting");
                     let _ = self.swarm.disconnect_peer_id(peer);
                 }
-                Err(e) => tracing::debug!(%peer, "ping: {e}"),
             },
             BehaviourEvent::Mdns(mdns::Event::Discovered(found)) => {
                 for (peer, addr) in found {

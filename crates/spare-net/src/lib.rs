@@ -159,6 +159,9 @@ pub async fn start(
     config: NetConfig,
     shutdown: CancellationToken,
 ) -> Result<(NetHandle, mpsc::Receiver<NetEvent>), NetError> {
+    for addr in &config.listen {
+        probe_tcp_port(addr)?;
+    }
     let mut swarm = behaviour::build_swarm(&config)?;
     let mut listeners = Vec::with_capacity(config.listen.len());
     for addr in &config.listen {
@@ -166,7 +169,7 @@ pub async fn start(
             .listen_on(addr.clone())
             .map_err(|e| NetError::Listen {
                 addr: addr.clone(),
-                reason: e.to_string(),
+                reason: describe(&e),
             })?;
         listeners.push(id);
     }
@@ -201,6 +204,54 @@ pub async fn start(
         },
         event_rx,
     ))
+}
+
+/// libp2p's TCP listeners set `SO_REUSEPORT`, so a second node on a taken
+/// port would silently share it. A plain bind first turns that into an error.
+fn probe_tcp_port(addr: &Multiaddr) -> Result<(), NetError> {
+    use libp2p::multiaddr::Protocol;
+    let mut parts = addr.iter();
+    let ip: std::net::IpAddr = match parts.next() {
+        Some(Protocol::Ip4(ip)) => ip.into(),
+        Some(Protocol::Ip6(ip)) => ip.into(),
+        _ => return Ok(()),
+    };
+    let port = match parts.next() {
+        Some(Protocol::Tcp(port)) if port != 0 => port,
+        _ => return Ok(()),
+    };
+    match std::net::TcpListener::bind((ip, port)) {
+        Ok(_) => Ok(()),
+        Err(e) => Err(NetError::Listen {
+            addr: addr.clone(),
+            reason: if e.kind() == std::io::ErrorKind::AddrInUse {
+                "the port is in use (by another spare node?); choose another with --listen, or port 0 for any free one".into()
+            } else {
+                e.to_string()
+            },
+        }),
+    }
+}
+
+/// An error and its sources on one line.
+fn describe(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let line = cause.to_string();
+        if !line.is_empty() && !text.contains(&line) {
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(&line);
+        }
+        source = cause.source();
+    }
+    if text.is_empty() {
+        format!("{err:?}")
+    } else {
+        text
+    }
 }
 
 impl NetHandle {

@@ -8,7 +8,7 @@
 use libp2p::PeerId;
 use spare_core::wire::{BlobRequest, BlobResponse, Refusal, Report, TaskRequest, TaskResponse};
 use spare_core::{Receipt, SignedReceipt, Stdin, TaskSpec};
-use spare_ledger::{Ending, ReceiptRole};
+use spare_ledger::Ending;
 use spare_net::Responder;
 use spare_runtime::{Job, JobStdin};
 use tokio_util::sync::CancellationToken;
@@ -89,13 +89,12 @@ async fn run_for_peer(node: &Node, peer: PeerId, spec: TaskSpec) -> TaskResponse
             log_err(node.ledger().hosted_finished(
                 &spec.id,
                 &peer,
-                &spare_ledger::Ending::failed(refusal.to_string()),
+                &Ending::failed(refusal.to_string()),
+                None,
             ));
             return TaskResponse::Refused(refusal);
         }
     };
-    let ending = Ending::of(&outcome);
-    log_err(node.ledger().hosted_finished(&spec.id, &peer, &ending));
     let receipt = Receipt {
         task: spec.id,
         requester: peer,
@@ -110,11 +109,13 @@ async fn run_for_peer(node: &Node, peer: PeerId, spec: TaskSpec) -> TaskResponse
         Ok(signed) => signed,
         Err(e) => return TaskResponse::Refused(Refusal::Unavailable(e.to_string())),
     };
-    log_err(
-        node.ledger()
-            .store_receipt(&receipt, &signed, ReceiptRole::Issued),
-    );
-    tracing::info!(%peer, task = %spec.id, status = ?outcome.status, fuel = outcome.fuel, "hosted task finished");
+    log_err(node.ledger().hosted_finished(
+        &spec.id,
+        &peer,
+        &Ending::of(&outcome),
+        Some((&receipt, &signed)),
+    ));
+    tracing::debug!(%peer, task = %spec.id, status = ?outcome.status, fuel = outcome.fuel, "hosted task finished");
     TaskResponse::Done(Report {
         task: spec.id,
         outcome,

@@ -5,8 +5,8 @@ use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
 use spare_core::wire::{Report, TaskRequest, TaskResponse};
-use spare_core::{BlobId, Failure, Outcome, Stdin, TaskId, TaskSpec};
-use spare_ledger::{Ending, ReceiptRole};
+use spare_core::{BlobId, Failure, Outcome, Receipt, SignedReceipt, Stdin, TaskId, TaskSpec};
+use spare_ledger::Ending;
 use spare_scheduler::{AttemptError, Candidate, RetryPolicy, rank};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -119,39 +119,24 @@ pub async fn run(
             () = watch.cancelled() => {}
         }
     });
-    let event = match placement {
+    let ended = match placement {
         Placement::Local => run_local(&node, &spec, &token).await,
         Placement::On(peer) => match peer.parse::<PeerId>() {
             Ok(peer) => run_remote(&node, &spec, Some(peer), &token, &events).await,
-            Err(_) => TaskEvent::Failed {
-                error: format!("`{peer}` is not a peer id"),
-            },
+            Err(_) => Ended::failed(format!("`{peer}` is not a peer id")),
         },
         Placement::Auto => run_remote(&node, &spec, None, &token, &events).await,
     };
-    let ending = match &event {
-        TaskEvent::Finished { result } => Ending {
-            state: match (result.exit_code, &result.failure_kind) {
-                (Some(_), _) => spare_ledger::TaskState::Exited,
-                (None, Some(crate::api::types::FailureKind::Cancelled)) => {
-                    spare_ledger::TaskState::Cancelled
-                }
-                (None, _) => spare_ledger::TaskState::Failed,
-            },
-            exit_code: result.exit_code,
-            failure: result.failure.clone(),
-            fuel: result.fuel,
-            wall_ms: result.wall_ms,
-        },
-        TaskEvent::Failed { error } => Ending::failed(error.clone()),
-        _ => Ending::failed("no result"),
-    };
-    if let Err(e) = node.ledger().task_finished(&spec.id, &ending) {
+    let receipt = ended.receipt.as_ref().map(|(r, s)| (r, s));
+    if let Err(e) = node
+        .ledger()
+        .task_finished(&spec.id, &ended.ending, receipt)
+    {
         tracing::error!("ledger: {e}");
     }
     node.lock(&node.inner.requested).remove(&spec.id);
     watcher.abort();
-    let _ = events.send(event).await;
+    let _ = events.send(ended.event).await;
 }
 
 /// Cancels a task this node requested. Returns whether it was running.
@@ -165,7 +150,7 @@ pub fn cancel(node: &Node, task: &TaskId) -> bool {
     }
 }
 
-async fn run_local(node: &Node, spec: &TaskSpec, token: &CancellationToken) -> TaskEvent {
+async fn run_local(node: &Node, spec: &TaskSpec, token: &CancellationToken) -> Ended {
     if let Err(e) = node.ledger().task_attempt(&spec.id, &node.peer_id()) {
         tracing::error!("ledger: {e}");
     }
@@ -173,24 +158,45 @@ async fn run_local(node: &Node, spec: &TaskSpec, token: &CancellationToken) -> T
         .pool()
         .run(job_for(spec, node.blobs()), token.clone())
         .await;
-    finished(spec, node.peer_id(), 1, &outcome, false)
+    Ended::finished(spec, node.peer_id(), 1, &outcome, None)
 }
 
-fn finished(
-    spec: &TaskSpec,
-    host: PeerId,
-    attempts: u32,
-    outcome: &Outcome,
-    receipt: bool,
-) -> TaskEvent {
-    TaskEvent::Finished {
-        result: TaskResult::new(
+/// How a task ended: the event for the client and the record for the ledger.
+struct Ended {
+    event: TaskEvent,
+    ending: Ending,
+    /// The host's verified receipt.
+    receipt: Option<(Receipt, SignedReceipt)>,
+}
+
+impl Ended {
+    fn finished(
+        spec: &TaskSpec,
+        host: PeerId,
+        attempts: u32,
+        outcome: &Outcome,
+        receipt: Option<(Receipt, SignedReceipt)>,
+    ) -> Self {
+        let result = TaskResult::new(
             spec.id.to_string(),
             host.to_string(),
             attempts,
             outcome,
+            receipt.is_some(),
+        );
+        Self {
+            event: TaskEvent::Finished { result },
+            ending: Ending::of(outcome),
             receipt,
-        ),
+        }
+    }
+
+    fn failed(error: String) -> Self {
+        Self {
+            ending: Ending::failed(error.clone()),
+            event: TaskEvent::Failed { error },
+            receipt: None,
+        }
     }
 }
 
@@ -212,7 +218,7 @@ async fn run_remote(
     pinned: Option<PeerId>,
     token: &CancellationToken,
     events: &mpsc::Sender<TaskEvent>,
-) -> TaskEvent {
+) -> Ended {
     let policy = RetryPolicy::default();
     let mut tried: Vec<PeerId> = Vec::new();
     let mut attempt = 0u32;
@@ -221,25 +227,23 @@ async fn run_remote(
         let host = match pinned {
             Some(peer) => {
                 if !node.net().is_connected(&peer) && !wait_for_peer(node, peer, token).await {
-                    return TaskEvent::Failed {
-                        error: format!(
-                            "peer {peer} is not connected (`spare peers` lists the connected ones)"
-                        ),
-                    };
+                    return Ended::failed(format!(
+                        "peer {peer} is not connected (`spare peers` lists the connected ones)"
+                    ));
                 }
                 peer
             }
             None => match choose(node, spec, &tried, token).await {
                 Some(peer) => peer,
                 None if attempt == 0 => {
-                    return TaskEvent::Failed {
-                        error: "no peer offers to run tasks; join a swarm with `spare up --bootstrap <addr>`, or run here with --local".into(),
-                    };
+                    return Ended::failed(
+                        "no peer offers to run tasks; join a swarm with `spare up --bootstrap <addr>`, or run here with --local".into(),
+                    );
                 }
                 None => {
-                    return TaskEvent::Failed {
-                        error: format!("gave up after {attempt} attempt(s): {last_failure}"),
-                    };
+                    return Ended::failed(format!(
+                        "gave up after {attempt} attempt(s): {last_failure}"
+                    ));
                 }
             },
         };
@@ -256,7 +260,8 @@ async fn run_remote(
             .await;
         match attempt_on(node, spec, host, token).await {
             Attempt::Ran(report) => {
-                let receipt = accept_receipt(node, spec, host, &report);
+                let receipt = verify_receipt(node, spec, host, &report)
+                    .map(|verified| (verified, report.receipt.clone()));
                 let outcome = report.outcome;
                 let host_fault = outcome.failure().is_some_and(Failure::is_retryable);
                 if host_fault
@@ -270,16 +275,11 @@ async fn run_remote(
                     retrying(events, attempt, host, &last_failure).await;
                     continue;
                 }
-                return finished(spec, host, attempt, &outcome, receipt);
+                return Ended::finished(spec, host, attempt, &outcome, receipt);
             }
             Attempt::Cancelled => {
-                return finished(
-                    spec,
-                    host,
-                    attempt,
-                    &Outcome::failed(Failure::Cancelled),
-                    false,
-                );
+                let cancelled = Outcome::failed(Failure::Cancelled);
+                return Ended::finished(spec, host, attempt, &cancelled, None);
             }
             Attempt::Failed { error, reason } => {
                 tracing::info!(task = %spec.id, %host, "attempt {attempt} failed: {reason}");
@@ -287,11 +287,11 @@ async fn run_remote(
                 if pinned.is_some() || !policy.should_retry(attempt, error) {
                     let outcome = Outcome::failed(Failure::Host(reason));
                     return if error == AttemptError::TaskFault {
-                        finished(spec, host, attempt, &outcome, false)
+                        Ended::finished(spec, host, attempt, &outcome, None)
                     } else {
-                        TaskEvent::Failed {
-                            error: format!("gave up after {attempt} attempt(s): {last_failure}"),
-                        }
+                        Ended::failed(format!(
+                            "gave up after {attempt} attempt(s): {last_failure}"
+                        ))
                     };
                 }
                 retrying(events, attempt, host, &reason).await;
@@ -384,14 +384,14 @@ fn blobs_of(spec: &TaskSpec) -> Vec<BlobId> {
     blobs
 }
 
-/// Verifies the host's receipt and stores it. A bad receipt is logged and
-/// not stored; the outcome is still the host's.
-fn accept_receipt(node: &Node, spec: &TaskSpec, host: PeerId, report: &Report) -> bool {
+/// Verifies the host's receipt against the task it came with. A bad receipt
+/// is logged and dropped; the outcome is still the host's.
+fn verify_receipt(node: &Node, spec: &TaskSpec, host: PeerId, report: &Report) -> Option<Receipt> {
     let receipt = match report.receipt.verify() {
         Ok(receipt) => receipt,
         Err(e) => {
             tracing::warn!(%host, task = %spec.id, "bad receipt: {e}");
-            return false;
+            return None;
         }
     };
     let matches = receipt.host == host
@@ -401,18 +401,9 @@ fn accept_receipt(node: &Node, spec: &TaskSpec, host: PeerId, report: &Report) -
         && receipt.fuel == report.outcome.fuel;
     if !matches {
         tracing::warn!(%host, task = %spec.id, "receipt does not match the task it came with");
-        return false;
+        return None;
     }
-    match node
-        .ledger()
-        .store_receipt(&receipt, &report.receipt, ReceiptRole::Received)
-    {
-        Ok(()) => true,
-        Err(e) => {
-            tracing::error!("ledger: {e}");
-            false
-        }
-    }
+    Some(receipt)
 }
 
 /// Picks the best peer not yet tried, waiting briefly for offers when none

@@ -273,6 +273,19 @@ impl WorkerPool {
 
     async fn kill(&self, mut worker: Worker) {
         let _ = worker.child.kill().await;
+        self.replenish();
+    }
+
+    /// Starts a replacement for a worker that was killed, in the background,
+    /// so the next job finds a warm one.
+    fn replenish(&self) {
+        let pool = self.clone();
+        tokio::spawn(async move {
+            match pool.spawn().await {
+                Ok(worker) => pool.inner.lock_idle().push(worker),
+                Err(e) => tracing::warn!("cannot replace a worker: {e}"),
+            }
+        });
     }
 
     /// Reaps a worker that failed and reports how it died.
@@ -282,6 +295,7 @@ impl WorkerPool {
             .await
             .ok()
             .and_then(Result::ok);
+        self.replenish();
         let mut detail = describe(status);
         if !why.is_empty() {
             detail = format!("{why} ({detail})");

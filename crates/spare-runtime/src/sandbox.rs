@@ -10,11 +10,15 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use spare_core::limits::{MAX_INSTANCES, MAX_MEMORIES, MAX_TABLE_ELEMENTS, MAX_TABLES};
 use spare_core::outcome::clip_detail;
 use spare_core::wasm::{WasmKind, sniff};
 use spare_core::{BlobId, Failure, Limits, Outcome, OutputStream, Status};
 use wasmtime::component::{Component, ResourceTable};
-use wasmtime::{Config, Engine, InstancePre, Linker, Module, OptLevel, Store, Trap};
+use wasmtime::{
+    Config, Engine, InstanceAllocationStrategy, InstancePre, Linker, Module, OptLevel,
+    PoolingAllocationConfig, Store, Trap,
+};
 use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p2::bindings::sync::{Command, CommandPre};
 use wasmtime_wasi::p2::pipe::MemoryInputPipe;
@@ -307,7 +311,8 @@ impl EngineSet {
             .epoch_interruption(true)
             .max_wasm_stack(usize::try_from(stack).unwrap_or(usize::MAX))
             .wasm_component_model(true)
-            .cranelift_opt_level(OptLevel::Speed);
+            .cranelift_opt_level(OptLevel::Speed)
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pooling()));
         let engine = Engine::new(&config).map_err(|e| host("cannot create engine", e))?;
 
         let mut p1_linker = Linker::new(&engine);
@@ -463,6 +468,31 @@ impl EngineSet {
             tracing::warn!("cannot cache compiled module {id}: {e}");
         }
     }
+}
+
+/// The pooling allocator, sized for one guest at a time (a worker runs one
+/// job at a time) at the largest limits any host grants. Reusing slots
+/// instead of mapping fresh memory per instance is what makes instantiation
+/// take microseconds; the reservation is virtual address space only.
+fn pooling() -> PoolingAllocationConfig {
+    let (instances, memories, tables) =
+        (MAX_INSTANCES as u32, MAX_MEMORIES as u32, MAX_TABLES as u32);
+    let mut pool = PoolingAllocationConfig::new();
+    pool.total_core_instances(instances)
+        .total_component_instances(2)
+        .total_memories(memories)
+        .total_tables(tables)
+        .max_core_instances_per_component(instances)
+        .max_memories_per_component(memories)
+        .max_tables_per_component(tables)
+        .max_memories_per_module(memories)
+        .max_tables_per_module(tables)
+        .table_elements(MAX_TABLE_ELEMENTS)
+        .max_memory_size(usize::try_from(Limits::MAX.memory).unwrap_or(usize::MAX))
+        // Small guests reuse their slot's first pages without a page fault.
+        .linear_memory_keep_resident(1 << 20)
+        .table_keep_resident(64 << 10);
+    pool
 }
 
 fn read_module(path: &Path) -> Result<Vec<u8>, Failure> {

@@ -1,13 +1,15 @@
 //! The worker process: `spare worker`, started by the daemon's pool.
 //!
 //! It lowers its own priority before creating any thread, then serves jobs
-//! from its stdin one at a time and writes each outcome to its stdout. A
-//! reader thread watches stdin so that the worker exits at once when the
-//! daemon goes away, even in the middle of a guest.
+//! from its stdin one at a time and writes each outcome to its stdout. The
+//! guest thread reads the jobs itself (no hand-off between threads on the
+//! hot path); a watchdog thread only waits for the daemon to hang up, so the
+//! worker exits at once when the daemon goes away, even in the middle of a
+//! guest.
 
 use std::io::{BufReader, BufWriter};
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
-use std::sync::mpsc;
 
 use spare_core::Limits;
 
@@ -25,42 +27,69 @@ pub fn main(cache_dir: Option<PathBuf>) -> i32 {
     let priority = lower_own_priority();
     limit_core_dumps();
 
-    let (jobs_tx, jobs_rx) = mpsc::sync_channel::<ToWorker>(1);
-    let executor = std::thread::Builder::new()
+    let guest = std::thread::Builder::new()
         .name("guest".into())
         .stack_size(EXECUTOR_STACK)
-        .spawn(move || {
-            let mut sandbox = Sandbox::new(cache_dir);
-            let mut out = BufWriter::new(std::io::stdout().lock());
-            if write_frame(&mut out, &FromWorker::Ready { priority }).is_err() {
-                return;
-            }
-            while let Ok(ToWorker::Run(job)) = jobs_rx.recv() {
-                let outcome = sandbox.run(&job);
-                if write_frame(&mut out, &FromWorker::Done(Box::new(outcome))).is_err() {
-                    return;
-                }
-            }
+        .spawn(move || serve(cache_dir, priority));
+    let guest = match guest {
+        Ok(guest) => guest,
+        Err(e) => {
+            eprintln!("spare worker: cannot start the guest thread: {e}");
+            return 1;
+        }
+    };
+    // The guest thread ends on a clean end of input or a broken pipe; the
+    // watchdog ends the process if the daemon hangs up while a guest runs.
+    let _ = std::thread::Builder::new()
+        .name("watchdog".into())
+        .spawn(|| {
+            wait_for_hang_up();
+            std::process::exit(0);
         });
-    if let Err(e) = executor {
-        eprintln!("spare worker: cannot start the guest thread: {e}");
+    guest.join().unwrap_or(1)
+}
+
+/// Reads jobs and answers them until the input ends.
+fn serve(cache_dir: Option<PathBuf>, priority: crate::priority::PriorityReport) -> i32 {
+    let mut sandbox = Sandbox::new(cache_dir);
+    let mut input = BufReader::new(std::io::stdin().lock());
+    let mut out = BufWriter::new(std::io::stdout().lock());
+    if write_frame(&mut out, &FromWorker::Ready { priority }).is_err() {
         return 1;
     }
-
-    let mut input = BufReader::new(std::io::stdin().lock());
     loop {
         match read_frame::<ToWorker>(&mut input, MAX_JOB_FRAME) {
-            Ok(Some(msg)) => {
-                if jobs_tx.send(msg).is_err() {
+            Ok(Some(ToWorker::Run(job))) => {
+                let outcome = sandbox.run(&job);
+                if write_frame(&mut out, &FromWorker::Done(Box::new(outcome))).is_err() {
                     return 1;
                 }
             }
-            // The daemon closed the pipe or went away: stop now, guest or not.
             Ok(None) => return 0,
             Err(e) => {
                 eprintln!("spare worker: bad frame from the daemon: {e}");
                 return 1;
             }
+        }
+    }
+}
+
+/// Blocks until the daemon's end of our stdin is closed.
+fn wait_for_hang_up() {
+    let fd = std::io::stdin().as_raw_fd();
+    loop {
+        // Asking for no events still reports POLLHUP and POLLERR, so this
+        // wakes only when the daemon hangs up, never for pending input.
+        let mut pfd = libc::pollfd {
+            fd,
+            events: 0,
+            revents: 0,
+        };
+        // SAFETY: `pfd` is a valid pollfd for the duration of the call, and
+        // the count of 1 matches it.
+        let ready = unsafe { libc::poll(&mut pfd, 1, -1) };
+        if ready > 0 && pfd.revents & (libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0 {
+            return;
         }
     }
 }

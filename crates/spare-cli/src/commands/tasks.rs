@@ -93,7 +93,7 @@ fn row(
 ) -> Vec<String> {
     let ended = match (state, exit_code, failure) {
         (spare_ledger::TaskState::Exited, Some(code), _) => format!("exit {code}"),
-        (_, _, Some(failure)) => failure.to_owned(),
+        (_, _, Some(failure)) => clip(failure, 48),
         (state, _, _) => format!("{state:?}").to_lowercase(),
     };
     vec![
@@ -107,4 +107,15 @@ fn row(
             .unwrap_or_else(|| "-".into()),
         output::ago(when_ms),
     ]
+}
+
+/// Cuts `text` to `max` characters for a table cell.
+fn clip(text: &str, max: usize) -> String {
+    if text.chars().count() <= max {
+        text.to_owned()
+    } else {
+        let mut cut: String = text.chars().take(max - 1).collect();
+        cut.push('…');
+        cut
+    }
 }
