@@ -4,11 +4,20 @@
 //! One database file per node, in WAL mode with `synchronous=NORMAL`: a
 //! commit reaches the WAL before it returns, so a `kill -9` of the daemon
 //! loses nothing that was committed (only an OS crash may lose the last few
-//! transactions). Statements are tiny and indexed; the daemon calls them in
-//! place under a mutex.
+//! transactions).
 //!
-//! Schema changes bump [`SCHEMA_VERSION`] and add a step to [`migrate`].
+//! Writes go to one writer thread ([`writer`]) that commits whatever has
+//! queued up in one transaction (group commit) and then answers each
+//! caller; an `await`ed write is durable. Under load, hundreds of task
+//! records share one commit, and SQLite never runs on the async runtime's
+//! threads. Reads use a connection of their own: in WAL mode readers never
+//! wait for the writer. A third connection checkpoints the WAL in the
+//! background, so no writer ever waits for an `fsync`.
+//!
+//! Schema changes bump [`SCHEMA_VERSION`] and add a step to `migrate`.
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
+mod writer;
 
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard, mpsc};
@@ -17,6 +26,9 @@ use std::time::Duration;
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 use spare_core::{Outcome, PeerId, Receipt, SignedReceipt, TaskId};
+use tokio::sync::oneshot;
+
+use writer::{Op, Write};
 
 /// The schema this code reads and writes.
 pub const SCHEMA_VERSION: i64 = 1;
@@ -30,19 +42,64 @@ pub enum LedgerError {
         "database schema version {found} is newer than this spare understands ({SCHEMA_VERSION}); upgrade spare"
     )]
     TooNew { found: i64 },
+    #[error("database write failed: {0}")]
+    Write(String),
+    #[error("the ledger's writer has stopped")]
+    Closed,
+    #[error("the ledger's write queue is full; a record was dropped")]
+    QueueFull,
 }
 
 /// A node's database.
 #[derive(Debug)]
 pub struct Ledger {
-    conn: Mutex<Connection>,
+    /// The read connection.
+    reader: Mutex<Connection>,
+    /// Queue of the writer thread.
+    writes: tokio::sync::mpsc::Sender<Op>,
     /// Dropping this stops the checkpoint thread.
     _checkpointer: Option<mpsc::Sender<()>>,
 }
 
+/// Writes queued for the writer thread; beyond this, writes fail with
+/// [`LedgerError::QueueFull`] rather than block the caller.
+const WRITE_QUEUE: usize = 65_536;
+
+/// A queued write. Await it to learn that the write is committed (and
+/// durable); drop it to go on without waiting. Writes commit in the order
+/// they were queued either way.
+#[must_use = "await the write to know it is committed, or `detach` it"]
+#[derive(Debug)]
+pub struct Committed(Result<oneshot::Receiver<Result<(), LedgerError>>, Option<LedgerError>>);
+
+impl Committed {
+    /// Goes on without waiting for the commit; logs a write that could not
+    /// even be queued.
+    pub fn detach(self) {
+        if let Err(Some(error)) = self.0 {
+            tracing::error!("ledger: {error}");
+        }
+    }
+}
+
+impl std::future::Future for Committed {
+    type Output = Result<(), LedgerError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        match &mut self.0 {
+            Ok(receiver) => std::pin::Pin::new(receiver)
+                .poll(cx)
+                .map(|r| r.unwrap_or(Err(LedgerError::Closed))),
+            Err(error) => std::task::Poll::Ready(Err(error.take().unwrap_or(LedgerError::Closed))),
+        }
+    }
+}
 /// How often the background thread moves the WAL into the database.
 const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
-/// Pages in the WAL before a writer checkpoints by itself: a safety net in
+/// Pages in the WAL before the writer checkpoints by itself: a safety net in
 /// case the background thread falls behind.
 const AUTOCHECKPOINT_PAGES: i64 = 20_000;
 
@@ -61,7 +118,7 @@ pub enum TaskState {
 }
 
 impl TaskState {
-    fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             TaskState::Running => "running",
             TaskState::Exited => "exited",
@@ -165,7 +222,7 @@ pub enum ReceiptRole {
 }
 
 impl ReceiptRole {
-    fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             ReceiptRole::Issued => "issued",
             ReceiptRole::Received => "received",
@@ -186,74 +243,85 @@ impl Ledger {
     /// schema up to date. Tasks left running by a previous daemon are marked
     /// interrupted.
     pub fn open(path: &Path) -> Result<Self, LedgerError> {
-        let mut ledger = Self::init(Connection::open(path)?)?;
+        let writer = Connection::open(path)?;
+        let reader = Connection::open(path)?;
+        let mut ledger = Self::init(writer, reader)?;
         ledger._checkpointer = Some(spawn_checkpointer(path)?);
         Ok(ledger)
     }
 
     /// A private database in memory, for tests.
     pub fn open_in_memory() -> Result<Self, LedgerError> {
-        Self::init(Connection::open_in_memory()?)
+        // A shared-cache URI so the reader sees the writer's database.
+        let uri = format!(
+            "file:spare-ledger-{}?mode=memory&cache=shared",
+            rand::random::<u64>()
+        );
+        let flags = rusqlite::OpenFlags::default() | rusqlite::OpenFlags::SQLITE_OPEN_URI;
+        let writer = Connection::open_with_flags(&uri, flags)?;
+        let reader = Connection::open_with_flags(&uri, flags)?;
+        Self::init(writer, reader)
     }
 
-    fn init(conn: Connection) -> Result<Self, LedgerError> {
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
-        // Checkpoints fsync; a background thread runs them so that a writer
-        // on the task path never waits for the disk (see `spawn_checkpointer`).
-        conn.pragma_update(None, "wal_autocheckpoint", AUTOCHECKPOINT_PAGES)?;
-        conn.pragma_update(None, "foreign_keys", "ON")?;
-        conn.busy_timeout(Duration::from_secs(5))?;
-        migrate(&conn)?;
-        conn.execute(
+    fn init(writer: Connection, reader: Connection) -> Result<Self, LedgerError> {
+        writer.pragma_update(None, "journal_mode", "WAL")?;
+        writer.pragma_update(None, "synchronous", "NORMAL")?;
+        writer.pragma_update(None, "wal_autocheckpoint", AUTOCHECKPOINT_PAGES)?;
+        writer.busy_timeout(Duration::from_secs(5))?;
+        reader.busy_timeout(Duration::from_secs(5))?;
+        migrate(&writer)?;
+        let now = spare_core::now_ms() as i64;
+        writer.execute(
             "UPDATE requested SET state = 'interrupted', finished_ms = ?1 WHERE state = 'running'",
-            params![spare_core::now_ms() as i64],
+            params![now],
         )?;
-        conn.execute(
+        writer.execute(
             "UPDATE hosted SET state = 'interrupted', finished_ms = ?1 WHERE state = 'running'",
-            params![spare_core::now_ms() as i64],
+            params![now],
         )?;
         Ok(Self {
-            conn: Mutex::new(conn),
+            reader: Mutex::new(reader),
+            writes: writer::spawn(writer, WRITE_QUEUE)?,
             _checkpointer: None,
         })
     }
 
-    fn conn(&self) -> MutexGuard<'_, Connection> {
-        // A panic while holding the lock cannot leave SQLite inconsistent:
-        // every statement is its own transaction.
-        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    fn reader(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave SQLite inconsistent.
+        self.reader.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues `write` for the writer thread.
+    fn write(&self, write: Write) -> Committed {
+        let (done, committed) = oneshot::channel();
+        match self.writes.try_send(Op { write, done }) {
+            Ok(()) => Committed(Ok(committed)),
+            Err(mpsc_error) => {
+                let error = match mpsc_error {
+                    tokio::sync::mpsc::error::TrySendError::Full(_) => LedgerError::QueueFull,
+                    tokio::sync::mpsc::error::TrySendError::Closed(_) => LedgerError::Closed,
+                };
+                Committed(Err(Some(error)))
+            }
+        }
     }
 
     /// Records a task this node is about to place.
-    pub fn task_submitted(
-        &self,
-        task: &TaskId,
-        name: &str,
-        module: &str,
-    ) -> Result<(), LedgerError> {
-        self.conn()
-            .prepare_cached(
-                "INSERT INTO requested (task, name, module, submitted_ms, state, attempts)
-             VALUES (?1, ?2, ?3, ?4, 'running', 0)",
-            )?
-            .execute(params![
-                task.to_string(),
-                name,
-                module,
-                spare_core::now_ms() as i64
-            ])?;
-        Ok(())
+    pub fn task_submitted(&self, task: &TaskId, name: &str, module: &str) -> Committed {
+        self.write(Write::TaskSubmitted {
+            task: task.to_string(),
+            name: name.to_owned(),
+            module: module.to_owned(),
+            at_ms: spare_core::now_ms(),
+        })
     }
 
     /// Records that an attempt of `task` went to `host`.
-    pub fn task_attempt(&self, task: &TaskId, host: &PeerId) -> Result<(), LedgerError> {
-        self.conn()
-            .prepare_cached(
-                "UPDATE requested SET attempts = attempts + 1, host = ?2 WHERE task = ?1",
-            )?
-            .execute(params![task.to_string(), host.to_string()])?;
-        Ok(())
+    pub fn task_attempt(&self, task: &TaskId, host: &PeerId) -> Committed {
+        self.write(Write::TaskAttempt {
+            task: task.to_string(),
+            host: host.to_string(),
+        })
     }
 
     /// Records how a requested task ended, with the host's verified receipt
@@ -262,69 +330,24 @@ impl Ledger {
         &self,
         task: &TaskId,
         ending: &Ending,
-        receipt: Option<(&Receipt, &SignedReceipt)>,
-    ) -> Result<(), LedgerError> {
-        let conn = self.conn();
-        let tx = conn.unchecked_transaction()?;
-        tx.prepare_cached(
-            "UPDATE requested SET state = ?2, exit_code = ?3, failure = ?4, fuel = ?5, wall_ms = ?6,
-                    finished_ms = ?7
-             WHERE task = ?1",
-        )?
-        .execute(params![
-            task.to_string(),
-            ending.state.as_str(),
-            ending.exit_code,
-            ending.failure,
-            ending.fuel as i64,
-            ending.wall_ms as i64,
-            spare_core::now_ms() as i64
-        ])?;
-        if let Some((receipt, signed)) = receipt {
-            insert_receipt(&tx, receipt, signed, ReceiptRole::Received)?;
-        }
-        tx.commit()?;
-        Ok(())
-    }
-
-    /// The `limit` most recently submitted tasks, newest first.
-    pub fn recent_tasks(&self, limit: u32) -> Result<Vec<RequestedTask>, LedgerError> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare_cached(&format!(
-            "{REQUESTED_COLUMNS} ORDER BY submitted_ms DESC, rowid DESC LIMIT ?1"
-        ))?;
-        let rows = stmt.query_map(params![limit], requested_row)?;
-        Ok(rows.collect::<Result<_, _>>()?)
-    }
-
-    /// One requested task by id.
-    pub fn requested_task(&self, task: &TaskId) -> Result<Option<RequestedTask>, LedgerError> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare_cached(&format!("{REQUESTED_COLUMNS} WHERE task = ?1"))?;
-        Ok(stmt
-            .query_row(params![task.to_string()], requested_row)
-            .optional()?)
+        receipt: Option<(Receipt, SignedReceipt)>,
+    ) -> Committed {
+        self.write(Write::TaskFinished {
+            task: task.to_string(),
+            ending: ending.clone(),
+            receipt: receipt.map(Box::new),
+            at_ms: spare_core::now_ms(),
+        })
     }
 
     /// Records that this node started a task for `requester`.
-    pub fn hosted_started(
-        &self,
-        task: &TaskId,
-        requester: &PeerId,
-        module: &str,
-    ) -> Result<(), LedgerError> {
-        self.conn()
-            .prepare_cached(
-                "INSERT OR REPLACE INTO hosted (task, requester, module, started_ms, state)
-             VALUES (?1, ?2, ?3, ?4, 'running')",
-            )?
-            .execute(params![
-                task.to_string(),
-                requester.to_string(),
-                module,
-                spare_core::now_ms() as i64
-            ])?;
-        Ok(())
+    pub fn hosted_started(&self, task: &TaskId, requester: &PeerId, module: &str) -> Committed {
+        self.write(Write::HostedStarted {
+            task: task.to_string(),
+            requester: requester.to_string(),
+            module: module.to_owned(),
+            at_ms: spare_core::now_ms(),
+        })
     }
 
     /// Records how a hosted task ended, with the receipt this node issued
@@ -334,35 +357,52 @@ impl Ledger {
         task: &TaskId,
         requester: &PeerId,
         ending: &Ending,
-        receipt: Option<(&Receipt, &SignedReceipt)>,
-    ) -> Result<(), LedgerError> {
-        let conn = self.conn();
-        let tx = conn.unchecked_transaction()?;
-        tx.prepare_cached(
-            "UPDATE hosted SET state = ?3, exit_code = ?4, failure = ?5, fuel = ?6, wall_ms = ?7,
-                    finished_ms = ?8
-             WHERE task = ?1 AND requester = ?2",
-        )?
-        .execute(params![
-            task.to_string(),
-            requester.to_string(),
-            ending.state.as_str(),
-            ending.exit_code,
-            ending.failure,
-            ending.fuel as i64,
-            ending.wall_ms as i64,
-            spare_core::now_ms() as i64
-        ])?;
-        if let Some((receipt, signed)) = receipt {
-            insert_receipt(&tx, receipt, signed, ReceiptRole::Issued)?;
-        }
-        tx.commit()?;
-        Ok(())
+        receipt: Option<(Receipt, SignedReceipt)>,
+    ) -> Committed {
+        self.write(Write::HostedFinished {
+            task: task.to_string(),
+            requester: requester.to_string(),
+            ending: ending.clone(),
+            receipt: receipt.map(Box::new),
+            at_ms: spare_core::now_ms(),
+        })
+    }
+
+    /// Stores a verified receipt. Storing the same receipt twice is a no-op.
+    pub fn store_receipt(
+        &self,
+        receipt: Receipt,
+        signed: SignedReceipt,
+        role: ReceiptRole,
+    ) -> Committed {
+        self.write(Write::Receipt {
+            receipt: Box::new((receipt, signed)),
+            role,
+        })
+    }
+
+    /// The `limit` most recently submitted tasks, newest first.
+    pub fn recent_tasks(&self, limit: u32) -> Result<Vec<RequestedTask>, LedgerError> {
+        let conn = self.reader();
+        let mut stmt = conn.prepare_cached(&format!(
+            "{REQUESTED_COLUMNS} ORDER BY submitted_ms DESC, rowid DESC LIMIT ?1"
+        ))?;
+        let rows = stmt.query_map(params![limit], requested_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// One requested task by id.
+    pub fn requested_task(&self, task: &TaskId) -> Result<Option<RequestedTask>, LedgerError> {
+        let conn = self.reader();
+        let mut stmt = conn.prepare_cached(&format!("{REQUESTED_COLUMNS} WHERE task = ?1"))?;
+        Ok(stmt
+            .query_row(params![task.to_string()], requested_row)
+            .optional()?)
     }
 
     /// The `limit` most recently started hosted tasks, newest first.
     pub fn recent_hosted(&self, limit: u32) -> Result<Vec<HostedTask>, LedgerError> {
-        let conn = self.conn();
+        let conn = self.reader();
         let mut stmt = conn.prepare_cached(
             "SELECT task, requester, module, started_ms, finished_ms, state, exit_code, failure, fuel,
                     wall_ms
@@ -385,21 +425,11 @@ impl Ledger {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    /// Stores a verified receipt. Storing the same receipt twice is a no-op.
-    pub fn store_receipt(
-        &self,
-        receipt: &Receipt,
-        signed: &SignedReceipt,
-        role: ReceiptRole,
-    ) -> Result<(), LedgerError> {
-        insert_receipt(&self.conn(), receipt, signed, role)
-    }
-
     /// Sums of the receipts in `role`.
     pub fn receipt_totals(&self, role: ReceiptRole) -> Result<ReceiptTotals, LedgerError> {
         let role = role.as_str();
         let totals = self
-            .conn()
+            .reader()
             .query_row(
                 "SELECT COUNT(*), COALESCE(SUM(fuel), 0), COALESCE(SUM(wall_ms), 0)
                  FROM receipts WHERE role = ?1",
@@ -423,7 +453,7 @@ impl Ledger {
         host: &PeerId,
     ) -> Result<Option<SignedReceipt>, LedgerError> {
         Ok(self
-            .conn()
+            .reader()
             .query_row(
                 "SELECT body, host_key, signature FROM receipts WHERE task = ?1 AND host = ?2",
                 params![task.to_string(), host.to_string()],
@@ -437,32 +467,6 @@ impl Ledger {
             )
             .optional()?)
     }
-}
-
-fn insert_receipt(
-    conn: &Connection,
-    receipt: &Receipt,
-    signed: &SignedReceipt,
-    role: ReceiptRole,
-) -> Result<(), LedgerError> {
-    conn.prepare_cached(
-        "INSERT OR IGNORE INTO receipts
-            (task, host, requester, role, fuel, wall_ms, finished_ms, body, host_key, signature)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-    )?
-    .execute(params![
-        receipt.task.to_string(),
-        receipt.host.to_string(),
-        receipt.requester.to_string(),
-        role.as_str(),
-        receipt.fuel as i64,
-        receipt.wall_ms as i64,
-        receipt.finished_ms as i64,
-        signed.body,
-        signed.host_key,
-        signed.signature
-    ])?;
-    Ok(())
 }
 
 const REQUESTED_COLUMNS: &str =
@@ -487,7 +491,7 @@ fn requested_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RequestedTask> {
 }
 
 /// Starts the thread that checkpoints the WAL every [`CHECKPOINT_INTERVAL`]
-/// on its own connection. Passive checkpoints never block writers.
+/// on its own connection. Passive checkpoints never block the writer.
 fn spawn_checkpointer(path: &Path) -> Result<mpsc::Sender<()>, LedgerError> {
     let conn = Connection::open(path)?;
     conn.busy_timeout(Duration::from_secs(5))?;
@@ -504,7 +508,7 @@ fn spawn_checkpointer(path: &Path) -> Result<mpsc::Sender<()>, LedgerError> {
             }
         });
     if let Err(e) = spawned {
-        // Writers still checkpoint by themselves past AUTOCHECKPOINT_PAGES.
+        // The writer still checkpoints by itself past AUTOCHECKPOINT_PAGES.
         tracing::warn!("no background ledger checkpoints: {e}");
     }
     Ok(stop)
@@ -584,15 +588,35 @@ mod tests {
         }
     }
 
-    #[test]
-    fn requested_tasks_move_through_their_states() {
+    fn signed_receipt(task: TaskId, requester: PeerId) -> (Receipt, SignedReceipt) {
+        let key = Keypair::generate_ed25519();
+        let receipt = Receipt {
+            task,
+            requester,
+            host: key.public().to_peer_id(),
+            module: BlobId::of(b"m"),
+            fuel: 100,
+            wall_ms: 3,
+            exit_code: Some(0),
+            finished_ms: 1,
+        };
+        let signed = SignedReceipt::sign(&receipt, &key).unwrap();
+        (receipt, signed)
+    }
+
+    #[tokio::test]
+    async fn requested_tasks_move_through_their_states() {
         let ledger = Ledger::open_in_memory().unwrap();
         let task = TaskId::random();
         let host = PeerId::random();
-        ledger.task_submitted(&task, "primes.wasm", "abc").unwrap();
-        ledger.task_attempt(&task, &host).unwrap();
+        ledger
+            .task_submitted(&task, "primes.wasm", "abc")
+            .await
+            .unwrap();
+        ledger.task_attempt(&task, &host).await.unwrap();
         ledger
             .task_finished(&task, &Ending::of(&outcome(3)), None)
+            .await
             .unwrap();
         let rec = ledger.requested_task(&task).unwrap().unwrap();
         assert_eq!(rec.state, TaskState::Exited);
@@ -603,9 +627,13 @@ mod tests {
 
         let failed = Outcome::failed(Failure::OutOfFuel { limit: 10 });
         let other = TaskId::random();
-        ledger.task_submitted(&other, "loop.wasm", "def").unwrap();
+        ledger
+            .task_submitted(&other, "loop.wasm", "def")
+            .await
+            .unwrap();
         ledger
             .task_finished(&other, &Ending::of(&failed), None)
+            .await
             .unwrap();
         let recent = ledger.recent_tasks(10).unwrap();
         assert_eq!(recent.len(), 2);
@@ -614,20 +642,24 @@ mod tests {
         assert_eq!(rec.failure.as_deref(), Some("ran out of fuel (limit 10)"));
     }
 
-    #[test]
-    fn a_restart_marks_running_tasks_interrupted_and_keeps_the_rest() {
+    #[tokio::test]
+    async fn a_restart_marks_running_tasks_interrupted_and_keeps_the_rest() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.db");
         let (running, done) = (TaskId::random(), TaskId::random());
         let requester = PeerId::random();
         {
             let ledger = Ledger::open(&path).unwrap();
-            ledger.task_submitted(&running, "a", "m").unwrap();
-            ledger.task_submitted(&done, "b", "m").unwrap();
+            ledger.task_submitted(&running, "a", "m").await.unwrap();
+            ledger.task_submitted(&done, "b", "m").await.unwrap();
             ledger
                 .task_finished(&done, &Ending::of(&outcome(0)), None)
+                .await
                 .unwrap();
-            ledger.hosted_started(&running, &requester, "m").unwrap();
+            ledger
+                .hosted_started(&running, &requester, "m")
+                .await
+                .unwrap();
         }
         let ledger = Ledger::open(&path).unwrap();
         let state = |t: &TaskId| ledger.requested_task(t).unwrap().unwrap().state;
@@ -639,27 +671,16 @@ mod tests {
         );
     }
 
-    #[test]
-    fn receipts_are_stored_once_and_summed() {
+    #[tokio::test]
+    async fn receipts_are_stored_once_and_summed() {
         let ledger = Ledger::open_in_memory().unwrap();
-        let key = Keypair::generate_ed25519();
-        let receipt = Receipt {
-            task: TaskId::random(),
-            requester: PeerId::random(),
-            host: key.public().to_peer_id(),
-            module: BlobId::of(b"m"),
-            fuel: 100,
-            wall_ms: 3,
-            exit_code: Some(0),
-            finished_ms: 1,
-        };
-        let signed = SignedReceipt::sign(&receipt, &key).unwrap();
-        ledger
-            .store_receipt(&receipt, &signed, ReceiptRole::Issued)
-            .unwrap();
-        ledger
-            .store_receipt(&receipt, &signed, ReceiptRole::Issued)
-            .unwrap();
+        let (receipt, signed) = signed_receipt(TaskId::random(), PeerId::random());
+        for _ in 0..2 {
+            ledger
+                .store_receipt(receipt.clone(), signed.clone(), ReceiptRole::Issued)
+                .await
+                .unwrap();
+        }
         let totals = ledger.receipt_totals(ReceiptRole::Issued).unwrap();
         assert_eq!(
             totals,
@@ -678,6 +699,60 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(back.verify().unwrap(), receipt);
+    }
+
+    #[tokio::test]
+    async fn a_hosted_task_and_its_receipt_are_committed_together() {
+        let ledger = Ledger::open_in_memory().unwrap();
+        let (task, requester) = (TaskId::random(), PeerId::random());
+        ledger.hosted_started(&task, &requester, "m").await.unwrap();
+        let receipt = signed_receipt(task, requester);
+        ledger
+            .hosted_finished(&task, &requester, &Ending::of(&outcome(0)), Some(receipt))
+            .await
+            .unwrap();
+        let hosted = &ledger.recent_hosted(1).unwrap()[0];
+        assert_eq!(hosted.state, TaskState::Exited);
+        assert_eq!(ledger.receipt_totals(ReceiptRole::Issued).unwrap().count, 1);
+    }
+
+    #[tokio::test]
+    async fn concurrent_writes_are_grouped_and_all_land() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = std::sync::Arc::new(Ledger::open(&dir.path().join("state.db")).unwrap());
+        let mut writers = Vec::new();
+        for _ in 0..500 {
+            let ledger = std::sync::Arc::clone(&ledger);
+            writers.push(tokio::spawn(async move {
+                let task = TaskId::random();
+                ledger.task_submitted(&task, "t", "m").await.unwrap();
+                ledger
+                    .task_finished(&task, &Ending::of(&outcome(0)), None)
+                    .await
+                    .unwrap();
+            }));
+        }
+        for writer in writers {
+            writer.await.unwrap();
+        }
+        let tasks = ledger.recent_tasks(1000).unwrap();
+        assert_eq!(tasks.len(), 500);
+        assert!(tasks.iter().all(|t| t.state == TaskState::Exited));
+    }
+
+    #[tokio::test]
+    async fn a_failed_write_fails_alone() {
+        let ledger = Ledger::open_in_memory().unwrap();
+        let task = TaskId::random();
+        ledger.task_submitted(&task, "t", "m").await.unwrap();
+        // The same task id twice violates the primary key.
+        let duplicate = ledger.task_submitted(&task, "t", "m");
+        let other = TaskId::random();
+        let fine = ledger.task_submitted(&other, "u", "m");
+        let (duplicate, fine) = tokio::join!(duplicate, fine);
+        assert!(matches!(duplicate, Err(LedgerError::Write(_))));
+        assert!(fine.is_ok());
+        assert!(ledger.requested_task(&other).unwrap().is_some());
     }
 
     #[test]

@@ -72,7 +72,10 @@ async fn run_for_peer(node: &Node, peer: PeerId, spec: TaskSpec) -> TaskResponse
     };
     let spec = &_registered.key.1;
     let module = spec.module.id.to_string();
-    log_err(node.ledger().hosted_started(&spec.id, &peer, &module));
+    // Not awaited: the finish below commits after it in any case.
+    node.ledger()
+        .hosted_started(&spec.id, &peer, &module)
+        .detach();
 
     let outcome = match prepare(node, peer, spec).await {
         Ok(job) => {
@@ -86,12 +89,11 @@ async fn run_for_peer(node: &Node, peer: PeerId, spec: TaskSpec) -> TaskResponse
             }
         }
         Err(refusal) => {
-            log_err(node.ledger().hosted_finished(
-                &spec.id,
-                &peer,
-                &Ending::failed(refusal.to_string()),
-                None,
-            ));
+            log_err(
+                node.ledger()
+                    .hosted_finished(&spec.id, &peer, &Ending::failed(refusal.to_string()), None)
+                    .await,
+            );
             return TaskResponse::Refused(refusal);
         }
     };
@@ -109,12 +111,17 @@ async fn run_for_peer(node: &Node, peer: PeerId, spec: TaskSpec) -> TaskResponse
         Ok(signed) => signed,
         Err(e) => return TaskResponse::Refused(Refusal::Unavailable(e.to_string())),
     };
-    log_err(node.ledger().hosted_finished(
-        &spec.id,
-        &peer,
-        &Ending::of(&outcome),
-        Some((&receipt, &signed)),
-    ));
+    // Durable before the requester hears of it.
+    log_err(
+        node.ledger()
+            .hosted_finished(
+                &spec.id,
+                &peer,
+                &Ending::of(&outcome),
+                Some((receipt, signed.clone())),
+            )
+            .await,
+    );
     tracing::debug!(%peer, task = %spec.id, status = ?outcome.status, fuel = outcome.fuel, "hosted task finished");
     TaskResponse::Done(Report {
         task: spec.id,

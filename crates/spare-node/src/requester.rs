@@ -104,12 +104,10 @@ pub async fn run(
             task: spec.id.to_string(),
         })
         .await;
-    if let Err(e) = node
-        .ledger()
+    // Not awaited: later writes of this task commit after it in any case.
+    node.ledger()
         .task_submitted(&spec.id, &spec.name, &spec.module.id.to_string())
-    {
-        tracing::error!("ledger: {e}");
-    }
+        .detach();
     let closed = events.clone();
     let watch = token.clone();
     // The client closing its stream cancels the task, as Ctrl-C would.
@@ -127,10 +125,11 @@ pub async fn run(
         },
         Placement::Auto => run_remote(&node, &spec, None, &token, &events).await,
     };
-    let receipt = ended.receipt.as_ref().map(|(r, s)| (r, s));
+    // Durable before the client hears of it.
     if let Err(e) = node
         .ledger()
-        .task_finished(&spec.id, &ended.ending, receipt)
+        .task_finished(&spec.id, &ended.ending, ended.receipt)
+        .await
     {
         tracing::error!("ledger: {e}");
     }
@@ -151,9 +150,9 @@ pub fn cancel(node: &Node, task: &TaskId) -> bool {
 }
 
 async fn run_local(node: &Node, spec: &TaskSpec, token: &CancellationToken) -> Ended {
-    if let Err(e) = node.ledger().task_attempt(&spec.id, &node.peer_id()) {
-        tracing::error!("ledger: {e}");
-    }
+    node.ledger()
+        .task_attempt(&spec.id, &node.peer_id())
+        .detach();
     let outcome = node
         .pool()
         .run(job_for(spec, node.blobs()), token.clone())
@@ -249,9 +248,7 @@ async fn run_remote(
         };
         attempt += 1;
         tried.push(host);
-        if let Err(e) = node.ledger().task_attempt(&spec.id, &host) {
-            tracing::error!("ledger: {e}");
-        }
+        node.ledger().task_attempt(&spec.id, &host).detach();
         let _ = events
             .send(TaskEvent::Placed {
                 attempt,

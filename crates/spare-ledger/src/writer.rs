@@ -1,0 +1,225 @@
+//! The writer thread: one connection, group commit.
+//!
+//! It takes the first queued write, drains whatever else is already
+//! queued (up to [`MAX_BATCH`]), applies them all in one transaction,
+//! commits, and answers every caller. A failed statement fails only its own
+//! write; a failed commit fails the whole batch.
+
+use rusqlite::{Connection, params};
+use spare_core::{Receipt, SignedReceipt};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::{Ending, LedgerError, ReceiptRole};
+
+/// Writes committed together at most.
+const MAX_BATCH: usize = 512;
+
+/// One write and the caller waiting for it.
+#[derive(Debug)]
+pub(crate) struct Op {
+    pub(crate) write: Write,
+    pub(crate) done: oneshot::Sender<Result<(), LedgerError>>,
+}
+
+/// Every kind of write. Fields are owned so the op can cross threads.
+#[derive(Debug)]
+pub(crate) enum Write {
+    TaskSubmitted {
+        task: String,
+        name: String,
+        module: String,
+        at_ms: u64,
+    },
+    TaskAttempt {
+        task: String,
+        host: String,
+    },
+    TaskFinished {
+        task: String,
+        ending: Ending,
+        receipt: Option<Box<(Receipt, SignedReceipt)>>,
+        at_ms: u64,
+    },
+    HostedStarted {
+        task: String,
+        requester: String,
+        module: String,
+        at_ms: u64,
+    },
+    HostedFinished {
+        task: String,
+        requester: String,
+        ending: Ending,
+        receipt: Option<Box<(Receipt, SignedReceipt)>>,
+        at_ms: u64,
+    },
+    Receipt {
+        receipt: Box<(Receipt, SignedReceipt)>,
+        role: ReceiptRole,
+    },
+}
+
+/// Starts the writer thread on `conn`; it stops when every sender is gone.
+pub(crate) fn spawn(conn: Connection, queue: usize) -> Result<mpsc::Sender<Op>, LedgerError> {
+    let (tx, rx) = mpsc::channel(queue);
+    std::thread::Builder::new()
+        .name("ledger-writer".into())
+        .spawn(move || run(&conn, rx))
+        .map_err(|e| LedgerError::Write(format!("cannot start the writer thread: {e}")))?;
+    Ok(tx)
+}
+
+fn run(conn: &Connection, mut rx: mpsc::Receiver<Op>) {
+    while let Some(first) = rx.blocking_recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
+        }
+        let committed = commit(conn, &batch);
+        for (op, result) in batch.into_iter().zip(committed) {
+            // The caller may have stopped waiting; the write stands anyway.
+            let _ = op.done.send(result);
+        }
+    }
+}
+
+/// Applies `batch` in one transaction; returns each write's result.
+fn commit(conn: &Connection, batch: &[Op]) -> Vec<Result<(), LedgerError>> {
+    let tx = match conn.unchecked_transaction() {
+        Ok(tx) => tx,
+        Err(e) => {
+            return batch
+                .iter()
+                .map(|_| Err(LedgerError::Write(e.to_string())))
+                .collect();
+        }
+    };
+    let mut results: Vec<Result<(), LedgerError>> = batch
+        .iter()
+        .map(|op| apply(&tx, &op.write).map_err(|e| LedgerError::Write(e.to_string())))
+        .collect();
+    if let Err(e) = tx.commit() {
+        let message = e.to_string();
+        results = batch
+            .iter()
+            .map(|_| Err(LedgerError::Write(message.clone())))
+            .collect();
+    }
+    results
+}
+
+fn apply(conn: &Connection, write: &Write) -> rusqlite::Result<()> {
+    match write {
+        Write::TaskSubmitted {
+            task,
+            name,
+            module,
+            at_ms,
+        } => {
+            conn.prepare_cached(
+                "INSERT INTO requested (task, name, module, submitted_ms, state, attempts)
+                 VALUES (?1, ?2, ?3, ?4, 'running', 0)",
+            )?
+            .execute(params![task, name, module, *at_ms as i64])?;
+        }
+        Write::TaskAttempt { task, host } => {
+            conn.prepare_cached(
+                "UPDATE requested SET attempts = attempts + 1, host = ?2 WHERE task = ?1",
+            )?
+            .execute(params![task, host])?;
+        }
+        Write::TaskFinished {
+            task,
+            ending,
+            receipt,
+            at_ms,
+        } => {
+            conn.prepare_cached(
+                "UPDATE requested SET state = ?2, exit_code = ?3, failure = ?4, fuel = ?5, wall_ms = ?6,
+                        finished_ms = ?7
+                 WHERE task = ?1",
+            )?
+            .execute(params![
+                task,
+                ending.state.as_str(),
+                ending.exit_code,
+                ending.failure,
+                ending.fuel as i64,
+                ending.wall_ms as i64,
+                *at_ms as i64
+            ])?;
+            if let Some(receipt) = receipt {
+                insert_receipt(conn, &receipt.0, &receipt.1, ReceiptRole::Received)?;
+            }
+        }
+        Write::HostedStarted {
+            task,
+            requester,
+            module,
+            at_ms,
+        } => {
+            conn.prepare_cached(
+                "INSERT OR REPLACE INTO hosted (task, requester, module, started_ms, state)
+                 VALUES (?1, ?2, ?3, ?4, 'running')",
+            )?
+            .execute(params![task, requester, module, *at_ms as i64])?;
+        }
+        Write::HostedFinished {
+            task,
+            requester,
+            ending,
+            receipt,
+            at_ms,
+        } => {
+            conn.prepare_cached(
+                "UPDATE hosted SET state = ?3, exit_code = ?4, failure = ?5, fuel = ?6, wall_ms = ?7,
+                        finished_ms = ?8
+                 WHERE task = ?1 AND requester = ?2",
+            )?
+            .execute(params![
+                task,
+                requester,
+                ending.state.as_str(),
+                ending.exit_code,
+                ending.failure,
+                ending.fuel as i64,
+                ending.wall_ms as i64,
+                *at_ms as i64
+            ])?;
+            if let Some(receipt) = receipt {
+                insert_receipt(conn, &receipt.0, &receipt.1, ReceiptRole::Issued)?;
+            }
+        }
+        Write::Receipt { receipt, role } => insert_receipt(conn, &receipt.0, &receipt.1, *role)?,
+    }
+    Ok(())
+}
+
+fn insert_receipt(
+    conn: &Connection,
+    receipt: &Receipt,
+    signed: &SignedReceipt,
+    role: ReceiptRole,
+) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "INSERT OR IGNORE INTO receipts
+            (task, host, requester, role, fuel, wall_ms, finished_ms, body, host_key, signature)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+    )?
+    .execute(params![
+        receipt.task.to_string(),
+        receipt.host.to_string(),
+        receipt.requester.to_string(),
+        role.as_str(),
+        receipt.fuel as i64,
+        receipt.wall_ms as i64,
+        receipt.finished_ms as i64,
+        signed.body,
+        signed.host_key,
+        signed.signature
+    ])?;
+    Ok(())
+}
