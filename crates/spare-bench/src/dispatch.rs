@@ -155,6 +155,7 @@ pub(crate) async fn run_once(client: &Client, submission: &Submission) -> Result
                     "task failed: {:?}",
                     result.failure
                 );
+                events.close().await?;
                 return Ok(result);
             }
             Some(TaskEvent::Failed { error }) => bail!("task failed: {error}"),

@@ -87,15 +87,13 @@ fn main() -> ExitCode {
         paths,
         data_dir: cli.data_dir.clone(),
     };
-    // The daemon spreads its work over every core; a client command does
-    // one thing at a time, and on one thread it saves the cross-thread
-    // wake-ups that would dominate its latency.
-    let mut builder = if matches!(cli.command, Command::Up(_)) {
-        tokio::runtime::Builder::new_multi_thread()
-    } else {
-        tokio::runtime::Builder::new_current_thread()
-    };
-    let runtime = match builder.enable_all().build() {
+    // One thread for async work, the daemon included: its work is I/O bound,
+    // and one thread saves the cross-thread wake-ups that would dominate its
+    // latency (see ARCHITECTURE.md). Blocking work has threads of its own.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(e) => return output::fail(&anyhow::anyhow!("cannot start the async runtime: {e}")),
     };

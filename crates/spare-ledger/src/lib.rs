@@ -56,7 +56,7 @@ pub struct Ledger {
     /// The read connection.
     reader: Mutex<Connection>,
     /// Queue of the writer thread.
-    writes: tokio::sync::mpsc::Sender<Op>,
+    writes: mpsc::SyncSender<Op>,
     /// Dropping this stops the checkpoint thread.
     _checkpointer: Option<mpsc::Sender<()>>,
 }
@@ -298,8 +298,8 @@ impl Ledger {
             Ok(()) => Committed(Ok(committed)),
             Err(mpsc_error) => {
                 let error = match mpsc_error {
-                    tokio::sync::mpsc::error::TrySendError::Full(_) => LedgerError::QueueFull,
-                    tokio::sync::mpsc::error::TrySendError::Closed(_) => LedgerError::Closed,
+                    mpsc::TrySendError::Full(_) => LedgerError::QueueFull,
+                    mpsc::TrySendError::Disconnected(_) => LedgerError::Closed,
                 };
                 Committed(Err(Some(error)))
             }
@@ -384,9 +384,8 @@ impl Ledger {
     /// The `limit` most recently submitted tasks, newest first.
     pub fn recent_tasks(&self, limit: u32) -> Result<Vec<RequestedTask>, LedgerError> {
         let conn = self.reader();
-        let mut stmt = conn.prepare_cached(&format!(
-            "{REQUESTED_COLUMNS} ORDER BY submitted_ms DESC, rowid DESC LIMIT ?1"
-        ))?;
+        let mut stmt =
+            conn.prepare_cached(&format!("{REQUESTED_COLUMNS} ORDER BY rowid DESC LIMIT ?1"))?;
         let rows = stmt.query_map(params![limit], requested_row)?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
@@ -406,7 +405,7 @@ impl Ledger {
         let mut stmt = conn.prepare_cached(
             "SELECT task, requester, module, started_ms, finished_ms, state, exit_code, failure, fuel,
                     wall_ms
-             FROM hosted ORDER BY started_ms DESC, rowid DESC LIMIT ?1",
+             FROM hosted ORDER BY rowid DESC LIMIT ?1",
         )?;
         let rows = stmt.query_map(params![limit], |r| {
             Ok(HostedTask {
@@ -515,6 +514,11 @@ fn spawn_checkpointer(path: &Path) -> Result<mpsc::Sender<()>, LedgerError> {
 }
 
 /// Brings the schema from whatever version the file has to [`SCHEMA_VERSION`].
+///
+/// Rows are only ever appended, so rowid order is submission order: the
+/// listings need no time index, and every insert touches one b-tree less.
+/// Receipts are looked up by their key only, so they live in a `WITHOUT
+/// ROWID` table: one b-tree instead of a table and its key index.
 fn migrate(conn: &Connection) -> Result<(), LedgerError> {
     let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     if version > SCHEMA_VERSION {
@@ -537,7 +541,6 @@ fn migrate(conn: &Connection) -> Result<(), LedgerError> {
                  fuel INTEGER,
                  wall_ms INTEGER
              );
-             CREATE INDEX requested_by_time ON requested (submitted_ms);
              CREATE TABLE hosted (
                  task TEXT NOT NULL,
                  requester TEXT NOT NULL,
@@ -551,7 +554,6 @@ fn migrate(conn: &Connection) -> Result<(), LedgerError> {
                  wall_ms INTEGER,
                  PRIMARY KEY (requester, task)
              );
-             CREATE INDEX hosted_by_time ON hosted (started_ms);
              CREATE TABLE receipts (
                  task TEXT NOT NULL,
                  host TEXT NOT NULL,
@@ -564,7 +566,7 @@ fn migrate(conn: &Connection) -> Result<(), LedgerError> {
                  host_key BLOB NOT NULL,
                  signature BLOB NOT NULL,
                  PRIMARY KEY (task, host)
-             );
+             ) WITHOUT ROWID;
              PRAGMA user_version = 1;
              COMMIT;",
         )?;

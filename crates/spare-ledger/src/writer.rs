@@ -2,17 +2,26 @@
 //!
 //! It takes the first queued write, drains whatever else is already
 //! queued (up to [`MAX_BATCH`]), applies them all in one transaction,
-//! commits, and answers every caller. A failed statement fails only its own
-//! write; a failed commit fails the whole batch.
+//! commits, and answers every caller. Under load (the previous batch had
+//! more than one caller waiting for it), and for writes nobody waits for, it
+//! lingers up to [`LINGER`] for more, so one commit serves many tasks; a
+//! lone caller on a quiet node is never kept waiting. A failed
+//! statement fails only its own write; a failed commit fails the whole
+//! batch.
+
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, params};
 use spare_core::{Receipt, SignedReceipt};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use crate::{Ending, LedgerError, ReceiptRole};
 
 /// Writes committed together at most.
 const MAX_BATCH: usize = 512;
+/// How long a busy writer waits for more writes before committing.
+const LINGER: Duration = Duration::from_micros(500);
 
 /// One write and the caller waiting for it.
 #[derive(Debug)]
@@ -60,17 +69,20 @@ pub(crate) enum Write {
 }
 
 /// Starts the writer thread on `conn`; it stops when every sender is gone.
-pub(crate) fn spawn(conn: Connection, queue: usize) -> Result<mpsc::Sender<Op>, LedgerError> {
-    let (tx, rx) = mpsc::channel(queue);
+pub(crate) fn spawn(conn: Connection, queue: usize) -> Result<mpsc::SyncSender<Op>, LedgerError> {
+    let (tx, rx) = mpsc::sync_channel(queue);
     std::thread::Builder::new()
         .name("ledger-writer".into())
-        .spawn(move || run(&conn, rx))
+        .spawn(move || run(&conn, &rx))
         .map_err(|e| LedgerError::Write(format!("cannot start the writer thread: {e}")))?;
     Ok(tx)
 }
 
-fn run(conn: &Connection, mut rx: mpsc::Receiver<Op>) {
-    while let Some(first) = rx.blocking_recv() {
+fn run(conn: &Connection, rx: &mpsc::Receiver<Op>) {
+    // Whether the previous batch had several callers waiting: the node is
+    // busy, and waiting a little gathers many tasks into one commit.
+    let mut busy = false;
+    while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
@@ -78,12 +90,34 @@ fn run(conn: &Connection, mut rx: mpsc::Receiver<Op>) {
                 Err(_) => break,
             }
         }
+        // A lone caller on a quiet node is never kept waiting; writes that
+        // nobody waits for can wait for company.
+        if busy || waiting(&batch) != 1 {
+            let deadline = Instant::now() + LINGER;
+            while batch.len() < MAX_BATCH {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match rx.recv_timeout(left) {
+                    Ok(op) => batch.push(op),
+                    Err(_) => break,
+                }
+                if !busy && waiting(&batch) == 1 {
+                    break;
+                }
+            }
+        }
+        busy = waiting(&batch) > 1;
         let committed = commit(conn, &batch);
         for (op, result) in batch.into_iter().zip(committed) {
             // The caller may have stopped waiting; the write stands anyway.
             let _ = op.done.send(result);
         }
     }
+}
+
+/// Writes in `batch` whose caller waits for the commit (detached writes
+/// dropped their receiver).
+fn waiting(batch: &[Op]) -> usize {
+    batch.iter().filter(|op| !op.done.is_closed()).count()
 }
 
 /// Applies `batch` in one transaction; returns each write's result.

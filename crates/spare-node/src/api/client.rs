@@ -1,25 +1,44 @@
 //! A small HTTP client for the daemon's Unix-socket API, used by the CLI,
 //! the demo and the benchmarks.
+//!
+//! Connections are kept alive and reused: a request takes an idle
+//! connection if there is one and gives it back once its response has been
+//! read to the end.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
-use crate::api::types::ErrorBody;
 use anyhow::{Context, Result, anyhow, bail};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::net::UnixStream;
 
-/// Talks to one daemon.
+use crate::api::types::ErrorBody;
+
+/// Idle connections kept for reuse.
+const MAX_IDLE: usize = 16;
+
+type Sender = SendRequest<Full<Bytes>>;
+
+/// Talks to one daemon. Clones share their idle connections.
 #[derive(Clone, Debug)]
 pub struct Client {
     socket: PathBuf,
     /// How to start the daemon, for the error shown when none is running.
     up_hint: String,
+    idle: Arc<Mutex<Vec<Sender>>>,
+}
+
+/// A response and the connection to give back once its body is read.
+struct Exchange {
+    response: Response<Incoming>,
+    sender: Sender,
 }
 
 impl Client {
@@ -27,15 +46,26 @@ impl Client {
         Self {
             socket: socket.to_path_buf(),
             up_hint,
+            idle: Arc::default(),
         }
     }
 
-    async fn send(
-        &self,
-        method: Method,
-        path: &str,
-        body: Option<(Bytes, &str)>,
-    ) -> Result<Response<Incoming>> {
+    /// An idle connection that is still open, or a new one.
+    async fn sender(&self) -> Result<Sender> {
+        loop {
+            let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+            match idle {
+                Some(mut sender) => {
+                    if !sender.is_closed() && sender.ready().await.is_ok() {
+                        return Ok(sender);
+                    }
+                }
+                None => return self.connect().await,
+            }
+        }
+    }
+
+    async fn connect(&self) -> Result<Sender> {
         let stream = UnixStream::connect(&self.socket).await.map_err(|e| {
             use std::io::ErrorKind::{ConnectionRefused, NotFound};
             if matches!(e.kind(), NotFound | ConnectionRefused) {
@@ -51,12 +81,30 @@ impl Client {
                 )
             }
         })?;
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .context("cannot talk to the daemon")?;
         tokio::spawn(async move {
             let _ = connection.await;
         });
+        Ok(sender)
+    }
+
+    /// Gives a connection back for reuse, once its last response was read.
+    fn release(&self, sender: Sender) {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if !sender.is_closed() && idle.len() < MAX_IDLE {
+            idle.push(sender);
+        }
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<(Bytes, &str)>,
+    ) -> Result<Exchange> {
+        let mut sender = self.sender().await?;
         let mut request = Request::builder()
             .method(method)
             .uri(path)
@@ -72,16 +120,23 @@ impl Client {
             .send_request(request.body(body)?)
             .await
             .context("the daemon closed the connection")?;
-        Ok(response)
+        Ok(Exchange { response, sender })
     }
 
-    /// Turns an error response into the daemon's message.
-    async fn check(response: Response<Incoming>) -> Result<Response<Incoming>> {
-        if response.status().is_success() {
-            return Ok(response);
+    /// Reads a whole response body and gives the connection back.
+    async fn body(&self, exchange: Exchange) -> Result<(StatusCode, Bytes)> {
+        let status = exchange.response.status();
+        let body = exchange.response.into_body().collect().await?.to_bytes();
+        self.release(exchange.sender);
+        Ok((status, body))
+    }
+
+    /// The body of a successful response, or the daemon's error message.
+    async fn success(&self, exchange: Exchange) -> Result<Bytes> {
+        let (status, body) = self.body(exchange).await?;
+        if status.is_success() {
+            return Ok(body);
         }
-        let status = response.status();
-        let body = response.into_body().collect().await?.to_bytes();
         match serde_json::from_slice::<ErrorBody>(&body) {
             Ok(err) => bail!("{}", err.error),
             Err(_) => bail!(
@@ -92,26 +147,27 @@ impl Client {
     }
 
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
-        let response = Self::check(self.send(Method::GET, path, None).await?).await?;
-        let body = response.into_body().collect().await?.to_bytes();
+        let body = self
+            .success(self.send(Method::GET, path, None).await?)
+            .await?;
         serde_json::from_slice(&body).context("the daemon sent an unreadable answer")
     }
 
     pub async fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T> {
         let json = Bytes::from(serde_json::to_vec(body)?);
-        let response = Self::check(
-            self.send(Method::POST, path, Some((json, "application/json")))
-                .await?,
-        )
-        .await?;
-        let body = response.into_body().collect().await?.to_bytes();
+        let exchange = self
+            .send(Method::POST, path, Some((json, "application/json")))
+            .await?;
+        let body = self.success(exchange).await?;
         serde_json::from_slice(&body).context("the daemon sent an unreadable answer")
     }
 
     /// Whether the daemon has the blob at `path`.
     pub async fn exists(&self, path: &str) -> Result<bool> {
-        let response = self.send(Method::HEAD, path, None).await?;
-        match response.status() {
+        let (status, _) = self
+            .body(self.send(Method::HEAD, path, None).await?)
+            .await?;
+        match status {
             StatusCode::OK => Ok(true),
             StatusCode::NOT_FOUND => Ok(false),
             other => bail!("the daemon answered {other}"),
@@ -119,25 +175,27 @@ impl Client {
     }
 
     pub async fn put(&self, path: &str, bytes: Bytes) -> Result<()> {
-        Self::check(
-            self.send(Method::PUT, path, Some((bytes, "application/octet-stream")))
-                .await?,
-        )
-        .await?;
+        let exchange = self
+            .send(Method::PUT, path, Some((bytes, "application/octet-stream")))
+            .await?;
+        self.success(exchange).await?;
         Ok(())
     }
 
     /// POSTs `body` and returns a reader of the NDJSON lines of the answer.
     pub async fn post_stream<B: Serialize>(&self, path: &str, body: &B) -> Result<LineStream> {
         let json = Bytes::from(serde_json::to_vec(body)?);
-        let response = Self::check(
-            self.send(Method::POST, path, Some((json, "application/json")))
-                .await?,
-        )
-        .await?;
+        let exchange = self
+            .send(Method::POST, path, Some((json, "application/json")))
+            .await?;
+        if !exchange.response.status().is_success() {
+            self.success(exchange).await?;
+            bail!("the daemon refused the request");
+        }
         Ok(LineStream {
-            body: response.into_body(),
+            body: exchange.response.into_body(),
             buffer: Vec::new(),
+            connection: Some((self.clone(), exchange.sender)),
         })
     }
 }
@@ -147,9 +205,18 @@ impl Client {
 pub struct LineStream {
     body: Incoming,
     buffer: Vec<u8>,
+    /// Given back to the client when the body ends.
+    connection: Option<(Client, Sender)>,
 }
 
 impl LineStream {
+    /// Reads the rest of the stream and gives its connection back for
+    /// reuse.
+    pub async fn close(mut self) -> Result<()> {
+        while self.next::<serde_json::Value>().await?.is_some() {}
+        Ok(())
+    }
+
     /// The next line parsed as JSON, or `None` at the end.
     pub async fn next<T: DeserializeOwned>(&mut self) -> Result<Option<T>> {
         loop {
@@ -165,7 +232,12 @@ impl LineStream {
                         self.buffer.extend_from_slice(&data);
                     }
                 }
-                None => return Ok(None),
+                None => {
+                    if let Some((client, sender)) = self.connection.take() {
+                        client.release(sender);
+                    }
+                    return Ok(None);
+                }
             }
         }
     }
