@@ -67,6 +67,22 @@ impl Env {
 }
 
 fn main() -> ExitCode {
+    // A fresh process running the sandbox once, for the guest benchmark.
+    let raw: Vec<String> = std::env::args().collect();
+    if raw.get(1).map(String::as_str) == Some(guest::SANDBOX_ONCE) {
+        return match raw.as_slice() {
+            [_, _, cache, wasm, rounds] => {
+                match guest::sandbox_once(Path::new(cache), Path::new(wasm), rounds) {
+                    Ok(_) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        eprintln!("spare-bench: error: {e:#}");
+                        ExitCode::FAILURE
+                    }
+                }
+            }
+            _ => ExitCode::FAILURE,
+        };
+    }
     let args = Args::parse();
     match run(&args) {
         Ok(()) => ExitCode::SUCCESS,

@@ -17,7 +17,7 @@
 //! | instructions | [`Limits::fuel`](spare_core::Limits::fuel) |
 //! | linear memory (all memories together) | [`Limits::memory`](spare_core::Limits::memory) |
 //! | native stack | [`Limits::stack`](spare_core::Limits::stack) |
-//! | wall time | [`Limits::wall_ms`](spare_core::Limits::wall_ms), by epoch interruption, with the pool's kill as backstop |
+//! | wall time | [`Limits::wall_ms`](spare_core::Limits::wall_ms): the guest yields every 2M fuel and a timer stops it; the pool's kill is the backstop |
 //! | stdout, stderr | [`Limits::output`](spare_core::Limits::output) each |
 //! | table elements | [`MAX_TABLE_ELEMENTS`](spare_core::limits::MAX_TABLE_ELEMENTS) |
 //! | instances, memories, tables | [`MAX_INSTANCES`](spare_core::limits::MAX_INSTANCES), [`MAX_MEMORIES`](spare_core::limits::MAX_MEMORIES), [`MAX_TABLES`](spare_core::limits::MAX_TABLES) |

@@ -1,7 +1,7 @@
 //! Lowering a worker to the lowest priority the OS has.
 //!
 //! A worker calls [`lower_own_priority`] before it starts any thread, so every
-//! thread it later creates (wasmtime's compiler threads, its epoch ticker)
+//! thread it later creates (wasmtime's compiler threads, the guest executor)
 //! inherits the same policy. `SCHED_IDLE` runs only when no other thread
 //! wants the core; where it is refused, nice +19 is the fallback. The I/O
 //! priority goes to the idle class so the owner's disk access comes first.

@@ -98,6 +98,23 @@ fn endless_recursion_overflows_the_stack() {
 }
 
 #[test]
+fn the_largest_stack_a_host_grants_works_and_still_ends() {
+    let limits = Limits {
+        stack: Limits::MAX.stack,
+        ..quick()
+    };
+    let outcome = run(&job("hostile/recurse.wasm", limits));
+    assert_eq!(
+        failure(&outcome),
+        &Failure::StackOverflow {
+            limit: Limits::MAX.stack
+        }
+    );
+    let outcome = run(&job("hello.wasm", limits));
+    assert_eq!(outcome.status, Status::Exited(0));
+}
+
+#[test]
 fn flooding_stdout_hits_the_output_limit() {
     let limits = Limits {
         output: 1 << 20,
