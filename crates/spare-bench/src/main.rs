@@ -73,7 +73,10 @@ fn main() -> ExitCode {
         return match raw.as_slice() {
             [_, _, cache, wasm, rounds] => {
                 match guest::sandbox_once(Path::new(cache), Path::new(wasm), rounds) {
-                    Ok(_) => ExitCode::SUCCESS,
+                    Ok(stdout) => {
+                        print!("{stdout}");
+                        ExitCode::SUCCESS
+                    }
                     Err(e) => {
                         eprintln!("spare-bench: error: {e:#}");
                         ExitCode::FAILURE
