@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use spare_runtime::priority::{PROC_SCHED_IDLE, read_proc_priority};
 use spare_testkit::{Daemon, Swarm};
 
 fn bin() -> PathBuf {
@@ -304,19 +305,22 @@ fn workers_run_at_idle_priority() {
     let pids = node.worker_pids().unwrap();
     assert_eq!(pids.len(), 2);
     for pid in pids {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-        let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
-        let (nice, policy): (i32, u32) = (fields[16].parse().unwrap(), fields[38].parse().unwrap());
-        // SCHED_IDLE is policy 5; where it is refused, nice 19 is the floor.
+        let (nice, policy) = read_proc_priority(pid).unwrap();
+        // SCHED_IDLE where granted; where it is refused, nice 19 is the floor.
         assert!(
-            policy == 5 || nice == 19,
+            policy == PROC_SCHED_IDLE || nice == 19,
             "worker {pid}: policy {policy}, nice {nice}"
+        );
+        let oom = std::fs::read_to_string(format!("/proc/{pid}/oom_score_adj")).unwrap();
+        assert_eq!(
+            oom.trim(),
+            "1000",
+            "worker {pid} is first in line for the OOM killer"
         );
     }
     // The daemon itself keeps normal priority.
-    let stat = std::fs::read_to_string(format!("/proc/{}/stat", node.pid().unwrap())).unwrap();
-    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
-    assert_eq!(fields[38], "0");
+    let (_, policy) = read_proc_priority(node.pid().unwrap()).unwrap();
+    assert_eq!(policy, 0);
 }
 
 #[test]

@@ -205,7 +205,9 @@ async fn a_task_crosses_a_memory_swarm_with_its_receipt() {
         limits: Limits::DEFAULT,
         placement: Placement::Auto,
     };
-    let (spec, placement) = spare_node::requester::prepare(&requester, &submission).unwrap();
+    let (spec, placement) = spare_node::requester::prepare(&requester, &submission)
+        .await
+        .unwrap();
     let (tx, mut rx) = tokio::sync::mpsc::channel(16);
     tokio::spawn(spare_node::requester::run(
         requester.clone(),

@@ -26,11 +26,6 @@ impl BlobId {
     pub fn as_bytes(&self) -> &[u8; 32] {
         &self.0
     }
-
-    /// A short form for humans and logs: the first 12 hex digits.
-    pub fn short(&self) -> String {
-        hex(&self.0[..6])
-    }
 }
 
 /// A task's identifier, chosen at random by the requester.
@@ -123,7 +118,6 @@ mod tests {
         let text = id.to_string();
         assert_eq!(text.len(), 64);
         assert_eq!(text.parse::<BlobId>(), Ok(id));
-        assert_eq!(id.short(), &text[..12]);
     }
 
     #[test]

@@ -34,8 +34,7 @@ fn split_unit(text: &str) -> (&str, &str) {
     let end = text
         .find(|c: char| !(c.is_ascii_digit() || matches!(c, '.' | '-' | '+' | 'e' | 'E' | '_')))
         .unwrap_or(text.len());
-    // An `e` directly before a letter unit is part of the unit, not an exponent
-    // (no unit starts with `e`, so this only matters for malformed input).
+    // `e` and `E` belong to the number (`1e9`); no unit starts with them.
     (text[..end].trim(), text[end..].trim())
 }
 

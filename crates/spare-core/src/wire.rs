@@ -103,6 +103,8 @@ pub struct Report {
 pub enum Refusal {
     #[error("the host is busy ({queued} tasks queued)")]
     Busy { queued: u32 },
+    #[error("the host is overloaded and takes no requests now")]
+    Overloaded,
     #[error("the host refused the task: {0}")]
     Invalid(String),
     #[error("the host could not fetch {0}")]
@@ -182,6 +184,8 @@ pub enum BlobResponse {
     },
     /// This peer does not have the blob, or will not share it with the asker.
     NotFound,
+    /// This peer is too busy to answer now.
+    Busy,
     /// The request was malformed.
     Invalid(String),
 }
@@ -217,7 +221,7 @@ impl Message for BlobResponse {
                 }
                 Ok(())
             }
-            BlobResponse::NotFound => Ok(()),
+            BlobResponse::NotFound | BlobResponse::Busy => Ok(()),
             BlobResponse::Invalid(why) if why.len() > MAX_DETAIL_BYTES => {
                 Err("detail too long".into())
             }
@@ -245,7 +249,7 @@ pub struct Offer {
     pub idle: u16,
     /// Tasks waiting for a core.
     pub queued: u32,
-    /// Memory available to guests, in bytes.
+    /// The most linear memory one guest may have here, in bytes.
     pub memory: u64,
     pub runtimes: Vec<Runtime>,
     /// The largest limits this host grants.

@@ -368,19 +368,6 @@ impl Ledger {
         })
     }
 
-    /// Stores a verified receipt. Storing the same receipt twice is a no-op.
-    pub fn store_receipt(
-        &self,
-        receipt: Receipt,
-        signed: SignedReceipt,
-        role: ReceiptRole,
-    ) -> Committed {
-        self.write(Write::Receipt {
-            receipt: Box::new((receipt, signed)),
-            role,
-        })
-    }
-
     /// The `limit` most recently submitted tasks, newest first.
     pub fn recent_tasks(&self, limit: u32) -> Result<Vec<RequestedTask>, LedgerError> {
         let conn = self.reader();
@@ -391,6 +378,7 @@ impl Ledger {
     }
 
     /// One requested task by id.
+    #[cfg(test)]
     pub fn requested_task(&self, task: &TaskId) -> Result<Option<RequestedTask>, LedgerError> {
         let conn = self.reader();
         let mut stmt = conn.prepare_cached(&format!("{REQUESTED_COLUMNS} WHERE task = ?1"))?;
@@ -446,6 +434,7 @@ impl Ledger {
     }
 
     /// The signed receipt for `task` from `host`, if stored.
+    #[cfg(test)]
     pub fn receipt(
         &self,
         task: &TaskId,
@@ -565,7 +554,7 @@ fn migrate(conn: &Connection) -> Result<(), LedgerError> {
                  body BLOB NOT NULL,
                  host_key BLOB NOT NULL,
                  signature BLOB NOT NULL,
-                 PRIMARY KEY (task, host)
+                 PRIMARY KEY (task, host, requester)
              ) WITHOUT ROWID;
              PRAGMA user_version = 1;
              COMMIT;",
@@ -676,14 +665,20 @@ mod tests {
     #[tokio::test]
     async fn receipts_are_stored_once_and_summed() {
         let ledger = Ledger::open_in_memory().unwrap();
-        let (receipt, signed) = signed_receipt(TaskId::random(), PeerId::random());
+        let task = TaskId::random();
+        let (receipt, signed) = signed_receipt(task, PeerId::random());
+        ledger.task_submitted(&task, "t", "m").await.unwrap();
         for _ in 0..2 {
             ledger
-                .store_receipt(receipt.clone(), signed.clone(), ReceiptRole::Issued)
+                .task_finished(
+                    &task,
+                    &Ending::of(&outcome(0)),
+                    Some((receipt.clone(), signed.clone())),
+                )
                 .await
                 .unwrap();
         }
-        let totals = ledger.receipt_totals(ReceiptRole::Issued).unwrap();
+        let totals = ledger.receipt_totals(ReceiptRole::Received).unwrap();
         assert_eq!(
             totals,
             ReceiptTotals {
@@ -692,10 +687,7 @@ mod tests {
                 wall_ms: 3
             }
         );
-        assert_eq!(
-            ledger.receipt_totals(ReceiptRole::Received).unwrap().count,
-            0
-        );
+        assert_eq!(ledger.receipt_totals(ReceiptRole::Issued).unwrap().count, 0);
         let back = ledger
             .receipt(&receipt.task, &receipt.host)
             .unwrap()

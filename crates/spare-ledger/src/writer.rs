@@ -62,10 +62,6 @@ pub(crate) enum Write {
         receipt: Option<Box<(Receipt, SignedReceipt)>>,
         at_ms: u64,
     },
-    Receipt {
-        receipt: Box<(Receipt, SignedReceipt)>,
-        role: ReceiptRole,
-    },
 }
 
 /// Starts the writer thread on `conn`; it stops when every sender is gone.
@@ -227,7 +223,6 @@ fn apply(conn: &Connection, write: &Write) -> rusqlite::Result<()> {
                 insert_receipt(conn, &receipt.0, &receipt.1, ReceiptRole::Issued)?;
             }
         }
-        Write::Receipt { receipt, role } => insert_receipt(conn, &receipt.0, &receipt.1, *role)?,
     }
     Ok(())
 }

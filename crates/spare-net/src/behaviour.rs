@@ -17,7 +17,7 @@ use spare_core::wire::{
     TaskResponse,
 };
 
-use crate::codec::CborCodec;
+use crate::codec::{CborCodec, READ_BUDGET_BYTES, ReadBudget};
 use crate::{NetConfig, NetError, Transport};
 
 /// Kademlia protocol name: spare nodes form their own DHT.
@@ -33,8 +33,9 @@ const MAX_CONNECTIONS: u32 = 256;
 const MAX_CONNECTIONS_PER_PEER: u32 = 2;
 /// Connections being set up from outside at once.
 const MAX_PENDING_INCOMING: u32 = 64;
-/// Concurrent inbound requests per connection and protocol.
-const MAX_CONCURRENT_STREAMS: usize = 1024;
+/// Concurrent inbound requests per connection and protocol. Their bytes are
+/// bounded together by the node's read budget (`codec::ReadBudget`).
+const MAX_CONCURRENT_STREAMS: usize = 256;
 /// An outbound task request may take this long: the longest wall time any
 /// host grants, plus compile time. Requesters apply their own, tighter,
 /// per-task deadline on top.
@@ -60,6 +61,7 @@ pub(crate) struct Behaviour {
 
 impl Behaviour {
     fn new(key: &Keypair, mdns_on: bool) -> Result<Self, NetError> {
+        let budget = ReadBudget::new(READ_BUDGET_BYTES);
         let peer_id = key.public().to_peer_id();
         let limits = connection_limits::Behaviour::new(
             connection_limits::ConnectionLimits::default()
@@ -103,7 +105,7 @@ impl Behaviour {
         )
         .map_err(|e| NetError::Config(e.into()))?;
         let task = request_response::Behaviour::with_codec(
-            CborCodec::default(),
+            CborCodec::new(budget.clone()),
             [(
                 StreamProtocol::new(TASK_PROTOCOL),
                 request_response::ProtocolSupport::Full,
@@ -113,7 +115,7 @@ impl Behaviour {
                 .with_max_concurrent_streams(MAX_CONCURRENT_STREAMS),
         );
         let blob = request_response::Behaviour::with_codec(
-            CborCodec::default(),
+            CborCodec::new(budget),
             [(
                 StreamProtocol::new(BLOB_PROTOCOL),
                 request_response::ProtocolSupport::Full,

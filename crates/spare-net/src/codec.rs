@@ -1,15 +1,43 @@
 //! The request-response codec: one CBOR message per stream, bounded.
 //!
 //! Reading stops one byte past the message type's bound, so a peer can never
-//! make us buffer more than [`Message::MAX_BYTES`] + 1 bytes; decoding and
-//! validation are [`spare_core::wire::decode`], which is property-tested.
+//! make us buffer more than [`Message::MAX_BYTES`] + 1 bytes for one
+//! message; decoding and validation are [`spare_core::wire::decode`], which
+//! is property-tested.
+//!
+//! Inbound requests are also bounded together: every byte being read holds
+//! a permit of one node-wide [`ReadBudget`], and a request must arrive
+//! within [`REQUEST_READ_TIMEOUT`]. A peer that opens many streams and
+//! trickles bytes into them can hold at most the budget, briefly, not one
+//! buffer per stream for as long as it likes.
 
 use std::io;
 use std::marker::PhantomData;
+use std::sync::Arc;
+use std::time::Duration;
 
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use libp2p::StreamProtocol;
 use spare_core::wire::{self, Message, WireError};
+use tokio::sync::Semaphore;
+
+/// Bytes of inbound requests being read at once, over all peers.
+pub(crate) const READ_BUDGET_BYTES: usize = 64 << 20;
+/// How long a peer may take to send one whole request.
+pub(crate) const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Inbound requests are read in pieces of this size, each holding a permit.
+const READ_PIECE: usize = 64 << 10;
+
+/// The node-wide budget of bytes of inbound requests being read: one permit
+/// per KiB.
+#[derive(Clone, Debug)]
+pub(crate) struct ReadBudget(Arc<Semaphore>);
+
+impl ReadBudget {
+    pub(crate) fn new(bytes: usize) -> Self {
+        Self(Arc::new(Semaphore::new(bytes / 1024)))
+    }
+}
 
 /// A request as it arrives from a peer: decoded and valid, or the reason it
 /// is not. A malformed request within the size bound gets an error reply
@@ -22,23 +50,83 @@ pub(crate) enum Incoming<R> {
 }
 
 /// A codec for requests `Req` and responses `Resp`.
-pub(crate) struct CborCodec<Req, Resp>(PhantomData<fn() -> (Req, Resp)>);
+pub(crate) struct CborCodec<Req, Resp> {
+    budget: ReadBudget,
+    types: PhantomData<fn() -> (Req, Resp)>,
+}
 
-impl<Req, Resp> Default for CborCodec<Req, Resp> {
-    fn default() -> Self {
-        Self(PhantomData)
+impl<Req, Resp> CborCodec<Req, Resp> {
+    pub(crate) fn new(budget: ReadBudget) -> Self {
+        Self {
+            budget,
+            types: PhantomData,
+        }
     }
 }
 
 impl<Req, Resp> Clone for CborCodec<Req, Resp> {
     fn clone(&self) -> Self {
-        Self::default()
+        Self::new(self.budget.clone())
     }
 }
 
-/// Reads one message of at most `M::MAX_BYTES`. An oversized message is an
-/// I/O error (the stream is abandoned); a malformed one is decoded into its
+/// Reads an inbound request's bytes within the budget and the deadline.
+async fn read_request_bytes<M: Message, T: AsyncRead + Unpin + Send>(
+    io: &mut T,
+    budget: &ReadBudget,
+) -> io::Result<Vec<u8>> {
+    let read = async {
+        let limit = M::MAX_BYTES + 1;
+        let mut buf = Vec::new();
+        let mut permits = Vec::new();
+        loop {
+            let piece = READ_PIECE.min(limit - buf.len());
+            let units = u32::try_from(piece.div_ceil(1024)).unwrap_or(u32::MAX);
+            let permit = Arc::clone(&budget.0)
+                .acquire_many_owned(units)
+                .await
+                .map_err(|_| io::Error::other("read budget closed"))?;
+            permits.push(permit);
+            let start = buf.len();
+            buf.resize(start + piece, 0);
+            let n = read_up_to(io, &mut buf[start..]).await?;
+            buf.truncate(start + n);
+            if n < piece || buf.len() >= limit {
+                // End of stream, or one byte past the bound: decode decides.
+                return Ok(buf);
+            }
+        }
+    };
+    tokio::time::timeout(REQUEST_READ_TIMEOUT, read)
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "request not received in time"))?
+}
+
+/// Fills `buf` from `io` until it is full or the stream ends; returns how
+/// much was read.
+async fn read_up_to<T: AsyncRead + Unpin + Send>(io: &mut T, buf: &mut [u8]) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match io.read(&mut buf[filled..]).await? {
+            0 => break,
+            n => filled += n,
+        }
+    }
+    Ok(filled)
+}
+
+/// Decodes a message read within its bound. An oversized message is an I/O
+/// error (the stream is abandoned); a malformed one is decoded into its
 /// error so the caller can answer it.
+fn decode_bounded<M: Message>(buf: &[u8]) -> io::Result<Result<M, WireError>> {
+    match wire::decode(buf) {
+        Err(e @ WireError::TooLarge { .. }) => Err(io::Error::new(io::ErrorKind::InvalidData, e)),
+        decoded => Ok(decoded),
+    }
+}
+
+/// Reads one response of at most `M::MAX_BYTES`: the answer to a request
+/// we chose to send, so bounded by our own requests in flight.
 async fn read_bounded<M: Message, T: AsyncRead + Unpin + Send>(
     io: &mut T,
 ) -> io::Result<Result<M, WireError>> {
@@ -46,10 +134,7 @@ async fn read_bounded<M: Message, T: AsyncRead + Unpin + Send>(
     io.take(M::MAX_BYTES as u64 + 1)
         .read_to_end(&mut buf)
         .await?;
-    match wire::decode(&buf) {
-        Err(e @ WireError::TooLarge { .. }) => Err(io::Error::new(io::ErrorKind::InvalidData, e)),
-        decoded => Ok(decoded),
-    }
+    decode_bounded(&buf)
 }
 
 async fn write_message<M: Message, T: AsyncWrite + Unpin + Send>(
@@ -74,7 +159,8 @@ where
     where
         T: AsyncRead + Unpin + Send,
     {
-        Ok(match read_bounded(io).await? {
+        let buf = read_request_bytes::<Req, T>(io, &self.budget).await?;
+        Ok(match decode_bounded(&buf)? {
             Ok(req) => Incoming::Valid(req),
             Err(e) => Incoming::Malformed(e.to_string()),
         })
@@ -132,7 +218,8 @@ mod tests {
 
     #[tokio::test]
     async fn an_endless_stream_is_cut_at_the_bound() {
-        let mut codec = CborCodec::<BlobRequest, BlobResponse>::default();
+        let mut codec =
+            CborCodec::<BlobRequest, BlobResponse>::new(ReadBudget::new(READ_BUDGET_BYTES));
         // A peer that sends far more than a blob response may hold.
         let flood = vec![0x5au8; BlobResponse::MAX_BYTES * 2];
         let mut io = futures::io::Cursor::new(flood);
@@ -143,7 +230,8 @@ mod tests {
 
     #[tokio::test]
     async fn messages_round_trip_through_a_stream() {
-        let mut codec = CborCodec::<BlobRequest, BlobResponse>::default();
+        let mut codec =
+            CborCodec::<BlobRequest, BlobResponse>::new(ReadBudget::new(READ_BUDGET_BYTES));
         let req = BlobRequest {
             id: spare_core::BlobId::of(b"x"),
             offset: 0,
@@ -160,8 +248,31 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_oversized_request_is_cut_and_its_budget_returned() {
+        let budget = ReadBudget::new(4 << 20);
+        let mut codec = CborCodec::<BlobRequest, BlobResponse>::new(budget.clone());
+        let mut io = futures::io::Cursor::new(vec![0u8; 10 << 20]);
+        let err = codec.read_request(&protocol(), &mut io).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        assert!(io.position() <= BlobRequest::MAX_BYTES as u64 + 1);
+        assert_eq!(budget.0.available_permits(), 4 << 10);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_that_never_ends_times_out() {
+        let mut codec =
+            CborCodec::<BlobRequest, BlobResponse>::new(ReadBudget::new(READ_BUDGET_BYTES));
+        // A stream that never delivers a byte and never closes.
+        let (_writer, mut reader) = tokio::io::duplex(64);
+        let mut io = tokio_util::compat::TokioAsyncReadCompatExt::compat(&mut reader);
+        let err = codec.read_request(&protocol(), &mut io).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+    }
+
+    #[tokio::test]
     async fn garbage_within_the_bound_is_reported_not_fatal() {
-        let mut codec = CborCodec::<BlobRequest, BlobResponse>::default();
+        let mut codec =
+            CborCodec::<BlobRequest, BlobResponse>::new(ReadBudget::new(READ_BUDGET_BYTES));
         let mut io = futures::io::Cursor::new(b"\xff\x00garbage".to_vec());
         let read = codec.read_request(&protocol(), &mut io).await.unwrap();
         assert!(matches!(read, Incoming::Malformed(why) if why.starts_with("malformed message")));

@@ -33,6 +33,8 @@ const KAD_BOOTSTRAP_EVERY: u32 = 30;
 /// Above this many connected peers, peers learned from the DHT are not
 /// dialled proactively.
 const TARGET_PEERS: usize = 32;
+/// The most often the offer is re-published for peers that subscribe.
+const WELCOME_INTERVAL: Duration = Duration::from_secs(1);
 /// How long listeners may take to come up at start.
 const LISTEN_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -54,8 +56,6 @@ pub(crate) enum Command {
     RespondTask(ResponseChannel<TaskResponse>, Box<TaskResponse>),
     RespondBlob(ResponseChannel<BlobResponse>, BlobResponse),
     PublishOffer(Offer),
-    Dial(Multiaddr),
-    Disconnect(PeerId),
 }
 
 pub(crate) struct EventLoop {
@@ -71,6 +71,8 @@ pub(crate) struct EventLoop {
     pending_blobs: HashMap<OutboundRequestId, Reply<BlobResponse>>,
     /// Our latest offer, encoded, re-published to each peer that subscribes.
     offer: Option<Vec<u8>>,
+    /// When the offer was last re-published for a newcomer.
+    welcomed: Option<std::time::Instant>,
     ticks: u32,
 }
 
@@ -95,6 +97,7 @@ impl EventLoop {
             pending_tasks: HashMap::new(),
             pending_blobs: HashMap::new(),
             offer: None,
+            welcomed: None,
             ticks: 0,
         }
     }
@@ -192,14 +195,6 @@ impl EventLoop {
                 }
                 Err(e) => tracing::error!("cannot encode our own offer: {e}"),
             },
-            Command::Dial(addr) => {
-                if let Err(e) = self.swarm.dial(addr.clone()) {
-                    tracing::warn!("cannot dial {addr}: {e}");
-                }
-            }
-            Command::Disconnect(peer) => {
-                let _ = self.swarm.disconnect_peer_id(peer);
-            }
         }
     }
 
@@ -248,7 +243,11 @@ impl EventLoop {
                     .connected(peer_id, endpoint.get_remote_address().clone());
                 if num_established.get() == 1 {
                     tracing::debug!(%peer_id, "connected");
-                    self.emit(NetEvent::PeerConnected(peer_id));
+                    self.shared
+                        .connections
+                        .write()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(peer_id, CancellationToken::new());
                 }
             }
             SwarmEvent::ConnectionClosed {
@@ -259,7 +258,15 @@ impl EventLoop {
             } => {
                 tracing::debug!(%peer_id, ?cause, "disconnected");
                 self.write_peers().disconnected(&peer_id);
-                self.emit(NetEvent::PeerDisconnected(peer_id));
+                let token = self
+                    .shared
+                    .connections
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&peer_id);
+                if let Some(token) = token {
+                    token.cancel();
+                }
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 tracing::debug!(?peer_id, "dial failed: {error}");
@@ -277,11 +284,16 @@ impl EventLoop {
                     let _ = self.swarm.disconnect_peer_id(peer_id);
                     return;
                 }
-                for addr in &info.listen_addrs {
-                    self.swarm
-                        .behaviour_mut()
-                        .kad
-                        .add_address(&peer_id, addr.clone());
+                let believable: Vec<Multiaddr> = {
+                    let peers = self.read_peers();
+                    info.listen_addrs
+                        .iter()
+                        .filter(|addr| peers.believable(&peer_id, addr))
+                        .cloned()
+                        .collect()
+                };
+                for addr in believable {
+                    self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
                 }
                 self.write_peers()
                     .identified(&peer_id, info.agent_version, &info.listen_addrs);
@@ -341,7 +353,17 @@ impl EventLoop {
                     .gossipsub
                     .report_message_validation_result(&message_id, &propagation_source, acceptance);
             }
-            BehaviourEvent::Gossipsub(gossipsub::Event::Subscribed { .. }) => self.publish_offer(),
+            BehaviourEvent::Gossipsub(gossipsub::Event::Subscribed { .. }) => {
+                // A newcomer hears our offer at once, but a peer toggling its
+                // subscription cannot make us sign and flood offers at will.
+                let due = self
+                    .welcomed
+                    .is_none_or(|at| at.elapsed() >= WELCOME_INTERVAL);
+                if due {
+                    self.welcomed = Some(std::time::Instant::now());
+                    self.publish_offer();
+                }
+            }
             BehaviourEvent::Task(event) => self.handle_task(event),
             BehaviourEvent::Blob(event) => self.handle_blob(event),
             _ => {}
@@ -383,7 +405,7 @@ impl EventLoop {
                         request,
                         reply,
                     }) {
-                        let busy = TaskResponse::Refused(Refusal::Busy { queued: u32::MAX });
+                        let busy = TaskResponse::Refused(Refusal::Overloaded);
                         let _ = self
                             .swarm
                             .behaviour_mut()
@@ -455,7 +477,7 @@ impl EventLoop {
                             .swarm
                             .behaviour_mut()
                             .blob
-                            .send_response(reply.channel, BlobResponse::NotFound);
+                            .send_response(reply.channel, BlobResponse::Busy);
                     }
                 }
                 request_response::Message::Response {
@@ -494,14 +516,12 @@ impl EventLoop {
         }
     }
 
-    fn emit(&self, event: NetEvent) {
-        if self.events.try_send(event).is_err() {
-            tracing::debug!("event queue full; dropped a peer event");
-        }
-    }
-
     fn write_peers(&self) -> std::sync::RwLockWriteGuard<'_, crate::peers::PeerTable> {
         self.shared.peers.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn read_peers(&self) -> std::sync::RwLockReadGuard<'_, crate::peers::PeerTable> {
+        self.shared.peers.read().unwrap_or_else(|p| p.into_inner())
     }
 
     fn read_peer_count(&self) -> usize {

@@ -20,6 +20,7 @@ mod codec;
 mod event_loop;
 mod peers;
 
+use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use libp2p::PeerId;
@@ -105,8 +106,6 @@ pub enum NetEvent {
         request: BlobRequest,
         reply: Responder<BlobResponse>,
     },
-    PeerConnected(PeerId),
-    PeerDisconnected(PeerId),
 }
 
 /// The way back to a peer that sent a request. Dropping it without replying
@@ -151,6 +150,9 @@ pub struct NetHandle {
 struct Shared {
     peers: RwLock<peers::PeerTable>,
     listen_addrs: RwLock<Vec<Multiaddr>>,
+    /// One token per connected peer, cancelled when its last connection
+    /// closes.
+    connections: RwLock<HashMap<PeerId, CancellationToken>>,
 }
 
 /// Starts the network: binds the listen addresses, dials the bootstrap
@@ -184,7 +186,8 @@ pub async fn start(
     let (event_tx, event_rx) = mpsc::channel(EVENT_QUEUE);
     let shared = Arc::new(Shared::default());
     let local_peer_id = *swarm.local_peer_id();
-    let mut event_loop = event_loop::EventLoop::new(
+    // Boxed: it holds the swarm, which is large, across the awaits below.
+    let mut event_loop = Box::new(event_loop::EventLoop::new(
         swarm,
         topic,
         config.bootstrap.clone(),
@@ -192,7 +195,7 @@ pub async fn start(
         cmd_tx.clone(),
         event_tx,
         Arc::clone(&shared),
-    );
+    ));
     event_loop.wait_for_listeners(&listeners).await?;
     event_loop.dial_bootstrap();
     tokio::spawn(event_loop.run(shutdown));
@@ -282,6 +285,17 @@ impl NetHandle {
             .snapshot()
     }
 
+    /// A token cancelled when `peer` disconnects, or `None` if it is not
+    /// connected now. Work done for a peer hangs off it.
+    pub fn connection_token(&self, peer: &PeerId) -> Option<CancellationToken> {
+        self.shared
+            .connections
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(peer)
+            .map(CancellationToken::child_token)
+    }
+
     pub fn is_connected(&self, peer: &PeerId) -> bool {
         self.peers().iter().any(|p| p.peer == *peer)
     }
@@ -323,16 +337,6 @@ impl NetHandle {
     /// join later).
     pub async fn publish_offer(&self, offer: Offer) {
         let _ = self.command(event_loop::Command::PublishOffer(offer)).await;
-    }
-
-    /// Dials `addr`; the result shows up as a connected peer, or not.
-    pub async fn dial(&self, addr: Multiaddr) {
-        let _ = self.command(event_loop::Command::Dial(addr)).await;
-    }
-
-    /// Closes every connection to `peer`.
-    pub async fn disconnect(&self, peer: PeerId) {
-        let _ = self.command(event_loop::Command::Disconnect(peer)).await;
     }
 
     async fn command(&self, command: event_loop::Command) -> Result<(), RequestError> {

@@ -31,6 +31,42 @@ pub struct PeerInfo {
 #[derive(Debug, Default)]
 pub(crate) struct PeerTable {
     peers: HashMap<PeerId, PeerInfo>,
+    /// How far away each peer is: the widest scope of the addresses we are
+    /// connected to it on.
+    reach: HashMap<PeerId, Scope>,
+}
+
+/// How far an address reaches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Scope {
+    /// This machine only.
+    Loopback,
+    /// A private or link-local network.
+    Private,
+    /// The internet.
+    Global,
+}
+
+impl Scope {
+    pub(crate) fn of(addr: &Multiaddr) -> Self {
+        use libp2p::multiaddr::Protocol;
+        match addr.iter().next() {
+            Some(Protocol::Ip4(ip)) if ip.is_loopback() => Scope::Loopback,
+            Some(Protocol::Ip4(ip))
+                if ip.is_private()
+                    || ip.is_link_local()
+                    || (ip.octets()[0] == 100 && ip.octets()[1] & 0xc0 == 64) =>
+            {
+                Scope::Private
+            }
+            Some(Protocol::Ip6(ip)) if ip.is_loopback() => Scope::Loopback,
+            Some(Protocol::Ip6(ip)) if ip.is_unique_local() || ip.is_unicast_link_local() => {
+                Scope::Private
+            }
+            Some(Protocol::Memory(_)) => Scope::Loopback,
+            _ => Scope::Global,
+        }
+    }
 }
 
 impl PeerTable {
@@ -43,18 +79,38 @@ impl PeerTable {
             offer: None,
             connected_since: Instant::now(),
         });
+        let scope = Scope::of(&addr);
+        let reach = self.reach.entry(peer).or_insert(scope);
+        *reach = (*reach).max(scope);
         push_addr(&mut info.addrs, addr);
     }
 
     pub(crate) fn disconnected(&mut self, peer: &PeerId) {
         self.peers.remove(peer);
+        self.reach.remove(peer);
+    }
+
+    /// Whether an address `peer` claims for itself may be believed: it must
+    /// reach at least as far as the connection we have to the peer. A peer
+    /// on the internet claiming `127.0.0.1` or `10.0.0.5` would make us dial
+    /// into our own machine or network.
+    pub(crate) fn believable(&self, peer: &PeerId, addr: &Multiaddr) -> bool {
+        self.reach
+            .get(peer)
+            .is_some_and(|reach| Scope::of(addr) >= *reach)
     }
 
     pub(crate) fn identified(&mut self, peer: &PeerId, agent: String, addrs: &[Multiaddr]) {
         if let Some(info) = self.peers.get_mut(peer) {
             info.agent = Some(agent);
             for addr in addrs.iter().take(MAX_ADDRS_PER_PEER) {
-                push_addr(&mut info.addrs, addr.clone());
+                if self
+                    .reach
+                    .get(peer)
+                    .is_some_and(|reach| Scope::of(addr) >= *reach)
+                {
+                    push_addr(&mut info.addrs, addr.clone());
+                }
             }
         }
     }
@@ -114,6 +170,22 @@ mod tests {
             max_limits: Limits::MAX,
             seq,
         }
+    }
+
+    #[test]
+    fn a_peer_is_believed_only_about_addresses_as_wide_as_its_connection() {
+        let mut table = PeerTable::default();
+        let (lan, local, remote) = (PeerId::random(), PeerId::random(), PeerId::random());
+        table.connected(lan, "/ip4/192.168.1.7/tcp/4117".parse().unwrap());
+        table.connected(local, "/ip4/127.0.0.1/tcp/4117".parse().unwrap());
+        table.connected(remote, "/ip4/203.0.113.9/tcp/4117".parse().unwrap());
+        let loopback: Multiaddr = "/ip4/127.0.0.1/tcp/1".parse().unwrap();
+        let private: Multiaddr = "/ip4/10.1.2.3/tcp/1".parse().unwrap();
+        let global: Multiaddr = "/ip4/198.51.100.1/tcp/1".parse().unwrap();
+        assert!(table.believable(&local, &loopback) && table.believable(&local, &private));
+        assert!(!table.believable(&lan, &loopback) && table.believable(&lan, &private));
+        assert!(!table.believable(&remote, &private) && table.believable(&remote, &global));
+        assert!(!table.believable(&PeerId::random(), &global));
     }
 
     #[test]

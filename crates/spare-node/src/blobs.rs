@@ -1,27 +1,40 @@
 //! The content-addressed blob store: modules, large stdin.
 //!
 //! A blob lives at `blobs/<first two hex digits>/<hash>`. Files appear under
-//! their final name only by an atomic rename after their hash was checked,
-//! so a reader never sees a partial or wrong blob.
+//! their final name only by an atomic rename after their hash was checked and
+//! their bytes synced, so a reader never sees a partial or wrong blob, even
+//! after a power cut. File I/O runs off the daemon's async thread.
 
 use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use libp2p::PeerId;
 use spare_core::wire::{BlobRequest, BlobResponse, MAX_BLOB_CHUNK};
 use spare_core::{BlobId, BlobRef};
 use spare_net::NetHandle;
+use tokio::io::AsyncWriteExt;
+
+/// The slowest transfer a fetch tolerates, in bytes per second: a peer that
+/// trickles a blob slower than this is given up on.
+const MIN_FETCH_RATE: u64 = 256 << 10;
+/// Time every fetch gets on top of its size at the slowest rate.
+const FETCH_GRACE: Duration = Duration::from_secs(30);
 
 /// The store.
 #[derive(Debug)]
 pub struct BlobStore {
     dir: PathBuf,
-    /// One lock per blob being fetched, so concurrent tasks needing the same
-    /// module fetch it once.
-    fetching: Mutex<HashMap<BlobId, Arc<tokio::sync::Mutex<()>>>>,
+    /// One lock per blob being fetched from a peer, so concurrent tasks of
+    /// one requester fetch a module once, while a slow requester cannot hold
+    /// up another requester's fetch of the same blob.
+    fetching: Mutex<HashMap<(BlobId, PeerId), FetchLock>>,
 }
+
+/// Held while one blob is fetched from one peer.
+type FetchLock = Arc<tokio::sync::Mutex<()>>;
 
 /// Why a blob could not be stored or fetched.
 #[derive(Debug, thiserror::Error)]
@@ -36,11 +49,21 @@ pub enum BlobError {
     BadChunk { id: BlobId, reason: String },
     #[error("fetching blob {id} failed: {reason}")]
     Network { id: BlobId, reason: String },
+    #[error("fetching blob {id} took longer than {} s", .limit.as_secs())]
+    TooSlow { id: BlobId, limit: Duration },
 }
 
 impl BlobStore {
+    /// Opens the store, removing temporary files a crash left behind.
     pub fn open(dir: &Path) -> std::io::Result<Self> {
         std::fs::create_dir_all(dir)?;
+        for entry in std::fs::read_dir(dir)?.flatten() {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with('.') && name.ends_with(".tmp") {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
         Ok(Self {
             dir: dir.to_path_buf(),
             fetching: Mutex::new(HashMap::new()),
@@ -60,11 +83,8 @@ impl BlobStore {
         Ok(std::fs::metadata(self.path(id))?.len())
     }
 
-    pub fn read(&self, id: &BlobId) -> std::io::Result<Vec<u8>> {
-        std::fs::read(self.path(id))
-    }
-
-    /// Stores `bytes`, checking them against `expected`.
+    /// Stores `bytes`, checking them against `expected`. Blocking: call it
+    /// from a blocking thread.
     pub fn put_verified(&self, expected: &BlobId, bytes: &[u8]) -> Result<(), BlobError> {
         let actual = BlobId::of(bytes);
         if actual != *expected {
@@ -76,13 +96,15 @@ impl BlobStore {
         if self.has(expected) {
             return Ok(());
         }
-        let tmp = self.temp_path(expected);
-        std::fs::write(&tmp, bytes)?;
-        self.commit(&tmp, expected)?;
+        let tmp = TempFile(self.temp_path(expected));
+        let mut file = std::fs::File::create(&tmp.0)?;
+        file.write_all(bytes)?;
+        file.sync_data()?;
+        self.commit(&tmp.0, expected)?;
         Ok(())
     }
 
-    /// Stores `bytes` under their own hash.
+    /// Stores `bytes` under their own hash. Blocking.
     pub fn put(&self, bytes: &[u8]) -> Result<BlobId, BlobError> {
         let id = BlobId::of(bytes);
         self.put_verified(&id, bytes)?;
@@ -90,6 +112,7 @@ impl BlobStore {
     }
 
     /// Reads up to `len` bytes at `offset`, and the blob's total size.
+    /// Blocking.
     pub fn read_chunk(
         &self,
         id: &BlobId,
@@ -107,7 +130,8 @@ impl BlobStore {
     }
 
     /// Makes sure `blob` is in the store, fetching it from `peer` if not.
-    /// Verifies size and hash before the blob becomes visible.
+    /// Verifies size and hash before the blob becomes visible, and gives up
+    /// on a peer that sends it slower than [`MIN_FETCH_RATE`].
     pub async fn fetch(
         &self,
         net: &NetHandle,
@@ -117,21 +141,21 @@ impl BlobStore {
         if self.has(&blob.id) {
             return Ok(());
         }
+        let key = (blob.id, peer);
         let lock = {
             let mut fetching = self.fetching.lock().unwrap_or_else(|p| p.into_inner());
-            Arc::clone(fetching.entry(blob.id).or_default())
+            Arc::clone(fetching.entry(key).or_default())
         };
+        // Removes the lock entry however this fetch ends, cancelled included.
+        let _entry = FetchEntry { store: self, key };
         let _guard = lock.lock().await;
-        let result = if self.has(&blob.id) {
-            Ok(())
-        } else {
-            self.fetch_unlocked(net, peer, blob).await
-        };
-        self.fetching
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&blob.id);
-        result
+        if self.has(&blob.id) {
+            return Ok(());
+        }
+        let limit = FETCH_GRACE + Duration::from_secs(blob.size / MIN_FETCH_RATE);
+        tokio::time::timeout(limit, self.fetch_unlocked(net, peer, blob))
+            .await
+            .map_err(|_| BlobError::TooSlow { id: blob.id, limit })?
     }
 
     async fn fetch_unlocked(
@@ -142,80 +166,115 @@ impl BlobStore {
     ) -> Result<(), BlobError> {
         let id = blob.id;
         let bad = |reason: String| BlobError::BadChunk { id, reason };
-        let tmp = self.temp_path(&id);
-        let mut file = std::fs::File::create(&tmp)?;
+        // Deleted if the fetch fails or is cancelled.
+        let tmp = TempFile(self.temp_path(&id));
+        let mut file = tokio::fs::File::create(&tmp.0).await?;
         let mut hasher = blake3::Hasher::new();
         let mut offset = 0u64;
-        let result = async {
-            while offset < blob.size {
-                let len = u32::try_from((blob.size - offset).min(u64::from(MAX_BLOB_CHUNK)))
-                    .unwrap_or(MAX_BLOB_CHUNK);
-                let response = net
-                    .fetch_blob(peer, BlobRequest { id, offset, len })
-                    .await
-                    .map_err(|e| BlobError::Network {
+        while offset < blob.size {
+            let len = u32::try_from((blob.size - offset).min(u64::from(MAX_BLOB_CHUNK)))
+                .unwrap_or(MAX_BLOB_CHUNK);
+            let response = net
+                .fetch_blob(peer, BlobRequest { id, offset, len })
+                .await
+                .map_err(|e| BlobError::Network {
+                    id,
+                    reason: e.to_string(),
+                })?;
+            let data = match response {
+                BlobResponse::NotFound => return Err(BlobError::NotFound(id)),
+                BlobResponse::Busy => {
+                    return Err(BlobError::Network {
                         id,
-                        reason: e.to_string(),
-                    })?;
-                let data = match response {
-                    BlobResponse::NotFound => return Err(BlobError::NotFound(id)),
-                    BlobResponse::Invalid(why) => {
-                        return Err(bad(format!("peer refused our request: {why}")));
+                        reason: "the peer is too busy to serve it".into(),
+                    });
+                }
+                BlobResponse::Invalid(why) => {
+                    return Err(bad(format!("peer refused our request: {why}")));
+                }
+                BlobResponse::Chunk { total, data } => {
+                    if total != blob.size {
+                        return Err(bad(format!("size {total}, expected {}", blob.size)));
                     }
-                    BlobResponse::Chunk { total, data } => {
-                        if total != blob.size {
-                            return Err(bad(format!("size {total}, expected {}", blob.size)));
-                        }
-                        if data.is_empty() || data.len() > len as usize {
-                            return Err(bad(format!(
-                                "{} bytes for a {len}-byte request",
-                                data.len()
-                            )));
-                        }
-                        data
+                    if data.is_empty() || data.len() > len as usize {
+                        return Err(bad(format!(
+                            "{} bytes for a {len}-byte request",
+                            data.len()
+                        )));
                     }
-                };
-                hasher.update(&data);
-                file.write_all(&data)?;
-                offset += data.len() as u64;
-            }
-            let actual = BlobId::from_bytes(*hasher.finalize().as_bytes());
-            if actual != id {
-                return Err(BlobError::Mismatch {
-                    expected: id,
-                    actual,
-                });
-            }
-            file.sync_data()?;
-            Ok(())
+                    data
+                }
+            };
+            hasher.update(&data);
+            file.write_all(&data).await?;
+            offset += data.len() as u64;
         }
-        .await;
-        match result {
-            Ok(()) => self.commit(&tmp, &id).map_err(BlobError::from),
-            Err(e) => {
-                let _ = std::fs::remove_file(&tmp);
-                Err(e)
-            }
+        let actual = BlobId::from_bytes(*hasher.finalize().as_bytes());
+        if actual != id {
+            return Err(BlobError::Mismatch {
+                expected: id,
+                actual,
+            });
         }
+        file.sync_data().await?;
+        drop(file);
+        let (path, commit) = (tmp.0.clone(), self.committer(&id));
+        tokio::task::spawn_blocking(move || commit(&path))
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))??;
+        Ok(())
     }
 
     fn temp_path(&self, id: &BlobId) -> PathBuf {
         self.dir.join(format!(".{id}.{}.tmp", rand_suffix()))
     }
 
+    /// Moves a synced temporary file to its final name, and syncs the
+    /// directory so the rename survives a power cut.
     fn commit(&self, tmp: &Path, id: &BlobId) -> std::io::Result<()> {
+        self.committer(id)(tmp)
+    }
+
+    fn committer(&self, id: &BlobId) -> impl FnOnce(&Path) -> std::io::Result<()> + Send + 'static {
         let path = self.path(id);
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent)?;
+        move |tmp: &Path| {
+            let parent = path.parent().map(Path::to_path_buf).unwrap_or_default();
+            std::fs::create_dir_all(&parent)?;
+            std::fs::rename(tmp, &path)?;
+            std::fs::File::open(&parent)?.sync_all()
         }
-        std::fs::rename(tmp, path)
+    }
+}
+
+/// A temporary file, removed on drop unless it was renamed away.
+struct TempFile(PathBuf);
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Removes a fetch's lock entry when the fetch ends.
+struct FetchEntry<'a> {
+    store: &'a BlobStore,
+    key: (BlobId, PeerId),
+}
+
+impl Drop for FetchEntry<'_> {
+    fn drop(&mut self) {
+        self.store
+            .fetching
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.key);
     }
 }
 
 fn rand_suffix() -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};
     static COUNTER: AtomicU64 = AtomicU64::new(0);
-    u64::from(std::process::id()) << 32 | COUNTER.fetch_add(1, Ordering::Relaxed)
+    (u64::from(std::process::id()) << 32) | COUNTER.fetch_add(1, Ordering::Relaxed)
 }
 
 #[cfg(test)]
@@ -228,7 +287,7 @@ mod tests {
         let store = BlobStore::open(dir.path()).unwrap();
         let id = store.put(b"hello world").unwrap();
         assert!(store.has(&id));
-        assert_eq!(store.read(&id).unwrap(), b"hello world");
+        assert_eq!(std::fs::read(store.path(&id)).unwrap(), b"hello world");
         assert_eq!(
             store.read_chunk(&id, 6, 100).unwrap(),
             (11, b"world".to_vec())
@@ -240,5 +299,16 @@ mod tests {
             Err(BlobError::Mismatch { .. })
         ));
         assert!(!store.has(&wrong));
+        // Nothing but the blob's directory is left behind.
+        let entries: Vec<_> = std::fs::read_dir(dir.path()).unwrap().flatten().collect();
+        assert_eq!(entries.len(), 1);
+    }
+
+    #[test]
+    fn leftover_temporary_files_are_swept_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(".abc.1.tmp"), b"half a blob").unwrap();
+        BlobStore::open(dir.path()).unwrap();
+        assert!(!dir.path().join(".abc.1.tmp").exists());
     }
 }

@@ -34,14 +34,40 @@ pub struct Config {
 
 impl Default for Config {
     fn default() -> Self {
+        let cores = available_cores();
         Self {
             listen: default_listen(),
             bootstrap: Vec::new(),
             mdns: true,
-            cores: available_cores(),
+            cores,
             queue: DEFAULT_QUEUE,
-            max_limits: Limits::MAX,
+            max_limits: Limits {
+                memory: default_guest_memory(cores),
+                ..Limits::MAX
+            },
         }
+    }
+}
+
+/// The most memory one guest gets by default: half the machine's memory
+/// shared among the guests that run at once, within [`Limits::MAX`]. Every
+/// core busy with a guest at its limit then leaves the owner half the
+/// machine.
+fn default_guest_memory(cores: u16) -> u64 {
+    let total = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|info| {
+            let kib = info.lines().find_map(|l| l.strip_prefix("MemTotal:"))?;
+            kib.split_whitespace().next()?.parse::<u64>().ok()
+        })
+        .map(|kib| kib * 1024);
+    match total {
+        Some(bytes) => {
+            let share = bytes / 2 / u64::from(cores.max(1));
+            // Whole MiB, at least the default limit, at most the maximum.
+            (share & !((1 << 20) - 1)).clamp(Limits::DEFAULT.memory, Limits::MAX.memory)
+        }
+        None => Limits::DEFAULT.memory,
     }
 }
 
@@ -111,7 +137,8 @@ pub const TEMPLATE: &str = r#"# spare node configuration. Flags of `spare up` ov
 # Tasks waiting for a core before new ones are refused.
 # queue = 256
 
-# The most this node grants one guest.
+# The most this node grants one guest (memory defaults to half the machine's
+# memory divided among the cores, at most 4GiB).
 # [max_limits]
 # fuel = "1e13"
 # memory = "4GiB"

@@ -25,6 +25,7 @@ pub struct InitReport {
 /// Creates the node's directories, key and config file, keeping whatever
 /// already exists.
 pub fn init(paths: &Paths) -> Result<InitReport, NodeError> {
+    private_files();
     paths.create_dirs().map_err(|e| NodeError::Io {
         what: format!("cannot create {}", paths.data_dir.display()),
         source: e,
@@ -56,6 +57,16 @@ pub fn init(paths: &Paths) -> Result<InitReport, NodeError> {
         created_key,
         created_config,
     })
+}
+
+/// Makes every file this process creates from now on private to its user:
+/// blobs, the database, the API socket (created private, not made private
+/// after the fact).
+fn private_files() {
+    // SAFETY: umask only sets the process's file mode mask; it cannot fail.
+    unsafe {
+        libc::umask(0o077);
+    }
 }
 
 /// Everything `spare up` needs.

@@ -1,9 +1,11 @@
 //! The host side: running tasks for peers and serving them blob chunks.
 //!
 //! A task request is refused (the requester then tries elsewhere) when it is
-//! malformed, asks for more than this host grants, or arrives while the queue
-//! is full. Otherwise the host fetches the blobs it lacks from the requester,
-//! runs the job in a worker, signs a receipt and answers with the outcome.
+//! malformed, asks for more than this host grants, arrives while the queue
+//! is full, or would give one requester more than half of this host.
+//! Otherwise the host fetches the blobs it lacks from the requester, runs
+//! the job in a worker, signs a receipt and answers with the outcome. A
+//! hosted task is cancelled when its requester cancels it or disconnects.
 
 use libp2p::PeerId;
 use spare_core::wire::{BlobRequest, BlobResponse, Refusal, Report, TaskRequest, TaskResponse};
@@ -38,56 +40,40 @@ pub(crate) async fn serve_task(
 }
 
 async fn run_for_peer(node: &Node, peer: PeerId, spec: TaskSpec) -> TaskResponse {
-    if let Err(e) = spec.validate() {
-        return TaskResponse::Refused(Refusal::invalid(&e));
-    }
+    // `wire::decode` validated the spec; the host's own maximum is checked
+    // here.
     if let Err(e) = spec.limits.check_within(&node.config().max_limits) {
         return TaskResponse::Refused(Refusal::Unavailable(format!(
             "above this host's maximum: {e}"
         )));
     }
-    let token = CancellationToken::new();
-    {
-        let stats = node.pool().stats();
-        let mut hosted = node.lock(&node.inner.hosted);
-        let waiting = hosted.len().saturating_sub(stats.slots);
-        if waiting >= node.config().queue as usize {
-            return TaskResponse::Refused(Refusal::Busy {
-                queued: u32::try_from(waiting).unwrap_or(u32::MAX),
-            });
-        }
-        if node.inner.shutdown.is_cancelled() {
-            return TaskResponse::Refused(Refusal::ShuttingDown);
-        }
-        if hosted.insert((peer, spec.id), token.clone()).is_some() {
-            return TaskResponse::Refused(Refusal::Invalid(format!(
-                "task {} is already running here",
-                spec.id
-            )));
-        }
+    // Cancelled when the requester disconnects (it could no longer receive
+    // the result), when it sends a cancel, or when this node shuts down.
+    let Some(connection) = node.net().connection_token(&peer) else {
+        return TaskResponse::Refused(Refusal::Unavailable(
+            "the requester is not connected".into(),
+        ));
+    };
+    let token = connection.child_token();
+    if let Err(refusal) = admit(node, peer, &spec, &token) {
+        return TaskResponse::Refused(refusal);
     }
     let _registered = Registered {
         node,
-        key: (peer, spec),
+        key: (peer, spec.id),
     };
-    let spec = &_registered.key.1;
     let module = spec.module.id.to_string();
     // Not awaited: the finish below commits after it in any case.
     node.ledger()
         .hosted_started(&spec.id, &peer, &module)
         .detach();
 
-    let outcome = match prepare(node, peer, spec).await {
-        Ok(job) => {
-            tracing::debug!(%peer, task = %spec.id, "running");
-            tokio::select! {
-                outcome = node.pool().run(job, token.clone()) => outcome,
-                () = node.inner.shutdown.cancelled() => {
-                    token.cancel();
-                    return TaskResponse::Refused(Refusal::ShuttingDown);
-                }
-            }
-        }
+    let prepared = tokio::select! {
+        prepared = prepare(node, peer, &spec) => prepared,
+        () = token.cancelled() => Err(Refusal::Unavailable("cancelled".into())),
+    };
+    let job = match prepared {
+        Ok(job) => job,
         Err(refusal) => {
             log_err(
                 node.ledger()
@@ -95,6 +81,14 @@ async fn run_for_peer(node: &Node, peer: PeerId, spec: TaskSpec) -> TaskResponse
                     .await,
             );
             return TaskResponse::Refused(refusal);
+        }
+    };
+    tracing::debug!(%peer, task = %spec.id, "running");
+    let outcome = tokio::select! {
+        outcome = node.pool().run(job, token.clone()) => outcome,
+        () = node.inner.shutdown.cancelled() => {
+            token.cancel();
+            return TaskResponse::Refused(Refusal::ShuttingDown);
         }
     };
     let receipt = Receipt {
@@ -130,16 +124,58 @@ async fn run_for_peer(node: &Node, peer: PeerId, spec: TaskSpec) -> TaskResponse
     })
 }
 
+/// Registers a task to host, or says why not: the host's queue is full, the
+/// requester already holds its share of it, or the task id is in use.
+fn admit(
+    node: &Node,
+    peer: PeerId,
+    spec: &TaskSpec,
+    token: &CancellationToken,
+) -> Result<(), Refusal> {
+    let slots = node.pool().stats().slots;
+    let queue = node.config().queue as usize;
+    let mut hosted = node.lock(&node.inner.hosted);
+    if node.inner.shutdown.is_cancelled() {
+        return Err(Refusal::ShuttingDown);
+    }
+    // This task would wait if every slot is taken; it may if the queue has room.
+    let waiting = (hosted.len() + 1).saturating_sub(slots);
+    if waiting > queue {
+        return Err(Refusal::Busy {
+            queued: u32::try_from(waiting - 1).unwrap_or(u32::MAX),
+        });
+    }
+    // One requester may hold at most half of what this host can take, so it
+    // cannot crowd out everyone else.
+    let share = ((slots + queue) / 2).max(slots);
+    let mine = hosted
+        .keys()
+        .filter(|(requester, _)| *requester == peer)
+        .count();
+    if mine >= share {
+        return Err(Refusal::Busy {
+            queued: u32::try_from(waiting.saturating_sub(1)).unwrap_or(u32::MAX),
+        });
+    }
+    if hosted.contains_key(&(peer, spec.id)) {
+        return Err(Refusal::Invalid(format!(
+            "task {} is already running here",
+            spec.id
+        )));
+    }
+    hosted.insert((peer, spec.id), token.clone());
+    Ok(())
+}
+
 /// Removes a hosted task from the registry however serving it ends.
 struct Registered<'a> {
     node: &'a Node,
-    key: (PeerId, TaskSpec),
+    key: (PeerId, spare_core::TaskId),
 }
 
 impl Drop for Registered<'_> {
     fn drop(&mut self) {
-        let key = (self.key.0, self.key.1.id);
-        self.node.lock(&self.node.inner.hosted).remove(&key);
+        self.node.lock(&self.node.inner.hosted).remove(&self.key);
     }
 }
 
@@ -196,7 +232,14 @@ pub(crate) async fn serve_blob(
         .await;
         match read {
             Ok(Ok((total, data))) => BlobResponse::Chunk { total, data },
-            _ => BlobResponse::NotFound,
+            Ok(Err(e)) => {
+                tracing::warn!(%peer, blob = %request.id, "cannot read a granted blob: {e}");
+                BlobResponse::NotFound
+            }
+            Err(e) => {
+                tracing::error!("blob reader failed: {e}");
+                BlobResponse::NotFound
+            }
         }
     } else {
         tracing::debug!(%peer, blob = %request.id, "refused a blob the peer was not granted");

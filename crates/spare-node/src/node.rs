@@ -7,8 +7,7 @@
 //! that publishes this node's offer when its load changes. All of them stop
 //! when the node's shutdown token fires.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -27,8 +26,10 @@ use crate::config::Config;
 use crate::paths::Paths;
 use crate::{NodeError, host};
 
-/// How often the offer loop looks at the pool's load.
-const OFFER_CHECK: Duration = Duration::from_millis(100);
+/// How often the offer loop looks at the pool's load, and so the most
+/// often an offer is published: requesters correct offers between
+/// publications with their own in-flight counts.
+const OFFER_CHECK: Duration = Duration::from_millis(250);
 /// An unchanged offer is re-published this often, so newcomers and peers
 /// that missed one converge.
 const OFFER_REFRESH: Duration = Duration::from_secs(5);
@@ -195,27 +196,13 @@ impl Node {
                 } => {
                     tokio::spawn(host::serve_blob(self.clone(), peer, request, reply));
                 }
-                NetEvent::PeerDisconnected(peer) => self.peer_gone(&peer),
-                NetEvent::PeerConnected(_) => {}
             }
         }
-    }
-
-    /// A requester that disconnects can no longer receive its results:
-    /// stop its tasks here and forget what it may fetch.
-    fn peer_gone(&self, peer: &PeerId) {
-        for ((requester, task), token) in self.lock(&self.inner.hosted).iter() {
-            if requester == peer {
-                tracing::info!(%peer, %task, "requester disconnected; cancelling its task");
-                token.cancel();
-            }
-        }
-        self.lock(&self.inner.grants).remove(peer);
     }
 
     /// Publishes this node's offer when its load changes, and periodically.
     async fn publish_offers(self) {
-        let seq = AtomicU64::new(0);
+        let mut seq = 0u64;
         let mut last: Option<(Offer, Instant)> = None;
         let mut tick = tokio::time::interval(OFFER_CHECK);
         loop {
@@ -224,7 +211,7 @@ impl Node {
                 () = self.inner.shutdown.cancelled() => break,
                 _ = tick.tick() => {}
             }
-            let mut offer = self.offer(0);
+            let offer = self.offer(seq + 1);
             let unchanged = last.as_ref().is_some_and(|(prev, at)| {
                 prev.idle == offer.idle
                     && prev.queued == offer.queued
@@ -233,7 +220,7 @@ impl Node {
             if unchanged {
                 continue;
             }
-            offer.seq = seq.fetch_add(1, Ordering::Relaxed) + 1;
+            seq += 1;
             self.inner.net.publish_offer(offer.clone()).await;
             last = Some((offer, Instant::now()));
         }
@@ -294,11 +281,6 @@ impl Node {
 
     pub(crate) fn lock<'a, T>(&self, mutex: &'a Mutex<T>) -> MutexGuard<'a, T> {
         mutex.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Connected peer ids.
-    pub fn connected_peers(&self) -> HashSet<PeerId> {
-        self.inner.net.peers().into_iter().map(|p| p.peer).collect()
     }
 }
 

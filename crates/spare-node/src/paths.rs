@@ -76,14 +76,17 @@ impl Paths {
         }
     }
 
-    /// Creates the directories, private to the user.
+    /// Creates the directories, private to the user. The data directory is
+    /// the node's own: it is made private even if it existed before, since
+    /// it holds other peers' modules and inputs.
     pub fn create_dirs(&self) -> std::io::Result<()> {
-        use std::os::unix::fs::DirBuilderExt;
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
         let mut builder = std::fs::DirBuilder::new();
         builder.recursive(true).mode(0o700);
         for dir in [&self.data_dir, &self.blobs, &self.cache] {
             builder.create(dir)?;
         }
+        std::fs::set_permissions(&self.data_dir, std::fs::Permissions::from_mode(0o700))?;
         for file in [&self.config, &self.socket] {
             if let Some(parent) = file.parent() {
                 builder.create(parent)?;
@@ -96,6 +99,18 @@ impl Paths {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_data_dir_is_made_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("node");
+        std::fs::create_dir(&data).unwrap();
+        std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).unwrap();
+        Paths::in_dir(&data).create_dirs().unwrap();
+        let mode = std::fs::metadata(&data).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+    }
 
     #[test]
     fn a_data_dir_holds_everything() {

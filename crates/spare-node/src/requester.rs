@@ -5,7 +5,9 @@ use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
 use spare_core::wire::{Report, TaskRequest, TaskResponse};
-use spare_core::{BlobId, Failure, Outcome, Receipt, SignedReceipt, Stdin, TaskId, TaskSpec};
+use spare_core::{
+    BlobId, BlobRef, Failure, Outcome, Receipt, SignedReceipt, Stdin, TaskId, TaskSpec,
+};
 use spare_ledger::Ending;
 use spare_scheduler::{AttemptError, Candidate, RetryPolicy, rank};
 use tokio::sync::mpsc;
@@ -18,11 +20,18 @@ use crate::node::{InFlight, Node};
 /// How long to wait for a first peer with an offer before giving up, when
 /// the node has just started or the swarm is just forming.
 const PEER_WAIT: Duration = Duration::from_secs(5);
-/// A host gets the task's wall-time limit plus this long to answer (blob
-/// transfer and compilation are not counted by the guest's clock).
-const ATTEMPT_GRACE: Duration = Duration::from_secs(60);
-/// How long a cancel request to a host may take.
+/// A host that keeps its connection and answers pings but never answers a
+/// task is given this long on top of the task's wall-time limit: blob
+/// transfer and compilation are not on the guest's clock, and the task may
+/// wait in the host's queue. Hosts that vanish are noticed much sooner, by
+/// their connection or their pings.
+const ATTEMPT_GRACE: Duration = Duration::from_secs(10 * 60);
+/// How long a cancel request to a host may take, and how often it is sent.
 const CANCEL_TIMEOUT: Duration = Duration::from_secs(2);
+const CANCEL_TRIES: u32 = 3;
+/// Offers older than this are not trusted for placement: their node stopped
+/// publishing (offers are refreshed every 5 s).
+const OFFER_MAX_AGE: Duration = Duration::from_secs(15);
 
 /// Why a submission was refused before it ran anywhere.
 #[derive(Debug, thiserror::Error)]
@@ -36,16 +45,21 @@ pub enum SubmitError {
 }
 
 /// Checks a submission and turns it into a task spec.
-pub fn prepare(node: &Node, submission: &Submission) -> Result<(TaskSpec, Placement), SubmitError> {
+pub async fn prepare(
+    node: &Node,
+    submission: &Submission,
+) -> Result<(TaskSpec, Placement), SubmitError> {
     let stdin = match &submission.stdin {
         SubmitStdin::None => Stdin::Empty,
         SubmitStdin::Inline(text) => {
             let bytes = crate::api::types::decode_b64(text).map_err(SubmitError::Invalid)?;
             let stdin = Stdin::for_bytes(&bytes);
             // Inline input above the inline bound travels as a blob.
-            if let Stdin::Blob(blob) = &stdin {
-                node.blobs()
-                    .put_verified(&blob.id, &bytes)
+            if let Stdin::Blob(blob) = stdin {
+                let store = node.clone();
+                tokio::task::spawn_blocking(move || store.blobs().put_verified(&blob.id, &bytes))
+                    .await
+                    .map_err(|e| SubmitError::Invalid(e.to_string()))?
                     .map_err(|e| SubmitError::Invalid(e.to_string()))?;
             }
             stdin
@@ -54,22 +68,14 @@ pub fn prepare(node: &Node, submission: &Submission) -> Result<(TaskSpec, Placem
             if !node.blobs().has(&blob.id) {
                 return Err(SubmitError::MissingStdin(blob.id));
             }
+            check_size(node, "stdin", blob)?;
             Stdin::Blob(*blob)
         }
     };
     if !node.blobs().has(&submission.module.id) {
         return Err(SubmitError::MissingModule(submission.module.id));
     }
-    let size = node
-        .blobs()
-        .size(&submission.module.id)
-        .map_err(|e| SubmitError::Invalid(e.to_string()))?;
-    if size != submission.module.size {
-        return Err(SubmitError::Invalid(format!(
-            "module size {} does not match the uploaded blob ({size} bytes)",
-            submission.module.size
-        )));
-    }
+    check_size(node, "module", &submission.module)?;
     let spec = TaskSpec {
         id: TaskId::random(),
         name: submission.name.clone(),
@@ -86,6 +92,21 @@ pub fn prepare(node: &Node, submission: &Submission) -> Result<(TaskSpec, Placem
             .map_err(|_| SubmitError::Invalid(format!("`{peer}` is not a peer id")))?;
     }
     Ok((spec, submission.placement.clone()))
+}
+
+/// Checks that a blob's announced size is the size of the stored blob.
+fn check_size(node: &Node, what: &str, blob: &BlobRef) -> Result<(), SubmitError> {
+    let size = node
+        .blobs()
+        .size(&blob.id)
+        .map_err(|e| SubmitError::Invalid(e.to_string()))?;
+    if size != blob.size {
+        return Err(SubmitError::Invalid(format!(
+            "{what} size {} does not match the uploaded blob ({size} bytes)",
+            blob.size
+        )));
+    }
+    Ok(())
 }
 
 /// Runs a prepared task to the end, sending events to `events`. Stops early
@@ -323,8 +344,7 @@ async fn attempt_on(
     let result = tokio::select! {
         biased;
         () = token.cancelled() => {
-            let cancel = node.net().send_task(host, TaskRequest::Cancel(spec.id));
-            let _ = tokio::time::timeout(CANCEL_TIMEOUT, cancel).await;
+            cancel_on(node, host, spec.id).await;
             node.revoke(host, &blobs);
             return Attempt::Cancelled;
         }
@@ -335,8 +355,7 @@ async fn attempt_on(
         Err(_) => {
             // The host holds the task past any reasonable time: treat it as
             // gone, and tell it to stop in case it is merely slow.
-            let cancel = node.net().send_task(host, TaskRequest::Cancel(spec.id));
-            let _ = tokio::time::timeout(CANCEL_TIMEOUT, cancel).await;
+            cancel_on(node, host, spec.id).await;
             Attempt::Failed {
                 error: AttemptError::HostLost,
                 reason: format!(
@@ -356,6 +375,12 @@ async fn attempt_on(
                     reason: "the host answered for another task".into(),
                 };
             }
+            if let Err(why) = plausible(spec, &report.outcome) {
+                return Attempt::Failed {
+                    error: AttemptError::HostFault,
+                    reason: format!("the host reported an impossible outcome ({why})"),
+                };
+            }
             Attempt::Ran(Box::new(report))
         }
         Ok(Ok(TaskResponse::Refused(refusal))) => Attempt::Failed {
@@ -373,12 +398,46 @@ async fn attempt_on(
     }
 }
 
+/// Tells `host` to stop `task`, a few times if it does not answer. (A host
+/// also stops our tasks when we disconnect.)
+async fn cancel_on(node: &Node, host: PeerId, task: TaskId) {
+    for _ in 0..CANCEL_TRIES {
+        let cancel = node.net().send_task(host, TaskRequest::Cancel(task));
+        match tokio::time::timeout(CANCEL_TIMEOUT, cancel).await {
+            Ok(Ok(TaskResponse::Cancelled(_))) => return,
+            Ok(Err(spare_net::RequestError::ConnectionClosed)) => return,
+            _ => {}
+        }
+    }
+    tracing::warn!(%host, %task, "the host did not confirm the cancel");
+}
+
 fn blobs_of(spec: &TaskSpec) -> Vec<BlobId> {
     let mut blobs = vec![spec.module.id];
     if let Stdin::Blob(blob) = &spec.stdin {
         blobs.push(blob.id);
     }
     blobs
+}
+
+/// Whether an outcome is possible under the limits the task ran with; a
+/// host claiming more is lying or broken.
+fn plausible(spec: &TaskSpec, outcome: &Outcome) -> Result<(), &'static str> {
+    let limits = &spec.limits;
+    let wall_allowance = limits
+        .wall_ms
+        .saturating_add(ATTEMPT_GRACE.as_millis() as u64);
+    if outcome.fuel > limits.fuel {
+        Err("more fuel than the limit")
+    } else if outcome.wall_ms > wall_allowance {
+        Err("more wall time than the limit")
+    } else if outcome.stdout.len() as u64 > limits.output
+        || outcome.stderr.len() as u64 > limits.output
+    {
+        Err("more output than the limit")
+    } else {
+        Ok(())
+    }
 }
 
 /// Verifies the host's receipt against the task it came with. A bad receipt
@@ -391,11 +450,14 @@ fn verify_receipt(node: &Node, spec: &TaskSpec, host: PeerId, report: &Report) -
             return None;
         }
     };
+    let outcome = &report.outcome;
     let matches = receipt.host == host
         && receipt.task == spec.id
         && receipt.requester == node.peer_id()
         && receipt.module == spec.module.id
-        && receipt.fuel == report.outcome.fuel;
+        && receipt.fuel == outcome.fuel
+        && receipt.wall_ms == outcome.wall_ms
+        && receipt.exit_code == outcome.exit_code();
     if !matches {
         tracing::warn!(%host, task = %spec.id, "receipt does not match the task it came with");
         return None;
@@ -419,7 +481,10 @@ async fn choose(
             .peers()
             .into_iter()
             .filter_map(|p| {
-                let (offer, _) = p.offer?;
+                let (offer, at) = p.offer?;
+                if at.elapsed() > OFFER_MAX_AGE {
+                    return None;
+                }
                 Some(Candidate {
                     peer: p.peer,
                     cores: offer.cores,

@@ -34,10 +34,14 @@ impl DiskCache {
     /// module race harmlessly, and a crash never leaves half a file under the
     /// final name.
     pub(crate) fn store(&self, module: &BlobId, bytes: &[u8]) -> std::io::Result<()> {
+        use std::io::Write;
         let tmp = self
             .dir
             .join(format!("{module}.{}.tmp", std::process::id()));
-        std::fs::write(&tmp, bytes)?;
+        let mut file = std::fs::File::create(&tmp)?;
+        file.write_all(bytes)?;
+        // Synced before it gets its name: this file is loaded as trusted code.
+        file.sync_data()?;
         std::fs::rename(&tmp, self.path(module))
     }
 }

@@ -132,7 +132,7 @@ impl WorkerPool {
 
     pub fn stats(&self) -> PoolStats {
         PoolStats {
-            slots: self.inner.config.slots.max(1),
+            slots: self.slots(),
             running: self.inner.running.load(Ordering::Relaxed),
             queued: self.inner.queued.load(Ordering::Relaxed),
         }
@@ -202,7 +202,7 @@ impl WorkerPool {
         match reply {
             Ok(FromWorker::Done(outcome)) => match outcome.validate() {
                 Ok(()) => {
-                    self.inner.lock_idle().push(worker);
+                    self.give_back(worker);
                     *outcome
                 }
                 Err(e) => {
@@ -211,7 +211,7 @@ impl WorkerPool {
                 }
             },
             Ok(FromWorker::Ready { .. }) => self.bury(worker, "it answered out of turn").await,
-            Err(_) => self.bury(worker, "").await,
+            Err(e) => self.bury(worker, &e.to_string()).await,
         }
     }
 
@@ -277,15 +277,36 @@ impl WorkerPool {
     }
 
     /// Starts a replacement for a worker that was killed, in the background,
-    /// so the next job finds a warm one.
+    /// so the next job finds a warm one. (A job that finds no idle worker
+    /// starts one itself; `give_back` keeps the total at `slots` either way.)
     fn replenish(&self) {
+        if self.live() >= self.slots() {
+            return;
+        }
         let pool = self.clone();
         tokio::spawn(async move {
             match pool.spawn().await {
-                Ok(worker) => pool.inner.lock_idle().push(worker),
+                Ok(worker) => pool.give_back(worker),
                 Err(e) => tracing::warn!("cannot replace a worker: {e}"),
             }
         });
+    }
+
+    /// Keeps `worker` warm for the next job, unless the pool already has a
+    /// worker for every slot (then dropping it kills it).
+    fn give_back(&self, worker: Worker) {
+        if self.live() <= self.slots() {
+            self.inner.lock_idle().push(worker);
+        }
+    }
+
+    /// Worker processes alive now.
+    fn live(&self) -> usize {
+        self.inner.lock_pids().len()
+    }
+
+    fn slots(&self) -> usize {
+        self.inner.config.slots.max(1)
     }
 
     /// Reaps a worker that failed and reports how it died.

@@ -80,9 +80,8 @@ fn current_nice() -> i32 {
     unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) }
 }
 
-/// Reads the scheduling policy and nice value of process `pid` from
-/// `/proc/<pid>/stat`, as an outside observer sees them (used by tests and
-/// `spare status`).
+/// Reads the nice value and scheduling policy of process `pid` from
+/// `/proc/<pid>/stat`, as an outside observer sees them.
 pub fn read_proc_priority(pid: u32) -> std::io::Result<(i32, u32)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // The command name (field 2) is in parentheses and may contain spaces;

@@ -11,21 +11,21 @@ use std::io::{BufReader, BufWriter};
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 
-use spare_core::Limits;
-
 use crate::ipc::{FromWorker, MAX_JOB_FRAME, ToWorker, read_frame, write_frame};
 use crate::priority::lower_own_priority;
 use crate::sandbox::Sandbox;
 
-/// Native stack of the thread that runs guests: the largest guest stack a
-/// host grants, plus room for wasmtime and WASI host calls.
-const EXECUTOR_STACK: usize = Limits::MAX.stack as usize + (4 << 20);
+/// Native stack of the thread that drives guests. Guests themselves run on
+/// wasmtime's fiber stacks, sized per engine to their stack limit; this one
+/// only carries the executor, compilation and host calls.
+const EXECUTOR_STACK: usize = 8 << 20;
 
 /// Runs the worker until the daemon closes its stdin. Returns the process
 /// exit code.
 pub fn main(cache_dir: Option<PathBuf>) -> i32 {
     let priority = lower_own_priority();
     limit_core_dumps();
+    offer_to_the_oom_killer();
 
     let guest = std::thread::Builder::new()
         .name("guest".into())
@@ -91,6 +91,14 @@ fn wait_for_hang_up() {
         if ready > 0 && pfd.revents & (libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0 {
             return;
         }
+    }
+}
+
+/// When memory runs out, the kernel should kill a worker before anything of
+/// the owner's.
+fn offer_to_the_oom_killer() {
+    if let Err(e) = std::fs::write("/proc/self/oom_score_adj", "1000") {
+        eprintln!("spare worker: cannot raise its OOM score: {e}");
     }
 }
 

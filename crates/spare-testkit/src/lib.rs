@@ -38,13 +38,29 @@ impl Daemon {
     /// Starts `bin --data-dir dir up` on a free loopback TCP port, with
     /// `extra` flags, and waits until its API answers.
     pub fn start(bin: &Path, dir: &Path, extra: &[&str]) -> Result<Self> {
+        let mut args = vec!["up", "--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns"];
+        args.extend_from_slice(extra);
+        Self::start_with(bin, dir, &[], &args)
+    }
+
+    /// Starts `wrapper... bin --data-dir dir args...` (a wrapper such as
+    /// `ip netns exec <name>` runs the daemon elsewhere) and waits until its
+    /// API answers.
+    pub fn start_with(bin: &Path, dir: &Path, wrapper: &[&str], args: &[&str]) -> Result<Self> {
         std::fs::create_dir_all(dir)?;
         let log = std::fs::File::create(dir.join("daemon.log"))?;
-        let child = Command::new(bin)
+        let mut command = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut command = Command::new(program);
+                command.args(rest).arg(bin);
+                command
+            }
+            None => Command::new(bin),
+        };
+        let child = command
             .arg("--data-dir")
             .arg(dir)
-            .args(["up", "--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns"])
-            .args(extra)
+            .args(args)
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),

@@ -225,8 +225,9 @@ async fn put_blob(
 async fn submit(State(node): State<Node>, body: Bytes) -> Result<Response, ApiError> {
     let submission: Submission = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request(format!("invalid task submission: {e}")))?;
-    let (spec, placement) =
-        requester::prepare(&node, &submission).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let (spec, placement) = requester::prepare(&node, &submission)
+        .await
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
     let (tx, rx) = mpsc::channel::<TaskEvent>(EVENT_BUFFER);
     tokio::spawn(requester::run(node, spec, placement, tx));
     let lines = futures::stream::unfold(rx, |mut rx| async move {
@@ -257,9 +258,10 @@ async fn tasks(
     State(node): State<Node>,
     Query(query): Query<ListQuery>,
 ) -> Result<Response, ApiError> {
-    let tasks = node
-        .ledger()
-        .recent_tasks(query.limit())
+    let limit = query.limit();
+    let tasks = tokio::task::spawn_blocking(move || node.ledger().recent_tasks(limit))
+        .await
+        .map_err(ApiError::internal)?
         .map_err(ApiError::internal)?;
     Ok(Json(tasks).into_response())
 }
@@ -268,9 +270,10 @@ async fn hosted(
     State(node): State<Node>,
     Query(query): Query<ListQuery>,
 ) -> Result<Response, ApiError> {
-    let tasks = node
-        .ledger()
-        .recent_hosted(query.limit())
+    let limit = query.limit();
+    let tasks = tokio::task::spawn_blocking(move || node.ledger().recent_hosted(limit))
+        .await
+        .map_err(ApiError::internal)?
         .map_err(ApiError::internal)?;
     Ok(Json(tasks).into_response())
 }
