@@ -23,7 +23,7 @@ use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
 use crate::behaviour::{Behaviour, BehaviourEvent, IDENTIFY_PROTOCOL};
-use crate::codec::Incoming;
+use crate::codec::{CborCodec, Incoming};
 use crate::{NetError, NetEvent, RequestError, Responder, Shared};
 
 /// How often the loop checks its connections and tidies its maps.
@@ -364,13 +364,18 @@ impl EventLoop {
                     self.publish_offer();
                 }
             }
-            BehaviourEvent::Task(event) => self.handle_task(event),
-            BehaviourEvent::Blob(event) => self.handle_blob(event),
+            BehaviourEvent::Task(event) => self.handle_request_response(event),
+            BehaviourEvent::Blob(event) => self.handle_request_response(event),
             _ => {}
         }
     }
 
-    fn handle_task(&mut self, event: request_response::Event<Incoming<TaskRequest>, TaskResponse>) {
+    /// One request-response event of either protocol; what differs between
+    /// them is in [`Protocol`].
+    fn handle_request_response<P: Protocol>(
+        &mut self,
+        event: request_response::Event<Incoming<P>, P::Response>,
+    ) {
         match event {
             request_response::Event::Message { peer, message, .. } => match message {
                 request_response::Message::Request {
@@ -378,13 +383,9 @@ impl EventLoop {
                     channel,
                     ..
                 } => {
-                    tracing::debug!(%peer, "malformed task request: {why}");
-                    let refusal = Refusal::Invalid(spare_core::outcome::clip_detail(why));
-                    let _ = self
-                        .swarm
-                        .behaviour_mut()
-                        .task
-                        .send_response(channel, TaskResponse::Refused(refusal));
+                    tracing::debug!(%peer, "malformed {} request: {why}", P::NAME);
+                    let answer = P::malformed(spare_core::outcome::clip_detail(why));
+                    let _ = P::behaviour(self.swarm.behaviour_mut()).send_response(channel, answer);
                 }
                 request_response::Message::Request {
                     request: Incoming::Valid(request),
@@ -397,27 +398,19 @@ impl EventLoop {
                     };
                     // The daemon is saturated: refuse now rather than queue
                     // without bound.
-                    if let Err(mpsc::error::TrySendError::Full(NetEvent::TaskRequest {
-                        reply,
-                        ..
-                    })) = self.events.try_send(NetEvent::TaskRequest {
-                        peer,
-                        request,
-                        reply,
-                    }) {
-                        let busy = TaskResponse::Refused(Refusal::Overloaded);
-                        let _ = self
-                            .swarm
-                            .behaviour_mut()
-                            .task
-                            .send_response(reply.channel, busy);
+                    if let Err(mpsc::error::TrySendError::Full(event)) =
+                        self.events.try_send(P::event(peer, request, reply))
+                        && let Some(reply) = P::responder(event)
+                    {
+                        let _ = P::behaviour(self.swarm.behaviour_mut())
+                            .send_response(reply.channel, P::overloaded());
                     }
                 }
                 request_response::Message::Response {
                     request_id,
                     response,
                 } => {
-                    if let Some(reply) = self.pending_tasks.remove(&request_id) {
+                    if let Some(reply) = P::pending(self).remove(&request_id) {
                         let _ = reply.send(Ok(response));
                     }
                 }
@@ -428,76 +421,13 @@ impl EventLoop {
                 peer,
                 ..
             } => {
-                tracing::debug!(%peer, "task request failed: {error}");
-                if let Some(reply) = self.pending_tasks.remove(&request_id) {
+                tracing::debug!(%peer, "{} request failed: {error}", P::NAME);
+                if let Some(reply) = P::pending(self).remove(&request_id) {
                     let _ = reply.send(Err(request_error(error)));
                 }
             }
             request_response::Event::InboundFailure { peer, error, .. } => {
-                tracing::debug!(%peer, "inbound task request failed: {error}");
-            }
-            request_response::Event::ResponseSent { .. } => {}
-        }
-    }
-
-    fn handle_blob(&mut self, event: request_response::Event<Incoming<BlobRequest>, BlobResponse>) {
-        match event {
-            request_response::Event::Message { peer, message, .. } => match message {
-                request_response::Message::Request {
-                    request: Incoming::Malformed(why),
-                    channel,
-                    ..
-                } => {
-                    tracing::debug!(%peer, "malformed blob request: {why}");
-                    let answer = BlobResponse::Invalid(spare_core::outcome::clip_detail(why));
-                    let _ = self
-                        .swarm
-                        .behaviour_mut()
-                        .blob
-                        .send_response(channel, answer);
-                }
-                request_response::Message::Request {
-                    request: Incoming::Valid(request),
-                    channel,
-                    ..
-                } => {
-                    let reply = Responder {
-                        channel,
-                        commands: self.own_commands.clone(),
-                    };
-                    if let Err(mpsc::error::TrySendError::Full(NetEvent::BlobRequest {
-                        reply,
-                        ..
-                    })) = self.events.try_send(NetEvent::BlobRequest {
-                        peer,
-                        request,
-                        reply,
-                    }) {
-                        let _ = self
-                            .swarm
-                            .behaviour_mut()
-                            .blob
-                            .send_response(reply.channel, BlobResponse::Busy);
-                    }
-                }
-                request_response::Message::Response {
-                    request_id,
-                    response,
-                } => {
-                    if let Some(reply) = self.pending_blobs.remove(&request_id) {
-                        let _ = reply.send(Ok(response));
-                    }
-                }
-            },
-            request_response::Event::OutboundFailure {
-                request_id, error, ..
-            } => {
-                if let Some(reply) = self.pending_blobs.remove(&request_id) {
-                    let _ = reply.send(Err(request_error(error)));
-                }
-            }
-            request_response::Event::InboundFailure { peer, error, .. } => {
-                tracing::debug!(%peer, "inbound blob request failed: {error}");
+                tracing::debug!(%peer, "inbound {} request failed: {error}", P::NAME);
             }
             request_response::Event::ResponseSent { .. } => {}
         }
@@ -530,6 +460,102 @@ impl EventLoop {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .len()
+    }
+}
+
+/// What the task and the blob protocols do differently in the event loop.
+trait Protocol: spare_core::wire::Message + Send + Sync + 'static {
+    type Response: spare_core::wire::Message + Send + Sync + 'static;
+    /// For logs.
+    const NAME: &'static str;
+    fn behaviour(
+        behaviour: &mut Behaviour,
+    ) -> &mut request_response::Behaviour<CborCodec<Self, Self::Response>>;
+    fn pending(
+        event_loop: &mut EventLoop,
+    ) -> &mut HashMap<OutboundRequestId, Reply<Self::Response>>;
+    /// The answer to a malformed request.
+    fn malformed(why: String) -> Self::Response;
+    /// The answer when the daemon cannot take the request now.
+    fn overloaded() -> Self::Response;
+    fn event(peer: PeerId, request: Self, reply: Responder<Self::Response>) -> NetEvent;
+    /// The way back out of an event that could not be delivered.
+    fn responder(event: NetEvent) -> Option<Responder<Self::Response>>;
+}
+
+impl Protocol for TaskRequest {
+    type Response = TaskResponse;
+    const NAME: &'static str = "task";
+
+    fn behaviour(
+        behaviour: &mut Behaviour,
+    ) -> &mut request_response::Behaviour<CborCodec<Self, TaskResponse>> {
+        &mut behaviour.task
+    }
+
+    fn pending(event_loop: &mut EventLoop) -> &mut HashMap<OutboundRequestId, Reply<TaskResponse>> {
+        &mut event_loop.pending_tasks
+    }
+
+    fn malformed(why: String) -> TaskResponse {
+        TaskResponse::Refused(Refusal::Invalid(why))
+    }
+
+    fn overloaded() -> TaskResponse {
+        TaskResponse::Refused(Refusal::Overloaded)
+    }
+
+    fn event(peer: PeerId, request: Self, reply: Responder<TaskResponse>) -> NetEvent {
+        NetEvent::TaskRequest {
+            peer,
+            request,
+            reply,
+        }
+    }
+
+    fn responder(event: NetEvent) -> Option<Responder<TaskResponse>> {
+        match event {
+            NetEvent::TaskRequest { reply, .. } => Some(reply),
+            NetEvent::BlobRequest { .. } => None,
+        }
+    }
+}
+
+impl Protocol for BlobRequest {
+    type Response = BlobResponse;
+    const NAME: &'static str = "blob";
+
+    fn behaviour(
+        behaviour: &mut Behaviour,
+    ) -> &mut request_response::Behaviour<CborCodec<Self, BlobResponse>> {
+        &mut behaviour.blob
+    }
+
+    fn pending(event_loop: &mut EventLoop) -> &mut HashMap<OutboundRequestId, Reply<BlobResponse>> {
+        &mut event_loop.pending_blobs
+    }
+
+    fn malformed(why: String) -> BlobResponse {
+        BlobResponse::Invalid(why)
+    }
+
+    fn overloaded() -> BlobResponse {
+        BlobResponse::Busy
+    }
+
+    fn event(peer: PeerId, request: Self, reply: Responder<BlobResponse>) -> NetEvent {
+        NetEvent::BlobRequest {
+            peer,
+            request,
+            reply,
+        }
+    }
+
+    fn responder(event: NetEvent) -> Option<Responder<BlobResponse>> {
+        match event {
+            NetEvent::BlobRequest { reply, .. } => Some(reply),
+            NetEvent::TaskRequest { .. } => None,
+        }
     }
 }
 
