@@ -129,7 +129,11 @@ fn run(args: &Args) -> Result<()> {
     if wants(Bench::Guest) {
         guest::run(&env)?;
     }
-    let runtime = tokio::runtime::Runtime::new()?;
+    // One thread, as the `spare` CLI uses: the client competes with the
+    // daemons for the same cores, and should take as little as it can.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     if wants(Bench::Dispatch) {
         runtime.block_on(dispatch::run(&env))?;
     }

@@ -93,6 +93,13 @@ fn a_task_runs_on_a_remote_peer_like_a_local_program() {
     );
     assert_eq!(text(&out.stderr), "to stderr\n");
 
+    // Input larger than a request carries travels as a blob the host fetches.
+    let big: Vec<u8> = (0..300_000u32).map(|i| b'a' + (i % 26) as u8).collect();
+    let out = spare(a, &["run", &example("echo.wasm")], &big);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(out.stdout.starts_with(b"stdin:\n"));
+    assert_eq!(&out.stdout[b"stdin:\n".len()..], &big[..]);
+
     // --json names the host, which is not the requester.
     let out = spare(
         a,
@@ -140,7 +147,7 @@ fn a_task_runs_on_a_remote_peer_like_a_local_program() {
     let out = spare(a, &["tasks", "--json"], b"");
     let tasks = json(&out);
     let tasks = tasks.as_array().expect("list");
-    assert_eq!(tasks.len(), 5);
+    assert_eq!(tasks.len(), 6);
     assert!(tasks.iter().all(|t| t["state"] == "exited"));
     assert!(tasks.iter().any(|t| t["host"] == c));
     let out = spare(a, &["tasks"], b"");
