@@ -470,6 +470,15 @@ fn a_host_runs_as_many_tasks_as_its_cores_and_queues_the_rest() {
             info["running"] == 1 && info["queued"] == 1
         },
     );
+    // Both are listed as running on b, until they end.
+    let hosted = b.get("/v1/hosted").unwrap();
+    let running = hosted
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["state"] == "running")
+        .count();
+    assert_eq!(running, 2, "{hosted}");
     // The queue shows in b's offer too, so requesters can avoid it.
     wait_until(
         "b's offer to show the queue",

@@ -213,6 +213,15 @@ pub struct HostedTask {
     pub wall_ms: Option<u64>,
 }
 
+/// A task this node is hosting: what its record is made of.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Hosted {
+    pub task: TaskId,
+    pub requester: PeerId,
+    pub module: spare_core::BlobId,
+    pub started_ms: u64,
+}
+
 /// Whether we issued a receipt (as host) or received one (as requester).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -273,10 +282,6 @@ impl Ledger {
         let now = spare_core::now_ms() as i64;
         writer.execute(
             "UPDATE requested SET state = 'interrupted', finished_ms = ?1 WHERE state = 'running'",
-            params![now],
-        )?;
-        writer.execute(
-            "UPDATE hosted SET state = 'interrupted', finished_ms = ?1 WHERE state = 'running'",
             params![now],
         )?;
         Ok(Self {
@@ -340,28 +345,19 @@ impl Ledger {
         })
     }
 
-    /// Records that this node started a task for `requester`.
-    pub fn hosted_started(&self, task: &TaskId, requester: &PeerId, module: &str) -> Committed {
-        self.write(Write::HostedStarted {
-            task: task.to_string(),
-            requester: requester.to_string(),
-            module: module.to_owned(),
-            at_ms: spare_core::now_ms(),
-        })
-    }
-
-    /// Records how a hosted task ended, with the receipt this node issued
+    /// Records a hosted task when it ends, with the receipt this node issued
     /// for it if any, in one transaction.
     pub fn hosted_finished(
         &self,
-        task: &TaskId,
-        requester: &PeerId,
+        hosted: &Hosted,
         ending: &Ending,
         receipt: Option<(Receipt, SignedReceipt)>,
     ) -> Committed {
         self.write(Write::HostedFinished {
-            task: task.to_string(),
-            requester: requester.to_string(),
+            task: hosted.task.to_string(),
+            requester: hosted.requester.to_string(),
+            module: hosted.module.to_string(),
+            started_ms: hosted.started_ms,
             ending: ending.clone(),
             receipt: receipt.map(Box::new),
             at_ms: spare_core::now_ms(),
@@ -638,7 +634,6 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.db");
         let (running, done) = (TaskId::random(), TaskId::random());
-        let requester = PeerId::random();
         {
             let ledger = Ledger::open(&path).unwrap();
             ledger.task_submitted(&running, "a", "m").await.unwrap();
@@ -647,19 +642,11 @@ mod tests {
                 .task_finished(&done, &Ending::of(&outcome(0)), None)
                 .await
                 .unwrap();
-            ledger
-                .hosted_started(&running, &requester, "m")
-                .await
-                .unwrap();
         }
         let ledger = Ledger::open(&path).unwrap();
         let state = |t: &TaskId| ledger.requested_task(t).unwrap().unwrap().state;
         assert_eq!(state(&running), TaskState::Interrupted);
         assert_eq!(state(&done), TaskState::Exited);
-        assert_eq!(
-            ledger.recent_hosted(10).unwrap()[0].state,
-            TaskState::Interrupted
-        );
     }
 
     #[tokio::test]
@@ -698,15 +685,21 @@ mod tests {
     #[tokio::test]
     async fn a_hosted_task_and_its_receipt_are_committed_together() {
         let ledger = Ledger::open_in_memory().unwrap();
-        let (task, requester) = (TaskId::random(), PeerId::random());
-        ledger.hosted_started(&task, &requester, "m").await.unwrap();
-        let receipt = signed_receipt(task, requester);
+        let hosted = Hosted {
+            task: TaskId::random(),
+            requester: PeerId::random(),
+            module: BlobId::of(b"m"),
+            started_ms: 5,
+        };
+        let receipt = signed_receipt(hosted.task, hosted.requester);
         ledger
-            .hosted_finished(&task, &requester, &Ending::of(&outcome(0)), Some(receipt))
+            .hosted_finished(&hosted, &Ending::of(&outcome(0)), Some(receipt))
             .await
             .unwrap();
-        let hosted = &ledger.recent_hosted(1).unwrap()[0];
-        assert_eq!(hosted.state, TaskState::Exited);
+        let record = &ledger.recent_hosted(1).unwrap()[0];
+        assert_eq!(record.state, TaskState::Exited);
+        assert_eq!(record.started_ms, 5);
+        assert_eq!(record.requester, hosted.requester.to_string());
         assert_eq!(ledger.receipt_totals(ReceiptRole::Issued).unwrap().count, 1);
     }
 

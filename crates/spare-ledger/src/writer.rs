@@ -49,15 +49,14 @@ pub(crate) enum Write {
         receipt: Option<Box<(Receipt, SignedReceipt)>>,
         at_ms: u64,
     },
-    HostedStarted {
-        task: String,
-        requester: String,
-        module: String,
-        at_ms: u64,
-    },
+    /// A hosted task is recorded once, when it ends: until then it lives in
+    /// the daemon's memory, and a task cut short by a crash produced nothing
+    /// worth recording.
     HostedFinished {
         task: String,
         requester: String,
+        module: String,
+        started_ms: u64,
         ending: Ending,
         receipt: Option<Box<(Receipt, SignedReceipt)>>,
         at_ms: u64,
@@ -118,20 +117,20 @@ fn waiting(batch: &[Op]) -> usize {
 
 /// Applies `batch` in one transaction; returns each write's result.
 fn commit(conn: &Connection, batch: &[Op]) -> Vec<Result<(), LedgerError>> {
-    let tx = match conn.unchecked_transaction() {
-        Ok(tx) => tx,
-        Err(e) => {
-            return batch
-                .iter()
-                .map(|_| Err(LedgerError::Write(e.to_string())))
-                .collect();
-        }
-    };
+    // Cached statements: `BEGIN` and `COMMIT` are parsed once, not per batch.
+    let statement = |sql: &str| conn.prepare_cached(sql).and_then(|mut s| s.execute([]));
+    if let Err(e) = statement("BEGIN") {
+        return batch
+            .iter()
+            .map(|_| Err(LedgerError::Write(e.to_string())))
+            .collect();
+    }
     let mut results: Vec<Result<(), LedgerError>> = batch
         .iter()
-        .map(|op| apply(&tx, &op.write).map_err(|e| LedgerError::Write(e.to_string())))
+        .map(|op| apply(conn, &op.write).map_err(|e| LedgerError::Write(e.to_string())))
         .collect();
-    if let Err(e) = tx.commit() {
+    if let Err(e) = statement("COMMIT") {
+        let _ = statement("ROLLBACK");
         let message = e.to_string();
         results = batch
             .iter()
@@ -185,39 +184,31 @@ fn apply(conn: &Connection, write: &Write) -> rusqlite::Result<()> {
                 insert_receipt(conn, &receipt.0, &receipt.1, ReceiptRole::Received)?;
             }
         }
-        Write::HostedStarted {
-            task,
-            requester,
-            module,
-            at_ms,
-        } => {
-            conn.prepare_cached(
-                "INSERT OR REPLACE INTO hosted (task, requester, module, started_ms, state)
-                 VALUES (?1, ?2, ?3, ?4, 'running')",
-            )?
-            .execute(params![task, requester, module, *at_ms as i64])?;
-        }
         Write::HostedFinished {
             task,
             requester,
+            module,
+            started_ms,
             ending,
             receipt,
             at_ms,
         } => {
             conn.prepare_cached(
-                "UPDATE hosted SET state = ?3, exit_code = ?4, failure = ?5, fuel = ?6, wall_ms = ?7,
-                        finished_ms = ?8
-                 WHERE task = ?1 AND requester = ?2",
+                "INSERT OR REPLACE INTO hosted (task, requester, module, started_ms, finished_ms,
+                        state, exit_code, failure, fuel, wall_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
             )?
             .execute(params![
                 task,
                 requester,
+                module,
+                *started_ms as i64,
+                *at_ms as i64,
                 ending.state.as_str(),
                 ending.exit_code,
                 ending.failure,
                 ending.fuel as i64,
-                ending.wall_ms as i64,
-                *at_ms as i64
+                ending.wall_ms as i64
             ])?;
             if let Some(receipt) = receipt {
                 insert_receipt(conn, &receipt.0, &receipt.1, ReceiptRole::Issued)?;

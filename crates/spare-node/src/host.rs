@@ -10,13 +10,13 @@
 use libp2p::PeerId;
 use spare_core::wire::{BlobRequest, BlobResponse, Refusal, Report, TaskRequest, TaskResponse};
 use spare_core::{Receipt, SignedReceipt, Stdin, TaskSpec};
-use spare_ledger::Ending;
+use spare_ledger::{Ending, Hosted};
 use spare_net::Responder;
 use spare_runtime::{Job, JobStdin};
 use tokio_util::sync::CancellationToken;
 
 use crate::blobs::BlobStore;
-use crate::node::Node;
+use crate::node::{HostedEntry, Node};
 
 /// Serves one inbound task request, start to answer.
 pub(crate) async fn serve_task(
@@ -28,7 +28,10 @@ pub(crate) async fn serve_task(
     let response = match request {
         TaskRequest::Run(spec) => run_for_peer(&node, peer, spec).await,
         TaskRequest::Cancel(task) => {
-            let token = node.lock(&node.inner.hosted).get(&(peer, task)).cloned();
+            let token = node
+                .lock(&node.inner.hosted)
+                .get(&(peer, task))
+                .map(|entry| entry.token.clone());
             if let Some(token) = &token {
                 tracing::info!(%peer, %task, "cancelled by its requester");
                 token.cancel();
@@ -55,18 +58,19 @@ async fn run_for_peer(node: &Node, peer: PeerId, spec: TaskSpec) -> TaskResponse
         ));
     };
     let token = connection.child_token();
-    if let Err(refusal) = admit(node, peer, &spec, &token) {
+    let record = Hosted {
+        task: spec.id,
+        requester: peer,
+        module: spec.module.id,
+        started_ms: spare_core::now_ms(),
+    };
+    if let Err(refusal) = admit(node, &record, &token) {
         return TaskResponse::Refused(refusal);
     }
     let _registered = Registered {
         node,
         key: (peer, spec.id),
     };
-    let module = spec.module.id.to_string();
-    // Not awaited: the finish below commits after it in any case.
-    node.ledger()
-        .hosted_started(&spec.id, &peer, &module)
-        .detach();
 
     let prepared = tokio::select! {
         prepared = prepare(node, peer, &spec) => prepared,
@@ -77,7 +81,7 @@ async fn run_for_peer(node: &Node, peer: PeerId, spec: TaskSpec) -> TaskResponse
         Err(refusal) => {
             log_err(
                 node.ledger()
-                    .hosted_finished(&spec.id, &peer, &Ending::failed(refusal.to_string()), None)
+                    .hosted_finished(&record, &Ending::failed(refusal.to_string()), None)
                     .await,
             );
             return TaskResponse::Refused(refusal);
@@ -109,8 +113,7 @@ async fn run_for_peer(node: &Node, peer: PeerId, spec: TaskSpec) -> TaskResponse
     log_err(
         node.ledger()
             .hosted_finished(
-                &spec.id,
-                &peer,
+                &record,
                 &Ending::of(&outcome),
                 Some((receipt, signed.clone())),
             )
@@ -126,12 +129,8 @@ async fn run_for_peer(node: &Node, peer: PeerId, spec: TaskSpec) -> TaskResponse
 
 /// Registers a task to host, or says why not: the host's queue is full, the
 /// requester already holds its share of it, or the task id is in use.
-fn admit(
-    node: &Node,
-    peer: PeerId,
-    spec: &TaskSpec,
-    token: &CancellationToken,
-) -> Result<(), Refusal> {
+fn admit(node: &Node, record: &Hosted, token: &CancellationToken) -> Result<(), Refusal> {
+    let (peer, task) = (record.requester, record.task);
     let slots = node.pool().stats().slots;
     let queue = node.config().queue as usize;
     let mut hosted = node.lock(&node.inner.hosted);
@@ -157,13 +156,18 @@ fn admit(
             queued: u32::try_from(waiting.saturating_sub(1)).unwrap_or(u32::MAX),
         });
     }
-    if hosted.contains_key(&(peer, spec.id)) {
+    if hosted.contains_key(&(peer, task)) {
         return Err(Refusal::Invalid(format!(
-            "task {} is already running here",
-            spec.id
+            "task {task} is already running here"
         )));
     }
-    hosted.insert((peer, spec.id), token.clone());
+    hosted.insert(
+        (peer, task),
+        HostedEntry {
+            record: record.clone(),
+            token: token.clone(),
+        },
+    );
     Ok(())
 }
 

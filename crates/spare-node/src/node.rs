@@ -62,8 +62,8 @@ pub(crate) struct Inner {
     pub(crate) ledger: Ledger,
     pub(crate) blobs: BlobStore,
     /// Tasks we host, by (requester, task), so only their requester can
-    /// cancel them.
-    pub(crate) hosted: Mutex<HashMap<(PeerId, TaskId), CancellationToken>>,
+    /// cancel them. They reach the ledger when they end.
+    pub(crate) hosted: Mutex<HashMap<(PeerId, TaskId), HostedEntry>>,
     /// Tasks we requested and that are still running.
     pub(crate) requested: Mutex<HashMap<TaskId, CancellationToken>>,
     /// Blobs each peer may fetch from us: those of tasks we sent it, counted
@@ -242,6 +242,28 @@ impl Node {
         }
     }
 
+    /// Tasks hosted now, newest first, as the ledger will record them.
+    pub fn running_hosted(&self) -> Vec<spare_ledger::HostedTask> {
+        let mut running: Vec<spare_ledger::HostedTask> = self
+            .lock(&self.inner.hosted)
+            .values()
+            .map(|entry| spare_ledger::HostedTask {
+                task: entry.record.task.to_string(),
+                requester: entry.record.requester.to_string(),
+                module: entry.record.module.to_string(),
+                started_ms: entry.record.started_ms,
+                finished_ms: None,
+                state: spare_ledger::TaskState::Running,
+                exit_code: None,
+                failure: None,
+                fuel: None,
+                wall_ms: None,
+            })
+            .collect();
+        running.sort_by_key(|t| std::cmp::Reverse(t.started_ms));
+        running
+    }
+
     /// Lets `peer` fetch `blobs` until [`Node::revoke`] with the same list.
     pub(crate) fn grant(&self, peer: PeerId, blobs: &[BlobId]) {
         let mut grants = self.lock(&self.inner.grants);
@@ -282,6 +304,14 @@ impl Node {
     pub(crate) fn lock<'a, T>(&self, mutex: &'a Mutex<T>) -> MutexGuard<'a, T> {
         mutex.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// A task this node is hosting now.
+#[derive(Debug)]
+pub(crate) struct HostedEntry {
+    pub(crate) record: spare_ledger::Hosted,
+    /// Cancels it.
+    pub(crate) token: CancellationToken,
 }
 
 /// Counts a request to a peer for as long as it is outstanding.

@@ -271,10 +271,16 @@ async fn hosted(
     Query(query): Query<ListQuery>,
 ) -> Result<Response, ApiError> {
     let limit = query.limit();
-    let tasks = tokio::task::spawn_blocking(move || node.ledger().recent_hosted(limit))
+    // Running tasks live in memory until they end; the ledger has the rest.
+    let mut tasks = node.running_hosted();
+    tasks.truncate(limit as usize);
+    let rest = limit.saturating_sub(u32::try_from(tasks.len()).unwrap_or(u32::MAX));
+    let reader = node.clone();
+    let finished = tokio::task::spawn_blocking(move || reader.ledger().recent_hosted(rest))
         .await
         .map_err(ApiError::internal)?
         .map_err(ApiError::internal)?;
+    tasks.extend(finished);
     Ok(Json(tasks).into_response())
 }
 
