@@ -36,6 +36,8 @@ enum Command {
     Up(commands::up::Args),
     /// Show this node's peer id and addresses.
     Id(commands::id::Args),
+    /// Show what this node gives the swarm right now, and why.
+    Status(commands::status::Args),
     /// List connected peers and what each offers.
     Peers(commands::peers::Args),
     /// Run a WebAssembly program on the swarm, like running it here.
@@ -103,6 +105,7 @@ fn main() -> ExitCode {
             Command::Up(args) => commands::up::execute(&context, args).await,
             Command::Id(args) => commands::id::execute(&context, args).await,
             Command::Peers(args) => commands::peers::execute(&context, args).await,
+            Command::Status(args) => commands::status::execute(&context, args).await,
             Command::Run(args) => commands::run::execute(&context, args).await,
             Command::Tasks(args) => commands::tasks::execute(&context, args).await,
             Command::Demo(args) => commands::demo::execute(args).await,

@@ -75,7 +75,7 @@ fn nodes_on_one_lan_find_each_other_with_mdns() {
     let dir = tempfile::tempdir().unwrap();
     let wrapper = ["ip", "netns", "exec", namespace.name.as_str()];
     // No --bootstrap, no --no-mdns: discovery is mDNS's job.
-    let up = |addr: &'static str| ["up", "--listen", addr, "--cores", "1"];
+    let up = |addr: &'static str| ["up", "--listen", addr, "--cores", "1", "--always"];
     let a = Daemon::start_with(
         &bin(),
         &dir.path().join("a"),

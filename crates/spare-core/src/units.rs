@@ -154,6 +154,49 @@ pub fn parse_count(text: &str) -> Result<u64, UnitError> {
     to_u64(text, value)
 }
 
+/// Parses a percentage written with its sign: `50%`, `12.5%`. Returns
+/// tenths of a percent (`12.5%` is 125), so callers compare integers.
+pub fn parse_percent(text: &str) -> Result<u32, UnitError> {
+    let trimmed = text.trim();
+    if trimmed.is_empty() {
+        return Err(UnitError::Empty(text.to_owned()));
+    }
+    let (number, unit) = split_unit(trimmed);
+    if unit != "%" {
+        return Err(UnitError::UnknownUnit {
+            text: text.to_owned(),
+            unit: unit.to_owned(),
+            expected: "%",
+        });
+    }
+    let value = parse_number(text, number)?;
+    let tenths = (value * 10.0).round();
+    if tenths > f64::from(u32::MAX) {
+        return Err(UnitError::Overflow(text.to_owned()));
+    }
+    // In range, so the cast is exact.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    Ok(tenths as u32)
+}
+
+/// Parses a transfer rate: `1MiB/s`, `500KB/s`, `2MiB` (per second is
+/// implied), or `unlimited`, which is `None`.
+pub fn parse_rate(text: &str) -> Result<Option<u64>, UnitError> {
+    let trimmed = text.trim();
+    if trimmed.eq_ignore_ascii_case("unlimited") {
+        return Ok(None);
+    }
+    let amount = trimmed.strip_suffix("/s").unwrap_or(trimmed);
+    parse_bytes(amount).map(Some).map_err(|e| match e {
+        UnitError::UnknownUnit { unit, .. } => UnitError::UnknownUnit {
+            text: text.to_owned(),
+            unit,
+            expected: "B/s, KB/s, MB/s, GB/s, KiB/s, MiB/s, GiB/s or `unlimited`",
+        },
+        other => other,
+    })
+}
+
 /// Formats a byte size with a binary unit, e.g. `64 MiB`.
 pub fn format_bytes(bytes: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
@@ -190,6 +233,19 @@ pub fn format_duration(duration: Duration) -> String {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn percentages_and_rates() {
+        assert_eq!(parse_percent("50%"), Ok(500));
+        assert_eq!(parse_percent(" 12.5 %"), Ok(125));
+        assert!(matches!(parse_percent("50"), Err(UnitError::UnknownUnit { .. })));
+        assert!(matches!(parse_percent("-5%"), Err(UnitError::Negative(_))));
+        assert_eq!(parse_rate("1MiB/s"), Ok(Some(1 << 20)));
+        assert_eq!(parse_rate("500KB"), Ok(Some(500_000)));
+        assert_eq!(parse_rate("Unlimited"), Ok(None));
+        let err = parse_rate("3 furlongs/s").unwrap_err();
+        assert!(err.to_string().contains("furlongs"), "{err}");
+    }
 
     #[test]
     fn bytes_accept_decimal_and_binary_units() {

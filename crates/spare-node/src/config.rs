@@ -5,11 +5,16 @@
 //! `spare up` override the file.
 
 use std::path::Path;
+use std::time::Duration;
 
 use libp2p::Multiaddr;
 use serde::Deserialize;
 use spare_core::Limits;
-use spare_core::units::{parse_bytes, parse_count, parse_duration};
+use spare_core::units::{
+    format_bytes, parse_bytes, parse_count, parse_duration, parse_percent, parse_rate,
+};
+use spare_policy::settings::{MIN_RATE, When};
+use spare_policy::{Enforcement, Machine, Policy, Window};
 
 /// Default TCP and QUIC port.
 pub const DEFAULT_PORT: u16 = 4117;
@@ -17,6 +22,14 @@ pub const DEFAULT_PORT: u16 = 4117;
 pub const DEFAULT_QUEUE: u32 = 256;
 /// Upper bound for `queue`.
 const MAX_QUEUE: u32 = 65_536;
+/// Disk for blobs and compiled modules unless the owner says otherwise (at
+/// most half the file system).
+pub const DEFAULT_DISK: u64 = 10 << 30;
+/// The least disk budget that holds a module of the largest size and its
+/// compiled form.
+const MIN_DISK: u64 = 256 << 20;
+/// Longest cool-down and hand-back delay accepted.
+const MAX_WAIT: Duration = Duration::from_secs(24 * 3600);
 
 /// The validated configuration.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -24,50 +37,59 @@ pub struct Config {
     pub listen: Vec<Multiaddr>,
     pub bootstrap: Vec<Multiaddr>,
     pub mdns: bool,
-    /// Tasks run at once: the cores this node contributes.
-    pub cores: u16,
     /// Tasks waiting for a core before new ones are refused.
     pub queue: u32,
+    /// What this machine gives, and when.
+    pub policy: Policy,
     /// The most this node grants a guest.
     pub max_limits: Limits,
+    /// The machine the policy was checked against.
+    pub machine: Machine,
+}
+
+impl Config {
+    /// Tasks that run at once.
+    pub fn slots(&self) -> u16 {
+        self.policy.slots(self.machine.cores)
+    }
+
+    /// All defaults, on `machine`.
+    pub fn defaults(machine: Machine) -> Self {
+        let policy = Policy {
+            cores: machine.cores,
+            cpu_permille: 1000,
+            memory: machine.memory / 2,
+            disk: machine.disk.map_or(DEFAULT_DISK, |d| DEFAULT_DISK.min(d / 2)),
+            upload: None,
+            download: None,
+            when: When::default(),
+            enforcement: Enforcement::Auto,
+        };
+        let mut config = Self {
+            listen: default_listen(),
+            bootstrap: Vec::new(),
+            mdns: true,
+            queue: DEFAULT_QUEUE,
+            max_limits: Limits::MAX,
+            policy,
+            machine,
+        };
+        config.max_limits.memory = config.guest_memory();
+        config
+    }
+
+    /// The memory one guest gets by default: the guests' memory shared
+    /// among the tasks that run at once, in whole MiB, within
+    /// [`Limits::MAX`].
+    fn guest_memory(&self) -> u64 {
+        let share = self.policy.memory / u64::from(self.slots().max(1));
+        (share & !((1 << 20) - 1)).min(Limits::MAX.memory)
+    }
 }
 
 impl Default for Config {
     fn default() -> Self {
-        let cores = available_cores();
-        Self {
-            listen: default_listen(),
-            bootstrap: Vec::new(),
-            mdns: true,
-            cores,
-            queue: DEFAULT_QUEUE,
-            max_limits: Limits {
-                memory: default_guest_memory(cores),
-                ..Limits::MAX
-            },
-        }
-    }
-}
-
-/// The most memory one guest gets by default: half the machine's memory
-/// shared among the guests that run at once, within [`Limits::MAX`]. Every
-/// core busy with a guest at its limit then leaves the owner half the
-/// machine.
-fn default_guest_memory(cores: u16) -> u64 {
-    let total = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|info| {
-            let kib = info.lines().find_map(|l| l.strip_prefix("MemTotal:"))?;
-            kib.split_whitespace().next()?.parse::<u64>().ok()
-        })
-        .map(|kib| kib * 1024);
-    match total {
-        Some(bytes) => {
-            let share = bytes / 2 / u64::from(cores.max(1));
-            // Whole MiB, at least the default limit, at most the maximum.
-            (share & !((1 << 20) - 1)).clamp(Limits::DEFAULT.memory, Limits::MAX.memory)
-        }
-        None => Limits::DEFAULT.memory,
+        Self::defaults(Machine::detect())
     }
 }
 
@@ -81,28 +103,40 @@ fn default_listen() -> Vec<Multiaddr> {
     .collect()
 }
 
-/// Cores the OS lets this process use.
-pub fn available_cores() -> u16 {
-    std::thread::available_parallelism()
-        .map(|n| u16::try_from(n.get()).unwrap_or(u16::MAX))
-        .unwrap_or(1)
-}
-
-/// The file as written, before validation.
+/// The file as written, before validation. Flags of `spare up` arrive in
+/// the same shape, so both go through the same checks.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawConfig {
-    listen: Option<Vec<String>>,
-    bootstrap: Option<Vec<String>>,
-    mdns: Option<bool>,
-    cores: Option<i64>,
-    queue: Option<i64>,
-    max_limits: Option<RawLimits>,
+pub struct RawConfig {
+    pub listen: Option<Vec<String>>,
+    pub bootstrap: Option<Vec<String>>,
+    pub mdns: Option<bool>,
+    pub cores: Option<i64>,
+    pub cpu: Option<String>,
+    pub memory: Option<String>,
+    pub disk: Option<String>,
+    pub upload: Option<String>,
+    pub download: Option<String>,
+    pub enforcement: Option<String>,
+    pub queue: Option<i64>,
+    pub when: Option<RawWhen>,
+    pub max_limits: Option<RawLimits>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawLimits {
+pub struct RawWhen {
+    pub idle_only: Option<bool>,
+    pub owner_threshold: Option<String>,
+    pub cool_down: Option<String>,
+    pub windows: Option<Vec<String>>,
+    pub on_battery: Option<bool>,
+    pub hand_back_after: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
     fuel: Option<String>,
     memory: Option<String>,
     wall_time: Option<String>,
@@ -110,7 +144,7 @@ struct RawLimits {
     stack: Option<String>,
 }
 
-/// A configuration error, located in its file.
+/// A configuration error, located in its file (or naming its flag).
 #[derive(Debug, thiserror::Error)]
 #[error("{file}{}: {message}", line.map(|l| format!(":{l}")).unwrap_or_default())]
 pub struct ConfigError {
@@ -120,7 +154,8 @@ pub struct ConfigError {
 }
 
 /// What `spare init` writes: every setting, commented out at its default.
-pub const TEMPLATE: &str = r#"# spare node configuration. Flags of `spare up` override these settings.
+pub const TEMPLATE: &str = r#"# spare node configuration. Flags of `spare up` override these settings;
+# `spare status` shows what is in force and what the node gives right now.
 
 # Addresses to listen on (TCP and QUIC).
 # listen = ["/ip4/0.0.0.0/tcp/4117", "/ip4/0.0.0.0/udp/4117/quic-v1"]
@@ -131,13 +166,50 @@ pub const TEMPLATE: &str = r#"# spare node configuration. Flags of `spare up` ov
 # Find peers on the local network.
 # mdns = true
 
-# Tasks this node runs at once for the swarm (default: every core).
+## How much this machine gives the swarm.
+
+# Tasks run at once (default: every core).
 # cores = 2
+
+# Share of the whole machine's CPU all guests together may use.
+# cpu = "100%"
+
+# Memory all guests together may use (default: half the machine's).
+# memory = "8GiB"
+
+# Disk for blobs and compiled modules (default: 10GiB, at most half the
+# file system).
+# disk = "10GiB"
+
+# Bandwidth for the swarm's transfers, e.g. "2MiB/s".
+# upload = "unlimited"
+# download = "unlimited"
+
+# How limits are enforced: "auto" (a cgroup where possible), "cgroup"
+# (or refuse to start), "fallback" (SCHED_IDLE, rlimits and a CPU duty
+# cycle).
+# enforcement = "auto"
 
 # Tasks waiting for a core before new ones are refused.
 # queue = 256
 
-# The most this node grants one guest (memory defaults to half the machine's
+## When it gives.
+# [when]
+# Only while the owner leaves the machine idle; guests pause within about
+# 100 ms when the owner needs it.
+# idle_only = true
+# The owner counts as active above this much CPU (of one core).
+# owner_threshold = "25%"
+# Owner quiet this long before guests resume.
+# cool_down = "10s"
+# Local times of day to give in; empty means all day.
+# windows = ["22:00-07:00"]
+# Give while running on battery.
+# on_battery = false
+# Paused this long, hand running tasks back to their requesters.
+# hand_back_after = "60s"
+
+# The most this node grants one guest (memory defaults to the guests'
 # memory divided among the cores, at most 4GiB).
 # [max_limits]
 # fuel = "1e13"
@@ -147,118 +219,392 @@ pub const TEMPLATE: &str = r#"# spare node configuration. Flags of `spare up` ov
 # stack = "8MiB"
 "#;
 
-impl Config {
-    /// Reads and validates `path`; a missing file means all defaults.
-    pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        match std::fs::read_to_string(path) {
-            Ok(text) => Self::parse(&text, &path.display().to_string()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
-            Err(e) => Err(ConfigError {
-                file: path.display().to_string(),
+/// Where a value came from, for errors: a line of the file, or a flag.
+struct Source<'a> {
+    file: &'a str,
+    text: &'a str,
+    /// Keys that came from flags of `spare up`.
+    flags: &'a [&'static str],
+}
+
+impl Source<'_> {
+    fn err(&self, key: &str, message: String) -> ConfigError {
+        if self.flags.contains(&key) {
+            ConfigError {
+                file: format!("--{}", key.replace('_', "-")),
                 line: None,
-                message: format!("cannot read: {e}"),
-            }),
+                message,
+            }
+        } else {
+            ConfigError {
+                file: self.file.to_owned(),
+                line: line_of(self.text, key),
+                message,
+            }
         }
     }
+}
 
-    /// Parses and validates config text; `file` names it in errors.
-    pub fn parse(text: &str, file: &str) -> Result<Self, ConfigError> {
-        let err = |key: &str, message: String| ConfigError {
-            file: file.to_owned(),
-            line: line_of(text, key),
-            message,
+impl Config {
+    /// Reads and validates `path` (a missing file means all defaults), with
+    /// `flags` from the command line on top.
+    pub fn load(path: &Path, flags: Flags) -> Result<Self, ConfigError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => {
+                return Err(ConfigError {
+                    file: path.display().to_string(),
+                    line: None,
+                    message: format!("cannot read: {e}"),
+                });
+            }
         };
-        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError {
+        let mut machine = Machine::detect();
+        machine.disk = path.parent().and_then(filesystem_size);
+        Self::parse_with(&text, &path.display().to_string(), flags, machine)
+    }
+
+    /// Parses and validates config text on this machine; `file` names it in
+    /// errors.
+    pub fn parse(text: &str, file: &str) -> Result<Self, ConfigError> {
+        Self::parse_with(text, file, Flags::default(), Machine::detect())
+    }
+
+    /// Parses and validates config text with `flags` on top, against
+    /// `machine`.
+    pub fn parse_with(
+        text: &str,
+        file: &str,
+        flags: Flags,
+        machine: Machine,
+    ) -> Result<Self, ConfigError> {
+        let mut raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError {
             file: file.to_owned(),
             line: e
                 .span()
                 .map(|s| text[..s.start.min(text.len())].lines().count().max(1)),
             message: e.message().to_owned(),
         })?;
-        let mut config = Config::default();
+        let set_flags = flags.apply(&mut raw);
+        let source = Source {
+            file,
+            text,
+            flags: &set_flags,
+        };
+        Self::validate(raw, &source, machine)
+    }
+
+    fn validate(raw: RawConfig, src: &Source<'_>, machine: Machine) -> Result<Self, ConfigError> {
+        let mut config = Config::defaults(machine);
         if let Some(listen) = raw.listen {
-            config.listen = parse_addrs(&listen).map_err(|m| err("listen", m))?;
+            config.listen = parse_addrs(&listen).map_err(|m| src.err("listen", m))?;
         }
         if let Some(bootstrap) = raw.bootstrap {
-            config.bootstrap = parse_addrs(&bootstrap).map_err(|m| err("bootstrap", m))?;
+            config.bootstrap = parse_addrs(&bootstrap).map_err(|m| src.err("bootstrap", m))?;
         }
         if let Some(mdns) = raw.mdns {
             config.mdns = mdns;
-        }
-        if let Some(cores) = raw.cores {
-            config.cores = check_cores(cores).map_err(|m| err("cores", m))?;
         }
         if let Some(queue) = raw.queue {
             config.queue = u32::try_from(queue)
                 .ok()
                 .filter(|q| *q <= MAX_QUEUE)
                 .ok_or_else(|| {
-                    err(
+                    src.err(
                         "queue",
                         format!("queue = {queue} is not in 0..={MAX_QUEUE}"),
                     )
                 })?;
         }
-        if let Some(limits) = raw.max_limits {
-            let max = &mut config.max_limits;
-            let set = |key: &str,
-                       value: Option<String>,
-                       parse: fn(&str) -> Result<u64, String>,
-                       slot: &mut u64| {
-                if let Some(value) = value {
-                    *slot = parse(&value).map_err(|m| err(key, format!("{key}: {m}")))?;
-                }
-                Ok::<(), ConfigError>(())
-            };
-            set(
-                "fuel",
-                limits.fuel,
-                |v| parse_count(v).map_err(|e| e.to_string()),
-                &mut max.fuel,
-            )?;
-            set(
+        let policy = &mut config.policy;
+        if let Some(cores) = raw.cores {
+            policy.cores = check_cores(cores, machine.cores).map_err(|m| src.err("cores", m))?;
+        }
+        if let Some(cpu) = raw.cpu {
+            policy.cpu_permille = check_cpu(&cpu).map_err(|m| src.err("cpu", m))?;
+        }
+        if let Some(memory) = raw.memory {
+            let bytes = parse_bytes(&memory).map_err(|e| src.err("memory", format!("memory: {e}")))?;
+            if bytes > machine.memory {
+                return Err(src.err(
+                    "memory",
+                    format!(
+                        "memory = {memory} is more than this machine has ({})",
+                        format_bytes(machine.memory)
+                    ),
+                ));
+            }
+            policy.memory = bytes;
+        }
+        if let Some(disk) = raw.disk {
+            let bytes = parse_bytes(&disk).map_err(|e| src.err("disk", format!("disk: {e}")))?;
+            if bytes < MIN_DISK {
+                return Err(src.err(
+                    "disk",
+                    format!("disk = {disk} is below the minimum {}", format_bytes(MIN_DISK)),
+                ));
+            }
+            if let Some(size) = machine.disk.filter(|size| bytes > *size) {
+                return Err(src.err(
+                    "disk",
+                    format!(
+                        "disk = {disk} is more than the file system holding the data directory has ({})",
+                        format_bytes(size)
+                    ),
+                ));
+            }
+            policy.disk = bytes;
+        }
+        for (key, value, slot) in [
+            ("upload", raw.upload, &mut policy.upload),
+            ("download", raw.download, &mut policy.download),
+        ] {
+            if let Some(value) = value {
+                *slot = check_rate(key, &value).map_err(|m| src.err(key, m))?;
+            }
+        }
+        if let Some(enforcement) = raw.enforcement {
+            policy.enforcement =
+                Enforcement::parse(&enforcement).map_err(|m| src.err("enforcement", m))?;
+        }
+        if let Some(when) = raw.when {
+            policy.when = check_when(when, src)?;
+        }
+        // Memory per guest follows the budget and the slots, unless the
+        // owner set it; either way it must fit.
+        config.max_limits.memory = config.guest_memory();
+        if config.max_limits.memory < Limits::MIN.memory {
+            return Err(src.err(
                 "memory",
-                limits.memory,
-                |v| parse_bytes(v).map_err(|e| e.to_string()),
-                &mut max.memory,
-            )?;
-            set(
-                "wall_time",
-                limits.wall_time,
-                |v| {
-                    parse_duration(v)
-                        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-                        .map_err(|e| e.to_string())
-                },
-                &mut max.wall_ms,
-            )?;
-            set(
-                "output",
-                limits.output,
-                |v| parse_bytes(v).map_err(|e| e.to_string()),
-                &mut max.output,
-            )?;
-            set(
-                "stack",
-                limits.stack,
-                |v| parse_bytes(v).map_err(|e| e.to_string()),
-                &mut max.stack,
-            )?;
-            max.validate()
-                .map_err(|e| err("max_limits", format!("[max_limits]: {e}")))?;
+                format!(
+                    "memory = {} leaves each of {} tasks less than the {} a guest needs",
+                    format_bytes(config.policy.memory),
+                    config.slots(),
+                    format_bytes(Limits::MIN.memory)
+                ),
+            ));
+        }
+        if let Some(limits) = raw.max_limits {
+            check_max_limits(limits, &mut config, src)?;
         }
         Ok(config)
     }
 }
 
+fn check_max_limits(
+    limits: RawLimits,
+    config: &mut Config,
+    src: &Source<'_>,
+) -> Result<(), ConfigError> {
+    let max = &mut config.max_limits;
+    let set = |key: &str,
+               value: Option<String>,
+               parse: fn(&str) -> Result<u64, String>,
+               slot: &mut u64| {
+        if let Some(value) = value {
+            *slot = parse(&value).map_err(|m| src.err(key, format!("{key}: {m}")))?;
+        }
+        Ok::<(), ConfigError>(())
+    };
+    set(
+        "fuel",
+        limits.fuel,
+        |v| parse_count(v).map_err(|e| e.to_string()),
+        &mut max.fuel,
+    )?;
+    let memory_set = limits.memory.is_some();
+    set(
+        "memory",
+        limits.memory,
+        |v| parse_bytes(v).map_err(|e| e.to_string()),
+        &mut max.memory,
+    )?;
+    set(
+        "wall_time",
+        limits.wall_time,
+        |v| {
+            parse_duration(v)
+                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+                .map_err(|e| e.to_string())
+        },
+        &mut max.wall_ms,
+    )?;
+    set(
+        "output",
+        limits.output,
+        |v| parse_bytes(v).map_err(|e| e.to_string()),
+        &mut max.output,
+    )?;
+    set(
+        "stack",
+        limits.stack,
+        |v| parse_bytes(v).map_err(|e| e.to_string()),
+        &mut max.stack,
+    )?;
+    max.validate()
+        .map_err(|e| src.err("max_limits", format!("[max_limits]: {e}")))?;
+    if memory_set && max.memory > config.policy.memory {
+        return Err(src.err(
+            "max_limits",
+            format!(
+                "[max_limits] memory = {} is more than all guests together may use (memory = {})",
+                format_bytes(max.memory),
+                format_bytes(config.policy.memory)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn check_when(raw: RawWhen, src: &Source<'_>) -> Result<When, ConfigError> {
+    let mut when = When::default();
+    if let Some(idle_only) = raw.idle_only {
+        when.idle_only = idle_only;
+    }
+    if let Some(on_battery) = raw.on_battery {
+        when.on_battery = on_battery;
+    }
+    if let Some(threshold) = raw.owner_threshold {
+        let permille = parse_percent(&threshold)
+            .map_err(|e| src.err("owner_threshold", format!("owner_threshold: {e}")))?;
+        if !(1..=1000).contains(&permille) {
+            return Err(src.err(
+                "owner_threshold",
+                format!("owner_threshold = {threshold} is not between 0.1% and 100% (of one core)"),
+            ));
+        }
+        when.owner_threshold = permille;
+    }
+    let wait = |key: &str, value: &str, min: Duration| {
+        let d = parse_duration(value).map_err(|e| src.err(key, format!("{key}: {e}")))?;
+        if d < min || d > MAX_WAIT {
+            return Err(src.err(
+                key,
+                format!("{key} = {value} is not between {min:?} and 24h"),
+            ));
+        }
+        Ok(d)
+    };
+    if let Some(cool_down) = raw.cool_down {
+        when.cool_down = wait("cool_down", &cool_down, Duration::ZERO)?;
+    }
+    if let Some(after) = raw.hand_back_after {
+        when.hand_back_after = wait("hand_back_after", &after, Duration::from_secs(1))?;
+    }
+    if let Some(windows) = raw.windows {
+        when.windows = windows
+            .iter()
+            .map(|w| Window::parse(w))
+            .collect::<Result<_, _>>()
+            .map_err(|m| src.err("windows", m))?;
+    }
+    Ok(when)
+}
+
 /// Checks a core count against what the machine has.
-pub fn check_cores(cores: i64) -> Result<u16, String> {
-    let available = available_cores();
+pub fn check_cores(cores: i64, available: u16) -> Result<u16, String> {
     match u16::try_from(cores) {
         Ok(n) if n >= 1 && n <= available => Ok(n),
         _ => Err(format!(
             "cores = {cores} is not in 1..={available} (this machine has {available})"
         )),
+    }
+}
+
+fn check_cpu(cpu: &str) -> Result<u32, String> {
+    let permille = parse_percent(cpu).map_err(|e| format!("cpu: {e}"))?;
+    match permille {
+        0 => Err(format!(
+            "cpu = {cpu} gives nothing; to give nothing at times, set [when] windows"
+        )),
+        1..=1000 => Ok(permille),
+        _ => Err(format!("cpu = {cpu} is over 100%")),
+    }
+}
+
+fn check_rate(key: &str, value: &str) -> Result<Option<u64>, String> {
+    let rate = parse_rate(value).map_err(|e| format!("{key}: {e}"))?;
+    if let Some(r) = rate.filter(|r| *r < MIN_RATE) {
+        return Err(format!(
+            "{key} = {value} ({}/s) is below the minimum {}/s",
+            format_bytes(r),
+            format_bytes(MIN_RATE)
+        ));
+    }
+    Ok(rate)
+}
+
+/// Size of the file system holding `dir`.
+fn filesystem_size(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let existing = dir.ancestors().find(|d| d.exists())?;
+    let path = std::ffi::CString::new(existing.as_os_str().as_bytes()).ok()?;
+    // SAFETY: a zeroed statvfs is plain data; statvfs reads the C string we
+    // own and writes only into `stat`.
+    let stat = unsafe {
+        let mut stat: libc::statvfs = std::mem::zeroed();
+        (libc::statvfs(path.as_ptr(), &mut stat) == 0).then_some(stat)
+    }?;
+    Some(u64::from(stat.f_blocks).saturating_mul(stat.f_frsize))
+}
+
+/// Values given as flags of `spare up`; each overrides its key in the file
+/// and is checked the same way.
+#[derive(Clone, Debug, Default)]
+pub struct Flags {
+    pub listen: Vec<String>,
+    pub bootstrap: Vec<String>,
+    pub no_mdns: bool,
+    pub cores: Option<i64>,
+    pub cpu: Option<String>,
+    pub memory: Option<String>,
+    pub disk: Option<String>,
+    pub upload: Option<String>,
+    pub download: Option<String>,
+    pub enforcement: Option<String>,
+    /// `Some(true)` for `--idle-only`, `Some(false)` for `--always`.
+    pub idle_only: Option<bool>,
+}
+
+impl Flags {
+    /// Writes the flags over `raw`; returns the keys they set.
+    fn apply(self, raw: &mut RawConfig) -> Vec<&'static str> {
+        let mut set = Vec::new();
+        let mut put = |key: &'static str, value: Option<String>, slot: &mut Option<String>| {
+            if value.is_some() {
+                *slot = value;
+                set.push(key);
+            }
+        };
+        put("cpu", self.cpu, &mut raw.cpu);
+        put("memory", self.memory, &mut raw.memory);
+        put("disk", self.disk, &mut raw.disk);
+        put("upload", self.upload, &mut raw.upload);
+        put("download", self.download, &mut raw.download);
+        put("enforcement", self.enforcement, &mut raw.enforcement);
+        if self.cores.is_some() {
+            raw.cores = self.cores;
+            set.push("cores");
+        }
+        if !self.listen.is_empty() {
+            raw.listen = Some(self.listen);
+            set.push("listen");
+        }
+        if !self.bootstrap.is_empty() {
+            // Flags add to the file's bootstrap peers.
+            raw.bootstrap
+                .get_or_insert_with(Vec::new)
+                .extend(self.bootstrap);
+            set.push("bootstrap");
+        }
+        if self.no_mdns {
+            raw.mdns = Some(false);
+        }
+        if let Some(idle_only) = self.idle_only {
+            raw.when.get_or_insert_with(RawWhen::default).idle_only = Some(idle_only);
+        }
+        set
     }
 }
 
@@ -288,16 +634,29 @@ fn line_of(text: &str, key: &str) -> Option<usize> {
 mod tests {
     use super::*;
 
+    const MACHINE: Machine = Machine {
+        cores: 2,
+        memory: 8 << 30,
+        disk: Some(100 << 30),
+    };
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse_with(text, "c.toml", Flags::default(), MACHINE)
+    }
+
     #[test]
     fn the_template_is_all_defaults() {
-        assert_eq!(Config::parse(TEMPLATE, "t").unwrap(), Config::default());
+        assert_eq!(parse(TEMPLATE).unwrap(), Config::defaults(MACHINE));
+        let defaults = Config::defaults(MACHINE);
+        assert_eq!(defaults.policy.memory, 4 << 30);
+        assert_eq!(defaults.max_limits.memory, 2 << 30);
+        assert!(defaults.policy.when.idle_only);
     }
 
     #[test]
     fn values_are_read() {
-        let config = Config::parse(
-            "listen = [\"/ip4/127.0.0.1/tcp/0\"]\nmdns = false\ncores = 1\n[max_limits]\nmemory = \"1GiB\"\nwall_time = \"1h\"\n",
-            "t",
+        let config = parse(
+            "listen = [\"/ip4/127.0.0.1/tcp/0\"]\nmdns = false\ncores = 1\ncpu = \"25%\"\nmemory = \"2GiB\"\ndisk = \"1GiB\"\nupload = \"1MiB/s\"\nenforcement = \"fallback\"\n[when]\nidle_only = false\nowner_threshold = \"50%\"\ncool_down = \"2s\"\nwindows = [\"22:00-07:00\"]\nhand_back_after = \"5s\"\n[max_limits]\nmemory = \"1GiB\"\nwall_time = \"1h\"\n",
         )
         .unwrap();
         assert_eq!(
@@ -305,29 +664,71 @@ mod tests {
             vec!["/ip4/127.0.0.1/tcp/0".parse::<Multiaddr>().unwrap()]
         );
         assert!(!config.mdns);
-        assert_eq!(config.cores, 1);
+        let p = &config.policy;
+        assert_eq!((p.cores, p.cpu_permille, p.memory, p.disk), (1, 250, 2 << 30, 1 << 30));
+        assert_eq!((p.upload, p.download), (Some(1 << 20), None));
+        assert_eq!(p.enforcement, Enforcement::Fallback);
+        assert!(!p.when.idle_only);
+        assert_eq!(p.when.owner_threshold, 500);
+        assert_eq!(p.when.cool_down, Duration::from_secs(2));
+        assert_eq!(p.when.windows, vec![Window::parse("22:00-07:00").unwrap()]);
+        assert_eq!(p.when.hand_back_after, Duration::from_secs(5));
         assert_eq!(config.max_limits.memory, 1 << 30);
         assert_eq!(config.max_limits.wall_ms, 3_600_000);
+        assert_eq!(config.slots(), 1);
     }
 
     #[test]
     fn errors_name_the_line_and_cause() {
-        let err = Config::parse("mdns = true\ncores = -1\n", "c.toml").unwrap_err();
-        assert_eq!(err.line, Some(2));
-        assert!(err.to_string().starts_with("c.toml:2: cores = -1"), "{err}");
+        for (text, line, needle) in [
+            ("mdns = true\ncores = -1\n", 2, "cores = -1 is not in 1..=2"),
+            ("cores = 3\n", 1, "this machine has 2"),
+            ("cpu = \"150%\"\n", 1, "over 100%"),
+            ("cpu = \"-5%\"\n", 1, "negative"),
+            ("cpu = \"0%\"\n", 1, "gives nothing"),
+            ("cpu = \"50\"\n", 1, "unknown unit"),
+            ("\nmemory = \"64GiB\"\n", 2, "more than this machine has (8 GiB)"),
+            ("memory = \"3 parsecs\"\n", 1, "unknown unit `parsecs`"),
+            ("disk = \"1TiB\"\n", 1, "more than the file system"),
+            ("disk = \"1MiB\"\n", 1, "below the minimum"),
+            ("upload = \"10KB/s\"\n", 1, "below the minimum"),
+            ("download = \"fast\"\n", 1, "not a number"),
+            ("enforcement = \"magic\"\n", 1, "not one of"),
+            ("[when]\nowner_threshold = \"150%\"\n", 2, "between 0.1% and 100%"),
+            ("[when]\ncool_down = \"2d\"\n", 2, "unknown unit"),
+            ("[when]\nhand_back_after = \"0s\"\n", 2, "not between"),
+            ("[when]\nwindows = [\"25:00-01:00\"]\n", 2, "past 24:00"),
+            ("memory = \"100MiB\"\n", 1, "less than the"),
+            ("memory = \"1GiB\"\n[max_limits]\nmemory = \"2GiB\"\n", 2, "more than all guests"),
+            ("[max_limits]\nmemory = \"12 parsecs\"\n", 2, "unknown unit"),
+            ("[max_limits]\nwall_time = \"48h\"\n", 2, "above the maximum"),
+            ("colour = \"blue\"\n", 1, "unknown field"),
+            ("listen = [\"not an address\"]\n", 1, "not a multiaddress"),
+        ] {
+            let err = parse(text).unwrap_err();
+            assert_eq!(err.line, Some(line), "{text}: {err}");
+            assert!(err.to_string().contains(needle), "{text}: {err}");
+            assert!(err.to_string().starts_with(&format!("c.toml:{line}: ")), "{err}");
+        }
+    }
 
-        let err = Config::parse("[max_limits]\nmemory = \"12 parsecs\"\n", "c.toml").unwrap_err();
-        assert_eq!(err.line, Some(2));
-        assert!(err.message.contains("unknown unit"), "{err}");
+    #[test]
+    fn flags_override_the_file_and_are_named_in_errors() {
+        let flags = Flags {
+            cpu: Some("50%".into()),
+            idle_only: Some(false),
+            ..Flags::default()
+        };
+        let config = Config::parse_with("cpu = \"25%\"\n", "c.toml", flags, MACHINE).unwrap();
+        assert_eq!(config.policy.cpu_permille, 500);
+        assert!(!config.policy.when.idle_only);
 
-        let err = Config::parse("[max_limits]\nmemory = \"64GiB\"\n", "c.toml").unwrap_err();
-        assert!(err.message.contains("above the maximum"), "{err}");
-
-        let err = Config::parse("colour = \"blue\"\n", "c.toml").unwrap_err();
-        assert_eq!(err.line, Some(1));
-        assert!(err.message.contains("unknown field"), "{err}");
-
-        let err = Config::parse("listen = [\"not an address\"]\n", "c.toml").unwrap_err();
-        assert!(err.message.contains("not a multiaddress"), "{err}");
+        let flags = Flags {
+            memory: Some("1TiB".into()),
+            ..Flags::default()
+        };
+        let err = Config::parse_with("", "c.toml", flags, MACHINE).unwrap_err();
+        assert_eq!(err.file, "--memory");
+        assert!(err.to_string().starts_with("--memory: memory = 1TiB"), "{err}");
     }
 }

@@ -115,6 +115,7 @@ pub async fn run(options: DaemonOptions) -> Result<(), NodeError> {
         () = signal() => tracing::info!("shutting down"),
     }
     node.shutdown();
+    node.release();
     let _ = std::fs::remove_file(&paths.socket);
     Ok(())
 }
@@ -131,7 +132,7 @@ fn announce(node: &Node, paths: &Paths) {
         let _ = writeln!(
             out,
             "  {} worker(s) at {:?} priority, nice {}, idle I/O {}",
-            node.config().cores,
+            node.config().slots(),
             p.policy,
             p.nice,
             if p.idle_io { "yes" } else { "no" }

@@ -88,11 +88,29 @@ async fn run_for_peer(node: &Node, peer: PeerId, spec: TaskSpec) -> TaskResponse
         }
     };
     tracing::debug!(%peer, task = %spec.id, "running");
+    let hand_back = node.config().policy.when.hand_back_after;
     let outcome = tokio::select! {
         outcome = node.pool().run(job, token.clone()) => outcome,
         () = node.inner.shutdown.cancelled() => {
             token.cancel();
             return TaskResponse::Refused(Refusal::ShuttingDown);
+        }
+        // The owner has needed the machine for long enough: the requester
+        // is better served elsewhere. Dropping the run kills the worker.
+        () = node.governor().paused_for(hand_back) => {
+            token.cancel();
+            let why = format!(
+                "handed back: this host has been paused for {} ({})",
+                spare_core::units::format_duration(hand_back),
+                node.governor().status().reason
+            );
+            tracing::info!(%peer, task = %spec.id, "{why}");
+            log_err(
+                node.ledger()
+                    .hosted_finished(&record, &Ending::failed(why.clone()), None)
+                    .await,
+            );
+            return TaskResponse::Refused(Refusal::Unavailable(why));
         }
     };
     let receipt = Receipt {
@@ -133,6 +151,9 @@ fn admit(node: &Node, record: &Hosted, token: &CancellationToken) -> Result<(), 
     let (peer, task) = (record.requester, record.task);
     let slots = node.pool().stats().slots;
     let queue = node.config().queue as usize;
+    if !node.governor().giving() {
+        return Err(Refusal::Unavailable(node.governor().status().reason));
+    }
     let mut hosted = node.lock(&node.inner.hosted);
     if node.inner.shutdown.is_cancelled() {
         return Err(Refusal::ShuttingDown);

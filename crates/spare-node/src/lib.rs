@@ -44,4 +44,6 @@ pub enum NodeError {
     },
     #[error("another spare daemon is already running on {0}")]
     Locked(String),
+    #[error("{0}")]
+    Enforcement(String),
 }

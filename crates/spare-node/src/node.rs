@@ -17,6 +17,8 @@ use spare_core::wire::{Offer, Runtime};
 use spare_core::{BlobId, TaskId};
 use spare_ledger::Ledger;
 use spare_net::{NetConfig, NetEvent, NetHandle, Transport};
+use spare_policy::cgroup::{self, Cgroups};
+use spare_policy::{EnforcementReport, Governor, GovernorConfig, TokenBucket};
 use spare_runtime::{PoolConfig, WorkerCommand, WorkerPool};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -61,6 +63,13 @@ pub(crate) struct Inner {
     pub(crate) pool: WorkerPool,
     pub(crate) ledger: Ledger,
     pub(crate) blobs: BlobStore,
+    /// Decides when guests run; see `spare_policy::governor`.
+    pub(crate) governor: Governor,
+    /// The workers' control groups, when limits are enforced by them.
+    pub(crate) cgroups: Option<Cgroups>,
+    /// Paces the bytes sent to and received from peers for the swarm.
+    pub(crate) upload: Arc<TokenBucket>,
+    pub(crate) download: Arc<TokenBucket>,
     /// Tasks we host, by (requester, task), so only their requester can
     /// cancel them. They reach the ledger when they end.
     pub(crate) hosted: Mutex<HashMap<(PeerId, TaskId), HostedEntry>>,
@@ -93,11 +102,29 @@ impl Node {
             what: format!("cannot open blob store {}", paths.blobs.display()),
             source: e,
         })?;
+        let peer_id = key.public().to_peer_id();
+        let (cgroups, enforcement, duty_cycle) = enforce(&config, &peer_id)?;
         let pool = WorkerPool::start(PoolConfig {
             command: worker,
-            slots: usize::from(config.cores),
+            slots: usize::from(config.slots()),
+            join: cgroups.as_ref().map(|g| g.join.clone()).unwrap_or_default(),
         })
         .await?;
+        let governor = Governor::start(
+            pool.clone(),
+            GovernorConfig {
+                policy: config.policy.clone(),
+                machine: config.machine,
+                enforcement,
+                duty_cycle,
+                proc: "/proc".into(),
+                power_supply: spare_policy::machine::POWER_SUPPLY.into(),
+            },
+        )
+        .map_err(|e| NodeError::Io {
+            what: "cannot start the governor thread".into(),
+            source: e,
+        })?;
         // The swarm is large; keep it off this future's stack frame.
         let (net, events) = Box::pin(spare_net::start(
             NetConfig {
@@ -110,9 +137,10 @@ impl Node {
             shutdown.child_token(),
         ))
         .await?;
+        let (upload, download) = (config.policy.upload, config.policy.download);
         let node = Node {
             inner: Arc::new(Inner {
-                peer_id: key.public().to_peer_id(),
+                peer_id,
                 key,
                 paths,
                 config,
@@ -120,6 +148,10 @@ impl Node {
                 pool,
                 ledger,
                 blobs,
+                governor,
+                cgroups,
+                upload: Arc::new(TokenBucket::new(upload)),
+                download: Arc::new(TokenBucket::new(download)),
                 hosted: Mutex::default(),
                 requested: Mutex::default(),
                 grants: Mutex::default(),
@@ -161,6 +193,18 @@ impl Node {
         &self.inner.config
     }
 
+    pub fn governor(&self) -> &Governor {
+        &self.inner.governor
+    }
+
+    pub fn upload(&self) -> &TokenBucket {
+        &self.inner.upload
+    }
+
+    pub fn download(&self) -> &TokenBucket {
+        &self.inner.download
+    }
+
     pub fn uptime(&self) -> Duration {
         self.inner.started.elapsed()
     }
@@ -168,6 +212,16 @@ impl Node {
     /// Stops the node's background tasks and its network.
     pub fn shutdown(&self) {
         self.inner.shutdown.cancel();
+        self.inner.governor.stop();
+    }
+
+    /// After [`Node::shutdown`]: stops the workers and removes their control
+    /// groups. Blocking; waits up to a second or two.
+    pub fn release(&self) {
+        self.inner.pool.close();
+        if let Some(groups) = &self.inner.cgroups {
+            groups.remove();
+        }
     }
 
     /// Routes network events: inbound requests each get a task of their own.
@@ -213,7 +267,8 @@ impl Node {
             }
             let offer = self.offer(seq + 1);
             let unchanged = last.as_ref().is_some_and(|(prev, at)| {
-                prev.idle == offer.idle
+                prev.cores == offer.cores
+                    && prev.idle == offer.idle
                     && prev.queued == offer.queued
                     && at.elapsed() < OFFER_REFRESH
             });
@@ -226,10 +281,15 @@ impl Node {
         }
     }
 
-    /// What this node can give now.
+    /// What this node can give now: nothing while paused, so no requester
+    /// sends work here that would only wait.
     pub fn offer(&self, seq: u64) -> Offer {
         let stats = self.inner.pool.stats();
-        let cores = u16::try_from(stats.slots).unwrap_or(u16::MAX);
+        let cores = if self.inner.governor.giving() {
+            u16::try_from(stats.slots).unwrap_or(u16::MAX)
+        } else {
+            0
+        };
         let busy = u16::try_from(stats.running).unwrap_or(u16::MAX);
         Offer {
             cores,
@@ -303,6 +363,87 @@ impl Node {
 
     pub(crate) fn lock<'a, T>(&self, mutex: &'a Mutex<T>) -> MutexGuard<'a, T> {
         mutex.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Memory a worker needs beyond its guest's: wasmtime, compiled code,
+/// buffers. A memory cgroup holds the guests' budget plus this per worker.
+const WORKER_OVERHEAD: u64 = 64 << 20;
+
+/// Sets up what enforces the CPU share and the memory budget: a cgroup
+/// where one can be made (or must be, with `enforcement = "cgroup"`), the
+/// fallback otherwise. Returns the groups, the report for `spare status`,
+/// and whether the governor must run the CPU duty cycle.
+fn enforce(
+    config: &Config,
+    peer: &PeerId,
+) -> Result<(Option<Cgroups>, EnforcementReport, bool), NodeError> {
+    use spare_core::units::format_bytes;
+    use spare_policy::Enforcement;
+    let policy = &config.policy;
+    let (cores, slots) = (config.machine.cores, config.slots());
+    let throttled = policy.throttled(cores);
+    let millicores = policy.cpu_millicores(cores);
+    let share = format!("{:.2} cores", millicores as f64 / 1000.0);
+    let per_guest = format!(
+        "the sandbox's limit of {} per guest, {slots} at once",
+        format_bytes(config.max_limits.memory)
+    );
+    let attempt = match policy.enforcement {
+        Enforcement::Fallback => Err("enforcement = \"fallback\" in the config".to_owned()),
+        Enforcement::Auto | Enforcement::Cgroup => cgroup::setup(
+            &peer.to_string(),
+            cgroup::Limits {
+                cpu_quota_us: throttled.then_some(millicores * cgroup::CPU_PERIOD_US / 1000),
+                memory: policy.memory + u64::from(slots) * WORKER_OVERHEAD,
+            },
+        ),
+    };
+    match attempt {
+        Ok(groups) => {
+            let dir = groups.dirs.first().map(|d| d.display().to_string()).unwrap_or_default();
+            let report = EnforcementReport {
+                mechanism: format!("cgroup {}", groups.version),
+                cpu: if throttled {
+                    format!("cgroup CPU quota of {share} and idle scheduling ({dir})")
+                } else {
+                    format!("cgroup idle scheduling ({dir})")
+                },
+                memory: if groups.memory_in_group {
+                    format!(
+                        "cgroup memory limit of {} for all workers, and {per_guest}",
+                        format_bytes(policy.memory + u64::from(slots) * WORKER_OVERHEAD)
+                    )
+                } else {
+                    per_guest
+                },
+                notes: groups.warnings.clone(),
+            };
+            for note in &report.notes {
+                tracing::warn!("cgroup: {note}");
+            }
+            Ok((Some(groups), report, false))
+        }
+        Err(why) if policy.enforcement == Enforcement::Cgroup => Err(NodeError::Enforcement(
+            format!("enforcement = \"cgroup\", but no cgroup can be used: {why}"),
+        )),
+        Err(why) => {
+            tracing::warn!("no cgroup for the workers ({why}); using the fallback");
+            Ok((
+                None,
+                EnforcementReport {
+                    mechanism: "fallback".into(),
+                    cpu: if throttled {
+                        format!("SCHED_IDLE and a duty cycle of the workers to {share}")
+                    } else {
+                        "SCHED_IDLE".into()
+                    },
+                    memory: per_guest,
+                    notes: vec![format!("no cgroup: {why}")],
+                },
+                throttled,
+            ))
+        }
     }
 }
 

@@ -33,8 +33,10 @@ mod output;
 mod pool;
 pub mod priority;
 mod sandbox;
+pub mod stop;
 pub mod worker;
 
 pub use job::{Job, JobStdin};
 pub use pool::{PoolConfig, PoolError, PoolStats, WorkerCommand, WorkerPool};
 pub use sandbox::Sandbox;
+pub use stop::WorkerState;

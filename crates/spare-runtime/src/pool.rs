@@ -11,17 +11,18 @@ use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use spare_core::{Failure, Outcome};
 use tokio::io::BufReader;
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::Job;
 use crate::ipc::{FromWorker, MAX_RESULT_FRAME, ToWorker, read_frame_async, write_frame_async};
 use crate::priority::PriorityReport;
+use crate::stop::{WorkerState, signal, transition};
 
 /// Extra time beyond a job's wall-time limit before the pool kills its
 /// worker: covers compiling a large module, which the guest's own clock
@@ -43,6 +44,10 @@ pub struct PoolConfig {
     pub command: WorkerCommand,
     /// Jobs that run at once: the cores this node contributes.
     pub slots: usize,
+    /// Files each new worker's pid is written to before it gets a job: the
+    /// `cgroup.procs` of the control groups workers run in. A worker that
+    /// cannot join is not used.
+    pub join: Vec<PathBuf>,
 }
 
 /// A snapshot of the pool's load.
@@ -72,6 +77,24 @@ struct Inner {
     priority: Mutex<Option<PriorityReport>>,
     /// Pids of live workers, for status and tests.
     pids: Pids,
+    /// The state the workers were last put in, and how long they have been
+    /// stopped, so the watchdog does not count it.
+    state: Mutex<StateClock>,
+    /// Whether new jobs may start (not while paused).
+    open: watch::Sender<bool>,
+}
+
+#[derive(Debug)]
+struct StateClock {
+    state: WorkerState,
+    stopped_since: Option<Instant>,
+    stopped_before: Duration,
+}
+
+impl StateClock {
+    fn stopped(&self) -> Duration {
+        self.stopped_before + self.stopped_since.map_or(Duration::ZERO, |t| t.elapsed())
+    }
 }
 
 type Pids = Arc<Mutex<Vec<u32>>>;
@@ -121,6 +144,12 @@ impl WorkerPool {
                 queued: AtomicUsize::new(0),
                 priority: Mutex::new(None),
                 pids: Pids::default(),
+                state: Mutex::new(StateClock {
+                    state: WorkerState::Run,
+                    stopped_since: None,
+                    stopped_before: Duration::ZERO,
+                }),
+                open: watch::Sender::new(true),
             }),
         };
         for _ in 0..slots {
@@ -152,10 +181,78 @@ impl WorkerPool {
         self.inner.lock_pids().clone()
     }
 
+    /// The state the workers are in.
+    pub fn state(&self) -> WorkerState {
+        self.inner.lock_state().state
+    }
+
+    /// Puts every live worker in `state` (see [`crate::stop`]): stops or
+    /// resumes them with signals, and holds new jobs back while paused.
+    /// Safe to call from any thread, as often as a duty cycle needs.
+    pub fn set_state(&self, state: WorkerState) {
+        let mut clock = self.inner.lock_state();
+        if clock.state == state {
+            return;
+        }
+        let signals = transition(clock.state, state);
+        if !signals.is_empty() {
+            for pid in self.worker_pids() {
+                for &s in signals {
+                    signal(pid, s);
+                }
+            }
+        }
+        match (clock.stopped_since, state) {
+            (None, WorkerState::Pause | WorkerState::Throttle) => {
+                clock.stopped_since = Some(Instant::now());
+            }
+            (Some(since), WorkerState::Run) => {
+                clock.stopped_before += since.elapsed();
+                clock.stopped_since = None;
+            }
+            _ => {}
+        }
+        clock.state = state;
+        drop(clock);
+        self.inner.open.send_replace(state != WorkerState::Pause);
+    }
+
+    /// Stops taking jobs and kills the idle workers, waiting for them to
+    /// exit (so their control group empties). Running jobs end when their
+    /// cancellation token fires. Blocking, briefly.
+    pub fn close(&self) {
+        self.inner.slots.close();
+        self.set_state(WorkerState::Run);
+        let idle: Vec<Worker> = std::mem::take(&mut *self.inner.lock_idle());
+        for mut worker in idle {
+            let _ = worker.child.start_kill();
+            let pid = worker.pid;
+            drop(worker);
+            // The child was killed; reap it so it leaves its group at once.
+            if let Ok(pid) = libc::pid_t::try_from(pid) {
+                // SAFETY: waitpid on our own child writes nothing we pass.
+                unsafe {
+                    libc::waitpid(pid, std::ptr::null_mut(), 0);
+                }
+            }
+        }
+    }
+
+    /// Total time the workers have been stopped.
+    fn stopped(&self) -> Duration {
+        self.inner.lock_state().stopped()
+    }
+
     /// Runs `job`, waiting for a free slot first. Resolves early with
     /// [`Failure::Cancelled`] when `cancel` fires.
     pub async fn run(&self, job: Job, cancel: CancellationToken) -> Outcome {
         let _queued = Gauge::up(&self.inner.queued);
+        let mut open = self.inner.open.subscribe();
+        tokio::select! {
+            biased;
+            () = cancel.cancelled() => return Outcome::failed(Failure::Cancelled),
+            _ = open.wait_for(|open| *open) => {}
+        }
         let permit = tokio::select! {
             biased;
             () = cancel.cancelled() => return Outcome::failed(Failure::Cancelled),
@@ -182,6 +279,17 @@ impl WorkerPool {
         };
         let limit_ms = job.limits.wall_ms;
         let watchdog = Duration::from_millis(limit_ms) + WATCHDOG_GRACE;
+        let (started, stopped_before) = (Instant::now(), self.stopped());
+        // Time the workers spent stopped moves the watchdog's deadline.
+        let watchdog = async {
+            loop {
+                let due = started + watchdog + self.stopped().saturating_sub(stopped_before);
+                if Instant::now() >= due {
+                    return;
+                }
+                tokio::time::sleep_until(due.into()).await;
+            }
+        };
         if let Err(e) = write_frame_async(&mut worker.stdin, &ToWorker::Run(Box::new(job))).await {
             return self
                 .bury(worker, &format!("cannot send it the job: {e}"))
@@ -193,7 +301,7 @@ impl WorkerPool {
                 self.kill(worker).await;
                 return Outcome::failed(Failure::Cancelled);
             }
-            () = tokio::time::sleep(watchdog) => {
+            () = watchdog => {
                 self.kill(worker).await;
                 return Outcome::failed(Failure::Timeout { limit_ms });
             }
@@ -243,6 +351,14 @@ impl WorkerPool {
             pid,
             pids: Arc::clone(&self.inner.pids),
         };
+        for procs in &self.inner.config.join {
+            if let Err(e) = std::fs::write(procs, pid.to_string()) {
+                return Err(PoolError::Startup(format!(
+                    "cannot move worker {pid} into {}: {e}",
+                    procs.display()
+                )));
+            }
+        }
         let hello = tokio::time::timeout(
             STARTUP_TIMEOUT,
             read_frame_async::<FromWorker>(&mut worker.stdout, MAX_RESULT_FRAME),
@@ -333,6 +449,10 @@ impl Inner {
 
     fn lock_pids(&self) -> std::sync::MutexGuard<'_, Vec<u32>> {
         self.pids.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_state(&self) -> std::sync::MutexGuard<'_, StateClock> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 

@@ -120,11 +120,15 @@ impl Sandbox {
     /// anything the guest does.
     pub fn run(&mut self, job: &Job) -> Outcome {
         let started = Instant::now();
+        let paused_before = crate::stop::paused();
         let mut outcome = match self.run_inner(job) {
             Ok(outcome) => outcome,
             Err(failure) => Outcome::failed(failure),
         };
-        outcome.wall_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        // Time the host spent paused is not the guest's.
+        let paused = crate::stop::paused().saturating_sub(paused_before);
+        let wall = started.elapsed().saturating_sub(paused);
+        outcome.wall_ms = u64::try_from(wall.as_millis()).unwrap_or(u64::MAX);
         outcome
     }
 
@@ -263,9 +267,24 @@ async fn within<T>(
     wall: Duration,
     guest: impl std::future::Future<Output = wasmtime::Result<T>>,
 ) -> Result<wasmtime::Result<T>, TimedOut> {
-    tokio::time::timeout(wall, guest)
-        .await
-        .map_err(|_| TimedOut)
+    let started = Instant::now();
+    let paused_before = crate::stop::paused();
+    let deadline = async {
+        // A pause moves the deadline by its length (see `stop`); the timer
+        // fires late after one, and then sleeps on for what is left.
+        loop {
+            let paused = crate::stop::paused().saturating_sub(paused_before);
+            let due = started + wall + paused;
+            if Instant::now() >= due {
+                return;
+            }
+            tokio::time::sleep_until(due.into()).await;
+        }
+    };
+    tokio::select! {
+        result = guest => Ok(result),
+        () = deadline => Err(TimedOut),
+    }
 }
 
 /// Names the cause of a guest's abnormal end.

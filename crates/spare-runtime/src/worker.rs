@@ -25,12 +25,21 @@ const EXECUTOR_STACK: usize = 8 << 20;
 pub fn main(cache_dir: Option<PathBuf>) -> i32 {
     let priority = lower_own_priority();
     limit_core_dumps();
+    limit_open_files();
     offer_to_the_oom_killer();
+    if let Err(e) = crate::stop::install_pause_handler() {
+        eprintln!("spare worker: cannot catch SIGTSTP, pauses will count as wall time: {e}");
+    }
 
     let guest = std::thread::Builder::new()
         .name("guest".into())
         .stack_size(EXECUTOR_STACK)
-        .spawn(move || serve(cache_dir, priority));
+        .spawn(move || {
+            // The pause handler runs on another thread, never on a guest's
+            // fiber stack.
+            block_pause_signal();
+            serve(cache_dir, priority)
+        });
     let guest = match guest {
         Ok(guest) => guest,
         Err(e) => {
@@ -99,6 +108,33 @@ fn wait_for_hang_up() {
 fn offer_to_the_oom_killer() {
     if let Err(e) = std::fs::write("/proc/self/oom_score_adj", "1000") {
         eprintln!("spare worker: cannot raise its OOM score: {e}");
+    }
+}
+
+/// Blocks `SIGTSTP` in the calling thread.
+fn block_pause_signal() {
+    // SAFETY: the set is initialised by sigemptyset before use and lives
+    // across both calls; pthread_sigmask only changes this thread's mask.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTSTP);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+}
+
+/// Open files a worker may hold (module, cache entry, pipes, wasmtime's own).
+/// Guests open no host files at all; this bounds a worker that misbehaves.
+const MAX_OPEN_FILES: libc::rlim_t = 256;
+
+fn limit_open_files() {
+    let limit = libc::rlimit {
+        rlim_cur: MAX_OPEN_FILES,
+        rlim_max: MAX_OPEN_FILES,
+    };
+    // SAFETY: `limit` is a valid rlimit for the duration of the call.
+    unsafe {
+        libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
     }
 }
 

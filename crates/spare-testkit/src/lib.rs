@@ -37,8 +37,15 @@ pub struct Daemon {
 impl Daemon {
     /// Starts `bin --data-dir dir up` on a free loopback TCP port, with
     /// `extra` flags, and waits until its API answers.
+    ///
+    /// Unless `extra` says `--idle-only`, the daemon gives `--always`:
+    /// daemons that share one machine would each take the others' guests
+    /// for their owner's load and pause.
     pub fn start(bin: &Path, dir: &Path, extra: &[&str]) -> Result<Self> {
         let mut args = vec!["up", "--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns"];
+        if !extra.contains(&"--idle-only") {
+            args.push("--always");
+        }
         args.extend_from_slice(extra);
         Self::start_with(bin, dir, &[], &args)
     }
@@ -243,7 +250,24 @@ impl Daemon {
 }
 
 impl Drop for Daemon {
+    /// Stops the daemon as `spare up` is meant to be stopped, so it cleans
+    /// up after itself (its workers' control groups); kills it if it does
+    /// not exit within a few seconds.
     fn drop(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            // SAFETY: kill only takes integers.
+            unsafe {
+                libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+            }
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    self.child = None;
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
         self.kill();
     }
 }

@@ -3,13 +3,15 @@
 use std::process::ExitCode;
 
 use anyhow::{Context as _, Result};
-use spare_node::config::check_cores;
+use spare_node::Config;
+use spare_node::config::Flags;
 use spare_node::daemon::{DaemonOptions, run};
-use spare_node::{Config, Paths};
 use spare_runtime::WorkerCommand;
 
 use crate::Context;
 
+/// Each flag overrides its setting in the config file (see `spare init`'s
+/// template) and is checked the same way.
 #[derive(Debug, clap::Args)]
 pub(crate) struct Args {
     /// Address to listen on (repeatable), e.g. /ip4/127.0.0.1/tcp/0.
@@ -25,10 +27,52 @@ pub(crate) struct Args {
     /// Tasks to run at once for the swarm (default: every core).
     #[arg(long)]
     cores: Option<i64>,
+    /// Share of the machine's CPU all guests together may use, e.g. 50%.
+    #[arg(long, value_name = "PERCENT")]
+    cpu: Option<String>,
+    /// Memory all guests together may use, e.g. 4GiB.
+    #[arg(long, value_name = "SIZE")]
+    memory: Option<String>,
+    /// Disk for blobs and compiled modules, e.g. 10GiB.
+    #[arg(long, value_name = "SIZE")]
+    disk: Option<String>,
+    /// Upload bandwidth for the swarm, e.g. 2MiB/s or unlimited.
+    #[arg(long, value_name = "RATE")]
+    upload: Option<String>,
+    /// Download bandwidth for the swarm, e.g. 2MiB/s or unlimited.
+    #[arg(long, value_name = "RATE")]
+    download: Option<String>,
+    /// How limits are enforced: auto, cgroup or fallback.
+    #[arg(long, value_name = "HOW")]
+    enforcement: Option<String>,
+    /// Give only while the owner leaves the machine idle (the default).
+    #[arg(long, conflicts_with = "always")]
+    idle_only: bool,
+    /// Give whatever the owner is doing (within the other limits).
+    #[arg(long)]
+    always: bool,
 }
 
 pub(crate) async fn execute(context: &Context, args: Args) -> Result<ExitCode> {
-    let config = configure(&context.paths, &args)?;
+    let idle_only = match (args.idle_only, args.always) {
+        (true, _) => Some(true),
+        (_, true) => Some(false),
+        _ => None,
+    };
+    let flags = Flags {
+        listen: args.listen,
+        bootstrap: args.bootstrap,
+        no_mdns: args.no_mdns,
+        cores: args.cores,
+        cpu: args.cpu,
+        memory: args.memory,
+        disk: args.disk,
+        upload: args.upload,
+        download: args.download,
+        enforcement: args.enforcement,
+        idle_only,
+    };
+    let config = Config::load(&context.paths.config, flags)?;
     let program = std::env::current_exe().context("cannot find the spare executable")?;
     let worker = WorkerCommand {
         program,
@@ -45,30 +89,4 @@ pub(crate) async fn execute(context: &Context, args: Args) -> Result<ExitCode> {
     })
     .await?;
     Ok(ExitCode::SUCCESS)
-}
-
-/// The config file with the flags applied on top.
-fn configure(paths: &Paths, args: &Args) -> Result<Config> {
-    let mut config = Config::load(&paths.config)?;
-    let addrs = |list: &[String], flag: &str| -> Result<Vec<_>> {
-        list.iter()
-            .map(|a| {
-                a.parse()
-                    .map_err(|e| anyhow::anyhow!("--{flag} `{a}` is not a multiaddress: {e}"))
-            })
-            .collect()
-    };
-    if !args.listen.is_empty() {
-        config.listen = addrs(&args.listen, "listen")?;
-    }
-    config
-        .bootstrap
-        .extend(addrs(&args.bootstrap, "bootstrap")?);
-    if args.no_mdns {
-        config.mdns = false;
-    }
-    if let Some(cores) = args.cores {
-        config.cores = check_cores(cores).map_err(|e| anyhow::anyhow!("--cores: {e}"))?;
-    }
-    Ok(config)
 }

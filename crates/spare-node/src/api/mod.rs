@@ -6,6 +6,7 @@
 //! | method and path | what |
 //! |---|---|
 //! | `GET /v1/node` | this node: peer id, addresses, workers ([`types::NodeInfo`]) |
+//! | `GET /v1/status` | what this node gives now and why ([`types::StatusView`]) |
 //! | `GET /v1/peers` | connected peers and their offers |
 //! | `HEAD /v1/blobs/<hash>` | 200 if the blob is stored, else 404 |
 //! | `PUT /v1/blobs/<hash>` | stores a blob; refused if the body does not hash to `<hash>` |
@@ -37,7 +38,8 @@ use tokio_util::sync::CancellationToken;
 use crate::node::Node;
 use crate::requester;
 use types::{
-    CancelReply, ErrorBody, NodeInfo, OfferView, PeerView, Submission, TaskEvent, WorkerInfo,
+    CancelReply, EnforcementView, ErrorBody, NodeInfo, OfferView, PeerView, SettingsView,
+    StatusView, Submission, TaskEvent, WorkerInfo,
 };
 
 /// Largest request body: a module or stdin blob.
@@ -93,6 +95,7 @@ impl IntoResponse for ApiError {
 pub fn router(node: Node) -> Router {
     Router::new()
         .route("/v1/node", get(node_info))
+        .route("/v1/status", get(status))
         .route("/v1/peers", get(peers))
         .route("/v1/blobs/{id}", put(put_blob).head(head_blob))
         .route("/v1/tasks", post(submit).get(tasks))
@@ -143,7 +146,7 @@ async fn node_info(State(node): State<Node>) -> Json<NodeInfo> {
         version: env!("CARGO_PKG_VERSION").into(),
         data_dir: node.paths().data_dir.display().to_string(),
         uptime_ms: u64::try_from(node.uptime().as_millis()).unwrap_or(u64::MAX),
-        cores: node.config().cores,
+        cores: node.config().slots(),
         running: stats.running,
         queued: stats.queued,
         workers: node
@@ -155,6 +158,53 @@ async fn node_info(State(node): State<Node>) -> Json<NodeInfo> {
         worker_policy: priority.map(|p| format!("{:?}", p.policy).to_lowercase()),
         worker_nice: priority.map(|p| p.nice),
         worker_idle_io: priority.map(|p| p.idle_io),
+    })
+}
+
+async fn status(State(node): State<Node>) -> Json<StatusView> {
+    let config = node.config();
+    let policy = &config.policy;
+    let governor = node.governor().status();
+    let stats = node.pool().stats();
+    let ms = |d: std::time::Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    Json(StatusView {
+        peer_id: node.peer_id().to_string(),
+        state: governor.state.to_owned(),
+        reason: governor.reason,
+        giving_cores: governor.giving_millicores as f64 / 1000.0,
+        owner_cores: governor.owner_cores,
+        spare_cores: governor.spare_cores,
+        cpu_pressure: governor.cpu_pressure,
+        memory_pressure: governor.memory_pressure,
+        owner_active_ms_ago: governor.owner_active_ms_ago,
+        paused_ms: governor.paused_ms,
+        pauses: governor.pauses,
+        slots: config.slots(),
+        running: stats.running,
+        queued: stats.queued,
+        settings: SettingsView {
+            cores: policy.cores,
+            cpu_percent: f64::from(policy.cpu_permille) / 10.0,
+            memory: policy.memory,
+            guest_memory: config.max_limits.memory,
+            disk: policy.disk,
+            upload: policy.upload,
+            download: policy.download,
+            idle_only: policy.when.idle_only,
+            owner_threshold_percent: f64::from(policy.when.owner_threshold) / 10.0,
+            cool_down_ms: ms(policy.when.cool_down),
+            windows: policy.when.windows.iter().map(ToString::to_string).collect(),
+            on_battery: policy.when.on_battery,
+            hand_back_after_ms: ms(policy.when.hand_back_after),
+        },
+        enforcement: EnforcementView {
+            mechanism: governor.enforcement.mechanism,
+            cpu: governor.enforcement.cpu,
+            memory: governor.enforcement.memory,
+            notes: governor.enforcement.notes,
+        },
+        uploaded: node.upload().moved(),
+        downloaded: node.download().moved(),
     })
 }
 

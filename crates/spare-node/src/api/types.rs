@@ -24,6 +24,67 @@ pub struct NodeInfo {
     pub worker_idle_io: Option<bool>,
 }
 
+/// `GET /v1/status`: what this node gives right now, and why.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StatusView {
+    pub peer_id: String,
+    /// `giving`, `throttled` or `paused`.
+    pub state: String,
+    /// One line for humans, e.g. `paused: owner active 3 s ago`.
+    pub reason: String,
+    /// Cores the guests may use now.
+    pub giving_cores: f64,
+    /// The owner's and spare's own CPU use over the last sampling window,
+    /// in cores.
+    pub owner_cores: f64,
+    pub spare_cores: f64,
+    /// Shares of time stalled, from /proc/pressure (absent where the
+    /// kernel has none).
+    pub cpu_pressure: Option<f64>,
+    pub memory_pressure: Option<f64>,
+    pub owner_active_ms_ago: Option<u64>,
+    pub paused_ms: Option<u64>,
+    /// Pauses since the daemon started.
+    pub pauses: u64,
+    pub slots: u16,
+    pub running: usize,
+    pub queued: usize,
+    pub settings: SettingsView,
+    pub enforcement: EnforcementView,
+    /// Bytes moved for the swarm since start.
+    pub uploaded: u64,
+    pub downloaded: u64,
+}
+
+/// The policy in force.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SettingsView {
+    pub cores: u16,
+    pub cpu_percent: f64,
+    pub memory: u64,
+    pub guest_memory: u64,
+    pub disk: u64,
+    /// Bytes per second; absent means unlimited.
+    pub upload: Option<u64>,
+    pub download: Option<u64>,
+    pub idle_only: bool,
+    /// Of one core.
+    pub owner_threshold_percent: f64,
+    pub cool_down_ms: u64,
+    pub windows: Vec<String>,
+    pub on_battery: bool,
+    pub hand_back_after_ms: u64,
+}
+
+/// How the limits are enforced.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EnforcementView {
+    pub mechanism: String,
+    pub cpu: String,
+    pub memory: String,
+    pub notes: Vec<String>,
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct WorkerInfo {
     pub pid: u32,

@@ -1,0 +1,312 @@
+//! Control groups for the workers, where the daemon can make one.
+//!
+//! With cgroup v2 the workers go into `<daemon's group>/spare-<name>` with
+//! `cpu.idle = 1` (the group only runs when nothing else wants the CPU),
+//! `cpu.max` (the CPU share) and `memory.max`. A v2 group whose parent holds
+//! processes cannot enable controllers for its children ("no internal
+//! processes"), so the daemon first moves itself into a `spare-daemon` leaf
+//! beside it, as systemd expects of a unit with `Delegate=yes`. Where the
+//! CPU and memory controllers are mounted as cgroup v1 hierarchies instead,
+//! the same limits go into `cpu.idle`, `cpu.cfs_quota_us` and
+//! `memory.limit_in_bytes` of a `spare-<name>` group in each.
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+/// CFS period for the CPU quota.
+pub const CPU_PERIOD_US: u64 = 100_000;
+
+/// The groups the workers run in.
+#[derive(Clone, Debug, Serialize)]
+pub struct Cgroups {
+    /// `"v2"` or `"v1"`.
+    pub version: &'static str,
+    /// Group directories made for the workers.
+    pub dirs: Vec<PathBuf>,
+    /// `cgroup.procs` files each worker's pid is written to.
+    #[serde(skip)]
+    pub join: Vec<PathBuf>,
+    /// What limits memory: the group, or (no memory controller) only the
+    /// sandbox's per-guest limit.
+    pub memory_in_group: bool,
+    /// Settings that the kernel refused and were left at their default.
+    pub warnings: Vec<String>,
+}
+
+/// What the groups should enforce.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// CPU quota per [`CPU_PERIOD_US`], in microseconds; `None` is no quota.
+    pub cpu_quota_us: Option<u64>,
+    /// Memory of all workers together, in bytes.
+    pub memory: u64,
+}
+
+/// A mounted cgroup hierarchy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Mount {
+    /// Where it is mounted.
+    point: PathBuf,
+    /// Which part of the hierarchy the mount shows (`/` unless namespaced).
+    root: String,
+    /// `None` for cgroup2, else the v1 controllers it carries.
+    controllers: Option<Vec<String>>,
+}
+
+fn mounts(mountinfo: &str) -> Vec<Mount> {
+    mountinfo
+        .lines()
+        .filter_map(|line| {
+            let (before, after) = line.split_once(" - ")?;
+            let fields: Vec<&str> = before.split_whitespace().collect();
+            let mut after = after.split_whitespace();
+            let fstype = after.next()?;
+            let _source = after.next()?;
+            let options = after.next().unwrap_or("");
+            let root = (*fields.get(3)?).to_owned();
+            let point = PathBuf::from(unescape(fields.get(4)?));
+            match fstype {
+                "cgroup2" => Some(Mount {
+                    point,
+                    root,
+                    controllers: None,
+                }),
+                "cgroup" => Some(Mount {
+                    point,
+                    root,
+                    controllers: Some(options.split(',').map(str::to_owned).collect()),
+                }),
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+/// mountinfo escapes spaces and a few other bytes as `\ooo`.
+fn unescape(field: &str) -> String {
+    field
+        .replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\012", "\n")
+        .replace("\\134", "\\")
+}
+
+/// This process's group in the hierarchy with `controller` (`""` for v2).
+fn own_path(cgroup_file: &str, controller: &str) -> Option<String> {
+    cgroup_file.lines().find_map(|line| {
+        let mut parts = line.splitn(3, ':');
+        let _id = parts.next()?;
+        let list = parts.next()?;
+        let path = parts.next()?;
+        let matches = if controller.is_empty() {
+            list.is_empty()
+        } else {
+            list.split(',').any(|c| c == controller)
+        };
+        matches.then(|| path.to_owned())
+    })
+}
+
+/// The directory of `path` in `mount`.
+fn dir_of(mount: &Mount, path: &str) -> PathBuf {
+    let relative = path
+        .strip_prefix(mount.root.as_str())
+        .unwrap_or(path)
+        .trim_start_matches('/');
+    mount.point.join(relative)
+}
+
+fn write(path: &Path, value: &str) -> Result<(), String> {
+    std::fs::write(path, value).map_err(|e| format!("cannot write {value:?} to {}: {e}", path.display()))
+}
+
+fn make_dir(dir: &Path) -> Result<(), String> {
+    match std::fs::create_dir(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(format!("cannot create {}: {e}", dir.display())),
+    }
+}
+
+/// Makes the workers' groups named `spare-<name>`, or says why it cannot.
+pub fn setup(name: &str, limits: Limits) -> Result<Cgroups, String> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| format!("cannot read /proc/self/mountinfo: {e}"))?;
+    let own = std::fs::read_to_string("/proc/self/cgroup")
+        .map_err(|e| format!("cannot read /proc/self/cgroup: {e}"))?;
+    let mounts = mounts(&mountinfo);
+    let group = format!("spare-{name}");
+    let v2 = mounts
+        .iter()
+        .find(|m| m.controllers.is_none())
+        .and_then(|m| Some((m, own_path(&own, "")?)));
+    let v2_error = match v2 {
+        Some((mount, path)) => match setup_v2(&dir_of(mount, &path), &group, limits) {
+            Ok(groups) => return Ok(groups),
+            Err(e) => e,
+        },
+        None => "no cgroup2 hierarchy is mounted".to_owned(),
+    };
+    let v1 = |controller: &str| {
+        mounts
+            .iter()
+            .find(|m| {
+                m.controllers
+                    .as_ref()
+                    .is_some_and(|c| c.iter().any(|c| c == controller))
+            })
+            .and_then(|m| Some(dir_of(m, &own_path(&own, controller)?)))
+    };
+    match v1("cpu") {
+        Some(cpu) => setup_v1(&cpu, v1("memory").as_deref(), &group, limits)
+            .map_err(|e| format!("cgroup v2: {v2_error}; cgroup v1: {e}")),
+        None => Err(format!(
+            "cgroup v2: {v2_error}; cgroup v1: no cpu controller is mounted"
+        )),
+    }
+}
+
+fn setup_v2(own: &Path, group: &str, limits: Limits) -> Result<Cgroups, String> {
+    let available = std::fs::read_to_string(own.join("cgroup.controllers"))
+        .map_err(|e| format!("cannot read {}: {e}", own.join("cgroup.controllers").display()))?;
+    let has = |c: &str| available.split_whitespace().any(|a| a == c);
+    if !has("cpu") {
+        return Err(format!(
+            "the cpu controller is not available in {} (it has: {})",
+            own.display(),
+            available.trim()
+        ));
+    }
+    let memory = has("memory");
+    let enable = if memory { "+cpu +memory" } else { "+cpu" };
+    let control = own.join("cgroup.subtree_control");
+    if write(&control, enable).is_err() {
+        // Our own group holds processes (this daemon at least), so it may
+        // not give controllers to children until they move to a leaf.
+        let leaf = own.join("spare-daemon");
+        make_dir(&leaf)?;
+        write(&leaf.join("cgroup.procs"), &std::process::id().to_string())?;
+        write(&control, enable)?;
+    }
+    let dir = own.join(group);
+    make_dir(&dir)?;
+    let mut warnings = Vec::new();
+    if write(&dir.join("cpu.idle"), "1").is_err() {
+        // Before Linux 5.15: the lowest weight instead.
+        if let Err(e) = write(&dir.join("cpu.weight"), "1") {
+            warnings.push(e);
+        }
+    }
+    let max = match limits.cpu_quota_us {
+        Some(q) => format!("{q} {CPU_PERIOD_US}"),
+        None => format!("max {CPU_PERIOD_US}"),
+    };
+    write(&dir.join("cpu.max"), &max)?;
+    if memory {
+        write(&dir.join("memory.max"), &limits.memory.to_string())?;
+        // Swap would let guests page the owner's memory out to disk.
+        if let Err(e) = write(&dir.join("memory.swap.max"), "0") {
+            warnings.push(e);
+        }
+    }
+    Ok(Cgroups {
+        version: "v2",
+        join: vec![dir.join("cgroup.procs")],
+        dirs: vec![dir],
+        memory_in_group: memory,
+        warnings,
+    })
+}
+
+fn setup_v1(cpu: &Path, memory: Option<&Path>, group: &str, limits: Limits) -> Result<Cgroups, String> {
+    let cpu_dir = cpu.join(group);
+    make_dir(&cpu_dir)?;
+    let mut warnings = Vec::new();
+    if let Err(e) = write(&cpu_dir.join("cpu.idle"), "1") {
+        // Before Linux 5.15: the lowest share instead.
+        if write(&cpu_dir.join("cpu.shares"), "2").is_err() {
+            warnings.push(e);
+        }
+    }
+    write(&cpu_dir.join("cpu.cfs_period_us"), &CPU_PERIOD_US.to_string())?;
+    let quota = limits
+        .cpu_quota_us
+        .map_or_else(|| "-1".to_owned(), |q| q.to_string());
+    write(&cpu_dir.join("cpu.cfs_quota_us"), &quota)?;
+    let mut groups = Cgroups {
+        version: "v1",
+        join: vec![cpu_dir.join("cgroup.procs")],
+        dirs: vec![cpu_dir],
+        memory_in_group: false,
+        warnings,
+    };
+    let memory_dir = memory.map(|m| m.join(group));
+    let memory_set = memory_dir.as_ref().map(|dir| {
+        make_dir(dir)?;
+        write(&dir.join("memory.limit_in_bytes"), &limits.memory.to_string())?;
+        Ok::<_, String>(dir.clone())
+    });
+    match memory_set {
+        Some(Ok(dir)) => {
+            groups.join.push(dir.join("cgroup.procs"));
+            groups.dirs.push(dir);
+            groups.memory_in_group = true;
+        }
+        Some(Err(e)) => groups.warnings.push(e),
+        None => groups
+            .warnings
+            .push("no memory controller is mounted".to_owned()),
+    }
+    Ok(groups)
+}
+
+impl Cgroups {
+    /// Removes the groups once their workers are gone, waiting up to a
+    /// second for them to exit.
+    pub fn remove(&self) {
+        for dir in &self.dirs {
+            for _ in 0..20 {
+                match std::fs::remove_dir(dir) {
+                    Ok(()) => break,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+                    Err(_) => std::thread::sleep(std::time::Duration::from_millis(50)),
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HYBRID: &str = "\
+35 25 0:30 / /sys/fs/cgroup ro,nosuid - tmpfs tmpfs ro,mode=755
+36 35 0:31 / /sys/fs/cgroup/unified rw,nosuid - cgroup2 cgroup2 rw
+37 35 0:32 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu
+38 35 0:33 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
+39 35 0:34 /lxc/x /sys/fs/cgroup/my\\040pids rw - cgroup cgroup rw,pids
+";
+
+    #[test]
+    fn reads_mounts_and_own_groups() {
+        let m = mounts(HYBRID);
+        assert_eq!(m.len(), 4);
+        assert_eq!(m[0].point, Path::new("/sys/fs/cgroup/unified"));
+        assert_eq!(m[0].controllers, None);
+        assert_eq!(m[1].controllers.as_deref(), Some(&["rw".to_owned(), "cpu".to_owned()][..]));
+        assert_eq!(m[3].point, Path::new("/sys/fs/cgroup/my pids"));
+        let own = "9:name=systemd:/\n4:memory:/process_api/f46c\n1:cpu,cpuacct:/\n0::/user.slice/x.scope\n";
+        assert_eq!(own_path(own, "memory").as_deref(), Some("/process_api/f46c"));
+        assert_eq!(own_path(own, "cpu").as_deref(), Some("/"));
+        assert_eq!(own_path(own, "").as_deref(), Some("/user.slice/x.scope"));
+        assert_eq!(own_path(own, "blkio"), None);
+        assert_eq!(
+            dir_of(&m[2], "/process_api/f46c"),
+            Path::new("/sys/fs/cgroup/memory/process_api/f46c")
+        );
+        // A namespaced mount shows only its root's subtree.
+        assert_eq!(dir_of(&m[3], "/lxc/x/a"), Path::new("/sys/fs/cgroup/my pids/a"));
+    }
+}

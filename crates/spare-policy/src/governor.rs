@@ -1,0 +1,445 @@
+//! The governor: one thread that decides, many times a second, whether the
+//! workers may run, and makes it so.
+//!
+//! Every [`SAMPLE`] it reads who used the CPU (see [`owner`](crate::owner)).
+//! It pauses the workers when the owner's use over the last [`WINDOW`]
+//! passes the threshold, when memory stalls, outside the time windows, or on
+//! battery; it resumes them once the owner has been quiet for the cool-down.
+//! Without a cgroup to hold the CPU share it also runs the duty cycle that
+//! stops and continues the workers within each [`DUTY_PERIOD`]. It is a
+//! plain thread, not a task on the daemon's runtime, so a busy runtime never
+//! delays a pause.
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use spare_core::units::format_duration;
+use spare_runtime::{WorkerPool, WorkerState};
+use tokio::sync::watch;
+
+use crate::machine::{Machine, on_battery};
+use crate::owner::{Sampler, Usage};
+use crate::settings::Policy;
+use crate::window::local_minute_now;
+
+/// How often the governor reads the counters while it watches for the
+/// owner.
+pub const SAMPLE: Duration = Duration::from_millis(20);
+/// How often it reads them when it only reports (giving always).
+pub const SAMPLE_RELAXED: Duration = Duration::from_millis(250);
+/// The span over which the owner's use is averaged.
+pub const WINDOW: Duration = Duration::from_millis(100);
+/// The duty cycle's period when the fallback enforces a CPU share.
+pub const DUTY_PERIOD: Duration = Duration::from_millis(100);
+/// Memory stalls above this share of the time mean the owner is short of
+/// memory: guests pause.
+pub const MEMORY_PRESSURE_LIMIT: f64 = 0.10;
+/// While guests are paused, CPU stalls above this share mean the owner's
+/// own tasks are queueing for the CPUs: guests stay paused.
+pub const CPU_PRESSURE_LIMIT: f64 = 0.20;
+/// Time windows and the power source change slowly; they are read this
+/// often.
+const SLOW_CHECK: Duration = Duration::from_secs(1);
+
+/// How limits are enforced on this node, for `spare status`.
+#[derive(Clone, Debug, Serialize)]
+pub struct Enforcement {
+    /// `"cgroup v2"`, `"cgroup v1"` or `"fallback"`.
+    pub mechanism: String,
+    /// What enforces the CPU share.
+    pub cpu: String,
+    /// What enforces the memory budget.
+    pub memory: String,
+    /// What the OS refused and what is used instead.
+    pub notes: Vec<String>,
+}
+
+/// What the governor needs.
+#[derive(Clone, Debug)]
+pub struct GovernorConfig {
+    pub policy: Policy,
+    pub machine: Machine,
+    pub enforcement: Enforcement,
+    /// Run the duty cycle (no cgroup holds the CPU share).
+    pub duty_cycle: bool,
+    /// `/proc`, and the power-supply directory of sysfs.
+    pub proc: PathBuf,
+    pub power_supply: PathBuf,
+}
+
+/// What the node gives right now, and why.
+#[derive(Clone, Debug, Serialize)]
+pub struct Status {
+    /// `"giving"`, `"throttled"` or `"paused"`.
+    pub state: &'static str,
+    /// One line for humans, e.g. `paused: owner active 3 s ago`.
+    pub reason: String,
+    /// Cores the guests may use now, in thousandths.
+    pub giving_millicores: u64,
+    /// The owner's CPU use over the last window, in cores.
+    pub owner_cores: f64,
+    /// spare's own CPU use (daemon and workers), in cores.
+    pub spare_cores: f64,
+    pub cpu_pressure: Option<f64>,
+    pub memory_pressure: Option<f64>,
+    /// Milliseconds since the owner was last seen active.
+    pub owner_active_ms_ago: Option<u64>,
+    /// Milliseconds the current pause has lasted.
+    pub paused_ms: Option<u64>,
+    /// Pauses since the daemon started.
+    pub pauses: u64,
+    pub enforcement: Enforcement,
+}
+
+/// Handle to the governor thread. Stops it when the last clone is dropped
+/// or [`Governor::stop`] is called.
+#[derive(Clone, Debug)]
+pub struct Governor {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    status: Mutex<Status>,
+    /// When the current pause began; `None` while giving.
+    paused_since: watch::Sender<Option<Instant>>,
+    stop: AtomicBool,
+}
+
+impl Governor {
+    /// Starts the governor thread over `pool`.
+    pub fn start(pool: WorkerPool, config: GovernorConfig) -> std::io::Result<Self> {
+        let shared = Arc::new(Shared {
+            status: Mutex::new(Status {
+                state: "giving",
+                reason: "starting".into(),
+                giving_millicores: 0,
+                owner_cores: 0.0,
+                spare_cores: 0.0,
+                cpu_pressure: None,
+                memory_pressure: None,
+                owner_active_ms_ago: None,
+                paused_ms: None,
+                pauses: 0,
+                enforcement: config.enforcement.clone(),
+            }),
+            paused_since: watch::Sender::new(None),
+            stop: AtomicBool::new(false),
+        });
+        let thread_shared = Arc::clone(&shared);
+        std::thread::Builder::new()
+            .name("governor".into())
+            .spawn(move || Loop::new(pool, config, thread_shared).run())?;
+        Ok(Self { shared })
+    }
+
+    /// What the node gives now and why.
+    pub fn status(&self) -> Status {
+        self.shared
+            .status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Whether guests may run now.
+    pub fn giving(&self) -> bool {
+        self.shared.paused_since.borrow().is_none()
+    }
+
+    /// When the current pause began, as it changes.
+    pub fn paused_since(&self) -> watch::Receiver<Option<Instant>> {
+        self.shared.paused_since.subscribe()
+    }
+
+    /// Resolves once the node has been paused for `after` without a break.
+    pub async fn paused_for(&self, after: Duration) {
+        let mut since = self.paused_since();
+        loop {
+            let current = *since.borrow_and_update();
+            match current {
+                None => {
+                    if since.changed().await.is_err() {
+                        return std::future::pending().await;
+                    }
+                }
+                Some(began) => {
+                    tokio::select! {
+                        () = tokio::time::sleep_until((began + after).into()) => return,
+                        changed = since.changed() => if changed.is_err() {
+                            return std::future::pending().await;
+                        },
+                    }
+                }
+            }
+        }
+    }
+
+    /// Stops the thread; the workers are left running.
+    pub fn stop(&self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Why the workers must be paused, if they must.
+#[derive(Clone, Debug, PartialEq)]
+enum Hold {
+    OutsideWindows(String),
+    OnBattery,
+    OwnerActive,
+}
+
+struct Loop {
+    pool: WorkerPool,
+    config: GovernorConfig,
+    shared: Arc<Shared>,
+    sampler: Sampler,
+    window: VecDeque<Usage>,
+    pids: Vec<u32>,
+    last_active: Option<Instant>,
+    slow_hold: Option<Hold>,
+    next_slow: Instant,
+    epoch: Instant,
+    paused_since: Option<Instant>,
+    pauses: u64,
+}
+
+impl Loop {
+    fn new(pool: WorkerPool, config: GovernorConfig, shared: Arc<Shared>) -> Self {
+        let sampler = Sampler::new(&config.proc, config.machine.cores);
+        let now = Instant::now();
+        Self {
+            pool,
+            config,
+            shared,
+            sampler,
+            window: VecDeque::new(),
+            pids: Vec::new(),
+            last_active: None,
+            slow_hold: None,
+            next_slow: now,
+            epoch: now,
+            paused_since: None,
+            pauses: 0,
+        }
+    }
+
+    fn sample_every(&self) -> Duration {
+        if self.config.policy.when.idle_only {
+            SAMPLE
+        } else {
+            SAMPLE_RELAXED
+        }
+    }
+
+    fn run(mut self) {
+        let mut next_sample = Instant::now();
+        while !self.shared.stop.load(Ordering::Relaxed) && Arc::strong_count(&self.shared) > 1 {
+            let now = Instant::now();
+            if now >= next_sample {
+                self.sample(now);
+                next_sample = now + self.sample_every();
+            }
+            let hold = self.hold(now);
+            let (state, next_edge) = match &hold {
+                Some(_) => (WorkerState::Pause, None),
+                None => self.duty(now),
+            };
+            self.pool.set_state(state);
+            self.report(now, hold.as_ref(), state);
+            let wake = next_edge.map_or(next_sample, |edge| edge.min(next_sample));
+            std::thread::sleep(wake.saturating_duration_since(Instant::now()));
+        }
+        // Never leave workers stopped behind.
+        self.pool.set_state(WorkerState::Run);
+    }
+
+    fn sample(&mut self, now: Instant) {
+        self.pids.clear();
+        self.pids.push(std::process::id());
+        self.pids.extend(self.pool.worker_pids());
+        if let Some(usage) = self.sampler.sample(&self.pids) {
+            self.window.push_back(usage);
+            let keep = (WINDOW.as_millis() / self.sample_every().as_millis()).max(1) as usize;
+            while self.window.len() > keep {
+                self.window.pop_front();
+            }
+        }
+        let paused = self.paused_since.is_some();
+        let owner = self.average(|u| Some(u.owner_cores)).unwrap_or(0.0);
+        let memory = self.average(|u| u.memory_pressure).unwrap_or(0.0);
+        let cpu = self.average(|u| u.cpu_pressure).unwrap_or(0.0);
+        let threshold = f64::from(self.config.policy.when.owner_threshold) / 1000.0;
+        let active = owner > threshold
+            || memory > MEMORY_PRESSURE_LIMIT
+            // While guests run, their own waiting shows as CPU pressure;
+            // only while they are stopped is it all the owner's.
+            || (paused && cpu > CPU_PRESSURE_LIMIT);
+        if active {
+            self.last_active = Some(now);
+        }
+        if now >= self.next_slow {
+            self.next_slow = now + SLOW_CHECK;
+            self.slow_hold = self.slow_check();
+        }
+    }
+
+    fn average(&self, f: impl Fn(&Usage) -> Option<f64>) -> Option<f64> {
+        let values: Vec<f64> = self.window.iter().filter_map(f).collect();
+        (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64)
+    }
+
+    fn slow_check(&self) -> Option<Hold> {
+        let when = &self.config.policy.when;
+        if !when.windows.is_empty() {
+            let minute = local_minute_now();
+            if !when.windows.iter().any(|w| w.contains(minute)) {
+                let list: Vec<String> = when.windows.iter().map(ToString::to_string).collect();
+                return Some(Hold::OutsideWindows(list.join(", ")));
+            }
+        }
+        if !when.on_battery && on_battery(&self.config.power_supply) == Some(true) {
+            return Some(Hold::OnBattery);
+        }
+        None
+    }
+
+    fn hold(&self, now: Instant) -> Option<Hold> {
+        if let Some(hold) = &self.slow_hold {
+            return Some(hold.clone());
+        }
+        let when = &self.config.policy.when;
+        let recent = self
+            .last_active
+            .is_some_and(|t| now.duration_since(t) < when.cool_down);
+        (when.idle_only && recent).then_some(Hold::OwnerActive)
+    }
+
+    /// The duty cycle's state now and its next edge; always running when no
+    /// duty cycle is needed.
+    fn duty(&self, now: Instant) -> (WorkerState, Option<Instant>) {
+        if !self.config.duty_cycle {
+            return (WorkerState::Run, None);
+        }
+        let allowed = self.config.policy.cpu_millicores(self.config.machine.cores);
+        let running = self.pool.stats().running.max(1) as u64;
+        let on_share = allowed as f64 / (running * 1000) as f64;
+        if on_share >= 1.0 {
+            return (WorkerState::Run, None);
+        }
+        let period = DUTY_PERIOD.as_secs_f64();
+        let into = now.duration_since(self.epoch).as_secs_f64() % period;
+        let on = on_share * period;
+        let period_start = now - Duration::from_secs_f64(into);
+        if into < on {
+            (WorkerState::Run, Some(period_start + Duration::from_secs_f64(on)))
+        } else {
+            (WorkerState::Throttle, Some(period_start + DUTY_PERIOD))
+        }
+    }
+
+    fn report(&mut self, now: Instant, hold: Option<&Hold>, state: WorkerState) {
+        match (hold.is_some(), self.paused_since) {
+            (true, None) => {
+                self.paused_since = Some(now);
+                self.pauses += 1;
+                self.shared.paused_since.send_replace(Some(now));
+                tracing::info!("guests paused: {}", describe(hold, self));
+            }
+            (false, Some(since)) => {
+                self.paused_since = None;
+                self.shared.paused_since.send_replace(None);
+                tracing::info!("guests resumed after {}", format_duration(since.elapsed()));
+            }
+            _ => {}
+        }
+        let owner = self.average(|u| Some(u.owner_cores)).unwrap_or(0.0);
+        let policy = &self.config.policy;
+        let allowed = policy.cpu_millicores(self.config.machine.cores);
+        let (state_name, reason) = match hold {
+            Some(_) => ("paused", format!("paused: {}", describe(hold, self))),
+            None if policy.throttled(self.config.machine.cores) => (
+                "throttled",
+                format!(
+                    "throttled to {} by config (cpu = {}%)",
+                    cores(allowed),
+                    f64::from(policy.cpu_permille) / 10.0
+                ),
+            ),
+            None => ("giving", format!("giving {}", cores(allowed))),
+        };
+        let _ = state;
+        let mut status = self.shared.status.lock().unwrap_or_else(|p| p.into_inner());
+        status.state = state_name;
+        status.reason = reason;
+        status.giving_millicores = if hold.is_some() { 0 } else { allowed };
+        status.owner_cores = owner;
+        status.spare_cores = self.average(|u| Some(u.spare_cores)).unwrap_or(0.0);
+        status.cpu_pressure = self.average(|u| u.cpu_pressure);
+        status.memory_pressure = self.average(|u| u.memory_pressure);
+        status.owner_active_ms_ago = self
+            .last_active
+            .map(|t| u64::try_from(now.duration_since(t).as_millis()).unwrap_or(u64::MAX));
+        status.paused_ms = self
+            .paused_since
+            .map(|t| u64::try_from(now.duration_since(t).as_millis()).unwrap_or(u64::MAX));
+        status.pauses = self.pauses;
+    }
+}
+
+fn describe(hold: Option<&Hold>, l: &Loop) -> String {
+    match hold {
+        Some(Hold::OutsideWindows(list)) => format!("outside the time windows ({list})"),
+        Some(Hold::OnBattery) => "on battery power".into(),
+        Some(Hold::OwnerActive) => {
+            let owner = l.average(|u| Some(u.owner_cores)).unwrap_or(0.0);
+            let memory = l.average(|u| u.memory_pressure).unwrap_or(0.0);
+            let threshold = f64::from(l.config.policy.when.owner_threshold) / 1000.0;
+            if owner > threshold {
+                format!("owner active now ({owner:.2} cores)")
+            } else if memory > MEMORY_PRESSURE_LIMIT {
+                format!("memory pressure {:.0}%", memory * 100.0)
+            } else {
+                let ago = l.last_active.map(|t| t.elapsed()).unwrap_or_default();
+                format!(
+                    "owner active {} ago, resuming after {} quiet",
+                    format_duration(ago),
+                    format_duration(l.config.policy.when.cool_down)
+                )
+            }
+        }
+        None => String::new(),
+    }
+}
+
+/// `0.5 core`, `2 cores`.
+fn cores(millicores: u64) -> String {
+    let value = millicores as f64 / 1000.0;
+    let text = if millicores % 1000 == 0 {
+        format!("{value:.0}")
+    } else {
+        format!("{value:.2}").trim_end_matches('0').to_owned()
+    };
+    if millicores <= 1000 {
+        format!("{text} core")
+    } else {
+        format!("{text} cores")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cores_read_naturally() {
+        assert_eq!(cores(500), "0.5 core");
+        assert_eq!(cores(1000), "1 core");
+        assert_eq!(cores(2000), "2 cores");
+        assert_eq!(cores(1250), "1.25 cores");
+    }
+}

@@ -1,0 +1,127 @@
+//! Pausing workers, and keeping a paused guest's clock honest.
+//!
+//! When the machine's owner needs it, the daemon stops its workers. A plain
+//! `SIGSTOP` would let the guest's wall-time limit run on while it cannot
+//! run, so a guest paused for a minute would time out through no fault of
+//! its own. Pauses therefore use `SIGTSTP`, which a worker catches: its
+//! handler notes the time, stops the whole process with `SIGSTOP`, and when
+//! `SIGCONT` resumes it adds the time spent stopped to [`paused`]. The
+//! sandbox extends a guest's deadline by that much and reports wall time
+//! without it.
+//!
+//! A throttle (the CPU duty cycle that enforces a CPU share without a
+//! cgroup) sends `SIGSTOP` directly: like a cgroup's `cpu.max`, it is part
+//! of the host's declared capacity and counts as wall time.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Nanoseconds this process has spent paused by `SIGTSTP`.
+static PAUSED_NS: AtomicU64 = AtomicU64::new(0);
+
+/// Time this process has spent paused so far.
+pub fn paused() -> Duration {
+    Duration::from_nanos(PAUSED_NS.load(Ordering::Relaxed))
+}
+
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own; it is
+    // async-signal-safe, so this may run inside the handler.
+    unsafe {
+        libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts);
+    }
+    u64::try_from(ts.tv_sec)
+        .unwrap_or(0)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(u64::try_from(ts.tv_nsec).unwrap_or(0))
+}
+
+extern "C" fn on_tstp(_signal: libc::c_int) {
+    let stopped = monotonic_ns();
+    // SAFETY: raise is async-signal-safe. SIGSTOP stops every thread of the
+    // process; the call returns once SIGCONT resumes it.
+    unsafe {
+        libc::raise(libc::SIGSTOP);
+    }
+    let gap = monotonic_ns().saturating_sub(stopped);
+    PAUSED_NS.fetch_add(gap, Ordering::Relaxed);
+}
+
+/// Installs the `SIGTSTP` handler. Called once by the worker at start.
+pub fn install_pause_handler() -> std::io::Result<()> {
+    // SAFETY: a zeroed sigaction is a valid "no flags, empty mask" value;
+    // the handler only calls async-signal-safe functions and touches an
+    // atomic.
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = on_tstp as *const () as libc::sighandler_t;
+        action.sa_flags = libc::SA_RESTART;
+        libc::sigemptyset(&mut action.sa_mask);
+        if libc::sigaction(libc::SIGTSTP, &action, std::ptr::null_mut()) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// The state the daemon wants its workers in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum WorkerState {
+    /// Running guests.
+    Run,
+    /// Stopped by the owner's need; the time does not count against guests.
+    Pause,
+    /// Stopped by the CPU duty cycle; the time counts as wall time.
+    Throttle,
+}
+
+/// Sends `signal` to `pid`; a process that already ended is not an error.
+pub(crate) fn signal(pid: u32, signal: libc::c_int) {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return;
+    };
+    // SAFETY: kill takes two integers; pid is one of our own children.
+    unsafe {
+        libc::kill(pid, signal);
+    }
+}
+
+/// The signals that take a worker from one state to another, in order.
+pub(crate) fn transition(from: WorkerState, to: WorkerState) -> &'static [libc::c_int] {
+    use WorkerState::{Pause, Run, Throttle};
+    match (from, to) {
+        (Run, Pause) => &[libc::SIGTSTP],
+        (Run, Throttle) => &[libc::SIGSTOP],
+        (Pause | Throttle, Run) => &[libc::SIGCONT],
+        // SIGCONT discards pending stop signals, so it must come first; the
+        // worker then runs for the microseconds it takes to catch SIGTSTP.
+        (Throttle, Pause) => &[libc::SIGCONT, libc::SIGTSTP],
+        // Already stopped; the pause clock keeps running until SIGCONT.
+        (Pause, Throttle) => &[],
+        (Run, Run) | (Pause, Pause) | (Throttle, Throttle) => &[],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_transition_ends_in_the_wanted_state() {
+        use WorkerState::{Pause, Run, Throttle};
+        for from in [Run, Pause, Throttle] {
+            for to in [Run, Pause, Throttle] {
+                let signals = transition(from, to);
+                let stopped_after = match signals.last() {
+                    Some(&s) => s != libc::SIGCONT,
+                    None => from != Run,
+                };
+                assert_eq!(stopped_after, to != Run, "{from:?} -> {to:?}");
+            }
+        }
+    }
+}
