@@ -6,16 +6,24 @@
 //! Otherwise the host fetches the blobs it lacks from the requester, runs
 //! the job in a worker, signs a receipt and answers with the outcome. A
 //! hosted task is cancelled when its requester cancels it or disconnects.
+//!
+//! While the owner needs the machine the governor pauses the workers and
+//! the offer says so; a task that arrives anyway (pinned to this host)
+//! waits like a queued one. A task still paused `hand_back_after` into a
+//! pause is handed back: the host answers with a refusal, and the
+//! requester tries another peer.
+
+use std::time::Duration;
 
 use libp2p::PeerId;
 use spare_core::wire::{BlobRequest, BlobResponse, Refusal, Report, TaskRequest, TaskResponse};
-use spare_core::{Receipt, SignedReceipt, Stdin, TaskSpec};
+use spare_core::{Receipt, SignedReceipt, Stdin, TaskId, TaskSpec};
 use spare_ledger::{Ending, Hosted};
 use spare_net::Responder;
 use spare_runtime::{Job, JobStdin};
 use tokio_util::sync::CancellationToken;
 
-use crate::blobs::BlobStore;
+use crate::blobs::{BlobPin, BlobStore};
 use crate::node::{HostedEntry, Node};
 
 /// Serves one inbound task request, start to answer.
@@ -151,9 +159,6 @@ fn admit(node: &Node, record: &Hosted, token: &CancellationToken) -> Result<(), 
     let (peer, task) = (record.requester, record.task);
     let slots = node.pool().stats().slots;
     let queue = node.config().queue as usize;
-    if !node.governor().giving() {
-        return Err(Refusal::Unavailable(node.governor().status().reason));
-    }
     let mut hosted = node.lock(&node.inner.hosted);
     if node.inner.shutdown.is_cancelled() {
         return Err(Refusal::ShuttingDown);
@@ -204,22 +209,57 @@ impl Drop for Registered<'_> {
     }
 }
 
-/// Fetches what the task needs from its requester and builds the job.
+/// Fetches what the task needs from its requester, paced by this node's
+/// download bucket, and builds the job. The blobs stay pinned in the store
+/// until the task ends (see [`hold_while_hosted`]).
 async fn prepare(node: &Node, peer: PeerId, spec: &TaskSpec) -> Result<Job, Refusal> {
     let unavailable = |e: crate::blobs::BlobError| {
         Refusal::BlobUnavailable(spare_core::outcome::clip_detail(e.to_string()))
     };
-    node.blobs()
-        .fetch(node.net(), peer, spec.module)
-        .await
-        .map_err(unavailable)?;
-    if let Stdin::Blob(blob) = &spec.stdin {
-        node.blobs()
-            .fetch(node.net(), peer, *blob)
+    let (blobs, net, bucket) = (node.blobs(), node.net(), node.download());
+    // The module stays pinned while room is made for the stdin.
+    let mut pins = vec![
+        blobs
+            .fetch(net, peer, spec.module, bucket)
             .await
-            .map_err(unavailable)?;
+            .map_err(unavailable)?,
+    ];
+    if let Stdin::Blob(blob) = &spec.stdin {
+        pins.push(
+            blobs
+                .fetch(net, peer, *blob, bucket)
+                .await
+                .map_err(unavailable)?,
+        );
     }
-    Ok(job_for(spec, node.blobs()))
+    hold_while_hosted(node, (peer, spec.id), pins);
+    Ok(job_for(spec, blobs))
+}
+
+/// How often a task's blob pins check whether the task has ended.
+const PIN_CHECK: Duration = Duration::from_secs(1);
+
+/// Keeps a hosted task's blobs from eviction until the task leaves the
+/// node's registry of hosted tasks (it ended, however), or the node shuts
+/// down. The registry entry is the only sign of a task's end `prepare`
+/// can see, so this polls it; the pins may outlive the task by up to
+/// [`PIN_CHECK`], which only delays an eviction.
+fn hold_while_hosted(node: &Node, key: (PeerId, TaskId), pins: Vec<BlobPin>) {
+    let node = node.clone();
+    tokio::spawn(async move {
+        let _pins = pins;
+        let mut tick = tokio::time::interval(PIN_CHECK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = node.inner.shutdown.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            if !node.lock(&node.inner.hosted).contains_key(&key) {
+                break;
+            }
+        }
+    });
 }
 
 /// The job that runs `spec` with blobs from `blobs` (which must hold them).
@@ -256,7 +296,12 @@ pub(crate) async fn serve_blob(
         })
         .await;
         match read {
-            Ok(Ok((total, data))) => BlobResponse::Chunk { total, data },
+            Ok(Ok((total, data))) => {
+                // Paced by this node's upload bucket, shared by every chunk
+                // it sends.
+                node.upload().take(data.len() as u64).await;
+                BlobResponse::Chunk { total, data }
+            }
             Ok(Err(e)) => {
                 tracing::warn!(%peer, blob = %request.id, "cannot read a granted blob: {e}");
                 BlobResponse::NotFound

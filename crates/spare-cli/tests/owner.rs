@@ -1,0 +1,439 @@
+//! The owner never notices: multi-process tests of the host policy with real
+//! daemons, real guests and real load.
+//!
+//! These tests measure CPU time and make load of their own, so they run one
+//! at a time (the `SERIAL` lock); cargo runs test binaries one after another,
+//! so nothing else of the suite runs beside them. Hosts that give only while
+//! the owner is idle take every other process here for their owner (the
+//! other daemons, the CLI), so their threshold is set above that noise and
+//! below the full core of the synthetic owner load.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use spare_testkit::Daemon;
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_spare"))
+}
+
+fn example(name: &str) -> String {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../examples")
+        .join(name)
+        .display()
+        .to_string()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Writes `config` into a fresh data directory `dir`.
+fn with_config(dir: &Path, config: &str) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("config.toml"), config).unwrap();
+    dir.to_path_buf()
+}
+
+fn spawn_run(node: &Daemon, args: &[&str]) -> Child {
+    node.cli()
+        .arg("run")
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spare run starts")
+}
+
+/// Polls `check` every 10 ms until it holds or `timeout` passes; returns
+/// how long it took.
+fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !check() {
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    start.elapsed()
+}
+
+/// Fields of `/proc/<pid>/stat` after the command name: state, and utime +
+/// stime in clock ticks.
+fn proc_stat(pid: u32) -> Option<(char, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let state = fields.first()?.chars().next()?;
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some((state, utime + stime))
+}
+
+/// Clock ticks per second of `/proc` times.
+fn ticks_per_second() -> f64 {
+    // SAFETY: sysconf only reads its integer argument.
+    unsafe { libc::sysconf(libc::_SC_CLK_TCK) as f64 }
+}
+
+fn machine_cores() -> f64 {
+    std::thread::available_parallelism().map_or(1, |n| n.get()) as f64
+}
+
+fn status(node: &Daemon) -> serde_json::Value {
+    node.get("/v1/status").expect("status answers")
+}
+
+/// The single worker of a one-core host that is running a guest now.
+fn busy_worker(node: &Daemon) -> u32 {
+    let pids = node.worker_pids().unwrap();
+    let mut busiest = None;
+    wait_until("a worker to run the guest", Duration::from_secs(20), || {
+        let before: Vec<(u32, u64)> = pids
+            .iter()
+            .filter_map(|&p| proc_stat(p).map(|(_, t)| (p, t)))
+            .collect();
+        std::thread::sleep(Duration::from_millis(200));
+        busiest = before
+            .iter()
+            .filter_map(|&(p, t)| Some((p, proc_stat(p)?.1.saturating_sub(t))))
+            .filter(|&(_, d)| d > 0)
+            .max_by_key(|&(_, d)| d)
+            .map(|(p, _)| p);
+        busiest.is_some()
+    });
+    busiest.expect("a busy worker")
+}
+
+/// A process that keeps one core busy, as the owner's program would.
+struct OwnerLoad(Child);
+
+impl OwnerLoad {
+    fn start() -> Self {
+        Self(
+            Command::new("sh")
+                .args(["-c", "while :; do :; done"])
+                .spawn()
+                .expect("sh starts"),
+        )
+    }
+}
+
+impl Drop for OwnerLoad {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A CPU share holds under a guest that would take a whole core: measured
+/// from the worker's CPU time, with a cgroup (where this machine has one)
+/// and with the fallback's duty cycle.
+#[test]
+fn a_cpu_share_holds_under_a_saturating_guest() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let requester = Daemon::start(&bin(), &dir.path().join("r"), &["--cores", "1"]).unwrap();
+    // A quarter of the machine, given on one core.
+    let expected = (machine_cores() * 0.25).min(1.0);
+    for enforcement in ["cgroup", "fallback"] {
+        let host = match Daemon::start(
+            &bin(),
+            &dir.path().join(enforcement),
+            &[
+                "--cores",
+                "1",
+                "--cpu",
+                "25%",
+                "--enforcement",
+                enforcement,
+                "--bootstrap",
+                requester.addr(),
+            ],
+        ) {
+            Ok(host) => host,
+            Err(e) if enforcement == "cgroup" && e.to_string().contains("no cgroup can be used") => {
+                eprintln!("skipping the cgroup path: {e}");
+                continue;
+            }
+            Err(e) => panic!("{e}"),
+        };
+        let mechanism = status(&host)["enforcement"]["mechanism"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert!(mechanism.starts_with(enforcement), "{mechanism}");
+        requester.wait_for_peers(1, Duration::from_secs(20)).unwrap();
+        let mut run = spawn_run(
+            &requester,
+            &[
+                "--on",
+                host.peer_id(),
+                "--timeout",
+                "60s",
+                "--fuel",
+                "1e13",
+                &example("hostile/loop.wasm"),
+            ],
+        );
+        let worker = busy_worker(&host);
+        // Let the quota or the duty cycle settle, then measure.
+        std::thread::sleep(Duration::from_millis(500));
+        let (_, before) = proc_stat(worker).unwrap();
+        let start = Instant::now();
+        std::thread::sleep(Duration::from_secs(4));
+        let (_, after) = proc_stat(worker).unwrap();
+        let used = (after - before) as f64 / ticks_per_second() / start.elapsed().as_secs_f64();
+        let _ = run.kill();
+        let _ = run.wait();
+        assert!(
+            (used - expected).abs() <= 0.05,
+            "{mechanism}: the guest used {used:.3} cores, the share is {expected:.3}"
+        );
+        let status = status(&host);
+        assert_eq!(status["state"], "throttled", "{status}");
+    }
+}
+
+/// Owner load pauses the guests within the sampling window; they resume
+/// after the cool-down and the task ends as if nothing happened, its wall
+/// time without the pause.
+#[test]
+fn owner_load_pauses_guests_and_they_resume_after_the_cool_down() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let requester = Daemon::start(&bin(), &dir.path().join("r"), &["--cores", "1"]).unwrap();
+    let host_dir = with_config(
+        &dir.path().join("h"),
+        "cores = 1\n[when]\nowner_threshold = \"60%\"\ncool_down = \"1s\"\nhand_back_after = \"10m\"\n",
+    );
+    let host = Daemon::start(
+        &bin(),
+        &host_dir,
+        &["--idle-only", "--bootstrap", requester.addr()],
+    )
+    .unwrap();
+    requester.wait_for_peers(1, Duration::from_secs(20)).unwrap();
+    let started = Instant::now();
+    let run = spawn_run(
+        &requester,
+        &[
+            "--json",
+            "--on",
+            host.peer_id(),
+            &example("cpubound.wasm"),
+            "--",
+            "200",
+        ],
+    );
+    let worker = busy_worker(&host);
+    wait_until("the host to give", Duration::from_secs(10), || {
+        status(&host)["state"] == "giving"
+    });
+
+    let load = OwnerLoad::start();
+    let took = wait_until("the worker to stop", Duration::from_secs(2), || {
+        proc_stat(worker).is_some_and(|(state, _)| state == 'T')
+    });
+    let paused_at = Instant::now();
+    let status_now = status(&host);
+    assert_eq!(status_now["state"], "paused", "{status_now}");
+    assert!(
+        status_now["reason"]
+            .as_str()
+            .unwrap()
+            .contains("owner active"),
+        "{status_now}"
+    );
+    eprintln!("paused {took:?} after the owner's load began");
+    // While paused the guest gets nothing, and the host offers nothing.
+    let (_, before) = proc_stat(worker).unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let (state, after) = proc_stat(worker).unwrap();
+    assert_eq!(state, 'T');
+    assert!(after - before <= 1, "a paused guest ran {} ticks", after - before);
+    let offer = requester.get("/v1/peers").unwrap()[0]["offer"].clone();
+    assert_eq!(offer["cores"], 0, "{offer}");
+
+    drop(load);
+    let resumed = wait_until("the worker to resume", Duration::from_secs(5), || {
+        proc_stat(worker).is_some_and(|(state, _)| state != 'T')
+    });
+    assert!(
+        resumed >= Duration::from_millis(900),
+        "resumed {resumed:?} after the load ended, before the 1 s cool-down"
+    );
+    let pause = paused_at.elapsed();
+    let out = run.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let result: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(text(&out.stdout).contains("cpubound: rounds=200"), "{result}");
+    assert_eq!(result["host"], host.peer_id());
+    let wall = Duration::from_millis(result["wall_ms"].as_u64().unwrap());
+    assert!(
+        wall + pause <= started.elapsed() + Duration::from_millis(500),
+        "reported wall time {wall:?} includes the {pause:?} pause"
+    );
+    assert!(status(&host)["pauses"].as_u64().unwrap() >= 1);
+}
+
+/// A host paused for longer than `hand_back_after` gives its task back, and
+/// the requester finishes it on another peer.
+#[test]
+fn a_paused_hosts_task_finishes_elsewhere() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let requester = Daemon::start(&bin(), &dir.path().join("r"), &["--cores", "1"]).unwrap();
+    let idle_dir = with_config(
+        &dir.path().join("idle"),
+        "cores = 1\n[when]\nowner_threshold = \"60%\"\ncool_down = \"1s\"\nhand_back_after = \"3s\"\n",
+    );
+    let idle_host = Daemon::start(
+        &bin(),
+        &idle_dir,
+        &["--idle-only", "--bootstrap", requester.addr()],
+    )
+    .unwrap();
+    requester.wait_for_peers(1, Duration::from_secs(20)).unwrap();
+    let run = spawn_run(
+        &requester,
+        &["--json", &example("cpubound.wasm"), "--", "150"],
+    );
+    let worker = busy_worker(&idle_host);
+    // A second host, which gives whatever its owner does, joins. (Its
+    // start-up is load the idle host sees as its owner's: a short pause.)
+    let other = Daemon::start(
+        &bin(),
+        &dir.path().join("other"),
+        &["--cores", "1", "--bootstrap", requester.addr()],
+    )
+    .unwrap();
+    requester.wait_for_peers(2, Duration::from_secs(20)).unwrap();
+    wait_until("the idle host to give again", Duration::from_secs(20), || {
+        status(&idle_host)["state"] == "giving"
+            && proc_stat(worker).is_some_and(|(state, _)| state != 'T')
+    });
+
+    let _load = OwnerLoad::start();
+    let out: Output = run.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let result: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(result["host"], other.peer_id(), "{result}");
+    assert_eq!(result["attempts"], 2, "{result}");
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("handed back"), "{stderr}");
+    let hosted = idle_host.get("/v1/hosted?limit=1").unwrap();
+    assert!(
+        hosted[0]["failure"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("handed back"),
+        "{hosted}"
+    );
+}
+
+/// Impossible settings stop `spare up` with the line or flag that is wrong.
+#[test]
+fn impossible_settings_are_refused_at_start_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = |data: &Path, flags: &[&str]| -> Output {
+        Command::new(bin())
+            .arg("--data-dir")
+            .arg(data)
+            .args(["up", "--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns"])
+            .args(flags)
+            .output()
+            .unwrap()
+    };
+    let out = up(&dir.path().join("a"), &["--cpu", "150%"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("--cpu: cpu = 150% is over 100%"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = up(&dir.path().join("b"), &["--memory", "64TiB"]);
+    assert!(
+        text(&out.stderr).contains("--memory: memory = 64TiB is more than this machine has"),
+        "{}",
+        text(&out.stderr)
+    );
+    let data = with_config(
+        &dir.path().join("c"),
+        "cores = 1\n\n[when]\ncool_down = \"soon\"\n",
+    );
+    let out = up(&data, &[]);
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("config.toml:4: cool_down: `soon` is not a number"),
+        "{stderr}"
+    );
+}
+
+/// Unmounts every cgroup hierarchy (in the private mount namespace of
+/// `unshare -m`) and leaves an empty directory in their place.
+const HIDE_CGROUPS: &str = "umount -R /sys/fs/cgroup && mount -t tmpfs none /sys/fs/cgroup";
+
+/// Without a usable cgroup (here: a mount namespace whose /sys/fs/cgroup is
+/// empty), `auto` falls back and says why, and `cgroup` refuses to start.
+#[test]
+fn without_a_cgroup_the_fallback_is_used_and_reported() {
+    let probe = Command::new("unshare")
+        .args(["-m", "--", "sh", "-c", HIDE_CGROUPS])
+        .output();
+    if !probe.is_ok_and(|o| o.status.success()) {
+        eprintln!("skipping: cannot make a mount namespace here (needs root and unshare)");
+        return;
+    }
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let wrapper = [
+        "unshare",
+        "-m",
+        "--",
+        "sh",
+        "-c",
+        &format!("{HIDE_CGROUPS} && exec \"$0\" \"$@\""),
+    ];
+    let args = [
+        "up",
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+        "--no-mdns",
+        "--always",
+        "--cores",
+        "1",
+        "--cpu",
+        "25%",
+    ];
+    let node = Daemon::start_with(&bin(), &dir.path().join("a"), &wrapper, &args).unwrap();
+    let s = status(&node);
+    assert_eq!(s["enforcement"]["mechanism"], "fallback", "{s}");
+    let notes = s["enforcement"]["notes"].to_string();
+    assert!(notes.contains("no cgroup2 hierarchy is mounted"), "{notes}");
+    assert!(notes.contains("no cpu controller is mounted"), "{notes}");
+    assert!(
+        s["enforcement"]["cpu"]
+            .as_str()
+            .unwrap()
+            .contains("duty cycle"),
+        "{s}"
+    );
+    drop(node);
+
+    let mut refused: Vec<&str> = args.to_vec();
+    refused.extend(["--enforcement", "cgroup"]);
+    let err = Daemon::start_with(&bin(), &dir.path().join("b"), &wrapper, &refused).unwrap_err();
+    assert!(
+        err.to_string().contains("enforcement = \"cgroup\", but no cgroup can be used"),
+        "{err}"
+    );
+}
