@@ -78,6 +78,21 @@ fn proc_stat(pid: u32) -> Option<(char, u64)> {
     Some((state, utime + stime))
 }
 
+/// Busy clock ticks of the whole machine, from `/proc/stat`.
+fn machine_busy() -> u64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap();
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .skip(1)
+        .map(|f| f.parse().unwrap())
+        .collect();
+    // user nice system irq softirq
+    fields[0] + fields[1] + fields[2] + fields[5] + fields[6]
+}
+
 /// Clock ticks per second of `/proc` times.
 fn ticks_per_second() -> f64 {
     // SAFETY: sysconf only reads its integer argument.
@@ -185,13 +200,29 @@ fn a_cpu_share_holds_under_a_saturating_guest() {
             ],
         );
         let worker = busy_worker(&host);
-        // Let the quota or the duty cycle settle, then measure.
+        // Let the quota or the duty cycle settle, then measure over windows
+        // in which nothing else kept the machine busy: the guest runs at idle
+        // priority, so other load (a build beside the tests) takes its time.
         std::thread::sleep(Duration::from_millis(500));
-        let (_, before) = proc_stat(worker).unwrap();
-        let start = Instant::now();
-        std::thread::sleep(Duration::from_secs(4));
-        let (_, after) = proc_stat(worker).unwrap();
-        let used = (after - before) as f64 / ticks_per_second() / start.elapsed().as_secs_f64();
+        let mut measured = Vec::new();
+        let used = loop {
+            let (_, before) = proc_stat(worker).unwrap();
+            let busy_before = machine_busy();
+            let start = Instant::now();
+            std::thread::sleep(Duration::from_secs(3));
+            let (_, after) = proc_stat(worker).unwrap();
+            let seconds = start.elapsed().as_secs_f64() * ticks_per_second();
+            let used = (after - before) as f64 / seconds;
+            let others = (machine_busy() - busy_before) as f64 / seconds - used;
+            measured.push((used, others));
+            if others < 0.2 {
+                break used;
+            }
+            assert!(
+                measured.len() < 5,
+                "the machine is too busy to measure a CPU share: (guest, others) in cores {measured:?}"
+            );
+        };
         let _ = run.kill();
         let _ = run.wait();
         assert!(
@@ -262,6 +293,14 @@ fn owner_load_pauses_guests_and_they_resume_after_the_cool_down() {
     assert!(after - before <= 1, "a paused guest ran {} ticks", after - before);
     let offer = requester.get("/v1/peers").unwrap()[0]["offer"].clone();
     assert_eq!(offer["cores"], 0, "{offer}");
+    // The owner's own tasks are not the swarm's: they run during a pause.
+    let local = host
+        .cli()
+        .args(["run", "--local", &example("hello.wasm")])
+        .output()
+        .unwrap();
+    assert!(local.status.success(), "{}", text(&local.stderr));
+    assert_eq!(text(&local.stdout), "hello from spare\n");
 
     drop(load);
     let resumed = wait_until("the worker to resume", Duration::from_secs(5), || {

@@ -6,6 +6,7 @@
 //! the worker it was using (its `Child` is `kill_on_drop`), so a job never
 //! keeps running for a requester that has gone.
 
+use std::collections::HashSet;
 use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
@@ -69,6 +70,9 @@ struct Inner {
     config: PoolConfig,
     /// One permit per slot.
     slots: Semaphore,
+    /// The owner's own jobs have slots of their own, as many: the swarm's
+    /// work (running, or paused and holding its slot) never delays them.
+    owner_slots: Semaphore,
     /// Warm workers not running a job.
     idle: Mutex<Vec<Worker>>,
     running: AtomicUsize,
@@ -82,6 +86,8 @@ struct Inner {
     state: Mutex<StateClock>,
     /// Whether new jobs may start (not while paused).
     open: watch::Sender<bool>,
+    /// Workers running the owner's own jobs, which are never stopped.
+    exempt: Mutex<HashSet<u32>>,
 }
 
 #[derive(Debug)]
@@ -139,6 +145,7 @@ impl WorkerPool {
             inner: Arc::new(Inner {
                 config,
                 slots: Semaphore::new(slots),
+                owner_slots: Semaphore::new(slots),
                 idle: Mutex::new(Vec::new()),
                 running: AtomicUsize::new(0),
                 queued: AtomicUsize::new(0),
@@ -150,6 +157,7 @@ impl WorkerPool {
                     stopped_before: Duration::ZERO,
                 }),
                 open: watch::Sender::new(true),
+                exempt: Mutex::new(HashSet::new()),
             }),
         };
         for _ in 0..slots {
@@ -196,7 +204,8 @@ impl WorkerPool {
         }
         let signals = transition(clock.state, state);
         if !signals.is_empty() {
-            for pid in self.worker_pids() {
+            let exempt = self.inner.lock_exempt();
+            for pid in self.worker_pids().into_iter().filter(|p| !exempt.contains(p)) {
                 for &s in signals {
                     signal(pid, s);
                 }
@@ -222,6 +231,7 @@ impl WorkerPool {
     /// cancellation token fires. Blocking, briefly.
     pub fn close(&self) {
         self.inner.slots.close();
+        self.inner.owner_slots.close();
         self.set_state(WorkerState::Run);
         let idle: Vec<Worker> = std::mem::take(&mut *self.inner.lock_idle());
         for mut worker in idle {
@@ -246,29 +256,40 @@ impl WorkerPool {
     /// Runs `job`, waiting for a free slot first. Resolves early with
     /// [`Failure::Cancelled`] when `cancel` fires.
     pub async fn run(&self, job: Job, cancel: CancellationToken) -> Outcome {
+        self.run_as(job, cancel, false).await
+    }
+
+    /// Runs a job of the machine's owner (`spare run --local`): like
+    /// [`WorkerPool::run`], but neither a pause nor the CPU duty cycle stops
+    /// it, since those keep the swarm's work out of the owner's way.
+    pub async fn run_for_owner(&self, job: Job, cancel: CancellationToken) -> Outcome {
+        self.run_as(job, cancel, true).await
+    }
+
+    async fn run_as(&self, job: Job, cancel: CancellationToken, owner: bool) -> Outcome {
         let _queued = Gauge::up(&self.inner.queued);
         let mut open = self.inner.open.subscribe();
         tokio::select! {
             biased;
             () = cancel.cancelled() => return Outcome::failed(Failure::Cancelled),
-            _ = open.wait_for(|open| *open) => {}
+            _ = open.wait_for(|open| *open || owner) => {}
         }
         let permit = tokio::select! {
             biased;
             () = cancel.cancelled() => return Outcome::failed(Failure::Cancelled),
-            permit = self.inner.slots.acquire() => match permit {
+            permit = if owner { &self.inner.owner_slots } else { &self.inner.slots }.acquire() => match permit {
                 Ok(permit) => permit,
                 Err(_) => return Outcome::failed(Failure::Host("worker pool closed".into())),
             },
         };
         drop(_queued);
         let _running = Gauge::up(&self.inner.running);
-        let outcome = self.run_in_worker(job, &cancel).await;
+        let outcome = self.run_in_worker(job, &cancel, owner).await;
         drop(permit);
         outcome
     }
 
-    async fn run_in_worker(&self, job: Job, cancel: &CancellationToken) -> Outcome {
+    async fn run_in_worker(&self, job: Job, cancel: &CancellationToken, owner: bool) -> Outcome {
         let idle = self.inner.lock_idle().pop();
         let mut worker = match idle {
             Some(worker) => worker,
@@ -277,6 +298,7 @@ impl WorkerPool {
                 Err(e) => return Outcome::failed(Failure::Host(e.to_string())),
             },
         };
+        let _exempt = owner.then(|| Exempt::new(self, worker.pid));
         let limit_ms = job.limits.wall_ms;
         let watchdog = Duration::from_millis(limit_ms) + WATCHDOG_GRACE;
         let (started, stopped_before) = (Instant::now(), self.stopped());
@@ -454,6 +476,10 @@ impl Inner {
     fn lock_state(&self) -> std::sync::MutexGuard<'_, StateClock> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    fn lock_exempt(&self) -> std::sync::MutexGuard<'_, HashSet<u32>> {
+        self.exempt.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 fn describe(status: Option<ExitStatus>) -> String {
@@ -465,6 +491,35 @@ fn describe(status: Option<ExitStatus>) -> String {
             (None, None) => "ended".into(),
         },
         None => "exit status unknown".into(),
+    }
+}
+
+/// Keeps a worker out of pauses and throttling while it runs an owner's
+/// job; afterwards the worker rejoins whatever state the pool is in.
+struct Exempt<'a> {
+    pool: &'a WorkerPool,
+    pid: u32,
+}
+
+impl<'a> Exempt<'a> {
+    fn new(pool: &'a WorkerPool, pid: u32) -> Self {
+        let clock = pool.inner.lock_state();
+        pool.inner.lock_exempt().insert(pid);
+        // An idle worker is stopped along with the others.
+        for &s in transition(clock.state, WorkerState::Run) {
+            signal(pid, s);
+        }
+        Self { pool, pid }
+    }
+}
+
+impl Drop for Exempt<'_> {
+    fn drop(&mut self) {
+        let clock = self.pool.inner.lock_state();
+        self.pool.inner.lock_exempt().remove(&self.pid);
+        for &s in transition(WorkerState::Run, clock.state) {
+            signal(self.pid, s);
+        }
     }
 }
 
