@@ -98,10 +98,11 @@ impl Node {
             transport,
         } = options;
         let ledger = Ledger::open(&paths.db)?;
-        let blobs = BlobStore::open(&paths.blobs).map_err(|e| NodeError::Io {
-            what: format!("cannot open blob store {}", paths.blobs.display()),
-            source: e,
-        })?;
+        let blobs =
+            BlobStore::open(&paths.blobs, config.policy.disk).map_err(|e| NodeError::Io {
+                what: format!("cannot open blob store {}", paths.blobs.display()),
+                source: e,
+            })?;
         let peer_id = key.public().to_peer_id();
         let (cgroups, enforcement, duty_cycle) = enforce(&config, &peer_id)?;
         let pool = WorkerPool::start(PoolConfig {
@@ -401,7 +402,11 @@ fn enforce(
     };
     match attempt {
         Ok(groups) => {
-            let dir = groups.dirs.first().map(|d| d.display().to_string()).unwrap_or_default();
+            let dir = groups
+                .dirs
+                .first()
+                .map(|d| d.display().to_string())
+                .unwrap_or_default();
             let report = EnforcementReport {
                 mechanism: format!("cgroup {}", groups.version),
                 cpu: if throttled {
