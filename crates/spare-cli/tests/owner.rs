@@ -175,7 +175,9 @@ fn a_cpu_share_holds_under_a_saturating_guest() {
             ],
         ) {
             Ok(host) => host,
-            Err(e) if enforcement == "cgroup" && e.to_string().contains("no cgroup can be used") => {
+            Err(e)
+                if enforcement == "cgroup" && e.to_string().contains("no cgroup can be used") =>
+            {
                 eprintln!("skipping the cgroup path: {e}");
                 continue;
             }
@@ -186,7 +188,9 @@ fn a_cpu_share_holds_under_a_saturating_guest() {
             .unwrap()
             .to_owned();
         assert!(mechanism.starts_with(enforcement), "{mechanism}");
-        requester.wait_for_peers(1, Duration::from_secs(20)).unwrap();
+        requester
+            .wait_for_peers(1, Duration::from_secs(20))
+            .unwrap();
         let mut run = spawn_run(
             &requester,
             &[
@@ -252,7 +256,9 @@ fn owner_load_pauses_guests_and_they_resume_after_the_cool_down() {
         &["--idle-only", "--bootstrap", requester.addr()],
     )
     .unwrap();
-    requester.wait_for_peers(1, Duration::from_secs(20)).unwrap();
+    requester
+        .wait_for_peers(1, Duration::from_secs(20))
+        .unwrap();
     let started = Instant::now();
     let run = spawn_run(
         &requester,
@@ -290,7 +296,11 @@ fn owner_load_pauses_guests_and_they_resume_after_the_cool_down() {
     std::thread::sleep(Duration::from_secs(2));
     let (state, after) = proc_stat(worker).unwrap();
     assert_eq!(state, 'T');
-    assert!(after - before <= 1, "a paused guest ran {} ticks", after - before);
+    assert!(
+        after - before <= 1,
+        "a paused guest ran {} ticks",
+        after - before
+    );
     let offer = requester.get("/v1/peers").unwrap()[0]["offer"].clone();
     assert_eq!(offer["cores"], 0, "{offer}");
     // The owner's own tasks are not the swarm's: they run during a pause.
@@ -314,7 +324,10 @@ fn owner_load_pauses_guests_and_they_resume_after_the_cool_down() {
     let out = run.wait_with_output().unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
     let result: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert!(text(&out.stdout).contains("cpubound: rounds=200"), "{result}");
+    assert!(
+        text(&out.stdout).contains("cpubound: rounds=200"),
+        "{result}"
+    );
     assert_eq!(result["host"], host.peer_id());
     let wall = Duration::from_millis(result["wall_ms"].as_u64().unwrap());
     assert!(
@@ -341,7 +354,9 @@ fn a_paused_hosts_task_finishes_elsewhere() {
         &["--idle-only", "--bootstrap", requester.addr()],
     )
     .unwrap();
-    requester.wait_for_peers(1, Duration::from_secs(20)).unwrap();
+    requester
+        .wait_for_peers(1, Duration::from_secs(20))
+        .unwrap();
     let run = spawn_run(
         &requester,
         &["--json", &example("cpubound.wasm"), "--", "150"],
@@ -355,11 +370,17 @@ fn a_paused_hosts_task_finishes_elsewhere() {
         &["--cores", "1", "--bootstrap", requester.addr()],
     )
     .unwrap();
-    requester.wait_for_peers(2, Duration::from_secs(20)).unwrap();
-    wait_until("the idle host to give again", Duration::from_secs(20), || {
-        status(&idle_host)["state"] == "giving"
-            && proc_stat(worker).is_some_and(|(state, _)| state != 'T')
-    });
+    requester
+        .wait_for_peers(2, Duration::from_secs(20))
+        .unwrap();
+    wait_until(
+        "the idle host to give again",
+        Duration::from_secs(20),
+        || {
+            status(&idle_host)["state"] == "giving"
+                && proc_stat(worker).is_some_and(|(state, _)| state != 'T')
+        },
+    );
 
     let _load = OwnerLoad::start();
     let out: Output = run.wait_with_output().unwrap();
@@ -472,7 +493,8 @@ fn without_a_cgroup_the_fallback_is_used_and_reported() {
     refused.extend(["--enforcement", "cgroup"]);
     let err = Daemon::start_with(&bin(), &dir.path().join("b"), &wrapper, &refused).unwrap_err();
     assert!(
-        err.to_string().contains("enforcement = \"cgroup\", but no cgroup can be used"),
+        err.to_string()
+            .contains("enforcement = \"cgroup\", but no cgroup can be used"),
         "{err}"
     );
 }

@@ -238,7 +238,10 @@ mod tests {
     fn percentages_and_rates() {
         assert_eq!(parse_percent("50%"), Ok(500));
         assert_eq!(parse_percent(" 12.5 %"), Ok(125));
-        assert!(matches!(parse_percent("50"), Err(UnitError::UnknownUnit { .. })));
+        assert!(matches!(
+            parse_percent("50"),
+            Err(UnitError::UnknownUnit { .. })
+        ));
         assert!(matches!(parse_percent("-5%"), Err(UnitError::Negative(_))));
         assert_eq!(parse_rate("1MiB/s"), Ok(Some(1 << 20)));
         assert_eq!(parse_rate("500KB"), Ok(Some(500_000)));

@@ -59,7 +59,9 @@ impl Config {
             cores: machine.cores,
             cpu_permille: 1000,
             memory: machine.memory / 2,
-            disk: machine.disk.map_or(DEFAULT_DISK, |d| DEFAULT_DISK.min(d / 2)),
+            disk: machine
+                .disk
+                .map_or(DEFAULT_DISK, |d| DEFAULT_DISK.min(d / 2)),
             upload: None,
             download: None,
             when: When::default(),
@@ -325,7 +327,8 @@ impl Config {
             policy.cpu_permille = check_cpu(&cpu).map_err(|m| src.err("cpu", m))?;
         }
         if let Some(memory) = raw.memory {
-            let bytes = parse_bytes(&memory).map_err(|e| src.err("memory", format!("memory: {e}")))?;
+            let bytes =
+                parse_bytes(&memory).map_err(|e| src.err("memory", format!("memory: {e}")))?;
             if bytes > machine.memory {
                 return Err(src.err(
                     "memory",
@@ -342,7 +345,10 @@ impl Config {
             if bytes < MIN_DISK {
                 return Err(src.err(
                     "disk",
-                    format!("disk = {disk} is below the minimum {}", format_bytes(MIN_DISK)),
+                    format!(
+                        "disk = {disk} is below the minimum {}",
+                        format_bytes(MIN_DISK)
+                    ),
                 ));
             }
             if let Some(size) = machine.disk.filter(|size| bytes > *size) {
@@ -665,7 +671,10 @@ mod tests {
         );
         assert!(!config.mdns);
         let p = &config.policy;
-        assert_eq!((p.cores, p.cpu_permille, p.memory, p.disk), (1, 250, 2 << 30, 1 << 30));
+        assert_eq!(
+            (p.cores, p.cpu_permille, p.memory, p.disk),
+            (1, 250, 2 << 30, 1 << 30)
+        );
         assert_eq!((p.upload, p.download), (Some(1 << 20), None));
         assert_eq!(p.enforcement, Enforcement::Fallback);
         assert!(!p.when.idle_only);
@@ -687,28 +696,47 @@ mod tests {
             ("cpu = \"-5%\"\n", 1, "negative"),
             ("cpu = \"0%\"\n", 1, "gives nothing"),
             ("cpu = \"50\"\n", 1, "unknown unit"),
-            ("\nmemory = \"64GiB\"\n", 2, "more than this machine has (8 GiB)"),
+            (
+                "\nmemory = \"64GiB\"\n",
+                2,
+                "more than this machine has (8 GiB)",
+            ),
             ("memory = \"3 parsecs\"\n", 1, "unknown unit `parsecs`"),
             ("disk = \"1TiB\"\n", 1, "more than the file system"),
             ("disk = \"1MiB\"\n", 1, "below the minimum"),
             ("upload = \"10KB/s\"\n", 1, "below the minimum"),
             ("download = \"fast\"\n", 1, "not a number"),
             ("enforcement = \"magic\"\n", 1, "not one of"),
-            ("[when]\nowner_threshold = \"150%\"\n", 2, "between 0.1% and 100%"),
+            (
+                "[when]\nowner_threshold = \"150%\"\n",
+                2,
+                "between 0.1% and 100%",
+            ),
             ("[when]\ncool_down = \"2d\"\n", 2, "unknown unit"),
             ("[when]\nhand_back_after = \"0s\"\n", 2, "not between"),
             ("[when]\nwindows = [\"25:00-01:00\"]\n", 2, "past 24:00"),
             ("memory = \"100MiB\"\n", 1, "less than the"),
-            ("memory = \"1GiB\"\n[max_limits]\nmemory = \"2GiB\"\n", 2, "more than all guests"),
+            (
+                "memory = \"1GiB\"\n[max_limits]\nmemory = \"2GiB\"\n",
+                2,
+                "more than all guests",
+            ),
             ("[max_limits]\nmemory = \"12 parsecs\"\n", 2, "unknown unit"),
-            ("[max_limits]\nwall_time = \"48h\"\n", 2, "above the maximum"),
+            (
+                "[max_limits]\nwall_time = \"48h\"\n",
+                2,
+                "above the maximum",
+            ),
             ("colour = \"blue\"\n", 1, "unknown field"),
             ("listen = [\"not an address\"]\n", 1, "not a multiaddress"),
         ] {
             let err = parse(text).unwrap_err();
             assert_eq!(err.line, Some(line), "{text}: {err}");
             assert!(err.to_string().contains(needle), "{text}: {err}");
-            assert!(err.to_string().starts_with(&format!("c.toml:{line}: ")), "{err}");
+            assert!(
+                err.to_string().starts_with(&format!("c.toml:{line}: ")),
+                "{err}"
+            );
         }
     }
 
@@ -729,6 +757,9 @@ mod tests {
         };
         let err = Config::parse_with("", "c.toml", flags, MACHINE).unwrap_err();
         assert_eq!(err.file, "--memory");
-        assert!(err.to_string().starts_with("--memory: memory = 1TiB"), "{err}");
+        assert!(
+            err.to_string().starts_with("--memory: memory = 1TiB"),
+            "{err}"
+        );
     }
 }

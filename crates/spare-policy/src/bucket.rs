@@ -97,10 +97,16 @@ mod tests {
         // The next 500 bytes wait half a second (less the microseconds
         // that passed).
         let wait = bucket.reserve(500);
-        assert!(wait > Duration::from_millis(490) && wait <= Duration::from_millis(500), "{wait:?}");
+        assert!(
+            wait > Duration::from_millis(490) && wait <= Duration::from_millis(500),
+            "{wait:?}"
+        );
         // And the next 1000 a further second.
         let wait = bucket.reserve(1000);
-        assert!(wait > Duration::from_millis(1490) && wait <= Duration::from_millis(1500), "{wait:?}");
+        assert!(
+            wait > Duration::from_millis(1490) && wait <= Duration::from_millis(1500),
+            "{wait:?}"
+        );
     }
 
     proptest! {

@@ -118,7 +118,8 @@ fn dir_of(mount: &Mount, path: &str) -> PathBuf {
 }
 
 fn write(path: &Path, value: &str) -> Result<(), String> {
-    std::fs::write(path, value).map_err(|e| format!("cannot write {value:?} to {}: {e}", path.display()))
+    std::fs::write(path, value)
+        .map_err(|e| format!("cannot write {value:?} to {}: {e}", path.display()))
 }
 
 fn make_dir(dir: &Path) -> Result<(), String> {
@@ -168,8 +169,12 @@ pub fn setup(name: &str, limits: Limits) -> Result<Cgroups, String> {
 }
 
 fn setup_v2(own: &Path, group: &str, limits: Limits) -> Result<Cgroups, String> {
-    let available = std::fs::read_to_string(own.join("cgroup.controllers"))
-        .map_err(|e| format!("cannot read {}: {e}", own.join("cgroup.controllers").display()))?;
+    let available = std::fs::read_to_string(own.join("cgroup.controllers")).map_err(|e| {
+        format!(
+            "cannot read {}: {e}",
+            own.join("cgroup.controllers").display()
+        )
+    })?;
     let has = |c: &str| available.split_whitespace().any(|a| a == c);
     if !has("cpu") {
         return Err(format!(
@@ -219,7 +224,12 @@ fn setup_v2(own: &Path, group: &str, limits: Limits) -> Result<Cgroups, String> 
     })
 }
 
-fn setup_v1(cpu: &Path, memory: Option<&Path>, group: &str, limits: Limits) -> Result<Cgroups, String> {
+fn setup_v1(
+    cpu: &Path,
+    memory: Option<&Path>,
+    group: &str,
+    limits: Limits,
+) -> Result<Cgroups, String> {
     let cpu_dir = cpu.join(group);
     make_dir(&cpu_dir)?;
     let mut warnings = Vec::new();
@@ -229,7 +239,10 @@ fn setup_v1(cpu: &Path, memory: Option<&Path>, group: &str, limits: Limits) -> R
             warnings.push(e);
         }
     }
-    write(&cpu_dir.join("cpu.cfs_period_us"), &CPU_PERIOD_US.to_string())?;
+    write(
+        &cpu_dir.join("cpu.cfs_period_us"),
+        &CPU_PERIOD_US.to_string(),
+    )?;
     let quota = limits
         .cpu_quota_us
         .map_or_else(|| "-1".to_owned(), |q| q.to_string());
@@ -244,7 +257,10 @@ fn setup_v1(cpu: &Path, memory: Option<&Path>, group: &str, limits: Limits) -> R
     let memory_dir = memory.map(|m| m.join(group));
     let memory_set = memory_dir.as_ref().map(|dir| {
         make_dir(dir)?;
-        write(&dir.join("memory.limit_in_bytes"), &limits.memory.to_string())?;
+        write(
+            &dir.join("memory.limit_in_bytes"),
+            &limits.memory.to_string(),
+        )?;
         Ok::<_, String>(dir.clone())
     });
     match memory_set {
@@ -295,10 +311,16 @@ mod tests {
         assert_eq!(m.len(), 4);
         assert_eq!(m[0].point, Path::new("/sys/fs/cgroup/unified"));
         assert_eq!(m[0].controllers, None);
-        assert_eq!(m[1].controllers.as_deref(), Some(&["rw".to_owned(), "cpu".to_owned()][..]));
+        assert_eq!(
+            m[1].controllers.as_deref(),
+            Some(&["rw".to_owned(), "cpu".to_owned()][..])
+        );
         assert_eq!(m[3].point, Path::new("/sys/fs/cgroup/my pids"));
         let own = "9:name=systemd:/\n4:memory:/process_api/f46c\n1:cpu,cpuacct:/\n0::/user.slice/x.scope\n";
-        assert_eq!(own_path(own, "memory").as_deref(), Some("/process_api/f46c"));
+        assert_eq!(
+            own_path(own, "memory").as_deref(),
+            Some("/process_api/f46c")
+        );
         assert_eq!(own_path(own, "cpu").as_deref(), Some("/"));
         assert_eq!(own_path(own, "").as_deref(), Some("/user.slice/x.scope"));
         assert_eq!(own_path(own, "blkio"), None);
@@ -307,6 +329,9 @@ mod tests {
             Path::new("/sys/fs/cgroup/memory/process_api/f46c")
         );
         // A namespaced mount shows only its root's subtree.
-        assert_eq!(dir_of(&m[3], "/lxc/x/a"), Path::new("/sys/fs/cgroup/my pids/a"));
+        assert_eq!(
+            dir_of(&m[3], "/lxc/x/a"),
+            Path::new("/sys/fs/cgroup/my pids/a")
+        );
     }
 }

@@ -250,7 +250,7 @@ impl Loop {
                 None => self.duty(now),
             };
             self.pool.set_state(state);
-            self.report(now, hold.as_ref(), state);
+            self.report(now, hold.as_ref());
             let wake = next_edge.map_or(next_sample, |edge| edge.min(next_sample));
             std::thread::sleep(wake.saturating_duration_since(Instant::now()));
         }
@@ -336,13 +336,16 @@ impl Loop {
         let on = on_share * period;
         let period_start = now - Duration::from_secs_f64(into);
         if into < on {
-            (WorkerState::Run, Some(period_start + Duration::from_secs_f64(on)))
+            (
+                WorkerState::Run,
+                Some(period_start + Duration::from_secs_f64(on)),
+            )
         } else {
             (WorkerState::Throttle, Some(period_start + DUTY_PERIOD))
         }
     }
 
-    fn report(&mut self, now: Instant, hold: Option<&Hold>, state: WorkerState) {
+    fn report(&mut self, now: Instant, hold: Option<&Hold>) {
         match (hold.is_some(), self.paused_since) {
             (true, None) => {
                 self.paused_since = Some(now);
@@ -372,7 +375,6 @@ impl Loop {
             ),
             None => ("giving", format!("giving {}", cores(allowed))),
         };
-        let _ = state;
         let mut status = self.shared.status.lock().unwrap_or_else(|p| p.into_inner());
         status.state = state_name;
         status.reason = reason;
@@ -419,7 +421,7 @@ fn describe(hold: Option<&Hold>, l: &Loop) -> String {
 /// `0.5 core`, `2 cores`.
 fn cores(millicores: u64) -> String {
     let value = millicores as f64 / 1000.0;
-    let text = if millicores % 1000 == 0 {
+    let text = if millicores.is_multiple_of(1000) {
         format!("{value:.0}")
     } else {
         format!("{value:.2}").trim_end_matches('0').to_owned()

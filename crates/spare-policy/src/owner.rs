@@ -65,7 +65,10 @@ impl Sampler {
     /// for the first, or when `/proc/stat` cannot be read).
     pub fn sample(&mut self, spare_pids: &[u32]) -> Option<Usage> {
         let reading = self.read(spare_pids)?;
-        let usage = self.last.as_ref().map(|last| usage(last, &reading, self.cores));
+        let usage = self
+            .last
+            .as_ref()
+            .map(|last| usage(last, &reading, self.cores));
         self.last = Some(reading);
         usage
     }

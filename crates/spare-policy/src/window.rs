@@ -20,16 +20,18 @@ impl Window {
     /// Parses `HH:MM-HH:MM`; `24:00` is allowed as an end.
     pub fn parse(text: &str) -> Result<Self, String> {
         let bad = |why: &str| format!("time window `{text}` {why} (expected e.g. \"22:00-07:00\")");
-        let (start, end) = text
-            .split_once('-')
-            .ok_or_else(|| bad("has no `-`"))?;
+        let (start, end) = text.split_once('-').ok_or_else(|| bad("has no `-`"))?;
         let minute = |part: &str| -> Result<u16, String> {
             let (h, m) = part
                 .trim()
                 .split_once(':')
                 .ok_or_else(|| bad("has a time without `:`"))?;
-            let h: u16 = h.parse().map_err(|_| bad("has an hour that is not a number"))?;
-            let m: u16 = m.parse().map_err(|_| bad("has a minute that is not a number"))?;
+            let h: u16 = h
+                .parse()
+                .map_err(|_| bad("has an hour that is not a number"))?;
+            let m: u16 = m
+                .parse()
+                .map_err(|_| bad("has a minute that is not a number"))?;
             if m >= 60 || h > 24 || (h == 24 && m > 0) {
                 return Err(bad("has a time past 24:00"));
             }

@@ -205,7 +205,11 @@ impl WorkerPool {
         let signals = transition(clock.state, state);
         if !signals.is_empty() {
             let exempt = self.inner.lock_exempt();
-            for pid in self.worker_pids().into_iter().filter(|p| !exempt.contains(p)) {
+            for pid in self
+                .worker_pids()
+                .into_iter()
+                .filter(|p| !exempt.contains(p))
+            {
                 for &s in signals {
                     signal(pid, s);
                 }

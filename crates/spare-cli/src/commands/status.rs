@@ -29,8 +29,14 @@ pub(crate) async fn execute(context: &Context, args: Args) -> Result<ExitCode> {
 
 fn render(s: &StatusView) -> String {
     let ms = |ms: u64| format_duration(std::time::Duration::from_millis(ms));
-    let rate = |r: Option<u64>| r.map_or_else(|| "unlimited".to_owned(), |r| format!("{}/s", format_bytes(r)));
-    let pressure = |p: Option<f64>| p.map_or_else(|| "n/a".to_owned(), |p| format!("{:.0}%", p * 100.0));
+    let rate = |r: Option<u64>| {
+        r.map_or_else(
+            || "unlimited".to_owned(),
+            |r| format!("{}/s", format_bytes(r)),
+        )
+    };
+    let pressure =
+        |p: Option<f64>| p.map_or_else(|| "n/a".to_owned(), |p| format!("{:.0}%", p * 100.0));
     let set = &s.settings;
     let mut out = String::new();
     let _ = writeln!(out, "{}", s.reason);
@@ -49,7 +55,11 @@ fn render(s: &StatusView) -> String {
             .map(|a| format!("; last active {} ago", ms(a)))
             .unwrap_or_default()
     );
-    let _ = writeln!(out, "  guests     {:.2} cores in use; {} pauses since start", s.spare_cores, s.pauses);
+    let _ = writeln!(
+        out,
+        "  guests     {:.2} cores in use; {} pauses since start",
+        s.spare_cores, s.pauses
+    );
     let _ = writeln!(
         out,
         "  gives      {} cores, cpu {}%, memory {} ({} per guest), disk {}",
@@ -83,11 +93,19 @@ fn render(s: &StatusView) -> String {
     let _ = writeln!(
         out,
         "  battery    {}; hand tasks back after {} paused",
-        if set.on_battery { "gives on battery" } else { "pauses on battery" },
+        if set.on_battery {
+            "gives on battery"
+        } else {
+            "pauses on battery"
+        },
         ms(set.hand_back_after_ms)
     );
     let e = &s.enforcement;
-    let _ = writeln!(out, "  enforced   by {}: CPU by {}; memory by {}", e.mechanism, e.cpu, e.memory);
+    let _ = writeln!(
+        out,
+        "  enforced   by {}: CPU by {}; memory by {}",
+        e.mechanism, e.cpu, e.memory
+    );
     for note in &e.notes {
         let _ = writeln!(out, "  note       {note}");
     }

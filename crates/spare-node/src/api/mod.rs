@@ -193,7 +193,12 @@ async fn status(State(node): State<Node>) -> Json<StatusView> {
             idle_only: policy.when.idle_only,
             owner_threshold_percent: f64::from(policy.when.owner_threshold) / 10.0,
             cool_down_ms: ms(policy.when.cool_down),
-            windows: policy.when.windows.iter().map(ToString::to_string).collect(),
+            windows: policy
+                .when
+                .windows
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
             on_battery: policy.when.on_battery,
             hand_back_after_ms: ms(policy.when.hand_back_after),
         },
