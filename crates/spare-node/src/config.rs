@@ -22,12 +22,15 @@ pub const DEFAULT_PORT: u16 = 4117;
 pub const DEFAULT_QUEUE: u32 = 256;
 /// Upper bound for `queue`.
 const MAX_QUEUE: u32 = 65_536;
-/// Disk for blobs and compiled modules unless the owner says otherwise (at
-/// most half the file system).
+/// Disk for blobs unless the owner says otherwise (at most half the file
+/// system).
 pub const DEFAULT_DISK: u64 = 10 << 30;
 /// The least disk budget that holds a module of the largest size and its
 /// compiled form.
 const MIN_DISK: u64 = 256 << 20;
+/// The least memory one guest may be given: below it, a guest built with a
+/// C or Rust standard library does not start.
+const MIN_GUEST_MEMORY: u64 = 16 << 20;
 /// Longest cool-down and hand-back delay accepted.
 const MAX_WAIT: Duration = Duration::from_secs(24 * 3600);
 
@@ -179,8 +182,8 @@ pub const TEMPLATE: &str = r#"# spare node configuration. Flags of `spare up` ov
 # Memory all guests together may use (default: half the machine's).
 # memory = "8GiB"
 
-# Disk for blobs and compiled modules (default: 10GiB, at most half the
-# file system).
+# Disk for blobs: modules and inputs of the swarm's tasks (default: 10GiB,
+# at most half the file system).
 # disk = "10GiB"
 
 # Bandwidth for the swarm's transfers, e.g. "2MiB/s".
@@ -380,14 +383,14 @@ impl Config {
         // Memory per guest follows the budget and the slots, unless the
         // owner set it; either way it must fit.
         config.max_limits.memory = config.guest_memory();
-        if config.max_limits.memory < Limits::MIN.memory {
+        if config.max_limits.memory < MIN_GUEST_MEMORY {
             return Err(src.err(
                 "memory",
                 format!(
                     "memory = {} leaves each of {} tasks less than the {} a guest needs",
                     format_bytes(config.policy.memory),
                     config.slots(),
-                    format_bytes(Limits::MIN.memory)
+                    format_bytes(MIN_GUEST_MEMORY)
                 ),
             ));
         }
@@ -448,8 +451,19 @@ fn check_max_limits(
         |v| parse_bytes(v).map_err(|e| e.to_string()),
         &mut max.stack,
     )?;
-    max.validate()
-        .map_err(|e| src.err("max_limits", format!("[max_limits]: {e}")))?;
+    max.validate().map_err(|e| {
+        let key = match &e {
+            spare_core::limits::LimitError::TooHigh { name, .. }
+            | spare_core::limits::LimitError::TooLow { name, .. } => {
+                if name.starts_with("wall") {
+                    "wall_time"
+                } else {
+                    *name
+                }
+            }
+        };
+        src.err(key, format!("[max_limits]: {e}"))
+    })?;
     if memory_set && max.memory > config.policy.memory {
         return Err(src.err(
             "max_limits",
@@ -552,7 +566,7 @@ fn filesystem_size(dir: &Path) -> Option<u64> {
         let mut stat: libc::statvfs = std::mem::zeroed();
         (libc::statvfs(path.as_ptr(), &mut stat) == 0).then_some(stat)
     }?;
-    Some(u64::from(stat.f_blocks).saturating_mul(stat.f_frsize))
+    Some(stat.f_blocks.saturating_mul(stat.f_frsize))
 }
 
 /// Values given as flags of `spare up`; each overrides its key in the file
@@ -715,7 +729,7 @@ mod tests {
             ("[when]\ncool_down = \"2d\"\n", 2, "unknown unit"),
             ("[when]\nhand_back_after = \"0s\"\n", 2, "not between"),
             ("[when]\nwindows = [\"25:00-01:00\"]\n", 2, "past 24:00"),
-            ("memory = \"100MiB\"\n", 1, "less than the"),
+            ("memory = \"20MiB\"\n", 1, "less than the"),
             (
                 "memory = \"1GiB\"\n[max_limits]\nmemory = \"2GiB\"\n",
                 2,

@@ -13,11 +13,9 @@
 //! pause is handed back: the host answers with a refusal, and the
 //! requester tries another peer.
 
-use std::time::Duration;
-
 use libp2p::PeerId;
 use spare_core::wire::{BlobRequest, BlobResponse, Refusal, Report, TaskRequest, TaskResponse};
-use spare_core::{Receipt, SignedReceipt, Stdin, TaskId, TaskSpec};
+use spare_core::{Receipt, SignedReceipt, Stdin, TaskSpec};
 use spare_ledger::{Ending, Hosted};
 use spare_net::Responder;
 use spare_runtime::{Job, JobStdin};
@@ -84,8 +82,9 @@ async fn run_for_peer(node: &Node, peer: PeerId, spec: TaskSpec) -> TaskResponse
         prepared = prepare(node, peer, &spec) => prepared,
         () = token.cancelled() => Err(Refusal::Unavailable("cancelled".into())),
     };
-    let job = match prepared {
-        Ok(job) => job,
+    // The pins keep the task's blobs from eviction until it ends.
+    let (job, _pins) = match prepared {
+        Ok(prepared) => prepared,
         Err(refusal) => {
             log_err(
                 node.ledger()
@@ -210,9 +209,13 @@ impl Drop for Registered<'_> {
 }
 
 /// Fetches what the task needs from its requester, paced by this node's
-/// download bucket, and builds the job. The blobs stay pinned in the store
-/// until the task ends (see [`hold_while_hosted`]).
-async fn prepare(node: &Node, peer: PeerId, spec: &TaskSpec) -> Result<Job, Refusal> {
+/// download bucket, and builds the job; the returned pins keep its blobs in
+/// the store for as long as they are held.
+async fn prepare(
+    node: &Node,
+    peer: PeerId,
+    spec: &TaskSpec,
+) -> Result<(Job, Vec<BlobPin>), Refusal> {
     let unavailable = |e: crate::blobs::BlobError| {
         Refusal::BlobUnavailable(spare_core::outcome::clip_detail(e.to_string()))
     };
@@ -232,34 +235,7 @@ async fn prepare(node: &Node, peer: PeerId, spec: &TaskSpec) -> Result<Job, Refu
                 .map_err(unavailable)?,
         );
     }
-    hold_while_hosted(node, (peer, spec.id), pins);
-    Ok(job_for(spec, blobs))
-}
-
-/// How often a task's blob pins check whether the task has ended.
-const PIN_CHECK: Duration = Duration::from_secs(1);
-
-/// Keeps a hosted task's blobs from eviction until the task leaves the
-/// node's registry of hosted tasks (it ended, however), or the node shuts
-/// down. The registry entry is the only sign of a task's end `prepare`
-/// can see, so this polls it; the pins may outlive the task by up to
-/// [`PIN_CHECK`], which only delays an eviction.
-fn hold_while_hosted(node: &Node, key: (PeerId, TaskId), pins: Vec<BlobPin>) {
-    let node = node.clone();
-    tokio::spawn(async move {
-        let _pins = pins;
-        let mut tick = tokio::time::interval(PIN_CHECK);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                () = node.inner.shutdown.cancelled() => break,
-                _ = tick.tick() => {}
-            }
-            if !node.lock(&node.inner.hosted).contains_key(&key) {
-                break;
-            }
-        }
-    });
+    Ok((job_for(spec, blobs), pins))
 }
 
 /// The job that runs `spec` with blobs from `blobs` (which must hold them).

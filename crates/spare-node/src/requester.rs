@@ -138,6 +138,12 @@ pub async fn run(
             () = watch.cancelled() => {}
         }
     });
+    // The task's own blobs stay in the store, whatever room fetches for
+    // other requesters need, until it ends.
+    let _pins: Vec<_> = blobs_of(&spec)
+        .iter()
+        .map(|blob| node.blobs().pin(blob))
+        .collect();
     let ended = match placement {
         Placement::Local => run_local(&node, &spec, &token).await,
         Placement::On(peer) => match peer.parse::<PeerId>() {
