@@ -18,8 +18,10 @@
 //! the budget but are never refused, so they may take the store over it
 //! until later fetches evict what is not in use.
 //!
-//! The budget bounds blobs only. Compiled modules (`paths.cache`, written by
-//! the worker processes) are not counted here and are not bounded yet.
+//! The budget bounds blobs only: three quarters of the owner's `disk`.
+//! Compiled modules (`paths.cache`, written by the worker processes) have
+//! the other quarter, kept by the node's periodic sweep
+//! (`spare_runtime::cache::sweep`).
 
 use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom, Write};

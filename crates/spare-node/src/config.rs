@@ -182,8 +182,8 @@ pub const TEMPLATE: &str = r#"# spare node configuration. Flags of `spare up` ov
 # Memory all guests together may use (default: half the machine's).
 # memory = "8GiB"
 
-# Disk for blobs: modules and inputs of the swarm's tasks (default: 10GiB,
-# at most half the file system).
+# Disk for the swarm's modules and inputs, three quarters, and their
+# compiled code, a quarter (default: 10GiB, at most half the file system).
 # disk = "10GiB"
 
 # Bandwidth for the swarm's transfers, e.g. "2MiB/s".

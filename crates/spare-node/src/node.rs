@@ -99,9 +99,11 @@ impl Node {
         } = options;
         let ledger = Ledger::open(&paths.db)?;
         let blobs =
-            BlobStore::open(&paths.blobs, config.policy.disk).map_err(|e| NodeError::Io {
-                what: format!("cannot open blob store {}", paths.blobs.display()),
-                source: e,
+            BlobStore::open(&paths.blobs, blob_budget(config.policy.disk)).map_err(|e| {
+                NodeError::Io {
+                    what: format!("cannot open blob store {}", paths.blobs.display()),
+                    source: e,
+                }
             })?;
         let peer_id = key.public().to_peer_id();
         let (cgroups, enforcement, duty_cycle) = enforce(&config, &peer_id)?;
@@ -163,6 +165,7 @@ impl Node {
         };
         tokio::spawn(node.clone().dispatch_events(events));
         tokio::spawn(node.clone().publish_offers());
+        tokio::spawn(node.clone().sweep_compiled_modules());
         Ok(node)
     }
 
@@ -251,6 +254,32 @@ impl Node {
                 } => {
                     tokio::spawn(host::serve_blob(self.clone(), peer, request, reply));
                 }
+            }
+        }
+    }
+
+    /// Keeps the compiled-module cache within its share of the disk budget.
+    async fn sweep_compiled_modules(self) {
+        let budget = self.inner.config.policy.disk - blob_budget(self.inner.config.policy.disk);
+        let mut tick = tokio::time::interval(CACHE_SWEEP);
+        loop {
+            tokio::select! {
+                biased;
+                () = self.inner.shutdown.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            let root = self.inner.paths.cache.clone();
+            let swept =
+                tokio::task::spawn_blocking(move || spare_runtime::cache::sweep(&root, budget))
+                    .await;
+            match swept {
+                Ok(Ok((_, 0))) => {}
+                Ok(Ok((left, removed))) => {
+                    tracing::debug!(removed, left, "compiled-module cache swept");
+                }
+                Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Ok(Err(e)) => tracing::warn!("cannot sweep the compiled-module cache: {e}"),
+                Err(e) => tracing::error!("cache sweep failed: {e}"),
             }
         }
     }
@@ -365,6 +394,15 @@ impl Node {
     pub(crate) fn lock<'a, T>(&self, mutex: &'a Mutex<T>) -> MutexGuard<'a, T> {
         mutex.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// How often the compiled-module cache is brought back within its budget.
+const CACHE_SWEEP: Duration = Duration::from_secs(30);
+
+/// The blob store's part of the disk budget; the rest (a quarter) is for
+/// compiled modules, which take about as much as their modules.
+pub(crate) fn blob_budget(disk: u64) -> u64 {
+    disk - disk / 4
 }
 
 /// Memory a worker needs beyond its guest's: wasmtime, compiled code,

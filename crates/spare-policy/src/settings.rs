@@ -16,7 +16,8 @@ pub struct Policy {
     pub cpu_permille: u32,
     /// Memory all guests together may use, in bytes.
     pub memory: u64,
-    /// Disk for the blob store (modules and inputs), in bytes.
+    /// Disk for the blob store (three quarters) and compiled modules (a
+    /// quarter), in bytes.
     pub disk: u64,
     /// Bytes per second sent to peers; `None` is unlimited.
     pub upload: Option<u64>,

@@ -46,6 +46,48 @@ impl DiskCache {
     }
 }
 
+/// Marks a cached artifact as just used, so the sweep keeps it longest.
+pub(crate) fn touch(path: &Path) {
+    if let Ok(file) = std::fs::File::open(path) {
+        let _ = file.set_modified(std::time::SystemTime::now());
+    }
+}
+
+/// Deletes the least recently used compiled artifacts under `root` (every
+/// engine's directory) until they take at most `budget` bytes. Returns the
+/// bytes left and the number of files removed. A worker that has an
+/// artifact mapped keeps using it; the next one compiles the module again.
+pub fn sweep(root: &Path, budget: u64) -> std::io::Result<(u64, usize)> {
+    let mut files = Vec::new();
+    let mut total = 0u64;
+    for engine_dir in std::fs::read_dir(root)?.flatten() {
+        let Ok(entries) = std::fs::read_dir(engine_dir.path()) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let Ok(meta) = entry.metadata() else { continue };
+            if !meta.is_file() {
+                continue;
+            }
+            let modified = meta.modified().unwrap_or(std::time::UNIX_EPOCH);
+            total += meta.len();
+            files.push((modified, meta.len(), entry.path()));
+        }
+    }
+    files.sort();
+    let mut removed = 0;
+    for (_, len, path) in files {
+        if total <= budget {
+            break;
+        }
+        if std::fs::remove_file(&path).is_ok() {
+            total -= len;
+            removed += 1;
+        }
+    }
+    Ok((total, removed))
+}
+
 /// A small least-recently-used map, for prepared instances.
 #[derive(Debug)]
 pub(crate) struct Lru<K, V> {
@@ -99,6 +141,29 @@ impl<K: Hash + Eq + Clone, V> Lru<K, V> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_sweep_removes_the_least_recently_used_first() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("wasmtime-0");
+        std::fs::create_dir_all(&dir).unwrap();
+        let now = std::time::SystemTime::now();
+        for (i, name) in ["old", "middle", "new"].iter().enumerate() {
+            let path = dir.join(format!("{name}.cwasm"));
+            std::fs::write(&path, vec![0u8; 100]).unwrap();
+            let age = std::time::Duration::from_secs(100 * (3 - i as u64));
+            std::fs::File::open(&path)
+                .unwrap()
+                .set_modified(now - age)
+                .unwrap();
+        }
+        touch(&dir.join("old.cwasm"));
+        assert_eq!(sweep(root.path(), 250).unwrap(), (200, 1));
+        assert!(!dir.join("middle.cwasm").exists());
+        assert!(dir.join("old.cwasm").exists(), "touched, so recently used");
+        assert_eq!(sweep(root.path(), 1000).unwrap(), (200, 0));
+        assert_eq!(sweep(root.path(), 0).unwrap(), (0, 2));
+    }
 
     #[test]
     fn lru_evicts_the_least_recently_used() {

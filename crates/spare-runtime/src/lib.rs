@@ -25,7 +25,7 @@
 //! | random bytes per call | wasmtime-wasi's default cap |
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
-mod cache;
+pub mod cache;
 mod ipc;
 mod job;
 mod limiter;

@@ -474,7 +474,10 @@ impl EngineSet {
         // directory), in the node's private data directory; wasmtime still
         // checks the header and refuses an incompatible artifact.
         match unsafe { Module::deserialize_file(&self.engine, path) } {
-            Ok(module) => Some(module),
+            Ok(module) => {
+                crate::cache::touch(path);
+                Some(module)
+            }
             Err(e) => {
                 tracing::debug!("ignoring cached artifact {}: {e}", path.display());
                 None
@@ -485,7 +488,10 @@ impl EngineSet {
     fn deserialize_component(&self, path: &Path) -> Option<Component> {
         // SAFETY: as in `deserialize_module`.
         match unsafe { Component::deserialize_file(&self.engine, path) } {
-            Ok(component) => Some(component),
+            Ok(component) => {
+                crate::cache::touch(path);
+                Some(component)
+            }
             Err(e) => {
                 tracing::debug!("ignoring cached artifact {}: {e}", path.display());
                 None

@@ -33,7 +33,7 @@ pub(crate) struct Args {
     /// Memory all guests together may use, e.g. 4GiB.
     #[arg(long, value_name = "SIZE")]
     memory: Option<String>,
-    /// Disk for blobs (modules and inputs of tasks), e.g. 10GiB.
+    /// Disk for tasks' modules, inputs and compiled code, e.g. 10GiB.
     #[arg(long, value_name = "SIZE")]
     disk: Option<String>,
     /// Upload bandwidth for the swarm, e.g. 2MiB/s or unlimited.
