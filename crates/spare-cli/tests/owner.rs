@@ -291,6 +291,10 @@ fn owner_load_pauses_guests_and_they_resume_after_the_cool_down() {
         "{status_now}"
     );
     eprintln!("paused {took:?} after the owner's load began");
+    let shown = host.cli().arg("status").output().unwrap();
+    let shown = text(&shown.stdout);
+    assert!(shown.starts_with("paused: owner active"), "{shown}");
+    assert!(shown.contains("enforced   by "), "{shown}");
     // While paused the guest gets nothing, and the host offers nothing.
     let (_, before) = proc_stat(worker).unwrap();
     std::thread::sleep(Duration::from_secs(2));

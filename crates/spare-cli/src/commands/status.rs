@@ -71,6 +71,12 @@ fn render(s: &StatusView) -> String {
     );
     let _ = writeln!(
         out,
+        "  disk       blobs {} of {}",
+        format_bytes(s.blobs_used),
+        format_bytes(s.blobs_budget)
+    );
+    let _ = writeln!(
+        out,
         "  bandwidth  up {} ({} sent), down {} ({} received)",
         rate(set.upload),
         format_bytes(s.uploaded),

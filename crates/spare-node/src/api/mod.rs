@@ -210,6 +210,8 @@ async fn status(State(node): State<Node>) -> Json<StatusView> {
         },
         uploaded: node.upload().moved(),
         downloaded: node.download().moved(),
+        blobs_used: node.blobs().used(),
+        blobs_budget: node.blobs().budget(),
     })
 }
 

@@ -54,6 +54,10 @@ pub struct StatusView {
     /// Bytes moved for the swarm since start.
     pub uploaded: u64,
     pub downloaded: u64,
+    /// Bytes the blob store holds (or has reserved for fetches), and its
+    /// part of the disk budget.
+    pub blobs_used: u64,
+    pub blobs_budget: u64,
 }
 
 /// The policy in force.
