@@ -106,13 +106,30 @@ impl Node {
                 }
             })?;
         let peer_id = key.public().to_peer_id();
-        let (cgroups, enforcement, duty_cycle) = enforce(&config, &peer_id)?;
+        let (cgroups, mut enforcement, duty_cycle) = enforce(&config, &peer_id)?;
         let pool = WorkerPool::start(PoolConfig {
             command: worker,
             slots: usize::from(config.slots()),
             join: cgroups.as_ref().map(|g| g.join.clone()).unwrap_or_default(),
         })
         .await?;
+        if let Some(priority) = pool.priority() {
+            // What the OS refused the workers, and what stands in for it.
+            if priority.policy != spare_runtime::priority::CpuPolicy::Idle {
+                enforcement.notes.push(format!(
+                    "SCHED_IDLE was refused; workers run at nice {} instead",
+                    priority.nice
+                ));
+            }
+            if !priority.idle_io {
+                enforcement
+                    .notes
+                    .push("the idle I/O class was refused; workers keep the default".into());
+            }
+        }
+        for note in &enforcement.notes {
+            tracing::warn!("{note}");
+        }
         let governor = Governor::start(
             pool.clone(),
             GovernorConfig {
@@ -462,31 +479,25 @@ fn enforce(
                 },
                 notes: groups.warnings.clone(),
             };
-            for note in &report.notes {
-                tracing::warn!("cgroup: {note}");
-            }
             Ok((Some(groups), report, false))
         }
         Err(why) if policy.enforcement == Enforcement::Cgroup => Err(NodeError::Enforcement(
             format!("enforcement = \"cgroup\", but no cgroup can be used: {why}"),
         )),
-        Err(why) => {
-            tracing::warn!("no cgroup for the workers ({why}); using the fallback");
-            Ok((
-                None,
-                EnforcementReport {
-                    mechanism: "fallback".into(),
-                    cpu: if throttled {
-                        format!("SCHED_IDLE and a duty cycle of the workers to {share}")
-                    } else {
-                        "SCHED_IDLE".into()
-                    },
-                    memory: per_guest,
-                    notes: vec![format!("no cgroup: {why}")],
+        Err(why) => Ok((
+            None,
+            EnforcementReport {
+                mechanism: "fallback".into(),
+                cpu: if throttled {
+                    format!("SCHED_IDLE and a duty cycle of the workers to {share}")
+                } else {
+                    "SCHED_IDLE".into()
                 },
-                throttled,
-            ))
-        }
+                memory: per_guest,
+                notes: vec![format!("no cgroup: {why}")],
+            },
+            throttled,
+        )),
     }
 }
 
