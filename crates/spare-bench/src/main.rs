@@ -11,6 +11,7 @@
 mod dispatch;
 mod guest;
 mod instantiate;
+mod owner;
 mod stats;
 mod throughput;
 
@@ -44,6 +45,14 @@ enum Bench {
     Throughput,
     Guest,
     Instantiate,
+    /// The owner's programs alone vs with guests on every core.
+    Interference,
+    /// Wake-up latency of the owner's sleeping thread, alone vs with guests.
+    Responsiveness,
+    /// Share of the contributed core-time guests get with the owner away.
+    Harvest,
+    /// Owner starts a busy program → every guest stopped.
+    PauseLatency,
     All,
 }
 
@@ -69,6 +78,10 @@ impl Env {
 fn main() -> ExitCode {
     // A fresh process running the sandbox once, for the guest benchmark.
     let raw: Vec<String> = std::env::args().collect();
+    // Fresh processes for the owner benchmarks' native programs.
+    if let Some(code) = owner::programs::hook(&raw) {
+        return code;
+    }
     if raw.get(1).map(String::as_str) == Some(guest::SANDBOX_ONCE) {
         return match raw.as_slice() {
             [_, _, cache, wasm, rounds] => {
@@ -139,6 +152,21 @@ fn run(args: &Args) -> Result<()> {
     }
     if wants(Bench::Throughput) {
         runtime.block_on(throughput::run(&env))?;
+    }
+    drop(runtime);
+    // Each starts its own host and requester daemons; they run one at a
+    // time, on a machine otherwise left alone.
+    if wants(Bench::Interference) {
+        owner::interference(&env)?;
+    }
+    if wants(Bench::Responsiveness) {
+        owner::responsiveness(&env)?;
+    }
+    if wants(Bench::Harvest) {
+        owner::harvest(&env)?;
+    }
+    if wants(Bench::PauseLatency) {
+        owner::pause_latency(&env)?;
     }
     Ok(())
 }

@@ -67,6 +67,40 @@ pub(crate) fn header(title: &str) {
     println!("|---|---|---|---|");
 }
 
+/// Mean of `values` and the half-width of its 95% confidence interval
+/// (Student's t, `n - 1` degrees of freedom); the half-width is NaN for
+/// fewer than two values.
+pub(crate) fn mean_ci95(values: &[f64]) -> (f64, f64) {
+    let n = values.len();
+    if n == 0 {
+        return (f64::NAN, f64::NAN);
+    }
+    let mean = values.iter().sum::<f64>() / n as f64;
+    if n < 2 {
+        return (mean, f64::NAN);
+    }
+    let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
+    (mean, t975(n - 1) * (var / n as f64).sqrt())
+}
+
+/// The 97.5th percentile of Student's t with `df` degrees of freedom.
+fn t975(df: usize) -> f64 {
+    const TABLE: [f64; 30] = [
+        12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
+        2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
+        2.052, 2.048, 2.045, 2.042,
+    ];
+    match df {
+        0 => f64::NAN,
+        1..=30 => TABLE[df - 1],
+        // Cornish-Fisher's first correction to the normal quantile.
+        _ => {
+            let z = 1.959_964;
+            z + (z * z * z + z) / (4.0 * df as f64)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -78,5 +112,15 @@ mod tests {
         assert_eq!(s.p99(), Duration::from_millis(99));
         assert_eq!(s.percentile(100.0), Duration::from_millis(100));
         assert_eq!(Samples::new(vec![]).p50(), Duration::ZERO);
+    }
+
+    #[test]
+    fn confidence_interval_of_the_mean() {
+        let (mean, half) = mean_ci95(&[1.0, 2.0, 3.0, 4.0]);
+        assert!((mean - 2.5).abs() < 1e-12);
+        // s = 1.291, s / sqrt(4) = 0.6455, t(3) = 3.182.
+        assert!((half - 2.054).abs() < 1e-3, "{half}");
+        assert!(mean_ci95(&[1.0]).1.is_nan());
+        assert!((t975(1000) - 1.962).abs() < 1e-3);
     }
 }
