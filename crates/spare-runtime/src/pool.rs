@@ -415,6 +415,8 @@ impl WorkerPool {
 
     async fn kill(&self, mut worker: Worker) {
         let _ = worker.child.kill().await;
+        // Out of the live list first, or the replacement is thought unneeded.
+        drop(worker);
         self.replenish();
     }
 
