@@ -6,12 +6,13 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use http_body_util::BodyExt;
-use spare_core::{BlobRef, Limits};
+use spare_core::outcome::Failure;
+use spare_core::{BlobId, BlobRef, Limits, TaskId};
 use spare_net::Transport;
 use spare_node::api::router;
 use spare_node::api::types::{Placement, Submission, SubmitStdin, TaskEvent};
 use spare_node::{Config, Node, NodeOptions, Paths};
-use spare_runtime::WorkerCommand;
+use spare_runtime::{Job, JobStdin, PoolConfig, WorkerCommand, WorkerPool};
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
@@ -247,4 +248,65 @@ async fn a_task_crosses_a_memory_swarm_with_its_receipt() {
     assert_eq!(issued, received);
     assert_eq!(received.fuel, result.fuel);
     shutdown.cancel();
+}
+
+/// A worker that dies mid-job is reported, and the pool starts a
+/// replacement at once, so the next job finds a warm worker.
+#[tokio::test]
+async fn a_lost_worker_is_replaced_before_the_next_job() {
+    let pool = WorkerPool::start(PoolConfig {
+        command: WorkerCommand {
+            program: env!("CARGO_BIN_EXE_spare").into(),
+            args: vec!["worker".into()],
+        },
+        slots: 1,
+        join: vec![],
+    })
+    .await
+    .unwrap();
+    let wait_for_workers = |pool: WorkerPool, not: Option<u32>| async move {
+        for _ in 0..500 {
+            let pids = pool.worker_pids();
+            if pids.len() == 1 && Some(pids[0]) != not {
+                return pids[0];
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("no worker replaced {not:?}: {:?}", pool.worker_pids());
+    };
+    let first = wait_for_workers(pool.clone(), None).await;
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples/hostile/loop.wasm");
+    let bytes = std::fs::read(&path).unwrap();
+    let job = Job {
+        task: TaskId::random(),
+        module: BlobId::of(&bytes),
+        module_path: path,
+        name: "loop.wasm".into(),
+        args: vec![],
+        env: vec![],
+        stdin: JobStdin::Bytes(vec![]),
+        limits: Limits {
+            wall_ms: 60_000,
+            ..Limits::DEFAULT
+        },
+    };
+    let running = tokio::spawn({
+        let pool = pool.clone();
+        async move { pool.run(job, CancellationToken::new()).await }
+    });
+    while pool.stats().running == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // SAFETY: kill has no memory effects; the pid is our own child's.
+    assert_eq!(unsafe { libc::kill(first as i32, libc::SIGKILL) }, 0);
+    let outcome = running.await.unwrap();
+    assert!(
+        matches!(outcome.failure(), Some(Failure::WorkerCrashed(_))),
+        "{:?}",
+        outcome.status
+    );
+    // The replacement comes without another job asking for it.
+    let second = wait_for_workers(pool.clone(), Some(first)).await;
+    assert_ne!(second, first);
 }

@@ -460,12 +460,15 @@ impl WorkerPool {
             .await
             .ok()
             .and_then(Result::ok);
+        let pid = worker.pid;
+        // Out of the live list before its replacement is considered.
+        drop(worker);
         self.replenish();
         let mut detail = describe(status);
         if !why.is_empty() {
             detail = format!("{why} ({detail})");
         }
-        tracing::warn!(pid = worker.pid, "worker lost: {detail}");
+        tracing::warn!(pid, "worker lost: {detail}");
         Outcome::failed(Failure::WorkerCrashed(detail))
     }
 }
