@@ -92,6 +92,28 @@ fn unescape(field: &str) -> String {
         .replace("\\134", "\\")
 }
 
+/// Files that count the run time of every task on the machine, finest
+/// first: the root `cpuacct.usage` of a v1 cpuacct hierarchy (nanoseconds,
+/// charged by the scheduler as tasks run) and the root `cpu.stat` of a
+/// cgroup2 hierarchy (`usage_usec`, accrued a scheduler tick at a time).
+/// Only mounts of a hierarchy's root qualify: a group below it counts only
+/// its own tasks.
+pub(crate) fn machine_run_time_files(mountinfo: &str) -> Vec<PathBuf> {
+    let mounts = mounts(mountinfo);
+    let roots = || mounts.iter().filter(|m| m.root == "/");
+    let v1 = roots()
+        .filter(|m| {
+            m.controllers
+                .as_ref()
+                .is_some_and(|c| c.iter().any(|c| c == "cpuacct"))
+        })
+        .map(|m| m.point.join("cpuacct.usage"));
+    let v2 = roots()
+        .filter(|m| m.controllers.is_none())
+        .map(|m| m.point.join("cpu.stat"));
+    v1.chain(v2).collect()
+}
+
 /// This process's group in the hierarchy with `controller` (`""` for v2).
 fn own_path(cgroup_file: &str, controller: &str) -> Option<String> {
     cgroup_file.lines().find_map(|line| {
@@ -333,5 +355,21 @@ mod tests {
             dir_of(&m[3], "/lxc/x/a"),
             Path::new("/sys/fs/cgroup/my pids/a")
         );
+    }
+
+    #[test]
+    fn machine_run_time_comes_from_hierarchy_roots() {
+        let with_cpuacct = format!(
+            "{HYBRID}40 35 0:35 / /sys/fs/cgroup/cpuacct rw - cgroup cgroup rw,cpuacct\n\
+             41 35 0:36 /lxc/x /sys/fs/cgroup/acct2 rw - cgroup cgroup rw,cpuacct\n"
+        );
+        assert_eq!(
+            machine_run_time_files(&with_cpuacct),
+            [
+                PathBuf::from("/sys/fs/cgroup/cpuacct/cpuacct.usage"),
+                PathBuf::from("/sys/fs/cgroup/unified/cpu.stat"),
+            ]
+        );
+        assert!(machine_run_time_files("").is_empty());
     }
 }

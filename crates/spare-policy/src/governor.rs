@@ -26,9 +26,13 @@ use crate::owner::{Sampler, Usage};
 use crate::settings::Policy;
 use crate::window::local_minute_now;
 
-/// How often the governor reads the counters while it watches for the
-/// owner.
+/// How often the governor reads the counters while guests run and the
+/// owner may need the machine back: fast enough to pause within 100 ms.
 pub const SAMPLE: Duration = Duration::from_millis(20);
+/// How often it reads them while no guest runs or guests are paused: it
+/// still tracks the owner (for the cool-down and honest offers) but wakes
+/// the machine ten times a second, not fifty.
+pub const SAMPLE_IDLE: Duration = Duration::from_millis(100);
 /// How often it reads them when it only reports (giving always).
 pub const SAMPLE_RELAXED: Duration = Duration::from_millis(250);
 /// The span over which the owner's use is averaged.
@@ -198,7 +202,7 @@ struct Loop {
     config: GovernorConfig,
     shared: Arc<Shared>,
     sampler: Sampler,
-    window: VecDeque<Usage>,
+    window: Recent,
     pids: Vec<u32>,
     last_active: Option<Instant>,
     slow_hold: Option<Hold>,
@@ -210,14 +214,15 @@ struct Loop {
 
 impl Loop {
     fn new(pool: WorkerPool, config: GovernorConfig, shared: Arc<Shared>) -> Self {
-        let sampler = Sampler::new(&config.proc, config.machine.cores);
+        let sampler = Sampler::new(&config.proc);
+        tracing::info!("owner detection reads {}", sampler.clock());
         let now = Instant::now();
         Self {
             pool,
             config,
             shared,
             sampler,
-            window: VecDeque::new(),
+            window: Recent::default(),
             pids: Vec::new(),
             last_active: None,
             slow_hold: None,
@@ -229,10 +234,12 @@ impl Loop {
     }
 
     fn sample_every(&self) -> Duration {
-        if self.config.policy.when.idle_only {
+        if !self.config.policy.when.idle_only {
+            SAMPLE_RELAXED
+        } else if self.paused_since.is_none() && self.pool.stats().running > 0 {
             SAMPLE
         } else {
-            SAMPLE_RELAXED
+            SAMPLE_IDLE
         }
     }
 
@@ -263,11 +270,7 @@ impl Loop {
         self.pids.push(std::process::id());
         self.pids.extend(self.pool.worker_pids());
         if let Some(usage) = self.sampler.sample(&self.pids) {
-            self.window.push_back(usage);
-            let keep = (WINDOW.as_millis() / self.sample_every().as_millis()).max(1) as usize;
-            while self.window.len() > keep {
-                self.window.pop_front();
-            }
+            self.window.push(usage);
         }
         let paused = self.paused_since.is_some();
         let owner = self.average(|u| Some(u.owner_cores)).unwrap_or(0.0);
@@ -289,8 +292,7 @@ impl Loop {
     }
 
     fn average(&self, f: impl Fn(&Usage) -> Option<f64>) -> Option<f64> {
-        let values: Vec<f64> = self.window.iter().filter_map(f).collect();
-        (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64)
+        self.window.average(f)
     }
 
     fn slow_check(&self) -> Option<Hold> {
@@ -393,6 +395,37 @@ impl Loop {
     }
 }
 
+/// The readings that cover the last [`WINDOW`] (at least one), whatever
+/// rate they were taken at.
+#[derive(Debug, Default)]
+struct Recent(VecDeque<Usage>);
+
+impl Recent {
+    fn push(&mut self, usage: Usage) {
+        self.0.push_back(usage);
+        let mut covered: Duration = self.0.iter().map(|u| u.span).sum();
+        while let Some(first) = self.0.front()
+            && self.0.len() > 1
+            && covered.saturating_sub(first.span) >= WINDOW
+        {
+            covered -= first.span;
+            self.0.pop_front();
+        }
+    }
+
+    /// The mean of `f` over the window, each reading weighted by its span.
+    fn average(&self, f: impl Fn(&Usage) -> Option<f64>) -> Option<f64> {
+        let (sum, weight) = self
+            .0
+            .iter()
+            .filter_map(|u| Some((f(u)?, u.span.as_secs_f64())))
+            .fold((0.0, 0.0), |(sum, weight), (value, span)| {
+                (sum + value * span, weight + span)
+            });
+        (weight > 0.0).then(|| sum / weight)
+    }
+}
+
 fn describe(hold: Option<&Hold>, l: &Loop) -> String {
     match hold {
         Some(Hold::OutsideWindows(list)) => format!("outside the time windows ({list})"),
@@ -436,6 +469,36 @@ fn cores(millicores: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn reading(ms: u64, owner_cores: f64) -> Usage {
+        Usage {
+            span: Duration::from_millis(ms),
+            owner_cores,
+            ..Usage::default()
+        }
+    }
+
+    #[test]
+    fn the_window_covers_the_last_100_ms_at_any_rate() {
+        let mut recent = Recent::default();
+        assert_eq!(recent.average(|u| Some(u.owner_cores)), None);
+        // A slow reading, then fast ones: the slow one leaves once the
+        // fast ones cover the window.
+        recent.push(reading(100, 1.0));
+        assert_eq!(recent.average(|u| Some(u.owner_cores)), Some(1.0));
+        recent.push(reading(20, 0.0));
+        let mean = recent.average(|u| Some(u.owner_cores)).unwrap();
+        assert!((mean - 100.0 / 120.0).abs() < 1e-9, "{mean}");
+        for _ in 0..4 {
+            recent.push(reading(20, 0.0));
+        }
+        assert_eq!(recent.0.len(), 5);
+        assert_eq!(recent.average(|u| Some(u.owner_cores)), Some(0.0));
+        // One long reading replaces them all.
+        recent.push(reading(250, 0.5));
+        assert_eq!(recent.0.len(), 1);
+        assert_eq!(recent.average(|u| u.memory_pressure), None);
+    }
 
     #[test]
     fn cores_read_naturally() {
