@@ -5,12 +5,11 @@
 //!
 //! Each case starts its own two daemons, so the cases may run in parallel.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Output, Stdio};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
-use spare_testkit::Daemon;
+use spare_testkit::{Daemon, example, text};
 
 /// The limit under test, in bytes per second (its burst is one second's).
 const RATE: u64 = 1 << 20;
@@ -21,32 +20,11 @@ fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_spare"))
 }
 
-fn example(name: &str) -> String {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../examples")
-        .join(name)
-        .display()
-        .to_string()
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
 /// `spare run --on <host> primes.wasm -- 1000` on `node`, fed `stdin`.
 fn run_on(node: &Daemon, host: &str, stdin: &[u8]) -> Output {
-    let mut child = node
-        .cli()
-        .args(["run", "--on", host, &example("primes.wasm"), "--", "1000"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spare runs");
-    let mut pipe = child.stdin.take().expect("stdin");
-    pipe.write_all(stdin).expect("write stdin");
-    drop(pipe);
-    child.wait_with_output().expect("spare finishes")
+    let primes = example("primes.wasm");
+    node.run_cli(&["run", "--on", host, &primes, "--", "1000"], stdin)
+        .expect("spare runs")
 }
 
 /// A counter from `spare status --json`.

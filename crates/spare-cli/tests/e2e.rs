@@ -1,47 +1,20 @@
 //! Multi-process tests of the real `spare` binary: daemons on loopback,
 //! tasks run through the CLI exactly as a user would run them.
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use spare_runtime::priority::{PROC_SCHED_IDLE, read_proc_priority};
-use spare_testkit::{Daemon, Swarm};
+use spare_testkit::{Daemon, Swarm, example, text};
 
 fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_spare"))
 }
 
-fn example(name: &str) -> String {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../examples")
-        .join(name)
-        .display()
-        .to_string()
-}
-
 /// Runs a CLI verb against `node`, feeding `stdin`.
 fn spare(node: &Daemon, args: &[&str], stdin: &[u8]) -> Output {
-    let mut child = node
-        .cli()
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spare runs");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(stdin)
-        .expect("write stdin");
-    child.wait_with_output().expect("spare finishes")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
+    node.run_cli(args, stdin).expect("spare runs")
 }
 
 fn json(output: &Output) -> serde_json::Value {

@@ -13,7 +13,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use spare_testkit::Daemon;
+use spare_testkit::{Daemon, example, text};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -23,18 +23,6 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 
 fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_spare"))
-}
-
-fn example(name: &str) -> String {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../examples")
-        .join(name)
-        .display()
-        .to_string()
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
 }
 
 /// Writes `config` into a fresh data directory `dir`.

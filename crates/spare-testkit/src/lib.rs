@@ -14,11 +14,26 @@
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use serde_json::Value;
+
+/// A file of the source tree's `examples/` (the sample and hostile guests),
+/// for tests and benchmarks run from a checkout.
+pub fn example(name: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../examples")
+        .join(name)
+        .display()
+        .to_string()
+}
+
+/// Output of a command as text, for assertions and their messages.
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
 
 /// How long a daemon may take to start answering its API.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -146,6 +161,25 @@ impl Daemon {
         let mut command = Command::new(&self.bin);
         command.arg("--data-dir").arg(&self.dir);
         command
+    }
+
+    /// Runs the CLI verb `args` against it as a user would, feeding it
+    /// `stdin` (then closing it), and collects what it printed.
+    pub fn run_cli(&self, args: &[&str], stdin: &[u8]) -> Result<Output> {
+        let mut child = self
+            .cli()
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("cannot run spare {}", args.join(" ")))?;
+        let mut pipe = child.stdin.take().context("no stdin pipe")?;
+        // A command that exits without reading all of its input closes the
+        // pipe early; what it printed is still the answer.
+        let _ = pipe.write_all(stdin);
+        drop(pipe);
+        Ok(child.wait_with_output()?)
     }
 
     /// GETs an API path and parses the JSON answer.
