@@ -468,13 +468,17 @@ mod tests {
         let mut sampler = Sampler::new(Path::new("/proc"));
         assert!(sampler.sample(&[std::process::id()]).is_none());
         // Spin for a while: this process's own run time is spare's, not
-        // the owner's.
-        let until = Instant::now() + Duration::from_millis(50);
+        // the owner's, to well under the quarter core that would pause
+        // guests (with 10 ms ticks, truncation alone could make that up).
+        let until = Instant::now() + Duration::from_millis(100);
         while Instant::now() < until {
             std::hint::black_box(0u64);
         }
         let u = sampler.sample(&[std::process::id()]).unwrap();
-        assert!(u.spare_cores > 0.5, "{u:?} read from {}", sampler.clock());
-        assert!(u.owner_cores >= 0.0, "{u:?}");
+        let clock = sampler.clock();
+        assert!(u.spare_cores > 0.9, "{u:?} read from {clock}");
+        if !matches!(clock, BusyClock::ProcStat(_)) {
+            assert!(u.owner_cores < 0.2, "{u:?} read from {clock}");
+        }
     }
 }
