@@ -490,3 +490,70 @@ fn without_a_cgroup_the_fallback_is_used_and_reported() {
         "{err}"
     );
 }
+
+/// The control groups named for daemon `pid` (`spare-<pid>-…`), anywhere
+/// in the cgroup hierarchies.
+fn groups_of(pid: u32) -> Vec<PathBuf> {
+    let prefix = format!("spare-{pid}-");
+    let mut found = Vec::new();
+    let mut dirs = vec![(PathBuf::from("/sys/fs/cgroup"), 0)];
+    while let Some((dir, depth)) = dirs.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            if entry.file_name().to_string_lossy().starts_with(&prefix) {
+                found.push(path);
+            } else if depth < 4 {
+                dirs.push((path, depth + 1));
+            }
+        }
+    }
+    found
+}
+
+/// A daemon killed before it could remove its control groups leaves them
+/// behind, empty once its workers follow it; the next daemon to start
+/// removes them.
+#[test]
+fn a_killed_daemons_groups_are_removed_by_the_next_one() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let start = |name: &str| {
+        Daemon::start(
+            &bin(),
+            &dir.path().join(name),
+            &["--cores", "1", "--enforcement", "cgroup"],
+        )
+    };
+    let mut first = match start("a") {
+        Ok(daemon) => daemon,
+        Err(e) if e.to_string().contains("no cgroup can be used") => {
+            eprintln!("skipping: {e}");
+            return;
+        }
+        Err(e) => panic!("{e}"),
+    };
+    let pid = first.pid().unwrap();
+    let groups = groups_of(pid);
+    assert!(!groups.is_empty(), "no group named for daemon {pid}");
+    first.kill();
+    wait_until(
+        "the killed daemon's groups to empty",
+        Duration::from_secs(10),
+        || {
+            groups.iter().all(|g| {
+                std::fs::read_to_string(g.join("cgroup.procs")).is_ok_and(|p| p.trim().is_empty())
+            })
+        },
+    );
+    assert!(groups.iter().all(|g| g.exists()), "{groups:?}");
+    let second = start("b").unwrap();
+    let left: Vec<&PathBuf> = groups.iter().filter(|g| g.exists()).collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    assert!(!groups_of(second.pid().unwrap()).is_empty());
+}

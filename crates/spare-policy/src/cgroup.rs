@@ -1,6 +1,7 @@
 //! Control groups for the workers, where the daemon can make one.
 //!
-//! With cgroup v2 the workers go into `<daemon's group>/spare-<name>` with
+//! With cgroup v2 the workers go into `<daemon's group>/spare-<pid>-<name>`
+//! (the daemon's pid and name) with
 //! `cpu.idle = 1` (the group only runs when nothing else wants the CPU),
 //! `cpu.max` (the CPU share) and `memory.max`. A v2 group whose parent holds
 //! processes cannot enable controllers for its children ("no internal
@@ -8,7 +9,11 @@
 //! beside it, as systemd expects of a unit with `Delegate=yes`. Where the
 //! CPU and memory controllers are mounted as cgroup v1 hierarchies instead,
 //! the same limits go into `cpu.idle`, `cpu.cfs_quota_us` and
-//! `memory.limit_in_bytes` of a `spare-<name>` group in each.
+//! `memory.limit_in_bytes` of a `spare-<pid>-<name>` group in each.
+//!
+//! A daemon removes its groups when it stops. One that was killed cannot,
+//! so each daemon, as it makes its own, removes the empty `spare-<pid>-…`
+//! groups beside them whose daemon no longer runs.
 
 use std::path::{Path, PathBuf};
 
@@ -152,14 +157,15 @@ fn make_dir(dir: &Path) -> Result<(), String> {
     }
 }
 
-/// Makes the workers' groups named `spare-<name>`, or says why it cannot.
+/// Makes the workers' groups named `spare-<pid>-<name>`, or says why it
+/// cannot.
 pub fn setup(name: &str, limits: Limits) -> Result<Cgroups, String> {
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
         .map_err(|e| format!("cannot read /proc/self/mountinfo: {e}"))?;
     let own = std::fs::read_to_string("/proc/self/cgroup")
         .map_err(|e| format!("cannot read /proc/self/cgroup: {e}"))?;
     let mounts = mounts(&mountinfo);
-    let group = format!("spare-{name}");
+    let group = format!("spare-{}-{name}", std::process::id());
     let v2 = mounts
         .iter()
         .find(|m| m.controllers.is_none())
@@ -217,6 +223,7 @@ fn setup_v2(own: &Path, group: &str, limits: Limits) -> Result<Cgroups, String> 
         write(&control, enable)?;
     }
     let dir = own.join(group);
+    remove_stale(own, Path::new("/proc"));
     make_dir(&dir)?;
     let mut warnings = Vec::new();
     if write(&dir.join("cpu.idle"), "1").is_err() {
@@ -253,6 +260,7 @@ fn setup_v1(
     limits: Limits,
 ) -> Result<Cgroups, String> {
     let cpu_dir = cpu.join(group);
+    remove_stale(cpu, Path::new("/proc"));
     make_dir(&cpu_dir)?;
     let mut warnings = Vec::new();
     if let Err(e) = write(&cpu_dir.join("cpu.idle"), "1") {
@@ -278,6 +286,9 @@ fn setup_v1(
     };
     let memory_dir = memory.map(|m| m.join(group));
     let memory_set = memory_dir.as_ref().map(|dir| {
+        if let Some(parent) = dir.parent() {
+            remove_stale(parent, Path::new("/proc"));
+        }
         make_dir(dir)?;
         write(
             &dir.join("memory.limit_in_bytes"),
@@ -297,6 +308,33 @@ fn setup_v1(
             .push("no memory controller is mounted".to_owned()),
     }
     Ok(groups)
+}
+
+/// Removes the groups in `parent` that a daemon killed before it could
+/// remove them left behind: named `spare-<pid>-…` for a pid with no entry
+/// in `proc`. A group that still holds a process is not empty, and the
+/// kernel refuses to remove it.
+fn remove_stale(parent: &Path, proc: &Path) {
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("spare-"))
+            .and_then(|rest| rest.split_once('-'))
+            .and_then(|(pid, _)| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !proc.join(pid.to_string()).exists() && std::fs::remove_dir(entry.path()).is_ok() {
+            tracing::info!(
+                "removed {}, left by a daemon that ended",
+                entry.path().display()
+            );
+        }
+    }
 }
 
 impl Cgroups {
@@ -354,6 +392,42 @@ mod tests {
         assert_eq!(
             dir_of(&m[3], "/lxc/x/a"),
             Path::new("/sys/fs/cgroup/my pids/a")
+        );
+    }
+
+    #[test]
+    fn groups_of_ended_daemons_are_removed() {
+        let parent = tempfile::tempdir().unwrap();
+        let proc = tempfile::tempdir().unwrap();
+        std::fs::create_dir(proc.path().join("77")).unwrap();
+        for name in [
+            "spare-77-12D3KooWlive",
+            "spare-88-12D3KooWgone",
+            "spare-daemon",
+            "spare-99",
+            "other-88-x",
+        ] {
+            std::fs::create_dir(parent.path().join(name)).unwrap();
+        }
+        // A group that still holds something stays (here a file; in
+        // cgroupfs the kernel refuses to remove a group with processes).
+        std::fs::create_dir(parent.path().join("spare-66-busy")).unwrap();
+        std::fs::write(parent.path().join("spare-66-busy/cgroup.procs"), "1").unwrap();
+        remove_stale(parent.path(), proc.path());
+        let mut left: Vec<String> = std::fs::read_dir(parent.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            [
+                "other-88-x",
+                "spare-66-busy",
+                "spare-77-12D3KooWlive",
+                "spare-99",
+                "spare-daemon"
+            ]
         );
     }
 
