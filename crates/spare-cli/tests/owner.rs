@@ -508,7 +508,7 @@ fn groups_of(pid: u32) -> Vec<PathBuf> {
             }
             if entry.file_name().to_string_lossy().starts_with(&prefix) {
                 found.push(path);
-            } else if depth < 4 {
+            } else if depth < 8 {
                 dirs.push((path, depth + 1));
             }
         }

@@ -97,12 +97,11 @@ fn unescape(field: &str) -> String {
         .replace("\\134", "\\")
 }
 
-/// Files that count the run time of every task on the machine, finest
-/// first: the root `cpuacct.usage` of a v1 cpuacct hierarchy (nanoseconds,
-/// charged by the scheduler as tasks run) and the root `cpu.stat` of a
-/// cgroup2 hierarchy (`usage_usec`, accrued a scheduler tick at a time).
-/// Only mounts of a hierarchy's root qualify: a group below it counts only
-/// its own tasks.
+/// Files that may count the run time of every task on the machine, finest
+/// first: `cpuacct.usage` at a v1 cpuacct mount and `cpu.stat` at a cgroup2
+/// mount. Only mounts of a hierarchy's root (as this namespace sees it)
+/// qualify; [`crate::owner::BusyClock::detect`] tells the machine's root
+/// from a container's.
 pub(crate) fn machine_run_time_files(mountinfo: &str) -> Vec<PathBuf> {
     let mounts = mounts(mountinfo);
     let roots = || mounts.iter().filter(|m| m.root == "/");

@@ -31,8 +31,9 @@ use crate::window::local_minute_now;
 pub const SAMPLE: Duration = Duration::from_millis(20);
 /// How often it reads them while no guest runs or guests are paused: it
 /// still tracks the owner (for the cool-down and honest offers) but wakes
-/// the machine ten times a second, not fifty.
-pub const SAMPLE_IDLE: Duration = Duration::from_millis(100);
+/// the machine twenty times a second, not fifty. A guest that starts is
+/// watched at the fast rate from the next reading on.
+pub const SAMPLE_IDLE: Duration = Duration::from_millis(50);
 /// How often it reads them when it only reports (giving always).
 pub const SAMPLE_RELAXED: Duration = Duration::from_millis(250);
 /// The span over which the owner's use is averaged.
@@ -247,9 +248,9 @@ impl Loop {
         let mut next_sample = Instant::now();
         while !self.shared.stop.load(Ordering::Relaxed) && Arc::strong_count(&self.shared) > 1 {
             let now = Instant::now();
-            if now >= next_sample {
+            let sampled = now >= next_sample;
+            if sampled {
                 self.sample(now);
-                next_sample = now + self.sample_every();
             }
             let hold = self.hold(now);
             let (state, next_edge) = match &hold {
@@ -258,6 +259,14 @@ impl Loop {
             };
             self.pool.set_state(state);
             self.report(now, hold.as_ref());
+            // After the state is known: guests that just resumed are
+            // watched at the fast rate from the next reading on.
+            let every = self.sample_every();
+            next_sample = if sampled {
+                now + every
+            } else {
+                next_sample.min(now + every)
+            };
             let wake = next_edge.map_or(next_sample, |edge| edge.min(next_sample));
             std::thread::sleep(wake.saturating_duration_since(Instant::now()));
         }
@@ -273,7 +282,7 @@ impl Loop {
             self.window.push(usage);
         }
         let paused = self.paused_since.is_some();
-        let owner = self.average(|u| Some(u.owner_cores)).unwrap_or(0.0);
+        let owner = self.owner_cores();
         let memory = self.average(|u| u.memory_pressure).unwrap_or(0.0);
         let cpu = self.average(|u| u.cpu_pressure).unwrap_or(0.0);
         let threshold = f64::from(self.config.policy.when.owner_threshold) / 1000.0;
@@ -293,6 +302,14 @@ impl Loop {
 
     fn average(&self, f: impl Fn(&Usage) -> Option<f64>) -> Option<f64> {
         self.window.average(f)
+    }
+
+    /// The owner's CPU use over the window, in cores: the mean of readings
+    /// that may each be a little off either way, clamped once.
+    fn owner_cores(&self) -> f64 {
+        self.average(|u| Some(u.owner_cores))
+            .unwrap_or(0.0)
+            .max(0.0)
     }
 
     fn slow_check(&self) -> Option<Hold> {
@@ -362,7 +379,7 @@ impl Loop {
             }
             _ => {}
         }
-        let owner = self.average(|u| Some(u.owner_cores)).unwrap_or(0.0);
+        let owner = self.owner_cores();
         let policy = &self.config.policy;
         let allowed = policy.cpu_millicores(self.config.machine.cores);
         let (state_name, reason) = match hold {
@@ -431,7 +448,7 @@ fn describe(hold: Option<&Hold>, l: &Loop) -> String {
         Some(Hold::OutsideWindows(list)) => format!("outside the time windows ({list})"),
         Some(Hold::OnBattery) => "on battery power".into(),
         Some(Hold::OwnerActive) => {
-            let owner = l.average(|u| Some(u.owner_cores)).unwrap_or(0.0);
+            let owner = l.owner_cores();
             let memory = l.average(|u| u.memory_pressure).unwrap_or(0.0);
             let threshold = f64::from(l.config.policy.when.owner_threshold) / 1000.0;
             if owner > threshold {

@@ -175,11 +175,17 @@ impl Daemon {
             .spawn()
             .with_context(|| format!("cannot run spare {}", args.join(" ")))?;
         let mut pipe = child.stdin.take().context("no stdin pipe")?;
-        // A command that exits without reading all of its input closes the
-        // pipe early; what it printed is still the answer.
-        let _ = pipe.write_all(stdin);
-        drop(pipe);
-        Ok(child.wait_with_output()?)
+        // Written beside the reading of the output, so that neither side
+        // waits on a full pipe. A command that exits without reading all of
+        // its input closes the pipe early; what it printed is still the
+        // answer.
+        let output = std::thread::scope(|scope| {
+            scope.spawn(move || {
+                let _ = pipe.write_all(stdin);
+            });
+            child.wait_with_output()
+        })?;
+        Ok(output)
     }
 
     /// GETs an API path and parses the JSON answer.
