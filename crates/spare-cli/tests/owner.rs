@@ -13,6 +13,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use spare_policy::owner::{machine_busy_ticks, ticks_per_second};
 use spare_testkit::{Daemon, example, text};
 
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -64,27 +65,6 @@ fn proc_stat(pid: u32) -> Option<(char, u64)> {
     let utime: u64 = fields.get(11)?.parse().ok()?;
     let stime: u64 = fields.get(12)?.parse().ok()?;
     Some((state, utime + stime))
-}
-
-/// Busy clock ticks of the whole machine, from `/proc/stat`.
-fn machine_busy() -> u64 {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap();
-    let fields: Vec<u64> = stat
-        .lines()
-        .next()
-        .unwrap()
-        .split_whitespace()
-        .skip(1)
-        .map(|f| f.parse().unwrap())
-        .collect();
-    // user nice system irq softirq
-    fields[0] + fields[1] + fields[2] + fields[5] + fields[6]
-}
-
-/// Clock ticks per second of `/proc` times.
-fn ticks_per_second() -> f64 {
-    // SAFETY: sysconf only reads its integer argument.
-    unsafe { libc::sysconf(libc::_SC_CLK_TCK) as f64 }
 }
 
 fn machine_cores() -> f64 {
@@ -199,13 +179,13 @@ fn a_cpu_share_holds_under_a_saturating_guest() {
         let mut measured = Vec::new();
         let used = loop {
             let (_, before) = proc_stat(worker).unwrap();
-            let busy_before = machine_busy();
+            let busy_before = machine_busy_ticks().unwrap();
             let start = Instant::now();
             std::thread::sleep(Duration::from_secs(3));
             let (_, after) = proc_stat(worker).unwrap();
-            let seconds = start.elapsed().as_secs_f64() * ticks_per_second();
+            let seconds = start.elapsed().as_secs_f64() * ticks_per_second() as f64;
             let used = (after - before) as f64 / seconds;
-            let others = (machine_busy() - busy_before) as f64 / seconds - used;
+            let others = (machine_busy_ticks().unwrap() - busy_before) as f64 / seconds - used;
             measured.push((used, others));
             if others < 0.2 {
                 break used;

@@ -236,16 +236,10 @@ pub struct Sampler {
 impl Sampler {
     /// A sampler over the `/proc` at `proc` (normally `/proc`).
     pub fn new(proc: &Path) -> Self {
-        // SAFETY: sysconf only reads a constant of the C library.
-        let ticks_per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-        let ticks_per_second = u64::try_from(ticks_per_second)
-            .ok()
-            .filter(|&t| t > 0)
-            .unwrap_or(100);
         Self {
             proc: proc.to_path_buf(),
             clock: BusyClock::detect(proc),
-            ns_per_tick: 1_000_000_000 / ticks_per_second,
+            ns_per_tick: 1_000_000_000 / ticks_per_second(),
             per_thread: proc.join("thread-self/schedstat").exists(),
             busy: Counters::default(),
             cpu_pressure: OpenFile::new(proc.join("pressure/cpu")),
@@ -320,10 +314,13 @@ impl Sampler {
         self.threads.retain(|id, _| listed.contains(id));
         let mut spare = HashMap::with_capacity(ids.len());
         for (pid, tid) in ids {
-            let path = if tid == 0 {
-                self.proc.join(format!("{pid}/stat"))
-            } else {
-                self.proc.join(format!("{pid}/task/{tid}/schedstat"))
+            let proc = &self.proc;
+            let path = || {
+                if tid == 0 {
+                    proc.join(format!("{pid}/stat"))
+                } else {
+                    proc.join(format!("{pid}/task/{tid}/schedstat"))
+                }
             };
             let mut uncached;
             let file = if self.threads.len() < MAX_OPEN_THREAD_FILES
@@ -331,9 +328,9 @@ impl Sampler {
             {
                 self.threads
                     .entry((pid, tid))
-                    .or_insert_with(|| OpenFile::new(path))
+                    .or_insert_with(|| OpenFile::new(path()))
             } else {
-                uncached = OpenFile::new(path);
+                uncached = OpenFile::new(path());
                 &mut uncached
             };
             let ns = file.read(&mut self.buffer).and_then(|text| {
@@ -386,6 +383,26 @@ fn usage(last: &Reading, now: &Reading) -> Usage {
         cpu_pressure: pressure(last.cpu_stall, now.cpu_stall),
         memory_pressure: pressure(last.memory_stall, now.memory_stall),
     }
+}
+
+/// Clock ticks per second: the unit of the CPU times in `/proc/stat` and
+/// `/proc/<pid>/stat`.
+pub fn ticks_per_second() -> u64 {
+    // SAFETY: sysconf only reads a constant of the C library.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    u64::try_from(ticks).ok().filter(|&t| t > 0).unwrap_or(100)
+}
+
+/// utime + stime of process `pid` (all its threads, ended ones included),
+/// in clock ticks; `None` once it is gone. Coarse: for spans of seconds.
+pub fn process_cpu_ticks(pid: u32) -> Option<u64> {
+    process_ticks(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+/// Busy clock ticks of the whole machine so far, from `/proc/stat`.
+/// Coarse: for spans of seconds.
+pub fn machine_busy_ticks() -> Option<u64> {
+    busy_ticks(&std::fs::read_to_string("/proc/stat").ok()?)
 }
 
 /// Busy ticks from the aggregate `cpu` line of `/proc/stat`. Steal time

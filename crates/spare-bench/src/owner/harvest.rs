@@ -15,8 +15,8 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, ensure};
+use spare_policy::owner::{process_cpu_ticks, ticks_per_second};
 
-use super::procfs::cpu_ticks;
 use super::programs::{self, IDLE_SPIN};
 use super::rig::{COOL_DOWN, DEFAULT_COOL_DOWN, Guest, HOST_CORES, Mode, Rig};
 use crate::Env;
@@ -25,7 +25,7 @@ use crate::stats::{header, mean_ci95, row};
 pub(crate) fn run(env: &Env) -> Result<()> {
     let rounds = 2;
     let span = Duration::from_secs_f64(20.0 * env.scale).max(Duration::from_secs(1));
-    let ticks = programs::clock_ticks();
+    let ticks = ticks_per_second() as f64;
     let mut native = Phase::default();
     let mut phases = Vec::new();
     let mut enforcement = String::new();
@@ -143,7 +143,9 @@ fn measure(pids: &[u32], span: Duration, ticks_per_second: f64) -> Result<(f64, 
     let total = || -> Result<(u64, u64)> {
         let measured = pids
             .iter()
-            .map(|&pid| cpu_ticks(pid).ok_or_else(|| anyhow::anyhow!("process {pid} is gone")))
+            .map(|&pid| {
+                process_cpu_ticks(pid).ok_or_else(|| anyhow::anyhow!("process {pid} is gone"))
+            })
             .sum::<Result<u64>>()?;
         Ok((measured, machine_busy_ticks()?))
     };

@@ -65,17 +65,6 @@ fn state(stat: &str) -> Option<char> {
     stat[stat.rfind(')')? + 1..].trim_start().chars().next()
 }
 
-/// utime + stime of a process (all its threads), in clock ticks.
-pub(crate) fn cpu_ticks(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 1..];
-    // Fields 14 and 15 of the file; the 12th and 13th after the name.
-    let mut fields = rest.split_whitespace().skip(11);
-    let utime: u64 = fields.next()?.parse().ok()?;
-    let stime: u64 = fields.next()?.parse().ok()?;
-    Some(utime + stime)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -85,7 +74,6 @@ mod tests {
         let me = std::process::id();
         assert!(threads(me).contains(&me));
         assert!(each_running(&[me]), "this thread is running");
-        assert!(cpu_ticks(me).is_some());
         assert!(!Watch::new(&[me]).all_stopped());
         assert_eq!(
             state("4242 (spare worker (x)) T 1 2 3 0 -1 4194304 97 0 0 0 31 9 0 0"),

@@ -155,13 +155,11 @@ pub(crate) fn stop(mut child: Child) {
 // spare-bench's dependencies stay as they are; std links libc anyway.
 unsafe extern "C" {
     fn kill(pid: std::ffi::c_int, signal: std::ffi::c_int) -> std::ffi::c_int;
-    fn sysconf(name: std::ffi::c_int) -> std::ffi::c_long;
 }
 
 /// Signal numbers on Linux (x86 and ARM).
 pub(crate) const SIGCONT: i32 = 18;
 pub(crate) const SIGSTOP: i32 = 19;
-const SC_CLK_TCK: i32 = 2;
 
 /// Sends `signal` to `pid`.
 pub(crate) fn signal(pid: u32, signal: i32) {
@@ -171,11 +169,4 @@ pub(crate) fn signal(pid: u32, signal: i32) {
     unsafe {
         kill(pid, signal);
     }
-}
-
-/// Clock ticks per second, the unit of utime and stime in `/proc`.
-pub(crate) fn clock_ticks() -> f64 {
-    // SAFETY: sysconf takes an integer and touches no memory of ours.
-    let ticks = unsafe { sysconf(SC_CLK_TCK) };
-    if ticks > 0 { ticks as f64 } else { 100.0 }
 }
