@@ -79,15 +79,15 @@ fn run(conn: &Connection, rx: &mpsc::Receiver<Op>) {
     let mut busy = false;
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(op) => batch.push(op),
-                Err(_) => break,
-            }
-        }
-        // A lone caller on a quiet node is never kept waiting; writes that
-        // nobody waits for can wait for company.
-        if busy || waiting(&batch) != 1 {
+        drain(rx, &mut batch);
+        if busy {
+            // Company is coming. Sleeping, rather than waiting on the queue,
+            // lets senders queue without waking this thread for each write.
+            std::thread::sleep(LINGER);
+            drain(rx, &mut batch);
+        } else if waiting(&batch) != 1 {
+            // A lone caller on a quiet node is never kept waiting; writes
+            // that nobody waits for can wait for company.
             let deadline = Instant::now() + LINGER;
             while batch.len() < MAX_BATCH {
                 let left = deadline.saturating_duration_since(Instant::now());
@@ -95,7 +95,7 @@ fn run(conn: &Connection, rx: &mpsc::Receiver<Op>) {
                     Ok(op) => batch.push(op),
                     Err(_) => break,
                 }
-                if !busy && waiting(&batch) == 1 {
+                if waiting(&batch) == 1 {
                     break;
                 }
             }
@@ -105,6 +105,16 @@ fn run(conn: &Connection, rx: &mpsc::Receiver<Op>) {
         for (op, result) in batch.into_iter().zip(committed) {
             // The caller may have stopped waiting; the write stands anyway.
             let _ = op.done.send(result);
+        }
+    }
+}
+
+/// Moves what is already queued into `batch`, up to [`MAX_BATCH`].
+fn drain(rx: &mpsc::Receiver<Op>, batch: &mut Vec<Op>) {
+    while batch.len() < MAX_BATCH {
+        match rx.try_recv() {
+            Ok(op) => batch.push(op),
+            Err(_) => break,
         }
     }
 }

@@ -6,9 +6,11 @@
 //! after a power cut. File I/O runs off the daemon's async thread.
 //!
 //! The store keeps within the owner's disk budget (`disk` in the config). It
-//! knows every blob's size and when it was last used (its file's mtime,
-//! bumped when a fetch finds the blob already here): walked once at open,
-//! then kept up to date as blobs are committed and evicted. Before fetching
+//! knows every blob's size and when it was last used: walked once at open
+//! (a file's mtime is its last use), then kept up to date in memory as
+//! blobs are committed, used and evicted. A fetch that finds its blob here
+//! bumps the file's mtime too, at most once a minute, so the order
+//! survives a restart without a file write for every task. Before fetching
 //! a blob it lacks, it makes room by evicting the least recently used
 //! blobs, never a pinned one: a [`BlobPin`] is held by every fetch and, for
 //! as long as the task runs, by every hosted task using the blob. A blob
@@ -86,9 +88,16 @@ struct Space {
 #[derive(Clone, Copy, Debug)]
 struct Stored {
     size: u64,
-    /// Last use: the file's mtime.
+    /// Last use, the order of eviction.
     used: SystemTime,
+    /// When the file's mtime, the order after a restart, was last set to
+    /// `used`.
+    touched: SystemTime,
 }
+
+/// How stale a blob's mtime may grow behind its last use: a module used by
+/// every task has its file touched once in this time, not once a task.
+const TOUCH_EVERY: Duration = Duration::from_secs(60);
 
 /// Held while one blob is fetched from one peer.
 type FetchLock = Arc<tokio::sync::Mutex<()>>;
@@ -258,7 +267,7 @@ impl BlobStore {
         // being used.
         let pin = self.pin(&blob.id);
         if self.has(&blob.id) {
-            self.touch(blob.id).await;
+            self.mark_used(blob.id).await;
             return Ok(pin);
         }
         let key = (blob.id, peer);
@@ -270,7 +279,7 @@ impl BlobStore {
         let _entry = FetchEntry { store: self, key };
         let _guard = lock.lock().await;
         if self.has(&blob.id) {
-            self.touch(blob.id).await;
+            self.mark_used(blob.id).await;
             return Ok(pin);
         }
         let shared = Arc::clone(&self.shared);
@@ -283,8 +292,13 @@ impl BlobStore {
         Ok(pin)
     }
 
-    /// Marks a blob a fetch found here as just used, so hot modules stay.
-    async fn touch(&self, id: BlobId) {
+    /// Marks a blob a fetch found here as just used, so hot modules stay:
+    /// in memory every time, on disk (a blocking call) only when its file's
+    /// mtime is [`TOUCH_EVERY`] behind.
+    async fn mark_used(&self, id: BlobId) {
+        if self.shared.mark_used_in_memory(&id) {
+            return;
+        }
         let shared = Arc::clone(&self.shared);
         let _ = tokio::task::spawn_blocking(move || shared.touch(&id)).await;
     }
@@ -430,6 +444,7 @@ impl Shared {
         match space.blobs.get_mut(id) {
             Some(stored) => {
                 stored.used = now;
+                stored.touched = now;
                 true
             }
             // Renamed in by a concurrent fetch that has not counted it yet
@@ -439,6 +454,21 @@ impl Shared {
             None if self.path(id).is_file() => {
                 space.insert(*id, size, now);
                 true
+            }
+            None => false,
+        }
+    }
+
+    /// Marks a counted blob as used now, in memory only; says whether that
+    /// was enough (its mtime is recent, so the order after a restart is
+    /// close enough) or the file needs a [`Shared::touch`].
+    fn mark_used_in_memory(&self, id: &BlobId) -> bool {
+        let now = SystemTime::now();
+        match self.space().blobs.get_mut(id) {
+            Some(stored) => {
+                stored.used = now;
+                now.duration_since(stored.touched)
+                    .is_ok_and(|behind| behind < TOUCH_EVERY)
             }
             None => false,
         }
@@ -504,7 +534,12 @@ impl Shared {
 
 impl Space {
     fn insert(&mut self, id: BlobId, size: u64, used: SystemTime) {
-        if let Some(old) = self.blobs.insert(id, Stored { size, used }) {
+        let stored = Stored {
+            size,
+            used,
+            touched: used,
+        };
+        if let Some(old) = self.blobs.insert(id, stored) {
             self.stored -= old.size;
         }
         self.stored += size;
@@ -672,6 +707,30 @@ mod tests {
             .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
             .collect();
         assert!(stray.is_empty(), "{stray:?}");
+    }
+
+    #[test]
+    fn a_use_soon_after_a_touch_is_marked_in_memory_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, [a, b, c]) = store_of_three(dir.path(), 100);
+        let mtime = |id| {
+            std::fs::metadata(store.path(id))
+                .unwrap()
+                .modified()
+                .unwrap()
+        };
+        // `a`'s file is an hour old: marking it is not enough.
+        assert!(!store.shared.mark_used_in_memory(&a));
+        assert!(store.shared.touch(&a));
+        let touched = mtime(&a);
+        // Just touched: a use now stays in memory and leaves the file be.
+        assert!(store.shared.mark_used_in_memory(&a));
+        assert_eq!(mtime(&a), touched);
+        // A use marked in memory counts for eviction: `b`, marked after
+        // `a` was touched, outlives both `c` and `a`.
+        store.shared.mark_used_in_memory(&b);
+        let _room = store.shared.make_room(70).unwrap();
+        assert!(store.has(&b) && !store.has(&a) && !store.has(&c));
     }
 
     #[test]
