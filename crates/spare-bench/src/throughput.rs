@@ -3,19 +3,20 @@
 //! core of this machine (no network, no daemon): the machine's ceiling.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use spare_core::{BlobId, Limits, Status, TaskId};
 use spare_node::api::client::Client;
 use spare_node::api::types::Placement;
+use spare_policy::owner::{process_cpu_ticks, ticks_per_second};
 use spare_runtime::{Job, JobStdin, Sandbox};
 use spare_testkit::Swarm;
 use tokio::task::JoinSet;
 
 use crate::Env;
 use crate::dispatch::{run_once, upload_hello};
-use crate::stats::header;
+use crate::stats::{fmt, header};
 
 /// Tasks in flight at once.
 const CONCURRENCY: usize = 64;
@@ -34,6 +35,8 @@ pub(crate) async fn run(env: &Env) -> Result<()> {
     for _ in 0..20 {
         run_once(&client, &submission).await?;
     }
+    let daemons: Vec<u32> = swarm.nodes.iter().filter_map(|node| node.pid()).collect();
+    let ticks_before = (swarm_ticks(&daemons), own_ticks());
     let start = Instant::now();
     let mut set = JoinSet::new();
     let mut submitted = 0;
@@ -51,6 +54,11 @@ pub(crate) async fn run(env: &Env) -> Result<()> {
     }
     let elapsed = start.elapsed();
     let spare_rate = total as f64 / elapsed.as_secs_f64();
+    let per_task = |ticks: u64| {
+        Duration::from_secs_f64(ticks as f64 / ticks_per_second() as f64 / total as f64)
+    };
+    let swarm_cpu = per_task(swarm_ticks(&daemons).saturating_sub(ticks_before.0));
+    let client_cpu = per_task(own_ticks().saturating_sub(ticks_before.1));
 
     let direct_rate = tokio::task::spawn_blocking({
         let path = env.example("hello.wasm");
@@ -67,10 +75,46 @@ pub(crate) async fn run(env: &Env) -> Result<()> {
         &format!("{direct_rate:.0}/s"),
         &format!("{:.2}×", spare_rate / direct_rate),
     );
+    crate::stats::row(
+        "CPU per task: daemons and their workers",
+        &fmt(swarm_cpu),
+        "",
+        &format!(
+            "at most {:.0}/s on {cores} cores",
+            cores as f64 / swarm_cpu.as_secs_f64()
+        ),
+    );
+    crate::stats::row(
+        "CPU per task: the client (this process)",
+        &fmt(client_cpu),
+        "",
+        "",
+    );
     println!(
         "\nbaseline: the same task run directly in spare's sandbox on {cores} threads of this machine, no daemon, no network"
     );
     Ok(())
+}
+
+/// CPU clock ticks used so far by the processes `pids` and their children
+/// (a daemon's workers).
+fn swarm_ticks(pids: &[u32]) -> u64 {
+    pids.iter()
+        .flat_map(|&pid| std::iter::once(pid).chain(children(pid)))
+        .filter_map(process_cpu_ticks)
+        .sum()
+}
+
+fn children(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|child| child.parse().ok())
+        .collect()
+}
+
+fn own_ticks() -> u64 {
+    process_cpu_ticks(std::process::id()).unwrap_or(0)
 }
 
 /// Runs `total` hello tasks directly in sandboxes, one thread per core.
