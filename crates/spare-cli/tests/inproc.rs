@@ -212,13 +212,7 @@ async fn a_task_crosses_a_memory_swarm_with_its_receipt() {
     let (spec, placement) = spare_node::requester::prepare(&requester, &submission)
         .await
         .unwrap();
-    let (tx, mut rx) = tokio::sync::mpsc::channel(16);
-    tokio::spawn(spare_node::requester::run(
-        requester.clone(),
-        spec,
-        placement,
-        tx,
-    ));
+    let mut rx = spare_node::requester::start(&requester, spec, placement);
     let result = tokio::time::timeout(Duration::from_secs(60), async {
         loop {
             match rx.recv().await.expect("events until the end") {

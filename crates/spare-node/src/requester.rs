@@ -65,17 +65,16 @@ pub async fn prepare(
             stdin
         }
         SubmitStdin::Blob(blob) => {
-            if !node.blobs().has(&blob.id) {
-                return Err(SubmitError::MissingStdin(blob.id));
-            }
-            check_size(node, "stdin", blob)?;
+            check_size(node, "stdin", blob, SubmitError::MissingStdin)?;
             Stdin::Blob(*blob)
         }
     };
-    if !node.blobs().has(&submission.module.id) {
-        return Err(SubmitError::MissingModule(submission.module.id));
-    }
-    check_size(node, "module", &submission.module)?;
+    check_size(
+        node,
+        "module",
+        &submission.module,
+        SubmitError::MissingModule,
+    )?;
     let spec = TaskSpec {
         id: TaskId::random(),
         name: submission.name.clone(),
@@ -94,12 +93,19 @@ pub async fn prepare(
     Ok((spec, submission.placement.clone()))
 }
 
-/// Checks that a blob's announced size is the size of the stored blob.
-fn check_size(node: &Node, what: &str, blob: &BlobRef) -> Result<(), SubmitError> {
-    let size = node
-        .blobs()
-        .size(&blob.id)
-        .map_err(|e| SubmitError::Invalid(e.to_string()))?;
+/// Checks that a blob is stored and that its announced size is the size
+/// of the stored blob (one look at the file).
+fn check_size(
+    node: &Node,
+    what: &str,
+    blob: &BlobRef,
+    missing: fn(BlobId) -> SubmitError,
+) -> Result<(), SubmitError> {
+    let size = match node.blobs().size(&blob.id) {
+        Ok(size) => size,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(missing(blob.id)),
+        Err(e) => return Err(SubmitError::Invalid(format!("cannot read the {what}: {e}"))),
+    };
     if size != blob.size {
         return Err(SubmitError::Invalid(format!(
             "{what} size {} does not match the uploaded blob ({size} bytes)",
@@ -109,22 +115,36 @@ fn check_size(node: &Node, what: &str, blob: &BlobRef) -> Result<(), SubmitError
     Ok(())
 }
 
-/// Runs a prepared task to the end, sending events to `events`. Stops early
-/// when `events` is closed (the client went away) or the task is cancelled.
-pub async fn run(
-    node: Node,
-    spec: TaskSpec,
-    placement: Placement,
-    events: mpsc::Sender<TaskEvent>,
-) {
+/// Events buffered per task before the task waits for its client to read.
+const EVENT_BUFFER: usize = 16;
+
+/// Starts a prepared task and returns its events, the first of them
+/// [`TaskEvent::Accepted`], already queued: the task can be cancelled by
+/// its id as soon as the client can know it, and the API answers with the
+/// response head and that first event together. The task runs until it
+/// ends, its client stops reading, or it is cancelled.
+pub fn start(node: &Node, spec: TaskSpec, placement: Placement) -> mpsc::Receiver<TaskEvent> {
+    let (events, rx) = mpsc::channel(EVENT_BUFFER);
     let token = CancellationToken::new();
     node.lock(&node.inner.requested)
         .insert(spec.id, token.clone());
-    let _ = events
-        .send(TaskEvent::Accepted {
-            task: spec.id.to_string(),
-        })
-        .await;
+    // The channel is new and has room.
+    let _ = events.try_send(TaskEvent::Accepted {
+        task: spec.id.to_string(),
+    });
+    tokio::spawn(run(node.clone(), spec, placement, token, events));
+    rx
+}
+
+/// Runs a started task to the end, sending events to `events`. Stops early
+/// when `events` is closed (the client went away) or the task is cancelled.
+async fn run(
+    node: Node,
+    spec: TaskSpec,
+    placement: Placement,
+    token: CancellationToken,
+    events: mpsc::Sender<TaskEvent>,
+) {
     // Not awaited: later writes of this task commit after it in any case.
     node.ledger()
         .task_submitted(&spec.id, &spec.name, &spec.module.id.to_string())

@@ -7,8 +7,8 @@
 //! worker exits at once when the daemon goes away, even in the middle of a
 //! guest.
 
-use std::io::{BufReader, BufWriter};
-use std::os::fd::AsRawFd;
+use std::io::BufReader;
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::PathBuf;
 
 use crate::ipc::{FromWorker, MAX_JOB_FRAME, ToWorker, read_frame, write_frame};
@@ -62,7 +62,17 @@ pub fn main(cache_dir: Option<PathBuf>) -> i32 {
 fn serve(cache_dir: Option<PathBuf>, priority: crate::priority::PriorityReport) -> i32 {
     let mut sandbox = Sandbox::new(cache_dir);
     let mut input = BufReader::new(std::io::stdin().lock());
-    let mut out = BufWriter::new(std::io::stdout().lock());
+    // Our own handle on fd 1: std's stdout is line-buffered and would split
+    // a result at the first newline of the guest's output, costing a
+    // write here and a wake-up in the daemon. A frame is encoded whole and
+    // leaves in one write.
+    let mut out = match std::io::stdout().as_fd().try_clone_to_owned() {
+        Ok(fd) => std::fs::File::from(fd),
+        Err(e) => {
+            eprintln!("spare worker: cannot use stdout: {e}");
+            return 1;
+        }
+    };
     if write_frame(&mut out, &FromWorker::Ready { priority }).is_err() {
         return 1;
     }

@@ -32,14 +32,13 @@ use serde::Deserialize;
 use spare_core::limits::{MAX_MODULE_BYTES, MAX_STDIN_BYTES};
 use spare_core::{BlobId, TaskId};
 use tokio::net::UnixListener;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::node::Node;
 use crate::requester;
 use types::{
     CancelReply, EnforcementView, ErrorBody, NodeInfo, OfferView, PeerView, SettingsView,
-    StatusView, Submission, TaskEvent, WorkerInfo,
+    StatusView, Submission, WorkerInfo,
 };
 
 /// Largest request body: a module or stdin blob.
@@ -51,8 +50,6 @@ const MAX_BODY: usize = (if MAX_MODULE_BYTES > MAX_STDIN_BYTES {
 /// Default and largest `limit` of listings.
 const DEFAULT_LIST: u32 = 20;
 const MAX_LIST: u32 = 10_000;
-/// Events buffered per task stream.
-const EVENT_BUFFER: usize = 16;
 
 /// An error the client can act on; the cause is logged here.
 #[derive(Debug)]
@@ -285,8 +282,11 @@ async fn submit(State(node): State<Node>, body: Bytes) -> Result<Response, ApiEr
     let (spec, placement) = requester::prepare(&node, &submission)
         .await
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
-    let (tx, rx) = mpsc::channel::<TaskEvent>(EVENT_BUFFER);
-    tokio::spawn(requester::run(node, spec, placement, tx));
+    let rx = requester::start(&node, spec, placement);
+    // The task usually reaches its placement without waiting: letting it
+    // run first sends the response head, `accepted` and `placed` in one
+    // write instead of two.
+    tokio::task::yield_now().await;
     let lines = futures::stream::unfold(rx, |mut rx| async move {
         let event = rx.recv().await?;
         let mut line = serde_json::to_vec(&event).unwrap_or_default();
