@@ -3,11 +3,11 @@
 //! It takes the first queued write, drains whatever else is already
 //! queued (up to [`MAX_BATCH`]), applies them all in one transaction,
 //! commits, and answers every caller. A lone caller on a quiet node is
-//! never kept waiting. Writes nobody waits for linger up to [`LINGER`] for
-//! company. Under load (the previous batch had more than one caller
-//! waiting for it) the writer lingers before each commit, the longer the
-//! more callers the last commit served ([`linger_for`]), so one commit
-//! serves many tasks: a commit costs a few dozen system calls whatever it
+//! never kept waiting; writes nobody waits for linger up to [`LINGER`] for
+//! company. Under load (the last commit served several waiting callers,
+//! and the next write came within the linger) the writer lingers before
+//! each commit, the longer the more callers the last one served
+//! ([`linger_for`]): a commit costs a few dozen system calls whatever it
 //! holds, and under load it, not the rows, is the ledger's cost. A failed
 //! statement fails only its own write; a failed commit fails the whole
 //! batch.
@@ -101,7 +101,12 @@ fn run(conn: &Connection, rx: &mpsc::Receiver<Op>) {
     // How long to gather writes before the next commit: none unless the
     // last one served several callers (the node is busy).
     let mut linger = Duration::ZERO;
+    let mut idle_since = Instant::now();
     while let Ok(first) = rx.recv() {
+        // Idle for longer than it would linger: the rush is over.
+        if idle_since.elapsed() > linger {
+            linger = Duration::ZERO;
+        }
         let mut batch = vec![first];
         drain(rx, &mut batch);
         if !linger.is_zero() {
@@ -130,6 +135,7 @@ fn run(conn: &Connection, rx: &mpsc::Receiver<Op>) {
             // The caller may have stopped waiting; the write stands anyway.
             let _ = op.done.send(result);
         }
+        idle_since = Instant::now();
     }
 }
 
