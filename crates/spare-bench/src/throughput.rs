@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use spare_core::{BlobId, Limits, Status, TaskId};
 use spare_node::api::client::Client;
-use spare_node::api::types::Placement;
+use spare_node::api::types::{Placement, Submission};
 use spare_policy::owner::{process_cpu_ticks, ticks_per_second};
 use spare_runtime::{Job, JobStdin, Sandbox};
 use spare_testkit::Swarm;
@@ -20,6 +20,50 @@ use crate::stats::{fmt, header};
 
 /// Tasks in flight at once.
 const CONCURRENCY: usize = 64;
+/// Measured rounds, each of the full task count.
+const ROUNDS: usize = 5;
+
+/// What one round measured.
+struct Round {
+    /// Tasks per second.
+    rate: f64,
+    /// CPU seconds per task: the daemons and their workers, and this
+    /// process (the client).
+    swarm_cpu: f64,
+    client_cpu: f64,
+}
+
+/// Runs `total` tasks with [`CONCURRENCY`] in flight.
+async fn round(
+    client: &Client,
+    submission: &Arc<Submission>,
+    total: usize,
+    daemons: &[u32],
+) -> Result<Round> {
+    let ticks_before = (swarm_ticks(daemons), own_ticks());
+    let start = Instant::now();
+    let mut set = JoinSet::new();
+    let mut submitted = 0;
+    let mut done = 0;
+    while done < total {
+        while submitted < total && set.len() < CONCURRENCY {
+            let (client, submission) = (client.clone(), Arc::clone(submission));
+            set.spawn(async move { run_once(&client, &submission).await });
+            submitted += 1;
+        }
+        if let Some(result) = set.join_next().await {
+            result??;
+            done += 1;
+        }
+    }
+    let elapsed = start.elapsed();
+    let per_task = |ticks: u64| ticks as f64 / ticks_per_second() as f64 / total as f64;
+    Ok(Round {
+        rate: total as f64 / elapsed.as_secs_f64(),
+        swarm_cpu: per_task(swarm_ticks(daemons).saturating_sub(ticks_before.0)),
+        client_cpu: per_task(own_ticks().saturating_sub(ticks_before.1)),
+    })
+}
 
 pub(crate) async fn run(env: &Env) -> Result<()> {
     let spare = env.spare.clone();
@@ -36,29 +80,24 @@ pub(crate) async fn run(env: &Env) -> Result<()> {
         run_once(&client, &submission).await?;
     }
     let daemons: Vec<u32> = swarm.nodes.iter().filter_map(|node| node.pid()).collect();
-    let ticks_before = (swarm_ticks(&daemons), own_ticks());
-    let start = Instant::now();
-    let mut set = JoinSet::new();
-    let mut submitted = 0;
-    let mut done = 0;
-    while done < total {
-        while submitted < total && set.len() < CONCURRENCY {
-            let (client, submission) = (client.clone(), Arc::clone(&submission));
-            set.spawn(async move { run_once(&client, &submission).await });
-            submitted += 1;
-        }
-        if let Some(result) = set.join_next().await {
-            result??;
-            done += 1;
-        }
+    // This machine's speed drifts from second to second: several rounds on
+    // the same swarm, and their median.
+    let mut rounds = Vec::with_capacity(ROUNDS);
+    for _ in 0..ROUNDS {
+        rounds.push(round(&client, &submission, total, &daemons).await?);
     }
-    let elapsed = start.elapsed();
-    let spare_rate = total as f64 / elapsed.as_secs_f64();
-    let per_task = |ticks: u64| {
-        Duration::from_secs_f64(ticks as f64 / ticks_per_second() as f64 / total as f64)
+    let median = |pick: fn(&Round) -> f64| {
+        let mut values: Vec<f64> = rounds.iter().map(pick).collect();
+        values.sort_by(f64::total_cmp);
+        (
+            values[values.len() / 2],
+            values[0],
+            values[values.len() - 1],
+        )
     };
-    let swarm_cpu = per_task(swarm_ticks(&daemons).saturating_sub(ticks_before.0));
-    let client_cpu = per_task(own_ticks().saturating_sub(ticks_before.1));
+    let (spare_rate, slowest, fastest) = median(|r| r.rate);
+    let swarm_cpu = Duration::from_secs_f64(median(|r| r.swarm_cpu).0);
+    let client_cpu = Duration::from_secs_f64(median(|r| r.client_cpu).0);
 
     let direct_rate = tokio::task::spawn_blocking({
         let path = env.example("hello.wasm");
@@ -67,16 +106,22 @@ pub(crate) async fn run(env: &Env) -> Result<()> {
     .await??;
 
     header(&format!(
-        "Throughput: {total} trivial tasks through 3 daemons (1 worker each), {CONCURRENCY} in flight"
+        "Throughput: {ROUNDS} rounds of {total} trivial tasks through 3 daemons (1 worker each), {CONCURRENCY} in flight"
     ));
     crate::stats::row(
-        "tasks per second",
+        "tasks per second, median round",
         &format!("{spare_rate:.0}/s"),
         &format!("{direct_rate:.0}/s"),
         &format!("{:.2}×", spare_rate / direct_rate),
     );
     crate::stats::row(
-        "CPU per task: daemons and their workers",
+        "tasks per second, slowest and fastest round",
+        &format!("{slowest:.0}/s, {fastest:.0}/s"),
+        "",
+        "",
+    );
+    crate::stats::row(
+        "CPU per task, median round: daemons and their workers",
         &fmt(swarm_cpu),
         "",
         &format!(
@@ -85,7 +130,7 @@ pub(crate) async fn run(env: &Env) -> Result<()> {
         ),
     );
     crate::stats::row(
-        "CPU per task: the client (this process)",
+        "CPU per task, median round: the client (this process)",
         &fmt(client_cpu),
         "",
         "",

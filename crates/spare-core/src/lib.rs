@@ -26,6 +26,32 @@ pub use outcome::{Failure, Outcome, OutputStream, Status};
 pub use receipt::{Receipt, SignedReceipt};
 pub use task::{BlobRef, Stdin, TaskSpec};
 
+/// Peers whose text form one thread keeps; beyond this the cache starts
+/// over. A node talks to a handful of peers at a time.
+const PEER_TEXT_CACHE: usize = 256;
+
+/// The text (base58) form of `peer`, as `to_string` gives it, but cached
+/// per thread: base58 costs microseconds, and the daemon writes the same
+/// few peer ids into several records of every task.
+pub fn peer_text(peer: &PeerId) -> String {
+    use std::cell::RefCell;
+    use std::collections::HashMap;
+    thread_local! {
+        static TEXT: RefCell<HashMap<PeerId, String>> = RefCell::new(HashMap::new());
+    }
+    TEXT.with_borrow_mut(|cache| {
+        if let Some(text) = cache.get(peer) {
+            return text.clone();
+        }
+        if cache.len() >= PEER_TEXT_CACHE {
+            cache.clear();
+        }
+        let text = peer.to_string();
+        cache.insert(*peer, text.clone());
+        text
+    })
+}
+
 /// Milliseconds since the Unix epoch, the one timestamp format spare stores
 /// and sends.
 pub fn now_ms() -> u64 {
@@ -33,4 +59,20 @@ pub fn now_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_peers_cached_text_is_its_base58_form() {
+        let peers: Vec<PeerId> = (0..PEER_TEXT_CACHE + 10)
+            .map(|_| PeerId::random())
+            .collect();
+        // Twice round, past the cache's size, so it starts over on the way.
+        for peer in peers.iter().chain(&peers) {
+            assert_eq!(peer_text(peer), peer.to_string());
+        }
+    }
 }

@@ -325,7 +325,7 @@ impl Ledger {
     pub fn task_attempt(&self, task: &TaskId, host: &PeerId) -> Committed {
         self.write(Write::TaskAttempt {
             task: task.to_string(),
-            host: host.to_string(),
+            host: spare_core::peer_text(host),
         })
     }
 
@@ -355,7 +355,7 @@ impl Ledger {
     ) -> Committed {
         self.write(Write::HostedFinished {
             task: hosted.task.to_string(),
-            requester: hosted.requester.to_string(),
+            requester: spare_core::peer_text(&hosted.requester),
             module: hosted.module.to_string(),
             started_ms: hosted.started_ms,
             ending: ending.clone(),

@@ -271,8 +271,8 @@ fn insert_receipt(
     )?
     .execute(params![
         receipt.task.to_string(),
-        receipt.host.to_string(),
-        receipt.requester.to_string(),
+        spare_core::peer_text(&receipt.host),
+        spare_core::peer_text(&receipt.requester),
         role.as_str(),
         receipt.fuel as i64,
         receipt.wall_ms as i64,

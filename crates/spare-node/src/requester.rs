@@ -227,7 +227,7 @@ impl Ended {
     ) -> Self {
         let result = TaskResult::new(
             spec.id.to_string(),
-            host.to_string(),
+            spare_core::peer_text(&host),
             attempts,
             outcome,
             receipt.is_some(),
@@ -301,7 +301,7 @@ async fn run_remote(
         let _ = events
             .send(TaskEvent::Placed {
                 attempt,
-                host: host.to_string(),
+                host: spare_core::peer_text(&host),
             })
             .await;
         match attempt_on(node, spec, host, token).await {
