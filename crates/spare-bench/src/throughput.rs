@@ -38,9 +38,9 @@ async fn round(
     client: &Client,
     submission: &Arc<Submission>,
     total: usize,
-    daemons: &[u32],
+    swarm: &[u32],
 ) -> Result<Round> {
-    let ticks_before = (swarm_ticks(daemons), own_ticks());
+    let ticks_before = (ticks_of(swarm), own_ticks());
     let start = Instant::now();
     let mut set = JoinSet::new();
     let mut submitted = 0;
@@ -60,7 +60,7 @@ async fn round(
     let per_task = |ticks: u64| ticks as f64 / ticks_per_second() as f64 / total as f64;
     Ok(Round {
         rate: total as f64 / elapsed.as_secs_f64(),
-        swarm_cpu: per_task(swarm_ticks(daemons).saturating_sub(ticks_before.0)),
+        swarm_cpu: per_task(ticks_of(swarm).saturating_sub(ticks_before.0)),
         client_cpu: per_task(own_ticks().saturating_sub(ticks_before.1)),
     })
 }
@@ -79,14 +79,20 @@ pub(crate) async fn run(env: &Env) -> Result<()> {
     for _ in 0..20 {
         run_once(&client, &submission).await?;
     }
-    let daemons: Vec<u32> = swarm.nodes.iter().filter_map(|node| node.pid()).collect();
+    // The daemons and their workers (which live as long as the swarm: no
+    // task here fails).
+    let mut pids: Vec<u32> = swarm.nodes.iter().filter_map(|node| node.pid()).collect();
+    for node in &swarm.nodes {
+        pids.extend(node.worker_pids()?);
+    }
     // This machine's speed drifts from second to second: several rounds on
     // the same swarm, and their median.
     let mut rounds = Vec::with_capacity(ROUNDS);
     for _ in 0..ROUNDS {
-        rounds.push(round(&client, &submission, total, &daemons).await?);
+        rounds.push(round(&client, &submission, total, &pids).await?);
     }
-    let median = |pick: fn(&Round) -> f64| {
+    // The median round, the lowest and the highest.
+    let spread = |pick: fn(&Round) -> f64| {
         let mut values: Vec<f64> = rounds.iter().map(pick).collect();
         values.sort_by(f64::total_cmp);
         (
@@ -95,9 +101,9 @@ pub(crate) async fn run(env: &Env) -> Result<()> {
             values[values.len() - 1],
         )
     };
-    let (spare_rate, slowest, fastest) = median(|r| r.rate);
-    let swarm_cpu = Duration::from_secs_f64(median(|r| r.swarm_cpu).0);
-    let client_cpu = Duration::from_secs_f64(median(|r| r.client_cpu).0);
+    let (spare_rate, slowest, fastest) = spread(|r| r.rate);
+    let swarm_cpu = Duration::from_secs_f64(spread(|r| r.swarm_cpu).0);
+    let client_cpu = Duration::from_secs_f64(spread(|r| r.client_cpu).0);
 
     let direct_rate = tokio::task::spawn_blocking({
         let path = env.example("hello.wasm");
@@ -141,21 +147,9 @@ pub(crate) async fn run(env: &Env) -> Result<()> {
     Ok(())
 }
 
-/// CPU clock ticks used so far by the processes `pids` and their children
-/// (a daemon's workers).
-fn swarm_ticks(pids: &[u32]) -> u64 {
-    pids.iter()
-        .flat_map(|&pid| std::iter::once(pid).chain(children(pid)))
-        .filter_map(process_cpu_ticks)
-        .sum()
-}
-
-fn children(pid: u32) -> Vec<u32> {
-    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-        .unwrap_or_default()
-        .split_whitespace()
-        .filter_map(|child| child.parse().ok())
-        .collect()
+/// CPU clock ticks used so far by the processes `pids`.
+fn ticks_of(pids: &[u32]) -> u64 {
+    pids.iter().filter_map(|&pid| process_cpu_ticks(pid)).sum()
 }
 
 fn own_ticks() -> u64 {
