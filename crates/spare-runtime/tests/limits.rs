@@ -199,6 +199,30 @@ fn args_env_and_stdin_reach_the_guest_and_nothing_else() {
     assert!(outcome.fuel > 0);
 }
 
+/// Fuel checks call the host every 2,000,000 units (to yield, which is how
+/// wall time and cancellation are enforced) through spare's patch to
+/// wasmtime (`vendor/README.md`): a trampoline that must preserve every
+/// register of the guest. A register it lost would show here as a wrong
+/// checksum (the value below is the native build's), or worse.
+#[test]
+fn a_guest_computes_exactly_across_hundreds_of_fuel_yields() {
+    let mut job = job("cpubound.wasm", Limits::DEFAULT);
+    job.args = vec!["2".into()];
+    let first = run(&job);
+    assert_eq!(first.status, Status::Exited(0), "{:?}", first.status);
+    assert_eq!(
+        String::from_utf8_lossy(&first.stdout),
+        "cpubound: rounds=2 checksum=0x068a7e127efd41e3\n"
+    );
+    assert!(
+        first.fuel > 100 * 2_000_000,
+        "only {} fuel: too few yields to test anything",
+        first.fuel
+    );
+    // Metering is exact: the same guest with the same input costs the same.
+    assert_eq!(run(&job).fuel, first.fuel);
+}
+
 #[test]
 fn stdin_can_come_from_a_file() {
     let dir = tempfile::tempdir().unwrap();
