@@ -5,8 +5,10 @@
 //! Every variant runs as a fresh process each time (the sandbox through
 //! this binary's hidden `__sandbox-once` mode), and the variants take turns,
 //! so each samples the machine's state the same way; the figure is the
-//! median of the runs.
+//! median of the runs. Each variant also runs with zero rounds, so its
+//! start-up alone is known and the run can be compared without it.
 
+use std::ffi::OsString;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -34,13 +36,20 @@ pub(crate) fn run(env: &Env) -> Result<()> {
     sandbox_once(&cache, &wasm, "1")?;
 
     let here = std::env::current_exe()?;
-    let mut variants: Vec<(&str, Command)> = Vec::new();
-    let mut command = Command::new(&native);
-    command.arg(ROUNDS);
-    variants.push(("native", command));
-    let mut command = Command::new(&here);
-    command.arg(SANDBOX_ONCE).arg(&cache).arg(&wasm).arg(ROUNDS);
-    variants.push(("spare sandbox (fuel-metered, every limit on)", command));
+    // Each variant as a command for a given number of rounds: the full run,
+    // and zero rounds for its start-up alone.
+    let mut variants: Vec<(&str, Vec<OsString>)> = vec![
+        ("native", vec![native.clone().into()]),
+        (
+            "spare sandbox (fuel-metered, every limit on)",
+            vec![
+                here.into(),
+                SANDBOX_ONCE.into(),
+                cache.clone().into(),
+                wasm.clone().into(),
+            ],
+        ),
+    ];
     if let Some(wasmtime) = &env.wasmtime {
         for (label, flags) in [
             ("wasmtime run", &[][..]),
@@ -55,24 +64,28 @@ pub(crate) fn run(env: &Env) -> Result<()> {
                 .arg(&cwasm)
                 .status()?;
             ensure!(status.success(), "wasmtime compile failed");
-            let mut command = Command::new(wasmtime);
-            command
-                .arg("run")
-                .args(flags)
-                .arg("--allow-precompiled")
-                .arg(&cwasm)
-                .arg(ROUNDS);
-            variants.push((label, command));
+            let mut argv: Vec<OsString> = vec![wasmtime.into(), "run".into()];
+            argv.extend(flags.iter().map(OsString::from));
+            argv.push("--allow-precompiled".into());
+            argv.push(cwasm.into());
+            variants.push((label, argv));
         }
     }
+    let command = |argv: &[OsString], rounds: &str| {
+        let mut command = Command::new(&argv[0]);
+        command.args(&argv[1..]).arg(rounds);
+        command
+    };
 
-    let mut times: Vec<Vec<Duration>> = vec![Vec::new(); variants.len()];
+    let mut full: Vec<Vec<Duration>> = vec![Vec::new(); variants.len()];
+    let mut startup: Vec<Vec<Duration>> = vec![Vec::new(); variants.len()];
     let mut outputs: Vec<String> = vec![String::new(); variants.len()];
     for _ in 0..runs {
-        for (i, (_, command)) in variants.iter_mut().enumerate() {
-            let (took, out) = timed(command)?;
-            times[i].push(took);
+        for (i, (_, argv)) in variants.iter().enumerate() {
+            let (took, out) = timed(&mut command(argv, ROUNDS))?;
+            full[i].push(took);
             outputs[i] = out;
+            startup[i].push(timed(&mut command(argv, "0"))?.0);
         }
     }
     for (i, (label, _)) in variants.iter().enumerate() {
@@ -82,13 +95,8 @@ pub(crate) fn run(env: &Env) -> Result<()> {
             outputs[i]
         );
     }
-    let medians: Vec<Duration> = times
-        .iter_mut()
-        .map(|t| {
-            t.sort();
-            t[t.len() / 2]
-        })
-        .collect();
+    let full = medians(&mut full);
+    let startup = medians(&mut startup);
 
     header(&format!(
         "Guest speed (cpubound.c, {ROUNDS} rounds, median of {runs} fresh processes each)"
@@ -96,14 +104,28 @@ pub(crate) fn run(env: &Env) -> Result<()> {
     for (i, (label, _)) in variants.iter().enumerate().skip(1) {
         row(
             label,
-            &fmt(medians[i]),
-            &fmt(medians[0]),
-            &ratio(medians[i], medians[0]),
+            &fmt(full[i]),
+            &fmt(full[0]),
+            &ratio(full[i], full[0]),
         );
     }
     println!(
         "\nbaseline: the same C source compiled natively with -O2; every time includes process start-up"
     );
+
+    header("Start-up alone (0 rounds), and the run without it");
+    for (i, (label, _)) in variants.iter().enumerate() {
+        row(&format!("{label}: start-up"), &fmt(startup[i]), "", "");
+    }
+    let compute = |i: usize| full[i].saturating_sub(startup[i]);
+    for (i, (label, _)) in variants.iter().enumerate().skip(1) {
+        row(
+            &format!("{label}: run minus start-up"),
+            &fmt(compute(i)),
+            &fmt(compute(0)),
+            &ratio(compute(i), compute(0)),
+        );
+    }
     Ok(())
 }
 
@@ -128,6 +150,17 @@ pub(crate) fn sandbox_once(cache: &Path, wasm: &Path, rounds: &str) -> Result<St
         outcome.status
     );
     Ok(String::from_utf8_lossy(&outcome.stdout).into_owned())
+}
+
+/// The median of each variant's samples.
+fn medians(samples: &mut [Vec<Duration>]) -> Vec<Duration> {
+    samples
+        .iter_mut()
+        .map(|t| {
+            t.sort();
+            t[t.len() / 2]
+        })
+        .collect()
 }
 
 fn compile_native(source: &Path, out: &Path) -> Result<()> {
