@@ -282,6 +282,26 @@ fn compiled_modules_are_cached_on_disk() {
     );
 }
 
+/// spare's patch to wasmtime (`vendor/README.md`) is what keeps fuel checks
+/// off the hot path; losing it (a dropped `[patch]`, a wasmtime upgrade that
+/// forgot it) would change no result, only the speed, so it is checked
+/// here: compiled code reaches the out-of-fuel handler through the
+/// register-preserving trampoline and not the ordinary one.
+#[test]
+fn fuel_checks_use_the_register_preserving_trampoline() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = job("cpubound.wasm", quick());
+    Sandbox::new(Some(dir.path().to_path_buf())).run(&job);
+    let artifact = walk(dir.path())
+        .into_iter()
+        .find(|p| p.extension().is_some_and(|e| e == "cwasm"))
+        .expect("a compiled artifact");
+    let code = std::fs::read(artifact).unwrap();
+    let has = |symbol: &[u8]| code.windows(symbol.len()).any(|w| w == symbol);
+    assert!(has(b"wasmtime_patchable_builtin_out_of_gas"));
+    assert!(!has(b"wasmtime_builtin_out_of_gas"));
+}
+
 fn walk(dir: &std::path::Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(dir).unwrap().flatten() {
