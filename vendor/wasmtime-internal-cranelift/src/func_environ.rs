@@ -1,3 +1,7 @@
+// Modified by the spare project: fuel checks call the out-of-fuel builtin
+// through the register-preserving trampoline, from a cold block. See
+// vendor/README.md in the spare repository for the change and its reasons.
+
 mod gc;
 pub(crate) mod stack_switching;
 
