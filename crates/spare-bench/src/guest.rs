@@ -39,13 +39,13 @@ pub(crate) fn run(env: &Env) -> Result<()> {
     // Each variant as a command for a given number of rounds: the full run,
     // and zero rounds for its start-up alone.
     let mut variants: Vec<(&str, Vec<OsString>)> = vec![
-        ("native", vec![native.clone().into()]),
+        ("native", vec![native.into()]),
         (
             "spare sandbox (fuel-metered, every limit on)",
             vec![
                 here.into(),
                 SANDBOX_ONCE.into(),
-                cache.clone().into(),
+                cache.into(),
                 wasm.clone().into(),
             ],
         ),

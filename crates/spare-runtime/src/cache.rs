@@ -8,16 +8,16 @@ use std::path::{Path, PathBuf};
 use spare_core::BlobId;
 use wasmtime::Engine;
 
-/// Compiled artifacts on disk, one file per module hash, in a directory
-/// named after the engine's compatibility hash and [`CODEGEN_PATCH`], so a
-/// wasmtime upgrade, a config change or a change to spare's patch of the
-/// code generator starts a fresh cache instead of loading stale code.
 /// The revision of spare's patch to wasmtime's code generator
 /// (`vendor/wasmtime-internal-cranelift`). wasmtime's own compatibility hash
 /// cannot see the patch (the version number is unchanged), so artifacts
 /// compiled before it would otherwise load and run the old, slower code.
 const CODEGEN_PATCH: &str = "fuel checks call out-of-gas through a preserve-all trampoline, r1";
 
+/// Compiled artifacts on disk, one file per module hash, in a directory
+/// named after the engine's compatibility hash and [`CODEGEN_PATCH`], so a
+/// wasmtime upgrade, a config change or a change to spare's patch of the
+/// code generator starts a fresh cache instead of loading stale code.
 #[derive(Debug, Clone)]
 pub(crate) struct DiskCache {
     dir: PathBuf,

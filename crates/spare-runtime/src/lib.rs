@@ -38,5 +38,5 @@ pub mod worker;
 
 pub use job::{Job, JobStdin};
 pub use pool::{PoolConfig, PoolError, PoolStats, WorkerCommand, WorkerPool};
-pub use sandbox::Sandbox;
+pub use sandbox::{FUEL_PER_YIELD, Sandbox};
 pub use stop::WorkerState;

@@ -38,7 +38,7 @@ use crate::output::CappedOutput;
 /// Fuel a guest burns between two chances for the host to check the wall
 /// clock: about a millisecond of guest work, which bounds how far past its
 /// wall-time limit a guest can run.
-const FUEL_PER_YIELD: u64 = 2_000_000;
+pub const FUEL_PER_YIELD: u64 = 2_000_000;
 /// Native stack for host functions on top of the guest's own stack limit.
 const HOST_STACK: u64 = 1 << 20;
 /// Prepared modules kept in memory per engine.

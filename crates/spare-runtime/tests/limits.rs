@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use spare_core::{BlobId, Failure, Limits, Outcome, OutputStream, Status, TaskId};
-use spare_runtime::{Job, JobStdin, Sandbox};
+use spare_runtime::{FUEL_PER_YIELD, Job, JobStdin, Sandbox};
 
 fn example(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -199,7 +199,7 @@ fn args_env_and_stdin_reach_the_guest_and_nothing_else() {
     assert!(outcome.fuel > 0);
 }
 
-/// Fuel checks call the host every 2,000,000 units (to yield, which is how
+/// Fuel checks call the host every `FUEL_PER_YIELD` units (to yield, which is how
 /// wall time and cancellation are enforced) through spare's patch to
 /// wasmtime (`vendor/README.md`): a trampoline that must preserve every
 /// register of the guest. A register it lost would show here as a wrong
@@ -215,7 +215,7 @@ fn a_guest_computes_exactly_across_hundreds_of_fuel_yields() {
         "cpubound: rounds=2 checksum=0x068a7e127efd41e3\n"
     );
     assert!(
-        first.fuel > 100 * 2_000_000,
+        first.fuel > 100 * FUEL_PER_YIELD,
         "only {} fuel: too few yields to test anything",
         first.fuel
     );
@@ -290,8 +290,11 @@ fn compiled_modules_are_cached_on_disk() {
 #[test]
 fn fuel_checks_use_the_register_preserving_trampoline() {
     let dir = tempfile::tempdir().unwrap();
-    let job = job("cpubound.wasm", quick());
-    Sandbox::new(Some(dir.path().to_path_buf())).run(&job);
+    // Zero rounds: only the compiled artifact is wanted.
+    let mut job = job("cpubound.wasm", quick());
+    job.args = vec!["0".into()];
+    let outcome = Sandbox::new(Some(dir.path().to_path_buf())).run(&job);
+    assert_eq!(outcome.status, Status::Exited(0), "{:?}", outcome.status);
     let artifact = walk(dir.path())
         .into_iter()
         .find(|p| p.extension().is_some_and(|e| e == "cwasm"))
