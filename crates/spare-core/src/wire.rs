@@ -15,8 +15,9 @@ use crate::receipt::MAX_RECEIPT_BYTES;
 use crate::task::SpecError;
 use crate::{BlobId, Limits, Outcome, SignedReceipt, TaskId, TaskSpec};
 
-/// Request-response protocol for running and cancelling tasks.
-pub const TASK_PROTOCOL: &str = "/spare/task/1";
+/// Protocol for running and cancelling tasks: requests and answers as
+/// length-prefixed frames on reused streams (`spare-net`'s `tasks.rs`).
+pub const TASK_PROTOCOL: &str = "/spare/task/2";
 /// Request-response protocol for fetching blob chunks.
 pub const BLOB_PROTOCOL: &str = "/spare/blob/1";
 /// Gossipsub topic on which nodes publish their [`Offer`].

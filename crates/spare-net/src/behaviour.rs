@@ -11,13 +11,9 @@ use libp2p::{
     StreamProtocol, Swarm, SwarmBuilder, connection_limits, gossipsub, identify, kad, mdns, noise,
     ping, request_response, tcp, yamux,
 };
-use spare_core::Limits;
-use spare_core::wire::{
-    BLOB_PROTOCOL, BlobRequest, BlobResponse, Message, Offer, TASK_PROTOCOL, TaskRequest,
-    TaskResponse,
-};
+use spare_core::wire::{BLOB_PROTOCOL, BlobRequest, BlobResponse, Message, Offer};
 
-use crate::codec::{CborCodec, READ_BUDGET_BYTES, ReadBudget};
+use crate::codec::{CborCodec, ReadBudget};
 use crate::{NetConfig, NetError, Transport};
 
 /// Kademlia protocol name: spare nodes form their own DHT.
@@ -33,18 +29,13 @@ const MAX_CONNECTIONS: u32 = 256;
 const MAX_CONNECTIONS_PER_PEER: u32 = 2;
 /// Connections being set up from outside at once.
 const MAX_PENDING_INCOMING: u32 = 64;
-/// Concurrent inbound requests per connection and protocol. Their bytes are
-/// bounded together by the node's read budget (`codec::ReadBudget`).
+/// Concurrent inbound blob requests per connection. Their bytes are bounded
+/// together by the node's read budget (`codec::ReadBudget`).
 const MAX_CONCURRENT_STREAMS: usize = 256;
-/// An outbound task request may take this long: the longest wall time any
-/// host grants, plus compile time. Requesters apply their own, tighter,
-/// per-task deadline on top.
-const TASK_REQUEST_TIMEOUT: Duration = Duration::from_millis(Limits::MAX.wall_ms + 10 * 60 * 1000);
 const BLOB_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 /// Connections with no traffic close after this long.
 const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(3600);
 
-pub(crate) type TaskBehaviour = request_response::Behaviour<CborCodec<TaskRequest, TaskResponse>>;
 pub(crate) type BlobBehaviour = request_response::Behaviour<CborCodec<BlobRequest, BlobResponse>>;
 
 #[derive(NetworkBehaviour)]
@@ -55,13 +46,13 @@ pub(crate) struct Behaviour {
     pub(crate) mdns: Toggle<mdns::tokio::Behaviour>,
     pub(crate) kad: kad::Behaviour<kad::store::MemoryStore>,
     pub(crate) gossipsub: gossipsub::Behaviour,
-    pub(crate) task: TaskBehaviour,
+    /// The task protocol's streams (`tasks.rs`), used outside the swarm.
+    pub(crate) streams: libp2p_stream::Behaviour,
     pub(crate) blob: BlobBehaviour,
 }
 
 impl Behaviour {
-    fn new(key: &Keypair, mdns_on: bool) -> Result<Self, NetError> {
-        let budget = ReadBudget::new(READ_BUDGET_BYTES);
+    fn new(key: &Keypair, mdns_on: bool, budget: ReadBudget) -> Result<Self, NetError> {
         let peer_id = key.public().to_peer_id();
         let limits = connection_limits::Behaviour::new(
             connection_limits::ConnectionLimits::default()
@@ -104,16 +95,6 @@ impl Behaviour {
             gossip_config,
         )
         .map_err(|e| NetError::Config(e.into()))?;
-        let task = request_response::Behaviour::with_codec(
-            CborCodec::new(budget.clone()),
-            [(
-                StreamProtocol::new(TASK_PROTOCOL),
-                request_response::ProtocolSupport::Full,
-            )],
-            request_response::Config::default()
-                .with_request_timeout(TASK_REQUEST_TIMEOUT)
-                .with_max_concurrent_streams(MAX_CONCURRENT_STREAMS),
-        );
         let blob = request_response::Behaviour::with_codec(
             CborCodec::new(budget),
             [(
@@ -131,14 +112,17 @@ impl Behaviour {
             mdns: Toggle::from(mdns),
             kad,
             gossipsub,
-            task,
+            streams: libp2p_stream::Behaviour::new(),
             blob,
         })
     }
 }
 
 /// Builds the swarm on the configured transport.
-pub(crate) fn build_swarm(config: &NetConfig) -> Result<Swarm<Behaviour>, NetError> {
+pub(crate) fn build_swarm(
+    config: &NetConfig,
+    budget: &ReadBudget,
+) -> Result<Swarm<Behaviour>, NetError> {
     let key = config.keypair.clone();
     let mdns_on = config.mdns;
     // With one protocol proposed, V1Lazy sends the request together with the
@@ -159,7 +143,7 @@ pub(crate) fn build_swarm(config: &NetConfig) -> Result<Swarm<Behaviour>, NetErr
             )
             .map_err(|e| NetError::Transport(e.to_string()))?
             .with_quic()
-            .with_behaviour(|key| Behaviour::new(key, mdns_on).map_err(Box::from))
+            .with_behaviour(|key| Behaviour::new(key, mdns_on, budget.clone()).map_err(Box::from))
             .map_err(|e| NetError::Transport(e.to_string()))?
             .with_swarm_config(swarm_config)
             .build(),
@@ -174,7 +158,7 @@ pub(crate) fn build_swarm(config: &NetConfig) -> Result<Swarm<Behaviour>, NetErr
                 )
             })
             .map_err(|e| NetError::Transport(e.to_string()))?
-            .with_behaviour(|key| Behaviour::new(key, mdns_on).map_err(Box::from))
+            .with_behaviour(|key| Behaviour::new(key, mdns_on, budget.clone()).map_err(Box::from))
             .map_err(|e| NetError::Transport(e.to_string()))?
             .with_swarm_config(swarm_config)
             .build(),

@@ -19,7 +19,7 @@ use std::time::Duration;
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use libp2p::StreamProtocol;
 use spare_core::wire::{self, Message, WireError};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// Bytes of inbound requests being read at once, over all peers.
 pub(crate) const READ_BUDGET_BYTES: usize = 64 << 20;
@@ -36,6 +36,16 @@ pub(crate) struct ReadBudget(Arc<Semaphore>);
 impl ReadBudget {
     pub(crate) fn new(bytes: usize) -> Self {
         Self(Arc::new(Semaphore::new(bytes / 1024)))
+    }
+
+    /// Waits for the permits for `bytes` (a message within its bound, so
+    /// far less than the whole budget) and holds them until dropped.
+    pub(crate) async fn acquire(&self, bytes: usize) -> io::Result<OwnedSemaphorePermit> {
+        let units = u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX);
+        Arc::clone(&self.0)
+            .acquire_many_owned(units)
+            .await
+            .map_err(|_| io::Error::other("read budget closed"))
     }
 }
 

@@ -15,16 +15,14 @@ use libp2p::request_response::{self, OutboundFailure, OutboundRequestId, Respons
 use libp2p::swarm::SwarmEvent;
 use libp2p::swarm::dial_opts::DialOpts;
 use libp2p::{Multiaddr, PeerId, Swarm, core::transport::ListenerId, identify, kad, mdns, ping};
-use spare_core::wire::{
-    self, BlobRequest, BlobResponse, Offer, Refusal, TaskRequest, TaskResponse,
-};
+use spare_core::wire::{self, BlobRequest, BlobResponse, Offer};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
 use crate::behaviour::{Behaviour, BehaviourEvent, IDENTIFY_PROTOCOL};
-use crate::codec::{CborCodec, Incoming};
-use crate::{NetError, NetEvent, RequestError, Responder, Shared};
+use crate::codec::Incoming;
+use crate::{NetError, NetEvent, ReplyPath, RequestError, Responder, Shared};
 
 /// How often the loop checks its connections and tidies its maps.
 const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(10);
@@ -43,17 +41,11 @@ type Reply<T> = oneshot::Sender<Result<T, RequestError>>;
 /// What a [`NetHandle`](crate::NetHandle) asks of the loop.
 #[derive(Debug)]
 pub(crate) enum Command {
-    SendTask {
-        peer: PeerId,
-        request: Box<TaskRequest>,
-        reply: Reply<TaskResponse>,
-    },
     FetchBlob {
         peer: PeerId,
         request: BlobRequest,
         reply: Reply<BlobResponse>,
     },
-    RespondTask(ResponseChannel<TaskResponse>, Box<TaskResponse>),
     RespondBlob(ResponseChannel<BlobResponse>, BlobResponse),
     PublishOffer(Offer),
 }
@@ -67,7 +59,6 @@ pub(crate) struct EventLoop {
     own_commands: mpsc::Sender<Command>,
     events: mpsc::Sender<NetEvent>,
     shared: Arc<Shared>,
-    pending_tasks: HashMap<OutboundRequestId, Reply<TaskResponse>>,
     pending_blobs: HashMap<OutboundRequestId, Reply<BlobResponse>>,
     /// Our latest offer, encoded, re-published to each peer that subscribes.
     offer: Option<Vec<u8>>,
@@ -94,7 +85,6 @@ impl EventLoop {
             own_commands,
             events,
             shared,
-            pending_tasks: HashMap::new(),
             pending_blobs: HashMap::new(),
             offer: None,
             welcomed: None,
@@ -163,16 +153,6 @@ impl EventLoop {
     fn handle_command(&mut self, command: Command) {
         let behaviour = self.swarm.behaviour_mut();
         match command {
-            Command::SendTask {
-                peer,
-                request,
-                reply,
-            } => {
-                let id = behaviour
-                    .task
-                    .send_request(&peer, Incoming::Valid(*request));
-                self.pending_tasks.insert(id, reply);
-            }
             Command::FetchBlob {
                 peer,
                 request,
@@ -181,11 +161,8 @@ impl EventLoop {
                 let id = behaviour.blob.send_request(&peer, Incoming::Valid(request));
                 self.pending_blobs.insert(id, reply);
             }
-            Command::RespondTask(channel, response) => {
-                // Fails only if the peer went away; nothing to do then.
-                let _ = behaviour.task.send_response(channel, *response);
-            }
             Command::RespondBlob(channel, response) => {
+                // Fails only if the peer went away; nothing to do then.
                 let _ = behaviour.blob.send_response(channel, response);
             }
             Command::PublishOffer(offer) => match wire::encode(&offer) {
@@ -258,6 +235,8 @@ impl EventLoop {
             } => {
                 tracing::debug!(%peer_id, ?cause, "disconnected");
                 self.write_peers().disconnected(&peer_id);
+                // Idle task streams died with the connection.
+                self.shared.tasks.forget(&peer_id);
                 let token = self
                     .shared
                     .connections
@@ -364,18 +343,13 @@ impl EventLoop {
                     self.publish_offer();
                 }
             }
-            BehaviourEvent::Task(event) => self.handle_request_response(event),
-            BehaviourEvent::Blob(event) => self.handle_request_response(event),
+            BehaviourEvent::Blob(event) => self.handle_blob(event),
             _ => {}
         }
     }
 
-    /// One request-response event of either protocol; what differs between
-    /// them is in [`Protocol`].
-    fn handle_request_response<P: Protocol>(
-        &mut self,
-        event: request_response::Event<Incoming<P>, P::Response>,
-    ) {
+    /// One event of the blob protocol (libp2p's request-response).
+    fn handle_blob(&mut self, event: request_response::Event<Incoming<BlobRequest>, BlobResponse>) {
         match event {
             request_response::Event::Message { peer, message, .. } => match message {
                 request_response::Message::Request {
@@ -383,9 +357,13 @@ impl EventLoop {
                     channel,
                     ..
                 } => {
-                    tracing::debug!(%peer, "malformed {} request: {why}", P::NAME);
-                    let answer = P::malformed(spare_core::outcome::clip_detail(why));
-                    let _ = P::behaviour(self.swarm.behaviour_mut()).send_response(channel, answer);
+                    tracing::debug!(%peer, "malformed blob request: {why}");
+                    let answer = BlobResponse::Invalid(spare_core::outcome::clip_detail(why));
+                    let _ = self
+                        .swarm
+                        .behaviour_mut()
+                        .blob
+                        .send_response(channel, answer);
                 }
                 request_response::Message::Request {
                     request: Incoming::Valid(request),
@@ -393,24 +371,38 @@ impl EventLoop {
                     ..
                 } => {
                     let reply = Responder {
-                        channel,
-                        commands: self.own_commands.clone(),
+                        path: ReplyPath::Swarm {
+                            channel,
+                            commands: self.own_commands.clone(),
+                        },
+                    };
+                    let event = NetEvent::BlobRequest {
+                        peer,
+                        request,
+                        reply,
                     };
                     // The daemon is saturated: refuse now rather than queue
                     // without bound.
-                    if let Err(mpsc::error::TrySendError::Full(event)) =
-                        self.events.try_send(P::event(peer, request, reply))
-                        && let Some(reply) = P::responder(event)
+                    if let Err(mpsc::error::TrySendError::Full(NetEvent::BlobRequest {
+                        reply:
+                            Responder {
+                                path: ReplyPath::Swarm { channel, .. },
+                            },
+                        ..
+                    })) = self.events.try_send(event)
                     {
-                        let _ = P::behaviour(self.swarm.behaviour_mut())
-                            .send_response(reply.channel, P::overloaded());
+                        let _ = self
+                            .swarm
+                            .behaviour_mut()
+                            .blob
+                            .send_response(channel, BlobResponse::Busy);
                     }
                 }
                 request_response::Message::Response {
                     request_id,
                     response,
                 } => {
-                    if let Some(reply) = P::pending(self).remove(&request_id) {
+                    if let Some(reply) = self.pending_blobs.remove(&request_id) {
                         let _ = reply.send(Ok(response));
                     }
                 }
@@ -421,13 +413,13 @@ impl EventLoop {
                 peer,
                 ..
             } => {
-                tracing::debug!(%peer, "{} request failed: {error}", P::NAME);
-                if let Some(reply) = P::pending(self).remove(&request_id) {
+                tracing::debug!(%peer, "blob request failed: {error}");
+                if let Some(reply) = self.pending_blobs.remove(&request_id) {
                     let _ = reply.send(Err(request_error(error)));
                 }
             }
             request_response::Event::InboundFailure { peer, error, .. } => {
-                tracing::debug!(%peer, "inbound {} request failed: {error}", P::NAME);
+                tracing::debug!(%peer, "inbound blob request failed: {error}");
             }
             request_response::Event::ResponseSent { .. } => {}
         }
@@ -436,7 +428,6 @@ impl EventLoop {
     fn maintain(&mut self) {
         self.ticks = self.ticks.wrapping_add(1);
         // Requesters that gave up no longer need their reply slot.
-        self.pending_tasks.retain(|_, reply| !reply.is_closed());
         self.pending_blobs.retain(|_, reply| !reply.is_closed());
         if self.read_peer_count() == 0 {
             self.dial_bootstrap();
@@ -460,102 +451,6 @@ impl EventLoop {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .len()
-    }
-}
-
-/// What the task and the blob protocols do differently in the event loop.
-trait Protocol: spare_core::wire::Message + Send + Sync + 'static {
-    type Response: spare_core::wire::Message + Send + Sync + 'static;
-    /// For logs.
-    const NAME: &'static str;
-    fn behaviour(
-        behaviour: &mut Behaviour,
-    ) -> &mut request_response::Behaviour<CborCodec<Self, Self::Response>>;
-    fn pending(
-        event_loop: &mut EventLoop,
-    ) -> &mut HashMap<OutboundRequestId, Reply<Self::Response>>;
-    /// The answer to a malformed request.
-    fn malformed(why: String) -> Self::Response;
-    /// The answer when the daemon cannot take the request now.
-    fn overloaded() -> Self::Response;
-    fn event(peer: PeerId, request: Self, reply: Responder<Self::Response>) -> NetEvent;
-    /// The way back out of an event that could not be delivered.
-    fn responder(event: NetEvent) -> Option<Responder<Self::Response>>;
-}
-
-impl Protocol for TaskRequest {
-    type Response = TaskResponse;
-    const NAME: &'static str = "task";
-
-    fn behaviour(
-        behaviour: &mut Behaviour,
-    ) -> &mut request_response::Behaviour<CborCodec<Self, TaskResponse>> {
-        &mut behaviour.task
-    }
-
-    fn pending(event_loop: &mut EventLoop) -> &mut HashMap<OutboundRequestId, Reply<TaskResponse>> {
-        &mut event_loop.pending_tasks
-    }
-
-    fn malformed(why: String) -> TaskResponse {
-        TaskResponse::Refused(Refusal::Invalid(why))
-    }
-
-    fn overloaded() -> TaskResponse {
-        TaskResponse::Refused(Refusal::Overloaded)
-    }
-
-    fn event(peer: PeerId, request: Self, reply: Responder<TaskResponse>) -> NetEvent {
-        NetEvent::TaskRequest {
-            peer,
-            request,
-            reply,
-        }
-    }
-
-    fn responder(event: NetEvent) -> Option<Responder<TaskResponse>> {
-        match event {
-            NetEvent::TaskRequest { reply, .. } => Some(reply),
-            NetEvent::BlobRequest { .. } => None,
-        }
-    }
-}
-
-impl Protocol for BlobRequest {
-    type Response = BlobResponse;
-    const NAME: &'static str = "blob";
-
-    fn behaviour(
-        behaviour: &mut Behaviour,
-    ) -> &mut request_response::Behaviour<CborCodec<Self, BlobResponse>> {
-        &mut behaviour.blob
-    }
-
-    fn pending(event_loop: &mut EventLoop) -> &mut HashMap<OutboundRequestId, Reply<BlobResponse>> {
-        &mut event_loop.pending_blobs
-    }
-
-    fn malformed(why: String) -> BlobResponse {
-        BlobResponse::Invalid(why)
-    }
-
-    fn overloaded() -> BlobResponse {
-        BlobResponse::Busy
-    }
-
-    fn event(peer: PeerId, request: Self, reply: Responder<BlobResponse>) -> NetEvent {
-        NetEvent::BlobRequest {
-            peer,
-            request,
-            reply,
-        }
-    }
-
-    fn responder(event: NetEvent) -> Option<Responder<BlobResponse>> {
-        match event {
-            NetEvent::BlobRequest { reply, .. } => Some(reply),
-            NetEvent::TaskRequest { .. } => None,
-        }
     }
 }
 

@@ -7,9 +7,10 @@
 //! oneshot for its reply (the shape of libp2p's file-sharing example).
 //!
 //! Protocols: identify, ping, mDNS (optional), Kademlia, gossipsub for
-//! [`Offer`]s, and two request-response protocols with a bounded CBOR codec:
-//! [`TASK_PROTOCOL`](spare_core::wire::TASK_PROTOCOL) and
-//! [`BLOB_PROTOCOL`](spare_core::wire::BLOB_PROTOCOL).
+//! [`Offer`]s, [`TASK_PROTOCOL`](spare_core::wire::TASK_PROTOCOL) (requests
+//! and answers framed on pooled streams, `tasks.rs`), and
+//! [`BLOB_PROTOCOL`](spare_core::wire::BLOB_PROTOCOL) (libp2p's
+//! request-response with a bounded CBOR codec).
 //!
 //! **Architecture invariant:** this crate knows nothing about wasmtime. It
 //! moves [`spare_core::wire`] messages and never looks inside a task.
@@ -19,6 +20,7 @@ mod behaviour;
 mod codec;
 mod event_loop;
 mod peers;
+mod tasks;
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -112,28 +114,54 @@ pub enum NetEvent {
 /// closes the peer's stream, which it sees as a failed request.
 #[derive(Debug)]
 pub struct Responder<R> {
-    channel: ResponseChannel<R>,
-    commands: mpsc::Sender<event_loop::Command>,
+    path: ReplyPath<R>,
+}
+
+#[derive(Debug)]
+enum ReplyPath<R> {
+    /// Straight to the task stream the request came on (`tasks.rs`).
+    Direct(oneshot::Sender<R>),
+    /// Through the event loop, to libp2p's request-response.
+    Swarm {
+        channel: ResponseChannel<R>,
+        commands: mpsc::Sender<event_loop::Command>,
+    },
+}
+
+impl<R> Responder<R> {
+    fn direct(reply: oneshot::Sender<R>) -> Self {
+        Self {
+            path: ReplyPath::Direct(reply),
+        }
+    }
 }
 
 impl Responder<TaskResponse> {
     pub async fn send(self, response: TaskResponse) {
-        let _ = self
-            .commands
-            .send(event_loop::Command::RespondTask(
-                self.channel,
-                Box::new(response),
-            ))
-            .await;
+        match self.path {
+            ReplyPath::Direct(reply) => {
+                let _ = reply.send(response);
+            }
+            // Task requests arrive on task streams only.
+            ReplyPath::Swarm { .. } => {
+                tracing::error!("a task answer had no task stream to go to");
+            }
+        }
     }
 }
 
 impl Responder<BlobResponse> {
     pub async fn send(self, response: BlobResponse) {
-        let _ = self
-            .commands
-            .send(event_loop::Command::RespondBlob(self.channel, response))
-            .await;
+        match self.path {
+            ReplyPath::Swarm { channel, commands } => {
+                let _ = commands
+                    .send(event_loop::Command::RespondBlob(channel, response))
+                    .await;
+            }
+            ReplyPath::Direct(reply) => {
+                let _ = reply.send(response);
+            }
+        }
     }
 }
 
@@ -146,13 +174,15 @@ pub struct NetHandle {
 }
 
 /// State the event loop publishes for cheap reads.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Shared {
     peers: RwLock<peers::PeerTable>,
     listen_addrs: RwLock<Vec<Multiaddr>>,
     /// One token per connected peer, cancelled when its last connection
     /// closes.
     connections: RwLock<HashMap<PeerId, CancellationToken>>,
+    /// The task protocol's pooled streams.
+    tasks: tasks::TaskStreams,
 }
 
 /// Starts the network: binds the listen addresses, dials the bootstrap
@@ -164,7 +194,13 @@ pub async fn start(
     for addr in &config.listen {
         probe_tcp_port(addr)?;
     }
-    let mut swarm = behaviour::build_swarm(&config)?;
+    let budget = codec::ReadBudget::new(codec::READ_BUDGET_BYTES);
+    let mut swarm = behaviour::build_swarm(&config, &budget)?;
+    let mut control = swarm.behaviour().streams.new_control();
+    let incoming_tasks = control
+        .accept(libp2p::StreamProtocol::new(spare_core::wire::TASK_PROTOCOL))
+        .map_err(|e| NetError::Config(e.to_string()))?;
+
     let mut listeners = Vec::with_capacity(config.listen.len());
     for addr in &config.listen {
         let id = swarm
@@ -184,7 +220,12 @@ pub async fn start(
 
     let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
     let (event_tx, event_rx) = mpsc::channel(EVENT_QUEUE);
-    let shared = Arc::new(Shared::default());
+    let shared = Arc::new(Shared {
+        peers: RwLock::default(),
+        listen_addrs: RwLock::default(),
+        connections: RwLock::default(),
+        tasks: tasks::TaskStreams::new(control),
+    });
     let local_peer_id = *swarm.local_peer_id();
     // Boxed: it holds the swarm, which is large, across the awaits below.
     let mut event_loop = Box::new(event_loop::EventLoop::new(
@@ -193,11 +234,19 @@ pub async fn start(
         config.bootstrap.clone(),
         cmd_rx,
         cmd_tx.clone(),
-        event_tx,
+        event_tx.clone(),
         Arc::clone(&shared),
     ));
     event_loop.wait_for_listeners(&listeners).await?;
     event_loop.dial_bootstrap();
+    let serve_tasks = tasks::serve(incoming_tasks, event_tx, budget);
+    let stop_serving = shutdown.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            () = serve_tasks => {}
+            () = stop_serving.cancelled() => {}
+        }
+    });
     tokio::spawn(event_loop.run(shutdown));
     Ok((
         NetHandle {
@@ -307,14 +356,13 @@ impl NetHandle {
         peer: PeerId,
         request: TaskRequest,
     ) -> Result<TaskResponse, RequestError> {
-        let (tx, rx) = oneshot::channel();
-        self.command(event_loop::Command::SendTask {
-            peer,
-            request: Box::new(request),
-            reply: tx,
-        })
-        .await?;
-        rx.await.map_err(|_| RequestError::Shutdown)?
+        if self.commands.is_closed() {
+            return Err(RequestError::Shutdown);
+        }
+        self.shared
+            .tasks
+            .request(peer, &request, || self.connection_token(&peer))
+            .await
     }
 
     /// Asks `peer` for a chunk of a blob.

@@ -1,76 +1,24 @@
 //! A hostile peer speaking the task protocol with raw bytes: garbage,
-//! out-of-bounds values and oversized messages get an error reply or a
+//! out-of-bounds values and oversized frames get an error reply or a
 //! closed stream, never a panic, and the node keeps serving.
 
-use std::io;
 use std::time::Duration;
 
-use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, StreamExt};
+use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use libp2p::core::transport::{MemoryTransport, Transport as _};
 use libp2p::core::upgrade::Version;
 use libp2p::identity::Keypair;
-use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
-use libp2p::{Multiaddr, StreamProtocol, Swarm, SwarmBuilder, identify, noise, yamux};
+use libp2p::{Multiaddr, Stream, StreamProtocol, Swarm, SwarmBuilder, identify, noise, yamux};
 use spare_core::wire::{self, Message, TASK_PROTOCOL, TaskRequest, TaskResponse};
 use spare_core::{Limits, TaskId};
 use spare_net::{NetConfig, NetEvent, Transport};
 use tokio_util::sync::CancellationToken;
 
-/// Sends whatever bytes it is given.
-#[derive(Clone, Default)]
-struct RawCodec;
-
-impl request_response::Codec for RawCodec {
-    type Protocol = StreamProtocol;
-    type Request = Vec<u8>;
-    type Response = Vec<u8>;
-
-    async fn read_request<T: AsyncRead + Unpin + Send>(
-        &mut self,
-        _: &StreamProtocol,
-        io: &mut T,
-    ) -> io::Result<Vec<u8>> {
-        let mut buf = Vec::new();
-        io.read_to_end(&mut buf).await?;
-        Ok(buf)
-    }
-
-    async fn read_response<T: AsyncRead + Unpin + Send>(
-        &mut self,
-        _: &StreamProtocol,
-        io: &mut T,
-    ) -> io::Result<Vec<u8>> {
-        let mut buf = Vec::new();
-        io.take(64 << 20).read_to_end(&mut buf).await?;
-        Ok(buf)
-    }
-
-    async fn write_request<T: AsyncWrite + Unpin + Send>(
-        &mut self,
-        _: &StreamProtocol,
-        io: &mut T,
-        req: Vec<u8>,
-    ) -> io::Result<()> {
-        io.write_all(&req).await?;
-        io.close().await
-    }
-
-    async fn write_response<T: AsyncWrite + Unpin + Send>(
-        &mut self,
-        _: &StreamProtocol,
-        io: &mut T,
-        res: Vec<u8>,
-    ) -> io::Result<()> {
-        io.write_all(&res).await?;
-        io.close().await
-    }
-}
-
 #[derive(NetworkBehaviour)]
 struct Rogue {
     identify: identify::Behaviour,
-    task: request_response::Behaviour<RawCodec>,
+    streams: libp2p_stream::Behaviour,
 }
 
 fn rogue() -> Swarm<Rogue> {
@@ -91,48 +39,45 @@ fn rogue() -> Swarm<Rogue> {
                 "/spare/id/1.0.0".into(),
                 key.public(),
             )),
-            task: request_response::Behaviour::new(
-                [(
-                    StreamProtocol::new(TASK_PROTOCOL),
-                    ProtocolSupport::Outbound,
-                )],
-                request_response::Config::default().with_request_timeout(Duration::from_secs(10)),
-            ),
+            streams: libp2p_stream::Behaviour::new(),
         })
         .unwrap()
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
         .build()
 }
 
-/// Sends `bytes` and waits for the answer, or the failure.
-async fn ask(
-    swarm: &mut Swarm<Rogue>,
-    peer: libp2p::PeerId,
-    bytes: Vec<u8>,
-) -> Result<Vec<u8>, String> {
-    let id = swarm.behaviour_mut().task.send_request(&peer, bytes);
-    loop {
-        match swarm.select_next_some().await {
-            SwarmEvent::Behaviour(RogueEvent::Task(request_response::Event::Message {
-                message:
-                    request_response::Message::Response {
-                        request_id,
-                        response,
-                    },
-                ..
-            })) if request_id == id => return Ok(response),
-            SwarmEvent::Behaviour(RogueEvent::Task(request_response::Event::OutboundFailure {
-                request_id,
-                error,
-                ..
-            })) if request_id == id => return Err(error.to_string()),
-            _ => {}
-        }
-    }
+/// A frame: the length as a big-endian `u32`, then the bytes.
+fn frame(body: &[u8]) -> Vec<u8> {
+    let mut bytes = u32::try_from(body.len()).unwrap().to_be_bytes().to_vec();
+    bytes.extend_from_slice(body);
+    bytes
 }
 
-fn answer(bytes: &[u8]) -> TaskResponse {
-    wire::decode::<TaskResponse>(bytes).expect("the node answers with a valid message")
+/// Reads the byte with which the node accepts a task stream.
+async fn accepted(mut stream: Stream) -> Stream {
+    let mut first = [0u8; 1];
+    stream.read_exact(&mut first).await.unwrap();
+    assert_eq!(first, [0x01]);
+    stream
+}
+
+/// Writes `bytes` and reads one answer frame, or says why there is none.
+async fn ask(stream: &mut Stream, bytes: &[u8]) -> Result<TaskResponse, String> {
+    stream.write_all(bytes).await.map_err(|e| e.to_string())?;
+    stream.flush().await.map_err(|e| e.to_string())?;
+    let mut header = [0u8; 4];
+    stream
+        .read_exact(&mut header)
+        .await
+        .map_err(|e| e.to_string())?;
+    let len = u32::from_be_bytes(header) as usize;
+    assert!(len <= TaskResponse::MAX_BYTES, "an answer of {len} bytes");
+    let mut body = vec![0u8; len];
+    stream
+        .read_exact(&mut body)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(wire::decode::<TaskResponse>(&body).expect("the node answers with a valid message"))
 }
 
 #[tokio::test]
@@ -162,6 +107,7 @@ async fn malformed_and_oversized_requests_are_refused_and_the_node_keeps_serving
         }
     });
     let mut swarm = rogue();
+    let mut control = swarm.behaviour().streams.new_control();
     swarm.dial(addr).unwrap();
     let peer = node.local_peer_id();
     loop {
@@ -170,19 +116,25 @@ async fn malformed_and_oversized_requests_are_refused_and_the_node_keeps_serving
             break;
         }
     }
+    tokio::spawn(async move {
+        loop {
+            swarm.select_next_some().await;
+        }
+    });
+    let protocol = StreamProtocol::new(TASK_PROTOCOL);
+    let mut stream = accepted(control.open_stream(peer, protocol.clone()).await.unwrap()).await;
 
     // Garbage gets an error reply naming the problem.
-    let reply = answer(
-        &ask(&mut swarm, peer, b"\xa1\x63Run\xff garbage".to_vec())
-            .await
-            .unwrap(),
-    );
+    let reply = ask(&mut stream, &frame(b"\xa1\x63Run\xff garbage"))
+        .await
+        .unwrap();
     assert!(
         matches!(&reply, TaskResponse::Refused(r) if r.to_string().contains("malformed message")),
         "{reply:?}"
     );
 
-    // A well-formed message with out-of-bounds values is refused by validation.
+    // A well-formed message with out-of-bounds values is refused by
+    // validation, on the same stream: a bad request does not end it.
     let mut spec_bytes = Vec::new();
     let mut spec = spare_core::TaskSpec {
         id: TaskId::random(),
@@ -195,28 +147,29 @@ async fn malformed_and_oversized_requests_are_refused_and_the_node_keeps_serving
     };
     spec.limits.memory = u64::MAX;
     ciborium::into_writer(&TaskRequest::Run(spec), &mut spec_bytes).unwrap();
-    let reply = answer(&ask(&mut swarm, peer, spec_bytes).await.unwrap());
+    let reply = ask(&mut stream, &frame(&spec_bytes)).await.unwrap();
     assert!(
         matches!(&reply, TaskResponse::Refused(r) if r.to_string().contains("memory limit")),
         "{reply:?}"
     );
 
-    // An oversized message is cut off: the stream fails, nothing else does.
-    let oversized = vec![0u8; TaskRequest::MAX_BYTES + 4096];
-    match ask(&mut swarm, peer, oversized).await {
-        Err(_) => {}
-        Ok(bytes) => assert!(
-            bytes.is_empty(),
-            "an oversized request got {} bytes of answer",
-            bytes.len()
-        ),
-    }
+    // A frame announcing more than a request may hold is cut off before its
+    // body is read: the stream closes, nothing else does.
+    let oversized = u32::try_from(TaskRequest::MAX_BYTES + 1).unwrap();
+    let mut bytes = oversized.to_be_bytes().to_vec();
+    bytes.extend(vec![0u8; 4096]);
+    let cut = ask(&mut stream, &bytes).await;
+    assert!(cut.is_err(), "an oversized request got an answer: {cut:?}");
 
-    // And a valid request still gets its answer.
-    let valid = wire::encode(&TaskRequest::Cancel(TaskId::random())).unwrap();
-    assert_eq!(
-        answer(&ask(&mut swarm, peer, valid).await.unwrap()),
-        TaskResponse::Cancelled(false)
-    );
+    // And a valid request on a new stream still gets its answer, as do
+    // several in a row on one stream.
+    let mut stream = accepted(control.open_stream(peer, protocol).await.unwrap()).await;
+    let valid = frame(&wire::encode(&TaskRequest::Cancel(TaskId::random())).unwrap());
+    for _ in 0..3 {
+        assert_eq!(
+            ask(&mut stream, &valid).await.unwrap(),
+            TaskResponse::Cancelled(false)
+        );
+    }
     shutdown.cancel();
 }

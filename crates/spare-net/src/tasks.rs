@@ -1,0 +1,576 @@
+//! The task protocol: requests and their answers as length-prefixed CBOR
+//! frames on streams that are kept open and reused.
+//!
+//! A requester holds a small pool of idle streams to each host. A request
+//! takes one (or opens one), writes one frame, reads one frame back, and
+//! returns the stream to the pool; concurrent requests use separate streams,
+//! so a long task or a large answer holds up no other. Compared with a
+//! fresh stream per request (libp2p's request-response), a task costs no
+//! stream set-up, protocol negotiation or close: one write each way on the
+//! connection instead of four.
+//!
+//! A host accepts a stream by writing one byte ([`ACCEPTED`]), then serves
+//! it in a loop: read a request frame, hand it to the daemon, write the
+//! answer frame. Bounds: a frame's length is
+//! checked against the message type's `MAX_BYTES` before anything is read
+//! (an oversized one closes the stream); a request's body holds the
+//! node-wide read budget while it arrives and must arrive within
+//! [`REQUEST_READ_TIMEOUT`](crate::codec::REQUEST_READ_TIMEOUT); a peer may
+//! hold at most [`MAX_STREAMS_PER_PEER`] task streams open on this node.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, StreamExt};
+use libp2p::{PeerId, Stream, StreamProtocol};
+use libp2p_stream::{Control, IncomingStreams, OpenStreamError};
+use spare_core::Limits;
+use spare_core::wire::{self, Message, Refusal, TaskRequest, TaskResponse, WireError};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::codec::{REQUEST_READ_TIMEOUT, ReadBudget};
+use crate::{NetEvent, RequestError, Responder};
+
+/// Bytes of the length prefix of every frame (big-endian `u32`).
+const HEADER_BYTES: usize = 4;
+/// The byte a host writes first on every task stream it accepts. libp2p
+/// drops an inbound stream that arrives while the previous one is still
+/// being handed over; a requester that sees its new stream end before this
+/// byte knows the host never read its request, and opens another.
+const ACCEPTED: u8 = 0x01;
+/// How many times a requester opens a new stream that the host dropped
+/// before accepting it, pausing a little longer each time.
+const OPEN_ATTEMPTS: u32 = 8;
+/// An outbound task request may take this long: the longest wall time any
+/// host grants, plus compile time. Requesters apply their own, tighter,
+/// per-task deadline on top.
+const TASK_REQUEST_TIMEOUT: Duration = Duration::from_millis(Limits::MAX.wall_ms + 10 * 60 * 1000);
+/// Idle streams a requester keeps per host; more are closed when done.
+const MAX_IDLE_PER_PEER: usize = 64;
+/// Inbound task streams one peer may hold open on this node; more are
+/// dropped as they arrive. It bounds the tasks a peer can have in flight
+/// here, as the host's queue does again.
+pub(crate) const MAX_STREAMS_PER_PEER: usize = 256;
+
+/// Why a frame could not be read.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum FrameError {
+    #[error("frame of {len} bytes exceeds the bound of {max}")]
+    TooLarge { len: usize, max: usize },
+    #[error(transparent)]
+    Io(#[from] io::Error),
+    #[error("cannot open a stream: {0}")]
+    Open(RequestError),
+}
+
+/// The length a frame header announces, if it is within `max`.
+pub(crate) fn frame_len(header: [u8; HEADER_BYTES], max: usize) -> Result<usize, FrameError> {
+    let len = usize::try_from(u32::from_be_bytes(header)).unwrap_or(usize::MAX);
+    if len > max {
+        return Err(FrameError::TooLarge { len, max });
+    }
+    Ok(len)
+}
+
+/// Encodes `msg` as one frame: length prefix, then CBOR.
+pub(crate) fn encode_frame<M: Message>(msg: &M) -> Result<Vec<u8>, WireError> {
+    let body = wire::encode(msg)?;
+    let len = u32::try_from(body.len()).map_err(|_| WireError::TooLarge {
+        size: body.len(),
+        max: M::MAX_BYTES,
+    })?;
+    let mut frame = Vec::with_capacity(HEADER_BYTES + body.len());
+    frame.extend_from_slice(&len.to_be_bytes());
+    frame.extend_from_slice(&body);
+    Ok(frame)
+}
+
+/// Reads a frame header; `None` if the stream ended cleanly before one.
+async fn read_header<T: AsyncRead + Unpin>(io: &mut T) -> io::Result<Option<[u8; HEADER_BYTES]>> {
+    let mut header = [0u8; HEADER_BYTES];
+    let mut filled = 0;
+    while filled < HEADER_BYTES {
+        match io.read(&mut header[filled..]).await? {
+            0 if filled == 0 => return Ok(None),
+            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+            n => filled += n,
+        }
+    }
+    Ok(Some(header))
+}
+
+/// Reads one whole frame body of at most `M::MAX_BYTES`. Used for answers,
+/// which are bounded by our own requests in flight.
+async fn read_frame<M: Message, T: AsyncRead + Unpin>(io: &mut T) -> Result<Vec<u8>, FrameError> {
+    let header = read_header(io)
+        .await?
+        .ok_or_else(|| io::Error::from(io::ErrorKind::UnexpectedEof))?;
+    let len = frame_len(header, M::MAX_BYTES)?;
+    let mut body = vec![0u8; len];
+    io.read_exact(&mut body).await?;
+    Ok(body)
+}
+
+/// Reads the body of an inbound request of `len` bytes (already checked
+/// against its bound), holding its share of the node's read budget while
+/// it arrives, and within [`REQUEST_READ_TIMEOUT`].
+async fn read_request_body<T: AsyncRead + Unpin>(
+    io: &mut T,
+    len: usize,
+    budget: &ReadBudget,
+) -> io::Result<Vec<u8>> {
+    let read = async {
+        let _permit = budget.acquire(len).await?;
+        let mut body = vec![0u8; len];
+        io.read_exact(&mut body).await?;
+        Ok(body)
+    };
+    tokio::time::timeout(REQUEST_READ_TIMEOUT, read)
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "request not received in time"))?
+}
+
+async fn write_frame<T: AsyncWrite + Unpin>(io: &mut T, frame: &[u8]) -> io::Result<()> {
+    io.write_all(frame).await?;
+    io.flush().await
+}
+
+/// The requester's side: pooled streams to each host.
+pub(crate) struct TaskStreams {
+    control: Control,
+    protocol: StreamProtocol,
+    idle: Mutex<HashMap<PeerId, Vec<Stream>>>,
+}
+
+impl std::fmt::Debug for TaskStreams {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TaskStreams")
+            .field("protocol", &self.protocol)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TaskStreams {
+    pub(crate) fn new(control: Control) -> Self {
+        Self {
+            control,
+            protocol: StreamProtocol::new(wire::TASK_PROTOCOL),
+            idle: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Sends `request` to `peer` and waits for its answer. Cancel-safe:
+    /// dropping the future drops the stream it was using, which the host
+    /// sees closed when it answers.
+    ///
+    /// `connection` gives the token that is cancelled when the peer's last
+    /// connection closes: a stream is not always told that its connection
+    /// went away, so the request watches the connection too.
+    pub(crate) async fn request(
+        &self,
+        peer: PeerId,
+        request: &TaskRequest,
+        connection: impl Fn() -> Option<CancellationToken>,
+    ) -> Result<TaskResponse, RequestError> {
+        let frame = encode_frame(request).map_err(|e| RequestError::Io(e.to_string()))?;
+        let exchange = async {
+            // Connected already, or connected by opening the stream.
+            let mut stream = watch(connection(), self.stream_with(peer, &frame)).await?;
+            let body = watch(connection(), read_frame::<TaskResponse, _>(&mut stream)).await?;
+            Ok::<_, FrameError>((stream, body))
+        };
+        let (stream, body) = match tokio::time::timeout(TASK_REQUEST_TIMEOUT, exchange).await {
+            Err(_) => return Err(RequestError::Timeout),
+            Ok(Err(FrameError::TooLarge { len, max })) => {
+                return Err(RequestError::Io(format!(
+                    "the peer's answer of {len} bytes exceeds the bound of {max}"
+                )));
+            }
+            Ok(Err(FrameError::Io(e))) => return Err(stream_error(&e)),
+            Ok(Err(FrameError::Open(e))) => return Err(e),
+            Ok(Ok(done)) => done,
+        };
+        let response = wire::decode::<TaskResponse>(&body)
+            .map_err(|e| RequestError::Io(format!("invalid answer: {e}")))?;
+        self.give_back(peer, stream);
+        Ok(response)
+    }
+
+    /// A stream to `peer` on which `frame` has been sent: an idle one, or a
+    /// new one that the host has accepted.
+    async fn stream_with(&self, peer: PeerId, frame: &[u8]) -> Result<Stream, FrameError> {
+        if let Some(mut stream) = self.take_idle(&peer) {
+            write_frame(&mut stream, frame).await?;
+            return Ok(stream);
+        }
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut stream = self.open(peer).await.map_err(FrameError::Open)?;
+            // The request goes out at once; the host's first byte says
+            // whether it took the stream.
+            write_frame(&mut stream, frame).await?;
+            let mut first = [0u8; 1];
+            match stream.read(&mut first).await {
+                Ok(1) if first[0] == ACCEPTED => return Ok(stream),
+                Ok(1) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "the peer does not speak this task protocol",
+                    )
+                    .into());
+                }
+                Ok(_) | Err(_) if attempt < OPEN_ATTEMPTS => {
+                    tracing::debug!(%peer, attempt, "task stream dropped before it was accepted");
+                    tokio::time::sleep(Duration::from_millis(2 * u64::from(attempt))).await;
+                }
+                Ok(_) => return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into()),
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Drops the idle streams to a peer whose connections all closed.
+    pub(crate) fn forget(&self, peer: &PeerId) {
+        self.lock().remove(peer);
+    }
+
+    async fn open(&self, peer: PeerId) -> Result<Stream, RequestError> {
+        let mut control = self.control.clone();
+        control
+            .open_stream(peer, self.protocol.clone())
+            .await
+            .map_err(|e| match e {
+                OpenStreamError::UnsupportedProtocol(_) => RequestError::Unsupported,
+                OpenStreamError::Io(e) => stream_error(&e),
+                other => RequestError::Io(other.to_string()),
+            })
+    }
+
+    fn take_idle(&self, peer: &PeerId) -> Option<Stream> {
+        self.lock().get_mut(peer).and_then(Vec::pop)
+    }
+
+    fn give_back(&self, peer: PeerId, stream: Stream) {
+        let mut idle = self.lock();
+        let streams = idle.entry(peer).or_default();
+        if streams.len() < MAX_IDLE_PER_PEER {
+            streams.push(stream);
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PeerId, Vec<Stream>>> {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Runs `work` until it ends or the connection it uses closes.
+async fn watch<T>(
+    connection: Option<CancellationToken>,
+    work: impl Future<Output = Result<T, FrameError>>,
+) -> Result<T, FrameError> {
+    let closed = FrameError::Open(RequestError::ConnectionClosed);
+    match connection {
+        Some(token) => tokio::select! {
+            result = work => result,
+            () = token.cancelled() => Err(closed),
+        },
+        None => work.await,
+    }
+}
+
+fn stream_error(e: &io::Error) -> RequestError {
+    match e.kind() {
+        io::ErrorKind::UnexpectedEof
+        | io::ErrorKind::ConnectionReset
+        | io::ErrorKind::ConnectionAborted
+        | io::ErrorKind::BrokenPipe
+        | io::ErrorKind::WriteZero => RequestError::ConnectionClosed,
+        io::ErrorKind::TimedOut => RequestError::Timeout,
+        _ => RequestError::Io(e.to_string()),
+    }
+}
+
+/// The host's side: serves every inbound task stream until `incoming` ends.
+pub(crate) async fn serve(
+    mut incoming: IncomingStreams,
+    events: mpsc::Sender<NetEvent>,
+    budget: ReadBudget,
+) {
+    let open: Arc<Mutex<HashMap<PeerId, usize>>> = Arc::default();
+    while let Some((peer, stream)) = incoming.next().await {
+        let Some(slot) = StreamSlot::take(&open, peer) else {
+            tracing::debug!(%peer, "too many task streams from this peer; dropping one");
+            continue;
+        };
+        tokio::spawn(serve_stream(
+            peer,
+            stream,
+            events.clone(),
+            budget.clone(),
+            slot,
+        ));
+    }
+}
+
+/// One of a peer's [`MAX_STREAMS_PER_PEER`], given back on drop.
+struct StreamSlot {
+    open: Arc<Mutex<HashMap<PeerId, usize>>>,
+    peer: PeerId,
+}
+
+impl StreamSlot {
+    fn take(open: &Arc<Mutex<HashMap<PeerId, usize>>>, peer: PeerId) -> Option<Self> {
+        let mut counts = open.lock().unwrap_or_else(|p| p.into_inner());
+        let count = counts.entry(peer).or_default();
+        if *count >= MAX_STREAMS_PER_PEER {
+            return None;
+        }
+        *count += 1;
+        Some(Self {
+            open: Arc::clone(open),
+            peer,
+        })
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        let mut counts = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = counts.get_mut(&self.peer) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                counts.remove(&self.peer);
+            }
+        }
+    }
+}
+
+/// Serves one stream: request, answer, and again, until the peer closes it
+/// or breaks the protocol.
+async fn serve_stream<T: AsyncRead + AsyncWrite + Unpin>(
+    peer: PeerId,
+    mut stream: T,
+    events: mpsc::Sender<NetEvent>,
+    budget: ReadBudget,
+    _slot: StreamSlot,
+) {
+    if let Err(e) = write_frame(&mut stream, &[ACCEPTED]).await {
+        tracing::debug!(%peer, "task stream closed at once: {e}");
+        return;
+    }
+    loop {
+        let response = match next_request(&mut stream, &budget).await {
+            Ok(None) => return,
+            Err(e) => {
+                tracing::debug!(%peer, "task stream closed: {e}");
+                return;
+            }
+            Ok(Some(Err(why))) => {
+                tracing::debug!(%peer, "malformed task request: {why}");
+                TaskResponse::Refused(Refusal::Invalid(spare_core::outcome::clip_detail(
+                    why.to_string(),
+                )))
+            }
+            Ok(Some(Ok(request))) => {
+                let (tx, rx) = oneshot::channel();
+                let event = NetEvent::TaskRequest {
+                    peer,
+                    request,
+                    reply: Responder::direct(tx),
+                };
+                match events.try_send(event) {
+                    // Dropped without an answer: close the stream, which
+                    // the requester sees as a failed request.
+                    Ok(()) => match rx.await {
+                        Ok(response) => response,
+                        Err(_) => return,
+                    },
+                    // The daemon is saturated: refuse now rather than queue
+                    // without bound.
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        TaskResponse::Refused(Refusal::Overloaded)
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => return,
+                }
+            }
+        };
+        let frame = match encode_frame(&response) {
+            Ok(frame) => frame,
+            Err(e) => {
+                tracing::error!(%peer, "cannot encode our own answer: {e}");
+                return;
+            }
+        };
+        if let Err(e) = write_frame(&mut stream, &frame).await {
+            tracing::debug!(%peer, "cannot answer on the task stream: {e}");
+            return;
+        }
+    }
+}
+
+/// The next request on a stream: `None` when the peer closed it between
+/// requests; a decoding error to answer; an I/O or bound error to close on.
+async fn next_request<T: AsyncRead + Unpin>(
+    stream: &mut T,
+    budget: &ReadBudget,
+) -> Result<Option<Result<TaskRequest, WireError>>, FrameError> {
+    // An idle stream may wait for its next request as long as the
+    // connection lives; the per-peer bound keeps idle streams few.
+    let Some(header) = read_header(stream).await? else {
+        return Ok(None);
+    };
+    let len = frame_len(header, TaskRequest::MAX_BYTES)?;
+    let body = read_request_body(stream, len, budget).await?;
+    Ok(Some(wire::decode::<TaskRequest>(&body)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::READ_BUDGET_BYTES;
+    use spare_core::TaskId;
+
+    #[test]
+    fn a_frame_header_beyond_the_bound_is_refused() {
+        assert_eq!(frame_len(10u32.to_be_bytes(), 10).unwrap(), 10);
+        assert!(matches!(
+            frame_len(11u32.to_be_bytes(), 10),
+            Err(FrameError::TooLarge { len: 11, max: 10 })
+        ));
+        assert!(frame_len([0xff; 4], TaskRequest::MAX_BYTES).is_err());
+    }
+
+    #[tokio::test]
+    async fn frames_round_trip_and_a_clean_end_is_not_an_error() {
+        let request = TaskRequest::Cancel(TaskId::random());
+        let mut bytes = encode_frame(&request).unwrap();
+        bytes.extend(encode_frame(&request).unwrap());
+        let mut io = futures::io::Cursor::new(bytes);
+        let budget = ReadBudget::new(READ_BUDGET_BYTES);
+        for _ in 0..2 {
+            let read = next_request(&mut io, &budget).await.unwrap().unwrap();
+            assert_eq!(read.unwrap(), request);
+        }
+        assert!(next_request(&mut io, &budget).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn an_oversized_frame_is_refused_before_its_body_is_read() {
+        let len = u32::try_from(TaskRequest::MAX_BYTES + 1).unwrap();
+        let mut bytes = len.to_be_bytes().to_vec();
+        bytes.extend(vec![0u8; 1024]);
+        let mut io = futures::io::Cursor::new(bytes);
+        let budget = ReadBudget::new(READ_BUDGET_BYTES);
+        let err = next_request(&mut io, &budget).await.unwrap_err();
+        assert!(matches!(err, FrameError::TooLarge { .. }), "{err}");
+        assert_eq!(io.position(), HEADER_BYTES as u64);
+    }
+
+    #[tokio::test]
+    async fn garbage_within_the_bound_is_answered_not_fatal() {
+        let body = b"\xff\x00garbage";
+        let mut bytes = u32::try_from(body.len()).unwrap().to_be_bytes().to_vec();
+        bytes.extend_from_slice(body);
+        let mut io = futures::io::Cursor::new(bytes);
+        let budget = ReadBudget::new(READ_BUDGET_BYTES);
+        let read = next_request(&mut io, &budget).await.unwrap().unwrap();
+        assert!(read.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_truncated_frame_is_an_error() {
+        let mut bytes = 100u32.to_be_bytes().to_vec();
+        bytes.extend(vec![0u8; 10]);
+        let mut io = futures::io::Cursor::new(bytes);
+        let budget = ReadBudget::new(READ_BUDGET_BYTES);
+        assert!(next_request(&mut io, &budget).await.is_err());
+        let mut io = futures::io::Cursor::new(vec![0u8, 0]);
+        assert!(next_request(&mut io, &budget).await.is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_body_that_never_arrives_times_out() {
+        let (mut writer, mut reader) = tokio::io::duplex(64);
+        tokio::io::AsyncWriteExt::write_all(&mut writer, &100u32.to_be_bytes())
+            .await
+            .unwrap();
+        let mut io = tokio_util::compat::TokioAsyncReadCompatExt::compat(&mut reader);
+        let budget = ReadBudget::new(READ_BUDGET_BYTES);
+        let err = next_request(&mut io, &budget).await.unwrap_err();
+        assert!(
+            matches!(&err, FrameError::Io(e) if e.kind() == io::ErrorKind::TimedOut),
+            "{err}"
+        );
+        drop(writer);
+    }
+
+    /// Runs `reads` on a paused clock, as a peer's bytes are read.
+    fn block_on<F: Future>(reads: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap()
+            .block_on(reads)
+    }
+
+    /// Reads requests until the stream ends or breaks; how many were read.
+    async fn read_all(bytes: Vec<u8>) -> usize {
+        let mut io = futures::io::Cursor::new(bytes);
+        let budget = ReadBudget::new(READ_BUDGET_BYTES);
+        let mut read = 0;
+        while let Ok(Some(_)) = next_request(&mut io, &budget).await {
+            read += 1;
+        }
+        read
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic_the_request_reader(
+            bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..4096)
+        ) {
+            // Each request read takes at least a header's worth of bytes.
+            proptest::prop_assert!(block_on(read_all(bytes.clone())) <= bytes.len() / HEADER_BYTES);
+        }
+
+        #[test]
+        fn framing_survives_garbage_inside_a_frame(
+            valid in 0usize..6,
+            garbage in proptest::collection::vec(proptest::num::u8::ANY, 0..512),
+            at in 0usize..6,
+        ) {
+            let request = encode_frame(&TaskRequest::Cancel(TaskId::random())).unwrap();
+            let mut bytes = Vec::new();
+            for i in 0..valid {
+                if i == at {
+                    bytes.extend(u32::try_from(garbage.len()).unwrap().to_be_bytes());
+                    bytes.extend(&garbage);
+                }
+                bytes.extend(&request);
+            }
+            // A frame of garbage is one (refused) request; the ones after it
+            // are still read.
+            let expected = valid + usize::from(at < valid);
+            proptest::prop_assert_eq!(block_on(read_all(bytes)), expected);
+        }
+    }
+
+    #[test]
+    fn a_peer_holds_at_most_its_share_of_streams() {
+        let open: Arc<Mutex<HashMap<PeerId, usize>>> = Arc::default();
+        let peer = PeerId::random();
+        let slots: Vec<_> = (0..MAX_STREAMS_PER_PEER)
+            .map(|_| StreamSlot::take(&open, peer).unwrap())
+            .collect();
+        assert!(StreamSlot::take(&open, peer).is_none());
+        assert!(StreamSlot::take(&open, PeerId::random()).is_some());
+        drop(slots);
+        assert!(StreamSlot::take(&open, peer).is_some());
+    }
+}
