@@ -235,7 +235,6 @@ impl EventLoop {
             } => {
                 tracing::debug!(%peer_id, ?cause, "disconnected");
                 self.write_peers().disconnected(&peer_id);
-                // Idle task streams died with the connection.
                 self.shared.tasks.forget(&peer_id);
                 let token = self
                     .shared
@@ -247,6 +246,9 @@ impl EventLoop {
                     token.cancel();
                 }
             }
+            // One of several connections to a peer closed. Its idle task
+            // streams may have been on it; new ones cost little.
+            SwarmEvent::ConnectionClosed { peer_id, .. } => self.shared.tasks.forget(&peer_id),
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 tracing::debug!(?peer_id, "dial failed: {error}");
             }

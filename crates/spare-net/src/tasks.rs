@@ -228,13 +228,18 @@ impl TaskStreams {
                     tracing::debug!(%peer, attempt, "task stream dropped before it was accepted");
                     tokio::time::sleep(Duration::from_millis(2 * u64::from(attempt))).await;
                 }
-                Ok(_) => return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into()),
+                Ok(_) => {
+                    return Err(FrameError::Open(RequestError::Io(format!(
+                        "the peer did not accept a task stream in {OPEN_ATTEMPTS} attempts \
+                         (it may hold too many open)"
+                    ))));
+                }
                 Err(e) => return Err(e.into()),
             }
         }
     }
 
-    /// Drops the idle streams to a peer whose connections all closed.
+    /// Drops the idle streams to a peer, one of whose connections closed.
     pub(crate) fn forget(&self, peer: &PeerId) {
         self.lock().remove(peer);
     }
