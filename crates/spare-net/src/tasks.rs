@@ -212,10 +212,15 @@ impl TaskStreams {
             attempt += 1;
             let mut stream = self.open(peer).await.map_err(FrameError::Open)?;
             // The request goes out at once; the host's first byte says
-            // whether it took the stream.
-            write_frame(&mut stream, frame).await?;
+            // whether it took the stream. Until that byte, a failure means
+            // the host never read the request, so another stream may carry
+            // it.
             let mut first = [0u8; 1];
-            match stream.read(&mut first).await {
+            let accepted = async {
+                write_frame(&mut stream, frame).await?;
+                stream.read(&mut first).await
+            };
+            match accepted.await {
                 Ok(1) if first[0] == ACCEPTED => return Ok(stream),
                 Ok(1) => {
                     return Err(io::Error::new(
