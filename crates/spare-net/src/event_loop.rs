@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::behaviour::{Behaviour, BehaviourEvent, IDENTIFY_PROTOCOL};
 use crate::codec::Incoming;
-use crate::{NetError, NetEvent, ReplyPath, RequestError, Responder, Shared};
+use crate::{BlobResponder, NetError, NetEvent, RequestError, Shared};
 
 /// How often the loop checks its connections and tidies its maps.
 const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(10);
@@ -55,7 +55,7 @@ pub(crate) struct EventLoop {
     topic: IdentTopic,
     bootstrap: Vec<Multiaddr>,
     commands: mpsc::Receiver<Command>,
-    /// Given to each [`Responder`] so replies come back through `commands`.
+    /// Given to each [`BlobResponder`] so replies come back through `commands`.
     own_commands: mpsc::Sender<Command>,
     events: mpsc::Sender<NetEvent>,
     shared: Arc<Shared>,
@@ -372,11 +372,9 @@ impl EventLoop {
                     channel,
                     ..
                 } => {
-                    let reply = Responder {
-                        path: ReplyPath::Swarm {
-                            channel,
-                            commands: self.own_commands.clone(),
-                        },
+                    let reply = BlobResponder {
+                        channel,
+                        commands: self.own_commands.clone(),
                     };
                     let event = NetEvent::BlobRequest {
                         peer,
@@ -386,10 +384,7 @@ impl EventLoop {
                     // The daemon is saturated: refuse now rather than queue
                     // without bound.
                     if let Err(mpsc::error::TrySendError::Full(NetEvent::BlobRequest {
-                        reply:
-                            Responder {
-                                path: ReplyPath::Swarm { channel, .. },
-                            },
+                        reply: BlobResponder { channel, .. },
                         ..
                     })) = self.events.try_send(event)
                     {

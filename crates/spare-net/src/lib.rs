@@ -100,68 +100,44 @@ pub enum NetEvent {
     TaskRequest {
         peer: PeerId,
         request: TaskRequest,
-        reply: Responder<TaskResponse>,
+        reply: TaskResponder,
     },
     /// A peer asks for a chunk of a blob.
     BlobRequest {
         peer: PeerId,
         request: BlobRequest,
-        reply: Responder<BlobResponse>,
+        reply: BlobResponder,
     },
 }
 
-/// The way back to a peer that sent a request. Dropping it without replying
-/// closes the peer's stream, which it sees as a failed request.
+/// The way back to a peer that asked us to run or cancel a task: straight
+/// to the task stream the request came on (`tasks.rs`). Dropping it
+/// without replying closes that stream, which the peer sees as a failed
+/// request.
 #[derive(Debug)]
-pub struct Responder<R> {
-    path: ReplyPath<R>,
-}
+pub struct TaskResponder(oneshot::Sender<TaskResponse>);
 
-#[derive(Debug)]
-enum ReplyPath<R> {
-    /// Straight to the task stream the request came on (`tasks.rs`).
-    Direct(oneshot::Sender<R>),
-    /// Through the event loop, to libp2p's request-response.
-    Swarm {
-        channel: ResponseChannel<R>,
-        commands: mpsc::Sender<event_loop::Command>,
-    },
-}
-
-impl<R> Responder<R> {
-    fn direct(reply: oneshot::Sender<R>) -> Self {
-        Self {
-            path: ReplyPath::Direct(reply),
-        }
-    }
-}
-
-impl Responder<TaskResponse> {
+impl TaskResponder {
     pub async fn send(self, response: TaskResponse) {
-        match self.path {
-            ReplyPath::Direct(reply) => {
-                let _ = reply.send(response);
-            }
-            // Task requests arrive on task streams only.
-            ReplyPath::Swarm { .. } => {
-                tracing::error!("a task answer had no task stream to go to");
-            }
-        }
+        let _ = self.0.send(response);
     }
 }
 
-impl Responder<BlobResponse> {
+/// The way back to a peer that asked for a blob chunk: through the event
+/// loop, to libp2p's request-response. Dropping it without replying closes
+/// the peer's stream, which it sees as a failed request.
+#[derive(Debug)]
+pub struct BlobResponder {
+    channel: ResponseChannel<BlobResponse>,
+    commands: mpsc::Sender<event_loop::Command>,
+}
+
+impl BlobResponder {
     pub async fn send(self, response: BlobResponse) {
-        match self.path {
-            ReplyPath::Swarm { channel, commands } => {
-                let _ = commands
-                    .send(event_loop::Command::RespondBlob(channel, response))
-                    .await;
-            }
-            ReplyPath::Direct(reply) => {
-                let _ = reply.send(response);
-            }
-        }
+        let _ = self
+            .commands
+            .send(event_loop::Command::RespondBlob(self.channel, response))
+            .await;
     }
 }
 

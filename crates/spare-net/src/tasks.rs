@@ -33,7 +33,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::codec::{REQUEST_READ_TIMEOUT, ReadBudget};
-use crate::{NetEvent, RequestError, Responder};
+use crate::{NetEvent, RequestError, TaskResponder};
 
 /// Bytes of the length prefix of every frame (big-endian `u32`).
 const HEADER_BYTES: usize = 4;
@@ -391,7 +391,7 @@ async fn serve_stream<T: AsyncRead + AsyncWrite + Unpin>(
                 let event = NetEvent::TaskRequest {
                     peer,
                     request,
-                    reply: Responder::direct(tx),
+                    reply: TaskResponder(tx),
                 };
                 match events.try_send(event) {
                     // Dropped without an answer: close the stream, which

@@ -17,7 +17,7 @@ use libp2p::PeerId;
 use spare_core::wire::{BlobRequest, BlobResponse, Refusal, Report, TaskRequest, TaskResponse};
 use spare_core::{Receipt, SignedReceipt, Stdin, TaskSpec};
 use spare_ledger::{Ending, Hosted};
-use spare_net::Responder;
+use spare_net::{BlobResponder, TaskResponder};
 use spare_runtime::{Job, JobStdin};
 use tokio_util::sync::CancellationToken;
 
@@ -29,7 +29,7 @@ pub(crate) async fn serve_task(
     node: Node,
     peer: PeerId,
     request: TaskRequest,
-    reply: Responder<TaskResponse>,
+    reply: TaskResponder,
 ) {
     let response = match request {
         TaskRequest::Run(spec) => run_for_peer(&node, peer, spec).await,
@@ -261,7 +261,7 @@ pub(crate) async fn serve_blob(
     node: Node,
     peer: PeerId,
     request: BlobRequest,
-    reply: Responder<BlobResponse>,
+    reply: BlobResponder,
 ) {
     let response = if node.may_fetch(&peer, &request.id) {
         let blobs = node.clone();
