@@ -829,6 +829,26 @@ where
             .emit(cursor, vmctx)
     }
 
+    /// Load the `*mut VMStoreContext` out of the given `*mut VMContext` afresh
+    /// at this point (spare's patch): a plain load, which neither GVN nor
+    /// LICM merges with another, so fuel accounting does not keep the
+    /// pointer live across a whole function. Its only uses are where fuel is
+    /// saved or reloaded: around calls, on return and on the cold out-of-fuel
+    /// path.
+    pub fn vmctx_store_context_fresh(
+        &mut self,
+        cursor: &mut FuncCursor<'_>,
+        vmctx: ir::Value,
+    ) -> ir::Value {
+        self.vmctx_load(
+            cursor,
+            self.pointer_type,
+            ir::MemFlagsData::trusted(),
+            vmctx,
+            u32::from(self.offsets.get_ptr_size().vmctx_store_context()),
+        )
+    }
+
     /// Get a `Load` for the `*mut VMStoreContext` value out of a `*mut VMContext`.
     pub fn vmctx_store_context_load(&mut self, func: &mut ir::Function) -> Load {
         let offset = u32::from(self.offsets.get_ptr_size().vmctx_store_context());

@@ -499,6 +499,16 @@ impl<'module_environment> FuncEnvironment<'module_environment> {
             .vmctx_store_context(&mut builder.cursor(), vmctx)
     }
 
+    /// The `*mut VMStoreContext` for saving or reloading fuel, loaded where
+    /// it is needed rather than once per function (spare's patch): a pointer
+    /// held across the function takes a register from every loop in it
+    /// although only calls, returns and the cold out-of-fuel path use it.
+    fn fuel_vmstore_context_ptr(&mut self, builder: &mut FunctionBuilder) -> ir::Value {
+        let vmctx = self.vmctx_val(&mut builder.cursor());
+        self.alias_regions
+            .vmctx_store_context_fresh(&mut builder.cursor(), vmctx)
+    }
+
     fn fuel_function_entry(&mut self, builder: &mut FunctionBuilder<'_>) {
         // On function entry we load the amount of fuel into a function-local
         // `self.fuel_var` to make fuel modifications fast locally. This cache
@@ -635,7 +645,7 @@ impl<'module_environment> FuncEnvironment<'module_environment> {
 
     /// Loads the fuel consumption value from `VMStoreContext` into `self.fuel_var`
     fn fuel_load_into_var(&mut self, builder: &mut FunctionBuilder<'_>) {
-        let vmstore_ctx = self.get_vmstore_context_ptr(builder);
+        let vmstore_ctx = self.fuel_vmstore_context_ptr(builder);
         let fuel = self
             .alias_regions
             .vmstore_context_fuel_consumed(&mut builder.cursor(), vmstore_ctx);
@@ -645,7 +655,7 @@ impl<'module_environment> FuncEnvironment<'module_environment> {
     /// Stores the fuel consumption value from `self.fuel_var` into
     /// `VMStoreContext`.
     fn fuel_save_from_var(&mut self, builder: &mut FunctionBuilder<'_>) {
-        let vmstore_ctx = self.get_vmstore_context_ptr(builder);
+        let vmstore_ctx = self.fuel_vmstore_context_ptr(builder);
         let fuel_consumed = builder.use_var(self.fuel_var);
         self.alias_regions.store_vmstore_context_fuel_consumed(
             &mut builder.cursor(),
