@@ -12,7 +12,7 @@ use wasmtime::Engine;
 /// (`vendor/wasmtime-internal-cranelift`). wasmtime's own compatibility hash
 /// cannot see the patch (the version number is unchanged), so artifacts
 /// compiled before it would otherwise load and run the old, slower code.
-const CODEGEN_PATCH: &str = "fuel checks call out-of-gas through a preserve-all trampoline, r1";
+const CODEGEN_PATCH: &str = "fuel checks call out-of-gas through a preserve-all trampoline, r1; fuel reloads its store pointer; loop heads on 64-byte lines";
 
 /// Compiled artifacts on disk, one file per module hash, in a directory
 /// named after the engine's compatibility hash and [`CODEGEN_PATCH`], so a
