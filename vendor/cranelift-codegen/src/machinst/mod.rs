@@ -368,10 +368,10 @@ pub trait MachInst: Clone + Debug {
         offset
     }
 
-    /// How to align the first block of each loop in the final layout, as
-    /// `(alignment, most padding)` in bytes; by default loops are not aligned.
-    /// (Added by the spare project; see `vendor/README.md` there.)
-    fn loop_header_alignment() -> Option<(CodeOffset, CodeOffset)> {
+    /// The alignment, in bytes, of the first block of each loop in the final
+    /// layout; by default loops are not aligned. (Added by the spare project;
+    /// see `vendor/README.md` there.)
+    fn loop_header_alignment() -> Option<CodeOffset> {
         None
     }
 

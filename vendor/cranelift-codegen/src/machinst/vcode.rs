@@ -860,23 +860,20 @@ impl<I: VCodeInst> VCode<I> {
 
             // Emit NOPs to align the block.
             let mut new_offset = I::align_basic_block(buffer.cur_offset());
-            if let Some((align, max_padding)) = loop_alignment {
-                if loop_headers.get(block.index()).copied().unwrap_or(false) {
-                    let mut aligned = new_offset.next_multiple_of(align);
-                    // Already aligned, but a branch ends here: binding the
-                    // label would remove a branch to it (or invert one
-                    // around it) and move the label back off the line.
-                    // Padding keeps the branch; it takes a whole line.
-                    if aligned == new_offset && buffer.branch_at_tail() {
-                        aligned += align;
-                    }
-                    if aligned - new_offset <= max_padding {
-                        new_offset = aligned;
-                        // An offset aligned within the function is only
-                        // aligned in memory if the function is.
-                        buffer.set_log2_min_function_alignment(align.ilog2() as u8);
-                    }
-                }
+            if let Some(align) = loop_alignment.filter(|_| loop_headers[block.index()]) {
+                let aligned = new_offset.next_multiple_of(align);
+                // Already aligned, but a branch ends here: binding the label
+                // may remove a branch to it (or invert one around it) and
+                // move the label back off the line. Padding keeps the branch
+                // in place; it takes a whole line.
+                new_offset = if aligned == new_offset && buffer.branch_at_tail() {
+                    aligned + align
+                } else {
+                    aligned
+                };
+                // An offset aligned within the function is only aligned in
+                // memory if the function is.
+                buffer.set_log2_min_function_alignment(align.ilog2() as u8);
             }
             while new_offset > buffer.cur_offset() {
                 // Pad with NOPs up to the aligned block offset.

@@ -1398,15 +1398,13 @@ impl MachInst for Inst {
         Inst::nop(core::cmp::min(preferred_size, 9) as u8)
     }
 
-    fn loop_header_alignment() -> Option<(CodeOffset, CodeOffset)> {
+    fn loop_header_alignment() -> Option<CodeOffset> {
         // spare's patch: start every loop on a 64-byte line, so that a small
         // loop fits one fetch line instead of straddling two wherever the
         // code before it happens to end. Where a loop lands otherwise decides
         // whether it takes one or two fetch blocks per iteration, which on
-        // some x86-64 cores changes a tight loop's speed by half. A whole
-        // line of padding is used only where a branch ends just before a
-        // loop that is aligned already (see `VCode::emit`).
-        Some((64, 64))
+        // some x86-64 cores changes a tight loop's speed by half.
+        Some(64)
     }
 
     fn gen_nop_units() -> Vec<Vec<u8>> {
