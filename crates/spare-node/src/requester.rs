@@ -290,7 +290,8 @@ async fn run_remote(
                 }
                 None => {
                     return Ended::failed(format!(
-                        "gave up after {attempt} attempt(s): {last_failure}"
+                        "gave up after {attempt} attempt(s): no other peer offers to run it \
+                         (last failure: {last_failure})"
                     ));
                 }
             },

@@ -30,8 +30,10 @@ pub enum BusyClock {
     CpuacctUsage(PathBuf),
     /// The `usage_usec` of every group directly below a cgroup2 root,
     /// summed: charged like `cpuacct.usage` (the root's own `cpu.stat`
-    /// only adds up scheduler ticks). Tasks in the root group itself,
-    /// kernel threads mostly, are not counted.
+    /// only adds up scheduler ticks), plus the run time of each thread of
+    /// the processes in the root group itself. Where systemd runs, only
+    /// kernel threads live there, and they are not counted; on a machine
+    /// that leaves everything in the root group, that is everything.
     CgroupChildren(PathBuf),
     /// Busy time in `/proc/stat`: 10 ms ticks per CPU, truncated.
     ProcStat(PathBuf),
@@ -145,7 +147,8 @@ struct OpenFile {
 /// needed.
 const READ_BUFFER: usize = 4096;
 
-/// Thread files kept open at most; beyond this (hundreds of workers'
+/// Thread files kept open at most by each set of threads read (spare's, the
+/// root group's); beyond this (hundreds of workers'
 /// threads) the rest are opened for each reading, so the daemon never runs
 /// short of descriptors for its own work.
 const MAX_OPEN_THREAD_FILES: usize = 256;
@@ -190,6 +193,10 @@ struct Reading {
     /// where the kernel keeps no run time per thread, of each process, by
     /// (pid, 0), from its ticks.
     spare: HashMap<(u32, u32), u64>,
+    /// Run time of each thread of the processes in the cgroup2 root group
+    /// (see [`BusyClock::CgroupChildren`]), by (pid, tid): part of the
+    /// machine's run time, like `busy`.
+    root_tasks: HashMap<(u32, u32), u64>,
     /// Stall totals, in microseconds.
     cpu_stall: Option<u64>,
     memory_stall: Option<u64>,
@@ -220,15 +227,13 @@ pub struct Sampler {
     proc: PathBuf,
     clock: BusyClock,
     ns_per_tick: u64,
-    /// Whether threads have a `schedstat` here (a kernel with
-    /// `CONFIG_SCHED_INFO`); decided once, so one process is never counted
-    /// both ways.
-    per_thread: bool,
     busy: Counters,
     cpu_pressure: OpenFile,
     memory_pressure: OpenFile,
-    /// The open run-time file of each of spare's threads or processes.
-    threads: HashMap<(u32, u32), OpenFile>,
+    /// spare's threads or processes.
+    spare: ThreadTimes,
+    /// The processes in the cgroup2 root group, where that is the clock.
+    root: Option<RootGroup>,
     buffer: Vec<u8>,
     last: Option<Reading>,
 }
@@ -236,15 +241,28 @@ pub struct Sampler {
 impl Sampler {
     /// A sampler over the `/proc` at `proc` (normally `/proc`).
     pub fn new(proc: &Path) -> Self {
+        let clock = BusyClock::detect(proc);
+        // Whether threads have a `schedstat` here (a kernel with
+        // `CONFIG_SCHED_INFO`); decided once, so one process is never
+        // counted both ways.
+        let per_thread = proc.join("thread-self/schedstat").exists();
+        let root = match &clock {
+            BusyClock::CgroupChildren(root) => Some(RootGroup {
+                procs: root.join("cgroup.procs"),
+                user: HashMap::new(),
+                threads: ThreadTimes::new(per_thread),
+            }),
+            _ => None,
+        };
         Self {
             proc: proc.to_path_buf(),
-            clock: BusyClock::detect(proc),
+            clock,
             ns_per_tick: 1_000_000_000 / ticks_per_second(),
-            per_thread: proc.join("thread-self/schedstat").exists(),
             busy: Counters::default(),
             cpu_pressure: OpenFile::new(proc.join("pressure/cpu")),
             memory_pressure: OpenFile::new(proc.join("pressure/memory")),
-            threads: HashMap::new(),
+            spare: ThreadTimes::new(per_thread),
+            root,
             buffer: Vec::with_capacity(READ_BUFFER),
             last: None,
         }
@@ -273,10 +291,16 @@ impl Sampler {
         // spare's threads first, then the machine: a thread that runs
         // between the two reads shows, if anywhere, as the owner's for one
         // reading and as spare's in the next.
-        let spare = self.read_spare(spare_pids);
+        let spare = self
+            .spare
+            .read(&self.proc, spare_pids, self.ns_per_tick, &mut self.buffer);
         let busy = self
             .busy
             .read(&self.clock, self.ns_per_tick, &mut self.buffer)?;
+        let root_tasks = match &mut self.root {
+            Some(root) => root.read(&self.proc, self.ns_per_tick, &mut self.buffer)?,
+            None => HashMap::new(),
+        };
         let cpu_stall = self
             .cpu_pressure
             .read(&mut self.buffer)
@@ -289,21 +313,47 @@ impl Sampler {
             at: Instant::now(),
             busy,
             spare,
+            root_tasks,
             cpu_stall,
             memory_stall,
         })
+    }
+}
+
+/// The run time of the threads of a changing set of processes, each
+/// thread's file kept open between readings.
+#[derive(Debug)]
+struct ThreadTimes {
+    /// Whether threads have a `schedstat`; without, each process counts
+    /// whole, in ticks, by (pid, 0).
+    per_thread: bool,
+    files: HashMap<(u32, u32), OpenFile>,
+}
+
+impl ThreadTimes {
+    fn new(per_thread: bool) -> Self {
+        Self {
+            per_thread,
+            files: HashMap::new(),
+        }
     }
 
     /// The run time of each thread of `pids` (or of each process, where
     /// threads have no `schedstat`). Threads are listed again at every
     /// reading, so a new one counts from its start; one that cannot be read
     /// has ended and counts no more.
-    fn read_spare(&mut self, pids: &[u32]) -> HashMap<(u32, u32), u64> {
+    fn read(
+        &mut self,
+        proc: &Path,
+        pids: &[u32],
+        ns_per_tick: u64,
+        buffer: &mut Vec<u8>,
+    ) -> HashMap<(u32, u32), u64> {
         let mut ids = Vec::new();
         for &pid in pids {
             if !self.per_thread {
                 ids.push((pid, 0));
-            } else if let Ok(entries) = std::fs::read_dir(self.proc.join(format!("{pid}/task"))) {
+            } else if let Ok(entries) = std::fs::read_dir(proc.join(format!("{pid}/task"))) {
                 ids.extend(entries.filter_map(|entry| {
                     let tid = entry.ok()?.file_name().to_str()?.parse().ok()?;
                     Some((pid, tid))
@@ -311,10 +361,9 @@ impl Sampler {
             }
         }
         let listed: HashSet<(u32, u32)> = ids.iter().copied().collect();
-        self.threads.retain(|id, _| listed.contains(id));
-        let mut spare = HashMap::with_capacity(ids.len());
+        self.files.retain(|id, _| listed.contains(id));
+        let mut times = HashMap::with_capacity(ids.len());
         for (pid, tid) in ids {
-            let proc = &self.proc;
             let path = || {
                 if tid == 0 {
                     proc.join(format!("{pid}/stat"))
@@ -323,33 +372,76 @@ impl Sampler {
                 }
             };
             let mut uncached;
-            let file = if self.threads.len() < MAX_OPEN_THREAD_FILES
-                || self.threads.contains_key(&(pid, tid))
+            let file = if self.files.len() < MAX_OPEN_THREAD_FILES
+                || self.files.contains_key(&(pid, tid))
             {
-                self.threads
+                self.files
                     .entry((pid, tid))
                     .or_insert_with(|| OpenFile::new(path()))
             } else {
                 uncached = OpenFile::new(path());
                 &mut uncached
             };
-            let ns = file.read(&mut self.buffer).and_then(|text| {
+            let ns = file.read(buffer).and_then(|text| {
                 if tid == 0 {
-                    process_ticks(text)?.checked_mul(self.ns_per_tick)
+                    process_ticks(text)?.checked_mul(ns_per_tick)
                 } else {
                     run_time_ns(text)
                 }
             });
             match ns {
                 Some(ns) => {
-                    spare.insert((pid, tid), ns);
+                    times.insert((pid, tid), ns);
                 }
                 None => {
-                    self.threads.remove(&(pid, tid));
+                    self.files.remove(&(pid, tid));
                 }
             }
         }
-        spare
+        times
+    }
+}
+
+/// Processes in the cgroup2 root group: no group below the root counts
+/// them. Kernel threads are left out, as they are of the groups.
+#[derive(Debug)]
+struct RootGroup {
+    /// The root's `cgroup.procs`.
+    procs: PathBuf,
+    /// Whether each process listed at the last reading is a user process
+    /// (not a kernel thread): read once from its `stat`.
+    user: HashMap<u32, bool>,
+    threads: ThreadTimes,
+}
+
+impl RootGroup {
+    /// The run time of each thread of the root group's user processes;
+    /// `None` when the group's process list cannot be read.
+    fn read(
+        &mut self,
+        proc: &Path,
+        ns_per_tick: u64,
+        buffer: &mut Vec<u8>,
+    ) -> Option<HashMap<(u32, u32), u64>> {
+        let listed = std::fs::read_to_string(&self.procs).ok()?;
+        let pids: HashSet<u32> = listed
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect();
+        self.user.retain(|pid, _| pids.contains(pid));
+        let mut user = Vec::new();
+        for &pid in &pids {
+            let is_user = *self.user.entry(pid).or_insert_with(|| {
+                std::fs::read_to_string(proc.join(format!("{pid}/stat")))
+                    .ok()
+                    .and_then(|stat| process_flags(&stat))
+                    .is_some_and(|flags| flags & PF_KTHREAD == 0)
+            });
+            if is_user {
+                user.push(pid);
+            }
+        }
+        Some(self.threads.read(proc, &user, ns_per_tick, buffer))
     }
 }
 
@@ -358,7 +450,7 @@ fn usage(last: &Reading, now: &Reading) -> Usage {
     let elapsed_ns = span.as_nanos().max(1) as f64;
     // A counter of the machine seen for the first time (a cgroup2 group
     // made since the last reading) starts from here: its past is unknown.
-    let busy: u64 = now
+    let groups: u64 = now
         .busy
         .iter()
         .filter_map(|(name, ns)| Some(ns.saturating_sub(*last.busy.get(name)?)))
@@ -366,11 +458,13 @@ fn usage(last: &Reading, now: &Reading) -> Usage {
     // A thread seen for the first time counts from zero: it started since
     // the last reading. One that ended takes its last interval with it;
     // that time shows as the owner's, a small and brief overestimate.
-    let spare: u64 = now
-        .spare
-        .iter()
-        .map(|(id, ns)| ns.saturating_sub(last.spare.get(id).copied().unwrap_or(0)))
-        .sum();
+    let threads = |now: &HashMap<(u32, u32), u64>, last: &HashMap<(u32, u32), u64>| -> u64 {
+        now.iter()
+            .map(|(id, ns)| ns.saturating_sub(last.get(id).copied().unwrap_or(0)))
+            .sum()
+    };
+    let busy = groups + threads(&now.root_tasks, &last.root_tasks);
+    let spare = threads(&now.spare, &last.spare);
     let (busy, spare) = (busy as f64, spare as f64);
     let pressure = |a: Option<u64>, b: Option<u64>| match (a, b) {
         (Some(a), Some(b)) => Some((b.saturating_sub(a) as f64 * 1000.0 / elapsed_ns).min(1.0)),
@@ -444,6 +538,15 @@ fn process_ticks(stat: &str) -> Option<u64> {
     Some(utime + stime)
 }
 
+/// `PF_KTHREAD` in a process's flags: a kernel thread.
+const PF_KTHREAD: u64 = 0x0020_0000;
+
+/// The flags of a process from its `/proc/<pid>/stat` (field 9).
+fn process_flags(stat: &str) -> Option<u64> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(6)?.parse().ok()
+}
+
 /// The `total=` of the `some` line of a pressure file.
 fn some_total(text: &str) -> Option<u64> {
     let line = text.lines().find(|l| l.starts_with("some "))?;
@@ -486,6 +589,7 @@ mod tests {
             at,
             busy: busy(1000 * ms),
             spare: HashMap::from([((7, 7), 100 * ms), ((7, 70), 5 * ms), ((8, 8), 50 * ms)]),
+            root_tasks: HashMap::new(),
             cpu_stall: Some(0),
             memory_stall: Some(0),
         };
@@ -496,6 +600,7 @@ mod tests {
             at: at + Duration::from_millis(100),
             busy: busy(1150 * ms),
             spare: HashMap::from([((7, 7), 155 * ms), ((7, 70), 10 * ms), ((9, 9), 20 * ms)]),
+            root_tasks: HashMap::new(),
             cpu_stall: Some(10_000),
             memory_stall: None,
         };
@@ -510,6 +615,7 @@ mod tests {
             at: at + Duration::from_millis(200),
             busy: busy(1160 * ms),
             spare: HashMap::from([((7, 7), 175 * ms)]),
+            root_tasks: HashMap::new(),
             cpu_stall: None,
             memory_stall: None,
         };
@@ -517,6 +623,7 @@ mod tests {
             at: at + Duration::from_millis(300),
             busy: busy(1190 * ms),
             spare: HashMap::from([((7, 7), 185 * ms)]),
+            root_tasks: HashMap::new(),
             cpu_stall: None,
             memory_stall: None,
         };
@@ -536,6 +643,7 @@ mod tests {
                 .map(|(g, ns)| ((*g).to_owned(), *ns))
                 .collect(),
             spare: HashMap::new(),
+            root_tasks: HashMap::new(),
             cpu_stall: None,
             memory_stall: None,
         };
@@ -575,7 +683,7 @@ mod tests {
         let proc = fake_proc();
         put(proc.path(), "thread-self/schedstat", "1 0 1\n");
         let mut sampler = Sampler::new(proc.path());
-        assert!(sampler.per_thread);
+        assert!(sampler.spare.per_thread);
         assert_eq!(
             sampler.clock(),
             &BusyClock::ProcStat(proc.path().join("stat"))
@@ -607,7 +715,7 @@ mod tests {
     fn without_thread_run_times_whole_processes_count_in_ticks() {
         let proc = fake_proc();
         let mut sampler = Sampler::new(proc.path());
-        assert!(!sampler.per_thread);
+        assert!(!sampler.spare.per_thread);
         let tick = sampler.ns_per_tick;
         let reading = sampler.read(&[10, 30]).unwrap();
         assert_eq!(reading.spare, HashMap::from([((10, 0), 5 * tick)]));
@@ -659,6 +767,65 @@ mod tests {
             BusyClock::detect(proc.path()),
             BusyClock::ProcStat(proc.path().join("stat"))
         );
+    }
+
+    #[test]
+    fn processes_in_the_cgroup2_root_group_count_but_kernel_threads_do_not() {
+        let proc = fake_proc();
+        let cgroup = tempfile::tempdir().unwrap();
+        let unified = cgroup.path().join("unified");
+        put(&unified, "system.slice/cpu.stat", "usage_usec 5\n");
+        put(&unified, "cgroup.procs", "1\n2\n10\n");
+        let mountinfo = format!(
+            "31 25 0:31 / {} rw - cgroup2 cgroup2 rw\n",
+            unified.display()
+        );
+        put(proc.path(), "self/mountinfo", &mountinfo);
+        put(proc.path(), "thread-self/schedstat", "1 0 1\n");
+        // 1 is init (flags 0x400100), 2 kthreadd (0x208040).
+        put(proc.path(), "1/stat", "1 (init) S 0 1 1 0 -1 4194560 0 0");
+        put(proc.path(), "1/task/1/schedstat", "1000 0 1\n");
+        put(
+            proc.path(),
+            "2/stat",
+            "2 (kthreadd) S 0 0 0 0 -1 2129984 0 0",
+        );
+        put(proc.path(), "2/task/2/schedstat", "5000 0 1\n");
+        let mut sampler = Sampler::new(proc.path());
+        assert_eq!(sampler.clock(), &BusyClock::CgroupChildren(unified.clone()));
+        let first = sampler.read(&[10]).unwrap();
+        assert_eq!(
+            first.busy,
+            HashMap::from([("system.slice".to_owned(), 5000)])
+        );
+        let root = HashMap::from([((1, 1), 1000), ((10, 10), 3000), ((10, 11), 4000)]);
+        assert_eq!(first.root_tasks, root);
+        assert_eq!(
+            first.spare,
+            HashMap::from([((10, 10), 3000), ((10, 11), 4000)])
+        );
+        // The owner's process 20 joins the root group and runs 30 ms; init
+        // runs 10 ms, the groups 10 ms, spare's 10 ms (counted on both
+        // sides); the kernel thread's time is not the owner's.
+        put(&unified, "system.slice/cpu.stat", "usage_usec 10005\n");
+        put(&unified, "cgroup.procs", "1\n2\n10\n20\n");
+        put(
+            proc.path(),
+            "20/stat",
+            "20 (owner) R 1 20 20 0 -1 4194304 0 0",
+        );
+        put(proc.path(), "20/task/20/schedstat", "30000000 0 1\n");
+        put(proc.path(), "1/task/1/schedstat", "10001000 0 1\n");
+        put(proc.path(), "2/task/2/schedstat", "90000000 0 1\n");
+        put(proc.path(), "10/task/10/schedstat", "10003000 0 1\n");
+        let mut now = sampler.read(&[10]).unwrap();
+        now.at = first.at + Duration::from_millis(100);
+        let u = usage(&first, &now);
+        assert!((u.owner_cores - 0.5).abs() < 1e-9, "{u:?}");
+        assert!((u.spare_cores - 0.1).abs() < 1e-9, "{u:?}");
+        // A root group that cannot be listed cannot be read.
+        std::fs::remove_file(unified.join("cgroup.procs")).unwrap();
+        assert!(sampler.read(&[10]).is_none());
     }
 
     /// Every process on the machine now.

@@ -20,6 +20,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 use serde_json::Value;
 
+pub mod vm;
+
 /// A file of the source tree's `examples/` (the sample and hostile guests),
 /// for tests and benchmarks run from a checkout.
 pub fn example(name: &str) -> String {
