@@ -6,8 +6,9 @@
 //! package, named by `SPARE_TEST_KERNEL`) with an initramfs made here: a
 //! static busybox, the virtio and 9p modules, and an `/init` that mounts
 //! this machine's root read-only over 9p, gives it a fresh `/proc`, `/sys`,
-//! `/dev` and `/tmp` and a cgroup2 hierarchy at `/sys/fs/cgroup`, and runs
-//! one command in it. So the guest runs the very binaries of this checkout,
+//! `/dev` and `/run` and a cgroup2 hierarchy at `/sys/fs/cgroup`, and runs
+//! one command in it with `TMPDIR` in `/run` (this machine's `/tmp` stays
+//! visible, read-only: a checkout or target directory may be there). So the guest runs the very binaries of this checkout,
 //! with the host's libraries, and needs no image of its own. The command's
 //! output and exit code come back through a second, writable 9p share.
 //!
@@ -50,8 +51,11 @@ const MODULES: [&str; 10] = [
     "fs/9p/9p.ko",
 ];
 
-/// Where the guest sees the writable share: below its fresh `/tmp`.
-const GUEST_SHARE: &str = "/tmp/spare-vm";
+/// Where the guest sees the writable share: below its fresh `/run`.
+const GUEST_SHARE: &str = "/run/spare-vm";
+
+/// The guest's writable temporary directory (`TMPDIR`).
+const GUEST_TMP: &str = "/run/tmp";
 
 /// The guest's `/init`. Kernel parameters it does not know reach it as
 /// environment variables (`spare_vm_script`).
@@ -66,12 +70,12 @@ $B mount -t proc proc /mnt/proc
 $B mount -t sysfs sys /mnt/sys
 $B mount -t cgroup2 cgroup2 /mnt/sys/fs/cgroup
 $B mount -t devtmpfs dev /mnt/dev
-$B mount -t tmpfs tmp /mnt/tmp
-$B mkdir -p /mnt/tmp/spare-vm
-$B mount -t 9p -o trans=virtio,version=9p2000.L,msize=524288 results /mnt/tmp/spare-vm \
+$B mount -t tmpfs run /mnt/run
+$B mkdir -p /mnt/run/spare-vm /mnt/run/tmp
+$B mount -t 9p -o trans=virtio,version=9p2000.L,msize=524288 results /mnt/run/spare-vm \
   || echo "spare-vm: cannot mount the results share"
 $B ip link set lo up
-$B chroot /mnt /bin/sh /tmp/spare-vm/run.sh
+$B chroot /mnt /bin/sh /run/spare-vm/run.sh
 $B poweroff -f
 "#;
 
@@ -134,7 +138,8 @@ impl Kernel {
     /// Boots the kernel and runs `command` (program and arguments) in
     /// directory `cwd` with `env` added, on `cpus` virtual CPUs; kills the
     /// machine after `timeout`. The command sees this machine's files
-    /// read-only, a fresh `/tmp`, and nothing of its network but loopback.
+    /// read-only, a fresh `/run` with its `TMPDIR`, and nothing of its
+    /// network but loopback.
     pub fn run(
         &self,
         command: &[&str],
@@ -171,6 +176,7 @@ impl Kernel {
         let mut script = String::from(
             "export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root\n",
         );
+        writeln!(script, "export TMPDIR={GUEST_TMP}")?;
         for (key, value) in env {
             writeln!(script, "export {key}={}", quote(value))?;
         }
