@@ -182,6 +182,9 @@ fn a_cpu_share_holds_under_a_saturating_guest() {
         if let Some(version) = expected_cgroup() {
             assert_eq!(mechanism, format!("cgroup {version}"));
         }
+        if enforcement == "cgroup" {
+            assert_group_limits(&host, expected);
+        }
         requester
             .wait_for_peers(1, Duration::from_secs(20))
             .unwrap();
@@ -540,6 +543,43 @@ fn groups_of(pid: u32) -> Vec<PathBuf> {
         }
     }
     found
+}
+
+/// The kernel holds `node`'s limits in its groups' own files: idle
+/// scheduling, the CPU quota of `cores` (v2 `cpu.max`, v1
+/// `cpu.cfs_quota_us`) and the memory limit: what it gives plus each
+/// worker's overhead (v2 `memory.max`, v1 `memory.limit_in_bytes`, rounded
+/// to pages).
+fn assert_group_limits(node: &Daemon, cores: f64) {
+    let groups = groups_of(node.pid().unwrap());
+    let read = |file: &str| {
+        groups
+            .iter()
+            .find_map(|g| std::fs::read_to_string(g.join(file)).ok())
+            .map(|text| text.trim().to_owned())
+    };
+    let quota = read("cpu.max").or_else(|| read("cpu.cfs_quota_us"));
+    let quota_us = quota
+        .as_deref()
+        .and_then(|q| q.split_whitespace().next()?.parse::<f64>().ok());
+    assert_eq!(
+        quota_us,
+        Some((cores * 100_000.0).round()),
+        "{quota:?} in {groups:?}"
+    );
+    let idle = read("cpu.idle").as_deref() == Some("1")
+        || read("cpu.weight").as_deref() == Some("1")
+        || read("cpu.shares").as_deref() == Some("2");
+    assert!(idle, "no idle scheduling in {groups:?}");
+    let memory = read("memory.max").or_else(|| read("memory.limit_in_bytes"));
+    let memory: Option<u64> = memory.and_then(|m| m.parse().ok());
+    let status = status(node);
+    let given = status["settings"]["memory"].as_u64().unwrap()
+        + status["slots"].as_u64().unwrap() * spare_node::node::WORKER_OVERHEAD;
+    assert!(
+        memory.is_some_and(|m| m.abs_diff(given) < 4096),
+        "memory limit {memory:?}, given {given} with the workers' overhead, in {groups:?}"
+    );
 }
 
 /// A daemon killed before it could remove its control groups leaves them

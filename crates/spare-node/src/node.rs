@@ -424,7 +424,7 @@ pub(crate) fn blob_budget(disk: u64) -> u64 {
 
 /// Memory a worker needs beyond its guest's: wasmtime, compiled code,
 /// buffers. A memory cgroup holds the guests' budget plus this per worker.
-const WORKER_OVERHEAD: u64 = 64 << 20;
+pub const WORKER_OVERHEAD: u64 = 64 << 20;
 
 /// Sets up what enforces the CPU share and the memory budget: a cgroup
 /// where one can be made (or must be, with `enforcement = "cgroup"`), the

@@ -254,6 +254,15 @@ impl Sampler {
             }),
             _ => None,
         };
+        if let Some(root) = root
+            .as_ref()
+            .filter(|r| std::fs::metadata(&r.procs).is_err())
+        {
+            tracing::warn!(
+                "cannot read {}: processes in the cgroup2 root group will not count as the owner's",
+                root.procs.display()
+            );
+        }
         Self {
             proc: proc.to_path_buf(),
             clock,
@@ -298,7 +307,7 @@ impl Sampler {
             .busy
             .read(&self.clock, self.ns_per_tick, &mut self.buffer)?;
         let root_tasks = match &mut self.root {
-            Some(root) => root.read(&self.proc, self.ns_per_tick, &mut self.buffer)?,
+            Some(root) => root.read(&self.proc, self.ns_per_tick, &mut self.buffer),
             None => HashMap::new(),
         };
         let cpu_stall = self
@@ -416,14 +425,15 @@ struct RootGroup {
 
 impl RootGroup {
     /// The run time of each thread of the root group's user processes;
-    /// `None` when the group's process list cannot be read.
+    /// none when the group's process list cannot be read (the groups
+    /// below still count).
     fn read(
         &mut self,
         proc: &Path,
         ns_per_tick: u64,
         buffer: &mut Vec<u8>,
-    ) -> Option<HashMap<(u32, u32), u64>> {
-        let listed = std::fs::read_to_string(&self.procs).ok()?;
+    ) -> HashMap<(u32, u32), u64> {
+        let listed = std::fs::read_to_string(&self.procs).unwrap_or_default();
         let pids: HashSet<u32> = listed
             .split_whitespace()
             .filter_map(|p| p.parse().ok())
@@ -441,7 +451,7 @@ impl RootGroup {
                 user.push(pid);
             }
         }
-        Some(self.threads.read(proc, &user, ns_per_tick, buffer))
+        self.threads.read(proc, &user, ns_per_tick, buffer)
     }
 }
 
@@ -823,9 +833,12 @@ mod tests {
         let u = usage(&first, &now);
         assert!((u.owner_cores - 0.5).abs() < 1e-9, "{u:?}");
         assert!((u.spare_cores - 0.1).abs() < 1e-9, "{u:?}");
-        // A root group that cannot be listed cannot be read.
+        // A root group that cannot be listed counts nothing; the groups
+        // below it still do.
         std::fs::remove_file(unified.join("cgroup.procs")).unwrap();
-        assert!(sampler.read(&[10]).is_none());
+        let unlisted = sampler.read(&[10]).unwrap();
+        assert!(unlisted.root_tasks.is_empty(), "{unlisted:?}");
+        assert_eq!(unlisted.busy.len(), 1);
     }
 
     /// Every process on the machine now.
