@@ -21,7 +21,7 @@
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -136,10 +136,10 @@ impl Kernel {
     }
 
     /// Boots the kernel and runs `command` (program and arguments) in
-    /// directory `cwd` with `env` added, on `cpus` virtual CPUs; kills the
-    /// machine after `timeout`. The command sees this machine's files
-    /// read-only, a fresh `/run` with its `TMPDIR`, and nothing of its
-    /// network but loopback.
+    /// directory `cwd` with `env` (shell variable names and values) added,
+    /// on `cpus` virtual CPUs; kills the machine after `timeout`. The
+    /// command sees this machine's files read-only, a fresh `/run` with its
+    /// `TMPDIR`, and nothing of its network but loopback.
     pub fn run(
         &self,
         command: &[&str],
@@ -208,21 +208,21 @@ impl Kernel {
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(share.path().join("console"))?)
             .stderr(Stdio::from(std::fs::File::create(share.path().join("qemu.err"))?));
-        let mut child = qemu
-            .spawn()
-            .context("cannot start qemu-system-x86_64 (Debian's qemu-system-x86)")?;
+        let mut machine = Machine(
+            qemu.spawn()
+                .context("cannot start qemu-system-x86_64 (Debian's qemu-system-x86)")?,
+        );
         let started = Instant::now();
         let status = loop {
-            if let Some(status) = child.try_wait()? {
+            if let Some(status) = machine.0.try_wait()? {
                 break Some(status);
             }
             if started.elapsed() > timeout {
-                let _ = child.kill();
-                let _ = child.wait();
                 break None;
             }
             std::thread::sleep(Duration::from_millis(100));
         };
+        drop(machine);
         let read = |name: &str| {
             std::fs::read(share.path().join(name))
                 .map(|b| String::from_utf8_lossy(&b).into_owned())
@@ -245,6 +245,19 @@ impl Kernel {
                 bail!("qemu failed ({status})\n--- console\n{}", run.console)
             }
             Some(_) => Ok(run),
+        }
+    }
+}
+
+/// The qemu process, killed when dropped: on a timeout, and when the
+/// caller gives up early, no machine is left running.
+struct Machine(Child);
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
         }
     }
 }
