@@ -5,8 +5,9 @@
 //! It pauses the workers when the owner's use over the last [`WINDOW`]
 //! passes the threshold, when memory stalls, outside the time windows, or on
 //! battery; it resumes them once the owner has been quiet for the cool-down.
-//! Without a cgroup to hold the CPU share it also runs the duty cycle that
-//! stops and continues the workers within each [`DUTY_PERIOD`]. It is a
+//! Without a cgroup to hold the CPU share it also runs the
+//! [duty cycle](crate::duty) that stops and continues the workers within
+//! each period. It is a
 //! plain thread, not a task on the daemon's runtime, so a busy runtime never
 //! delays a pause.
 
@@ -21,6 +22,7 @@ use spare_core::units::format_duration;
 use spare_runtime::{WorkerPool, WorkerState};
 use tokio::sync::watch;
 
+use crate::duty::{DutyCycle, cpu_time_ns};
 use crate::machine::{Machine, on_battery};
 use crate::owner::{Sampler, Usage};
 use crate::settings::Policy;
@@ -38,8 +40,6 @@ pub const SAMPLE_IDLE: Duration = Duration::from_millis(50);
 pub const SAMPLE_RELAXED: Duration = Duration::from_millis(250);
 /// The span over which the owner's use is averaged.
 pub const WINDOW: Duration = Duration::from_millis(100);
-/// The duty cycle's period when the fallback enforces a CPU share.
-pub const DUTY_PERIOD: Duration = Duration::from_millis(100);
 /// Memory stalls above this share of the time mean the owner is short of
 /// memory: guests pause.
 pub const MEMORY_PRESSURE_LIMIT: f64 = 0.10;
@@ -208,7 +208,7 @@ struct Loop {
     last_active: Option<Instant>,
     slow_hold: Option<Hold>,
     next_slow: Instant,
-    epoch: Instant,
+    duty: DutyCycle,
     paused_since: Option<Instant>,
     pauses: u64,
 }
@@ -228,7 +228,7 @@ impl Loop {
             last_active: None,
             slow_hold: None,
             next_slow: now,
-            epoch: now,
+            duty: DutyCycle::new(now),
             paused_since: None,
             pauses: 0,
         }
@@ -254,7 +254,10 @@ impl Loop {
             }
             let hold = self.hold(now);
             let (state, next_edge) = match &hold {
-                Some(_) => (WorkerState::Pause, None),
+                Some(_) => {
+                    self.duty.interrupt();
+                    (WorkerState::Pause, None)
+                }
                 None => self.duty(now),
             };
             self.pool.set_state(state);
@@ -340,28 +343,19 @@ impl Loop {
 
     /// The duty cycle's state now and its next edge; always running when no
     /// duty cycle is needed.
-    fn duty(&self, now: Instant) -> (WorkerState, Option<Instant>) {
+    fn duty(&mut self, now: Instant) -> (WorkerState, Option<Instant>) {
         if !self.config.duty_cycle {
             return (WorkerState::Run, None);
         }
         let allowed = self.config.policy.cpu_millicores(self.config.machine.cores);
-        let running = self.pool.stats().running.max(1) as u64;
-        let on_share = allowed as f64 / (running * 1000) as f64;
-        if on_share >= 1.0 {
-            return (WorkerState::Run, None);
-        }
-        let period = DUTY_PERIOD.as_secs_f64();
-        let into = now.duration_since(self.epoch).as_secs_f64() % period;
-        let on = on_share * period;
-        let period_start = now - Duration::from_secs_f64(into);
-        if into < on {
-            (
-                WorkerState::Run,
-                Some(period_start + Duration::from_secs_f64(on)),
-            )
-        } else {
-            (WorkerState::Throttle, Some(period_start + DUTY_PERIOD))
-        }
+        let running = self.pool.stats().running;
+        let pool = &self.pool;
+        self.duty.state(now, allowed, running, || {
+            let mut pids = pool.governed_pids();
+            pids.sort_unstable();
+            let ns = cpu_time_ns(&pids)?;
+            Some((pids, ns))
+        })
     }
 
     fn report(&mut self, now: Instant, hold: Option<&Hold>) {

@@ -9,7 +9,8 @@
 //! - [`Governor`] watches the owner's CPU use and pressure stalls
 //!   ([`owner`]), pauses the workers within a sampling window when the
 //!   owner needs the machine and resumes them after a cool-down, and runs
-//!   the CPU duty cycle when no cgroup can;
+//!   the CPU [`duty`] cycle, trimmed by what the workers really used, when
+//!   no cgroup can;
 //! - [`TokenBucket`] paces every byte moved for the swarm.
 //!
 //! It knows nothing about the network: the daemon asks the governor whether
@@ -18,6 +19,7 @@
 
 pub mod bucket;
 pub mod cgroup;
+pub mod duty;
 pub mod governor;
 pub mod machine;
 pub mod owner;

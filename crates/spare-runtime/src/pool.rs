@@ -189,6 +189,15 @@ impl WorkerPool {
         self.inner.lock_pids().clone()
     }
 
+    /// Process ids of the live workers that pauses and throttling stop:
+    /// all but those running the owner's own jobs.
+    pub fn governed_pids(&self) -> Vec<u32> {
+        let exempt = self.inner.lock_exempt();
+        let mut pids = self.worker_pids();
+        pids.retain(|p| !exempt.contains(p));
+        pids
+    }
+
     /// The state the workers are in.
     pub fn state(&self) -> WorkerState {
         self.inner.lock_state().state
@@ -204,12 +213,7 @@ impl WorkerPool {
         }
         let signals = transition(clock.state, state);
         if !signals.is_empty() {
-            let exempt = self.inner.lock_exempt();
-            for pid in self
-                .worker_pids()
-                .into_iter()
-                .filter(|p| !exempt.contains(p))
-            {
+            for pid in self.governed_pids() {
                 for &s in signals {
                     signal(pid, s);
                 }
