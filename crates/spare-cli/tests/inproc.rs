@@ -244,34 +244,25 @@ async fn a_task_crosses_a_memory_swarm_with_its_receipt() {
     shutdown.cancel();
 }
 
-/// A worker that dies mid-job is reported, and the pool starts a
-/// replacement at once, so the next job finds a warm worker.
-#[tokio::test]
-async fn a_lost_worker_is_replaced_before_the_next_job() {
-    let pool = WorkerPool::start(PoolConfig {
+/// A pool of `slots` real `spare worker` processes.
+async fn worker_pool(slots: usize) -> WorkerPool {
+    WorkerPool::start(PoolConfig {
         command: WorkerCommand {
             program: env!("CARGO_BIN_EXE_spare").into(),
             args: vec!["worker".into()],
         },
-        slots: 1,
+        slots,
         join: vec![],
     })
     .await
-    .unwrap();
-    let wait_for_workers = |pool: WorkerPool, not: Option<u32>| async move {
-        for _ in 0..500 {
-            let pids = pool.worker_pids();
-            if pids.len() == 1 && Some(pids[0]) != not {
-                return pids[0];
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        panic!("no worker replaced {not:?}: {:?}", pool.worker_pids());
-    };
-    let first = wait_for_workers(pool.clone(), None).await;
+    .unwrap()
+}
+
+/// `hostile/loop.wasm`, which spins until its wall time (a minute) ends.
+fn endless_job() -> Job {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples/hostile/loop.wasm");
     let bytes = std::fs::read(&path).unwrap();
-    let job = Job {
+    Job {
         task: TaskId::random(),
         module: BlobId::of(&bytes),
         module_path: path,
@@ -283,7 +274,26 @@ async fn a_lost_worker_is_replaced_before_the_next_job() {
             wall_ms: 60_000,
             ..Limits::DEFAULT
         },
+    }
+}
+
+/// A worker that dies mid-job is reported, and the pool starts a
+/// replacement at once, so the next job finds a warm worker.
+#[tokio::test]
+async fn a_lost_worker_is_replaced_before_the_next_job() {
+    let pool = worker_pool(1).await;
+    let wait_for_workers = |pool: WorkerPool, not: Option<u32>| async move {
+        for _ in 0..500 {
+            let pids = pool.worker_pids();
+            if pids.len() == 1 && Some(pids[0]) != not {
+                return pids[0];
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("no worker replaced {not:?}: {:?}", pool.worker_pids());
     };
+    let first = wait_for_workers(pool.clone(), None).await;
+    let job = endless_job();
     let running = tokio::spawn({
         let pool = pool.clone();
         async move { pool.run(job, CancellationToken::new()).await }
@@ -303,4 +313,44 @@ async fn a_lost_worker_is_replaced_before_the_next_job() {
     // The replacement comes without another job asking for it.
     let second = wait_for_workers(pool.clone(), Some(first)).await;
     assert_ne!(second, first);
+}
+
+/// The owner's own job is counted apart and its worker is left out of the
+/// ones pauses and the duty cycle stop; the swarm's job beside it is not.
+#[tokio::test]
+async fn the_owners_job_is_counted_apart_and_never_governed() {
+    let pool = worker_pool(1).await;
+    let cancel = CancellationToken::new();
+    let owners = tokio::spawn({
+        let (pool, cancel) = (pool.clone(), cancel.clone());
+        async move { pool.run_for_owner(endless_job(), cancel).await }
+    });
+    let swarms = tokio::spawn({
+        let (pool, cancel) = (pool.clone(), cancel.clone());
+        async move { pool.run(endless_job(), cancel).await }
+    });
+    // Both jobs are in workers once there are two and one is exempt.
+    for _ in 0..500 {
+        if pool.worker_pids().len() == 2 && pool.governed_pids().len() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let stats = pool.stats();
+    assert_eq!((stats.running, stats.owner_running), (2, 1), "{stats:?}");
+    let (all, governed) = (pool.worker_pids(), pool.governed_pids());
+    assert_eq!((all.len(), governed.len()), (2, 1), "{all:?} {governed:?}");
+    assert!(all.contains(&governed[0]));
+    cancel.cancel();
+    for job in [owners, swarms] {
+        let outcome = job.await.unwrap();
+        assert!(
+            matches!(outcome.failure(), Some(Failure::Cancelled)),
+            "{:?}",
+            outcome.status
+        );
+    }
+    let stats = pool.stats();
+    assert_eq!((stats.running, stats.owner_running), (0, 0), "{stats:?}");
+    assert_eq!(pool.governed_pids().len(), pool.worker_pids().len());
 }

@@ -348,7 +348,10 @@ impl Loop {
             return (WorkerState::Run, None);
         }
         let allowed = self.config.policy.cpu_millicores(self.config.machine.cores);
-        let running = self.pool.stats().running;
+        // The owner's own jobs are never throttled: the share is the
+        // swarm's guests'.
+        let stats = self.pool.stats();
+        let running = stats.running.saturating_sub(stats.owner_running);
         let pool = &self.pool;
         self.duty.state(now, allowed, running, || {
             let mut pids = pool.governed_pids();

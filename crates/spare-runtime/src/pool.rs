@@ -55,8 +55,11 @@ pub struct PoolConfig {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PoolStats {
     pub slots: usize,
+    /// Jobs running, the owner's own among them.
     pub running: usize,
     pub queued: usize,
+    /// The owner's own jobs running: neither paused nor throttled.
+    pub owner_running: usize,
 }
 
 /// Runs jobs in worker processes, at most `slots` at a time; the rest wait.
@@ -77,6 +80,7 @@ struct Inner {
     idle: Mutex<Vec<Worker>>,
     running: AtomicUsize,
     queued: AtomicUsize,
+    owner_running: AtomicUsize,
     /// What the most recent worker obtained when lowering its priority.
     priority: Mutex<Option<PriorityReport>>,
     /// Pids of live workers, for status and tests.
@@ -149,6 +153,7 @@ impl WorkerPool {
                 idle: Mutex::new(Vec::new()),
                 running: AtomicUsize::new(0),
                 queued: AtomicUsize::new(0),
+                owner_running: AtomicUsize::new(0),
                 priority: Mutex::new(None),
                 pids: Pids::default(),
                 state: Mutex::new(StateClock {
@@ -172,6 +177,7 @@ impl WorkerPool {
             slots: self.slots(),
             running: self.inner.running.load(Ordering::Relaxed),
             queued: self.inner.queued.load(Ordering::Relaxed),
+            owner_running: self.inner.owner_running.load(Ordering::Relaxed),
         }
     }
 
@@ -292,6 +298,7 @@ impl WorkerPool {
         };
         drop(_queued);
         let _running = Gauge::up(&self.inner.running);
+        let _owner = owner.then(|| Gauge::up(&self.inner.owner_running));
         let outcome = self.run_in_worker(job, &cancel, owner).await;
         drop(permit);
         outcome
