@@ -153,15 +153,11 @@ impl DutyCycle {
 /// The next trim, after guests given `trim` of the nominal on-time used
 /// `used` cores of a `share`. Overrun is the late signals' (a fixed time a
 /// period), so scaling by `share / used` lands close and the next
-/// measurement closes the rest.
+/// measurement closes the rest; a guest under its share moves the trim back
+/// towards the nominal on-time, never past it.
 fn trimmed(trim: f64, share: f64, used: f64) -> f64 {
-    if used <= share {
-        // Under the share: back towards the nominal on-time, never past it.
-        return if used <= 0.0 {
-            1.0
-        } else {
-            (trim * share / used).min(1.0)
-        };
+    if used <= 0.0 {
+        return 1.0;
     }
     (trim * share / used).clamp(MIN_TRIM, 1.0)
 }
