@@ -2,7 +2,8 @@
 //!
 //! It `select!`s, biased in this order, over: shutdown; commands from
 //! [`NetHandle`](crate::NetHandle)s (local work first, as libp2p's coding
-//! guidelines ask); swarm events; and a maintenance tick. Replies to commands
+//! guidelines ask); swarm events; a redial tick for peers we lost
+//! (`redial.rs`); and a maintenance tick. Replies to commands
 //! travel back on oneshot channels kept in maps keyed by request id.
 
 use std::collections::HashMap;
@@ -13,7 +14,7 @@ use futures::StreamExt;
 use libp2p::gossipsub::{self, IdentTopic, MessageAcceptance};
 use libp2p::request_response::{self, OutboundFailure, OutboundRequestId, ResponseChannel};
 use libp2p::swarm::SwarmEvent;
-use libp2p::swarm::dial_opts::DialOpts;
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::{Multiaddr, PeerId, Swarm, core::transport::ListenerId, identify, kad, mdns, ping};
 use spare_core::wire::{self, BlobRequest, BlobResponse, Offer};
 use tokio::sync::{mpsc, oneshot};
@@ -22,10 +23,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::behaviour::{Behaviour, BehaviourEvent, IDENTIFY_PROTOCOL};
 use crate::codec::Incoming;
+use crate::redial::Redial;
 use crate::{BlobResponder, NetError, NetEvent, RequestError, Shared};
 
 /// How often the loop checks its connections and tidies its maps.
 const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(10);
+/// How often lost peers are checked for a redial that is due.
+const REDIAL_INTERVAL: Duration = Duration::from_secs(1);
 /// Kademlia bootstrap runs every this many maintenance ticks.
 const KAD_BOOTSTRAP_EVERY: u32 = 30;
 /// Above this many connected peers, peers learned from the DHT are not
@@ -64,6 +68,10 @@ pub(crate) struct EventLoop {
     offer: Option<Vec<u8>>,
     /// When the offer was last re-published for a newcomer.
     welcomed: Option<std::time::Instant>,
+    /// Spare peers whose connections closed, to be dialled again.
+    redial: Redial,
+    /// Our listeners, closed explicitly when the loop stops.
+    listeners: Vec<ListenerId>,
     ticks: u32,
 }
 
@@ -88,6 +96,8 @@ impl EventLoop {
             pending_blobs: HashMap::new(),
             offer: None,
             welcomed: None,
+            redial: Redial::default(),
+            listeners: Vec::new(),
             ticks: 0,
         }
     }
@@ -98,6 +108,7 @@ impl EventLoop {
         &mut self,
         listeners: &[ListenerId],
     ) -> Result<(), NetError> {
+        self.listeners = listeners.to_vec();
         let mut waiting: Vec<ListenerId> = listeners.to_vec();
         let deadline = tokio::time::sleep(LISTEN_TIMEOUT);
         tokio::pin!(deadline);
@@ -135,6 +146,8 @@ impl EventLoop {
     pub(crate) async fn run(mut self, shutdown: CancellationToken) {
         let mut maintenance = tokio::time::interval(MAINTENANCE_INTERVAL);
         maintenance.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut redial = tokio::time::interval(REDIAL_INTERVAL);
+        redial.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 biased;
@@ -145,7 +158,13 @@ impl EventLoop {
                 },
                 event = self.swarm.select_next_some() => self.handle_event(event),
                 _ = maintenance.tick() => self.maintain(),
+                _ = redial.tick() => self.redial(),
             }
+        }
+        // Dropping the swarm closes TCP and QUIC sockets, but libp2p's
+        // memory transport frees its port only when the listener is removed.
+        for listener in std::mem::take(&mut self.listeners) {
+            self.swarm.remove_listener(listener);
         }
         tracing::debug!("network event loop stopped");
     }
@@ -218,6 +237,7 @@ impl EventLoop {
             } => {
                 self.write_peers()
                     .connected(peer_id, endpoint.get_remote_address().clone());
+                self.redial.found(&peer_id);
                 if num_established.get() == 1 {
                     tracing::debug!(%peer_id, "connected");
                     self.shared
@@ -234,7 +254,13 @@ impl EventLoop {
                 ..
             } => {
                 tracing::debug!(%peer_id, ?cause, "disconnected");
-                self.write_peers().disconnected(&peer_id);
+                let known = self.write_peers().disconnected(&peer_id);
+                // Only a peer that identified itself as a spare node is
+                // worth getting back.
+                if let Some(info) = known.filter(|info| info.agent.is_some()) {
+                    self.redial
+                        .lost(peer_id, info.addrs, std::time::Instant::now());
+                }
                 self.shared.tasks.forget(&peer_id);
                 let token = self
                     .shared
@@ -431,6 +457,26 @@ impl EventLoop {
         }
         if self.ticks % KAD_BOOTSTRAP_EVERY == 1 {
             let _ = self.swarm.behaviour_mut().kad.bootstrap();
+        }
+    }
+
+    /// Dials the lost peers whose redial is due, at the addresses they were
+    /// known at and whatever Kademlia knows of them.
+    fn redial(&mut self) {
+        for (peer, addrs) in self.redial.due(std::time::Instant::now()) {
+            if self.swarm.is_connected(&peer) {
+                self.redial.found(&peer);
+                continue;
+            }
+            tracing::debug!(%peer, "dialling a lost peer again");
+            let opts = DialOpts::peer_id(peer)
+                .condition(PeerCondition::DisconnectedAndNotDialing)
+                .addresses(addrs)
+                .extend_addresses_through_behaviour()
+                .build();
+            if let Err(e) = self.swarm.dial(opts) {
+                tracing::debug!(%peer, "cannot dial a lost peer: {e}");
+            }
         }
     }
 

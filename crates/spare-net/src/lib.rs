@@ -20,6 +20,7 @@ mod behaviour;
 mod codec;
 mod event_loop;
 mod peers;
+mod redial;
 mod tasks;
 
 use std::collections::HashMap;

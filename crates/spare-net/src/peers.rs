@@ -85,9 +85,10 @@ impl PeerTable {
         push_addr(&mut info.addrs, addr);
     }
 
-    pub(crate) fn disconnected(&mut self, peer: &PeerId) {
-        self.peers.remove(peer);
+    /// Forgets `peer`, returning what was known of it.
+    pub(crate) fn disconnected(&mut self, peer: &PeerId) -> Option<PeerInfo> {
         self.reach.remove(peer);
+        self.peers.remove(peer)
     }
 
     /// Whether an address `peer` claims for itself may be believed: it must

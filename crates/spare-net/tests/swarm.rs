@@ -24,9 +24,27 @@ async fn start(
     bootstrap: Vec<Multiaddr>,
     shutdown: &CancellationToken,
 ) -> Peer {
+    try_start(
+        Keypair::generate_ed25519(),
+        transport,
+        listen,
+        bootstrap,
+        shutdown,
+    )
+    .await
+    .unwrap()
+}
+
+async fn try_start(
+    keypair: Keypair,
+    transport: Transport,
+    listen: &str,
+    bootstrap: Vec<Multiaddr>,
+    shutdown: &CancellationToken,
+) -> Result<Peer, spare_net::NetError> {
     let (handle, events) = spare_net::start(
         NetConfig {
-            keypair: Keypair::generate_ed25519(),
+            keypair,
             listen: vec![listen.parse().unwrap()],
             bootstrap,
             mdns: false,
@@ -34,9 +52,8 @@ async fn start(
         },
         shutdown.child_token(),
     )
-    .await
-    .unwrap();
-    Peer { handle, events }
+    .await?;
+    Ok(Peer { handle, events })
 }
 
 fn memory_addr() -> String {
@@ -104,6 +121,64 @@ async fn three_peers_find_each_other_through_one_and_hear_offers() {
                 .iter()
                 .any(|i| i.peer == b_id && i.offer.as_ref().is_some_and(|(o, _)| o.seq == 1))
         })
+    })
+    .await;
+    shutdown.cancel();
+}
+
+#[tokio::test]
+async fn a_peer_that_comes_back_is_dialled_again_by_those_that_lost_it() {
+    let shutdown = CancellationToken::new();
+    let a = start(Transport::Memory, &memory_addr(), vec![], &shutdown).await;
+    let bootstrap = a.handle.listen_addrs();
+    let b = start(
+        Transport::Memory,
+        &memory_addr(),
+        bootstrap.clone(),
+        &shutdown,
+    )
+    .await;
+    let (c_key, c_addr) = (Keypair::generate_ed25519(), memory_addr());
+    let c_id = c_key.public().to_peer_id();
+    let c_shutdown = CancellationToken::new();
+    let c = try_start(
+        c_key.clone(),
+        Transport::Memory,
+        &c_addr,
+        bootstrap,
+        &c_shutdown,
+    )
+    .await
+    .unwrap();
+    eventually("a full mesh", || {
+        [&a, &b, &c].iter().all(|p| p.handle.peers().len() == 2)
+    })
+    .await;
+    // c goes away: a and b lose it.
+    c_shutdown.cancel();
+    drop(c);
+    eventually("a and b to lose c", || {
+        [&a, &b].iter().all(|p| !p.handle.is_connected(&c_id))
+    })
+    .await;
+    // c stays away long enough for dials to it to fail (as a stalled
+    // laptop's would), then comes back at the same address knowing no one:
+    // only a and b dialling it again can reconnect them.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut back = None;
+    for _ in 0..100 {
+        match try_start(c_key.clone(), Transport::Memory, &c_addr, vec![], &shutdown).await {
+            Ok(peer) => {
+                back = Some(peer);
+                break;
+            }
+            // The old listener may not have closed yet.
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    let _c = back.expect("c restarts at its address");
+    eventually("a and b to dial c again", || {
+        [&a, &b].iter().all(|p| p.handle.is_connected(&c_id))
     })
     .await;
     shutdown.cancel();
