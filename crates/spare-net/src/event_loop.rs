@@ -6,15 +6,15 @@
 //! (`redial.rs`); and a maintenance tick. Replies to commands
 //! travel back on oneshot channels kept in maps keyed by request id.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
 use libp2p::gossipsub::{self, IdentTopic, MessageAcceptance};
 use libp2p::request_response::{self, OutboundFailure, OutboundRequestId, ResponseChannel};
-use libp2p::swarm::SwarmEvent;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+use libp2p::swarm::{ConnectionId, DialError, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, Swarm, core::transport::ListenerId, identify, kad, mdns, ping};
 use spare_core::wire::{self, BlobRequest, BlobResponse, Offer};
 use tokio::sync::{mpsc, oneshot};
@@ -72,6 +72,11 @@ pub(crate) struct EventLoop {
     redial: Redial,
     /// Our listeners, closed explicitly when the loop stops.
     listeners: Vec<ListenerId>,
+    /// Dials to bootstrap addresses in flight, to say which one failed.
+    bootstrap_dials: HashMap<ConnectionId, Multiaddr>,
+    /// Bootstrap addresses already reported unreachable (they are dialled
+    /// again every maintenance tick while we have no peer).
+    bootstrap_warned: HashSet<Multiaddr>,
     ticks: u32,
 }
 
@@ -98,6 +103,8 @@ impl EventLoop {
             welcomed: None,
             redial: Redial::default(),
             listeners: Vec::new(),
+            bootstrap_dials: HashMap::new(),
+            bootstrap_warned: HashSet::new(),
             ticks: 0,
         }
     }
@@ -136,9 +143,15 @@ impl EventLoop {
     }
 
     pub(crate) fn dial_bootstrap(&mut self) {
+        self.bootstrap_dials.clear();
         for addr in self.bootstrap.clone() {
-            if let Err(e) = self.swarm.dial(addr.clone()) {
-                tracing::warn!("cannot dial bootstrap peer {addr}: {e}");
+            let opts = DialOpts::from(addr.clone());
+            let id = opts.connection_id();
+            match self.swarm.dial(opts) {
+                Ok(()) => {
+                    self.bootstrap_dials.insert(id, addr);
+                }
+                Err(e) => tracing::warn!("cannot dial bootstrap peer {addr}: {e}"),
             }
         }
     }
@@ -233,8 +246,12 @@ impl EventLoop {
                 peer_id,
                 endpoint,
                 num_established,
+                connection_id,
                 ..
             } => {
+                if let Some(addr) = self.bootstrap_dials.remove(&connection_id) {
+                    self.bootstrap_warned.remove(&addr);
+                }
                 self.write_peers()
                     .connected(peer_id, endpoint.get_remote_address().clone());
                 self.redial.found(&peer_id);
@@ -275,9 +292,21 @@ impl EventLoop {
             // One of several connections to a peer closed. Its idle task
             // streams may have been on it; new ones cost little.
             SwarmEvent::ConnectionClosed { peer_id, .. } => self.shared.tasks.forget(&peer_id),
-            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
-                tracing::debug!(?peer_id, "dial failed: {error}");
-            }
+            SwarmEvent::OutgoingConnectionError {
+                peer_id,
+                error,
+                connection_id,
+            } => match self.bootstrap_dials.remove(&connection_id) {
+                Some(addr) if self.bootstrap_warned.insert(addr.clone()) => {
+                    tracing::warn!(
+                        "cannot reach bootstrap peer {addr} (trying again every {}s while \
+                         no peer is connected): {}",
+                        MAINTENANCE_INTERVAL.as_secs(),
+                        dial_failure(&error)
+                    );
+                }
+                _ => tracing::debug!(?peer_id, "dial failed: {error}"),
+            },
             SwarmEvent::Behaviour(event) => self.handle_behaviour(event),
             _ => {}
         }
@@ -494,6 +523,25 @@ impl EventLoop {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .len()
+    }
+}
+
+/// Why a dial failed, in a few words: the deepest cause of each address's
+/// failure (e.g. `Connection refused (os error 111)`).
+fn dial_failure(error: &DialError) -> String {
+    fn deepest(mut err: &dyn std::error::Error) -> String {
+        while let Some(source) = err.source() {
+            err = source;
+        }
+        err.to_string()
+    }
+    match error {
+        DialError::Transport(failures) if !failures.is_empty() => failures
+            .iter()
+            .map(|(_, e)| deepest(e))
+            .collect::<Vec<_>>()
+            .join("; "),
+        other => crate::describe(other),
     }
 }
 

@@ -263,7 +263,7 @@ fn probe_tcp_port(addr: &Multiaddr) -> Result<(), NetError> {
 }
 
 /// An error and its sources on one line.
-fn describe(err: &dyn std::error::Error) -> String {
+pub(crate) fn describe(err: &dyn std::error::Error) -> String {
     let mut text = err.to_string();
     let mut source = err.source();
     while let Some(cause) = source {
