@@ -354,3 +354,36 @@ async fn the_owners_job_is_counted_apart_and_never_governed() {
     assert_eq!((stats.running, stats.owner_running), (0, 0), "{stats:?}");
     assert_eq!(pool.governed_pids().len(), pool.worker_pids().len());
 }
+
+/// A cancelled job stops at once, reports the fuel and time it used, and
+/// leaves its worker warm for the next job.
+#[tokio::test]
+async fn a_cancelled_job_reports_what_it_used_and_keeps_its_worker() {
+    let pool = worker_pool(1).await;
+    let cancel = CancellationToken::new();
+    let running = tokio::spawn({
+        let (pool, cancel) = (pool.clone(), cancel.clone());
+        async move { pool.run(endless_job(), cancel).await }
+    });
+    while pool.stats().running == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let worker = pool.worker_pids();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let asked = std::time::Instant::now();
+    cancel.cancel();
+    let outcome = running.await.unwrap();
+    assert!(
+        asked.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        asked.elapsed()
+    );
+    assert!(
+        matches!(outcome.failure(), Some(Failure::Cancelled)),
+        "{:?}",
+        outcome.status
+    );
+    assert!(outcome.fuel > 1_000_000, "fuel {}", outcome.fuel);
+    assert!(outcome.wall_ms >= 250, "wall {} ms", outcome.wall_ms);
+    assert_eq!(pool.worker_pids(), worker, "the worker was not replaced");
+}

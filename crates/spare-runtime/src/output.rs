@@ -47,10 +47,15 @@ impl CappedOutput {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Appends `bytes`, or refuses them all if they would pass the limit.
+    /// Appends `bytes`; if they would pass the limit, appends what fits (so
+    /// the output holds its first `limit` bytes, as a truncated local run
+    /// would) and fails.
     fn append(&self, bytes: &[u8]) -> Result<(), ()> {
         let mut state = self.lock();
-        if state.buffer.len().saturating_add(bytes.len()) > state.limit {
+        let room = state.limit.saturating_sub(state.buffer.len());
+        if bytes.len() > room {
+            let fits = &bytes[..room];
+            state.buffer.extend_from_slice(fits);
             state.overflowed = true;
             return Err(());
         }
@@ -140,6 +145,8 @@ mod tests {
         stream.write(Bytes::from_static(b"hello")).unwrap();
         assert!(stream.write(Bytes::from_static(b"world!")).is_err());
         assert!(out.overflowed());
-        assert_eq!(out.take(), b"hello");
+        assert!(stream.write(Bytes::from_static(b"!")).is_err());
+        // The output keeps its first ten bytes.
+        assert_eq!(out.take(), b"helloworld");
     }
 }

@@ -31,6 +31,17 @@ use crate::stop::{WorkerState, signal, transition};
 const WATCHDOG_GRACE: Duration = Duration::from_secs(30);
 /// How long a new worker may take to say it is ready.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a cancelled job's worker has to stop its guest and report what
+/// it used before it is killed (a paused worker cannot, and is killed).
+const CANCEL_GRACE: Duration = Duration::from_secs(1);
+
+/// How waiting for a worker's answer ended.
+enum Waited {
+    Reply(std::io::Result<FromWorker>),
+    /// Cancelled, and the worker did not answer in time.
+    Cancelled,
+    Watchdog,
+}
 
 /// How to start a worker process.
 #[derive(Clone, Debug)]
@@ -332,17 +343,35 @@ impl WorkerPool {
                 .bury(worker, &format!("cannot send it the job: {e}"))
                 .await;
         }
-        let reply = tokio::select! {
-            biased;
-            () = cancel.cancelled() => {
+        let waited = {
+            // Kept across a cancel: the worker's answer may be half read.
+            let read = read_frame_async::<FromWorker>(&mut worker.stdout, MAX_RESULT_FRAME);
+            tokio::pin!(read);
+            tokio::select! {
+                biased;
+                () = cancel.cancelled() => {
+                    // Asked to, the worker stops its guest at once and reports
+                    // the fuel it used; one that does not is killed.
+                    crate::stop::signal(worker.pid, crate::stop::CANCEL_SIGNAL);
+                    match tokio::time::timeout(CANCEL_GRACE, &mut read).await {
+                        Ok(reply) => Waited::Reply(reply),
+                        Err(_) => Waited::Cancelled,
+                    }
+                }
+                () = watchdog => Waited::Watchdog,
+                reply = &mut read => Waited::Reply(reply),
+            }
+        };
+        let reply = match waited {
+            Waited::Reply(reply) => reply,
+            Waited::Cancelled => {
                 self.kill(worker).await;
                 return Outcome::failed(Failure::Cancelled);
             }
-            () = watchdog => {
+            Waited::Watchdog => {
                 self.kill(worker).await;
                 return Outcome::failed(Failure::Timeout { limit_ms });
             }
-            reply = read_frame_async::<FromWorker>(&mut worker.stdout, MAX_RESULT_FRAME) => reply,
         };
         match reply {
             Ok(FromWorker::Done(outcome)) => match outcome.validate() {

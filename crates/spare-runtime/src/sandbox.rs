@@ -215,9 +215,10 @@ impl Sandbox {
         let status = match result {
             Ok(Ok(code)) => Status::Exited(code),
             Ok(Err(err)) => classify(&err, &job.limits, memory_exceeded, &stdout, &stderr),
-            Err(TimedOut) => Status::Failed(Failure::Timeout {
+            Err(Cut::TimedOut) => Status::Failed(Failure::Timeout {
                 limit_ms: job.limits.wall_ms,
             }),
+            Err(Cut::Cancelled) => Status::Failed(Failure::Cancelled),
         };
         Ok(Outcome {
             status,
@@ -259,14 +260,24 @@ fn arm<T>(store: &mut Store<T>, limits: &Limits) -> Result<(), Failure> {
 }
 
 /// The wall-time limit passed.
-struct TimedOut;
+/// Why a guest was cut short from outside.
+enum Cut {
+    /// The wall-time limit passed.
+    TimedOut,
+    /// The daemon asked for it (the task was cancelled; see `stop`).
+    Cancelled,
+}
 
-/// Runs `guest` until it ends or `wall` passes; dropping the future at the
-/// deadline stops the guest at its next yield.
+/// How often a guest asleep in a host call is checked for a cancel; a
+/// running guest is checked at each of its fuel yields.
+const CANCEL_POLL: Duration = Duration::from_millis(20);
+
+/// Runs `guest` until it ends, `wall` passes or the daemon cancels it;
+/// dropping the future stops the guest at its next yield.
 async fn within<T>(
     wall: Duration,
     guest: impl std::future::Future<Output = wasmtime::Result<T>>,
-) -> Result<wasmtime::Result<T>, TimedOut> {
+) -> Result<wasmtime::Result<T>, Cut> {
     let started = Instant::now();
     let paused_before = crate::stop::paused();
     let deadline = async {
@@ -281,9 +292,21 @@ async fn within<T>(
             tokio::time::sleep_until(due.into()).await;
         }
     };
+    let mut tick = tokio::time::interval(CANCEL_POLL);
+    let cancelled = std::future::poll_fn(|cx| {
+        if crate::stop::cancel_requested() {
+            return std::task::Poll::Ready(());
+        }
+        // Keep a timer armed, so that a guest which does not yield is
+        // checked too.
+        while tick.poll_tick(cx).is_ready() {}
+        std::task::Poll::Pending
+    });
     tokio::select! {
+        biased;
+        () = cancelled => Err(Cut::Cancelled),
         result = guest => Ok(result),
-        () = deadline => Err(TimedOut),
+        () = deadline => Err(Cut::TimedOut),
     }
 }
 

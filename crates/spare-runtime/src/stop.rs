@@ -13,7 +13,7 @@
 //! cgroup) sends `SIGSTOP` directly: like a cgroup's `cpu.max`, it is part
 //! of the host's declared capacity and counts as wall time.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 /// Nanoseconds this process has spent paused by `SIGTSTP`.
@@ -62,6 +62,44 @@ pub fn install_pause_handler() -> std::io::Result<()> {
         action.sa_flags = libc::SA_RESTART;
         libc::sigemptyset(&mut action.sa_mask);
         if libc::sigaction(libc::SIGTSTP, &action, std::ptr::null_mut()) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// The signal that asks a worker to stop its guest and report what it used
+/// (fuel, output so far) instead of being killed.
+pub(crate) const CANCEL_SIGNAL: libc::c_int = libc::SIGUSR1;
+
+/// Set by [`CANCEL_SIGNAL`]; cleared by the worker before each job.
+static CANCEL: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_cancel(_signal: libc::c_int) {
+    CANCEL.store(true, Ordering::Relaxed);
+}
+
+/// Whether the daemon asked this worker to cancel its current guest.
+pub(crate) fn cancel_requested() -> bool {
+    CANCEL.load(Ordering::Relaxed)
+}
+
+/// Forgets a cancel meant for an earlier job.
+pub(crate) fn clear_cancel() {
+    CANCEL.store(false, Ordering::Relaxed);
+}
+
+/// Installs the [`CANCEL_SIGNAL`] handler. Called once by the worker at
+/// start.
+pub fn install_cancel_handler() -> std::io::Result<()> {
+    // SAFETY: as in `install_pause_handler`; the handler only stores to an
+    // atomic.
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = on_cancel as *const () as libc::sighandler_t;
+        action.sa_flags = libc::SA_RESTART;
+        libc::sigemptyset(&mut action.sa_mask);
+        if libc::sigaction(CANCEL_SIGNAL, &action, std::ptr::null_mut()) != 0 {
             return Err(std::io::Error::last_os_error());
         }
     }

@@ -30,14 +30,17 @@ pub fn main(cache_dir: Option<PathBuf>) -> i32 {
     if let Err(e) = crate::stop::install_pause_handler() {
         eprintln!("spare worker: cannot catch SIGTSTP, pauses will count as wall time: {e}");
     }
+    if let Err(e) = crate::stop::install_cancel_handler() {
+        eprintln!("spare worker: cannot catch SIGUSR1, cancelled guests will be killed: {e}");
+    }
 
     let guest = std::thread::Builder::new()
         .name("guest".into())
         .stack_size(EXECUTOR_STACK)
         .spawn(move || {
-            // The pause handler runs on another thread, never on a guest's
-            // fiber stack.
-            block_pause_signal();
+            // The signal handlers run on another thread, never on a
+            // guest's fiber stack.
+            block_handled_signals();
             serve(cache_dir, priority)
         });
     let guest = match guest {
@@ -79,6 +82,9 @@ fn serve(cache_dir: Option<PathBuf>, priority: crate::priority::PriorityReport) 
     loop {
         match read_frame::<ToWorker>(&mut input, MAX_JOB_FRAME) {
             Ok(Some(ToWorker::Run(job))) => {
+                // A cancel is only sent while a job is in flight, and is
+                // delivered before this thread can read the next job.
+                crate::stop::clear_cancel();
                 let outcome = sandbox.run(&job);
                 if write_frame(&mut out, &FromWorker::Done(Box::new(outcome))).is_err() {
                     return 1;
@@ -122,13 +128,14 @@ fn offer_to_the_oom_killer() {
 }
 
 /// Blocks `SIGTSTP` in the calling thread.
-fn block_pause_signal() {
+fn block_handled_signals() {
     // SAFETY: the set is initialised by sigemptyset before use and lives
     // across both calls; pthread_sigmask only changes this thread's mask.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGTSTP);
+        libc::sigaddset(&mut set, crate::stop::CANCEL_SIGNAL);
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
     }
 }
