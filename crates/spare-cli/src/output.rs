@@ -16,10 +16,26 @@ pub(crate) const EXIT_LIMIT: u8 = 137;
 /// Cancelled with Ctrl-C.
 pub(crate) const EXIT_CANCELLED: u8 = 130;
 
+/// An error that ends `spare` with an exit code of its own instead of
+/// [`EXIT_SPARE`].
+#[derive(Debug)]
+pub(crate) struct Exit {
+    pub(crate) code: u8,
+    pub(crate) message: String,
+}
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Exit {}
+
 /// Prints `err` as one line and returns the exit code for it.
 pub(crate) fn fail(err: &anyhow::Error) -> ExitCode {
     let _ = writeln!(std::io::stderr(), "spare: error: {}", one_line(err));
-    ExitCode::from(EXIT_SPARE)
+    ExitCode::from(err.downcast_ref::<Exit>().map_or(EXIT_SPARE, |e| e.code))
 }
 
 /// An error and its causes on one line.

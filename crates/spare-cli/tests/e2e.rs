@@ -189,8 +189,13 @@ fn hostile_guests_and_bad_input_end_with_one_clear_line() {
         ),
         (
             &["run", &example("hostile/notwasm.wasm")],
-            125,
+            126,
             "is not WebAssembly",
+        ),
+        (
+            &["run", "--memory", "1TiB", &example("hello.wasm")],
+            125,
+            "--memory: memory limit 1 TiB is above the maximum, 4 GiB",
         ),
         (
             &[
@@ -220,6 +225,40 @@ fn hostile_guests_and_bad_input_end_with_one_clear_line() {
         assert!(line.contains(message), "{args:?}: {line}");
         assert_eq!(out.status.code(), Some(*code), "{args:?}: {line}");
     }
+
+    // A flood keeps its first bytes, as a truncated local run would.
+    let out = spare(
+        a,
+        &["run", "--output", "1KiB", &example("hostile/flood.wasm")],
+        b"",
+    );
+    assert_eq!(out.status.code(), Some(137));
+    assert_eq!(out.stdout.len(), 1024);
+
+    // A peer id that is this node's own points to --local.
+    let out = spare(
+        a,
+        &["run", "--on", a.peer_id(), &example("hello.wasm")],
+        b"",
+    );
+    assert!(
+        error_line(&out).contains("run here with --local"),
+        "{}",
+        error_line(&out)
+    );
+    assert_eq!(out.status.code(), Some(125));
+
+    // With --json, a task that never ran still answers in JSON.
+    let out = spare(a, &["run", "--json", &example("hostile/notwasm.wasm")], b"");
+    assert_eq!(out.status.code(), Some(126));
+    let answer = json(&out);
+    assert!(answer["exit_code"].is_null());
+    assert!(
+        answer["error"]
+            .as_str()
+            .unwrap()
+            .contains("is not WebAssembly")
+    );
 
     // The guest's own failed open, not a sandbox error.
     let out = spare(a, &["run", &example("hostile/passwd.wasm")], b"");
@@ -336,6 +375,13 @@ fn ctrl_c_cancels_the_task_on_its_host() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert_eq!(b.get("/v1/node").unwrap()["running"], 0);
+    // The guest stopped rather than being killed, so both sides know the
+    // fuel it burnt, and the host signed for it.
+    let hosted = b.get("/v1/hosted?limit=1").unwrap();
+    assert!(hosted[0]["fuel"].as_u64().unwrap() > 0, "{hosted}");
+    let tasks = json(&spare(a, &["tasks", "--json"], b""));
+    assert_eq!(tasks[0]["state"], "cancelled", "{tasks}");
+    assert!(tasks[0]["fuel"].as_u64().unwrap() > 0, "{tasks}");
 }
 
 #[test]
@@ -502,7 +548,7 @@ fn a_crashed_worker_is_replaced_and_its_task_retried_elsewhere() {
     assert_ne!(result["host"], host.as_str());
     assert_eq!(result["attempts"], 2);
     assert!(
-        text(&out.stderr).contains("the worker process died"),
+        text(&out.stderr).contains("lost its worker process"),
         "{}",
         text(&out.stderr)
     );

@@ -76,24 +76,43 @@ impl Limits {
 
     /// Checks every field against [`Limits::MIN`] and `max`.
     pub fn check_within(&self, max: &Limits) -> Result<(), LimitError> {
-        let fields = [
-            ("fuel", self.fuel, Self::MIN.fuel, max.fuel),
-            ("memory", self.memory, Self::MIN.memory, max.memory),
+        fn bytes(v: u64) -> String {
+            format_bytes(v)
+        }
+        fn millis(v: u64) -> String {
+            format_duration(std::time::Duration::from_millis(v))
+        }
+        fn count(v: u64) -> String {
+            v.to_string()
+        }
+        type Show = fn(u64) -> String;
+        let fields: [(&'static str, u64, u64, u64, Show); 5] = [
+            ("fuel", self.fuel, Self::MIN.fuel, max.fuel, count),
+            ("memory", self.memory, Self::MIN.memory, max.memory, bytes),
             (
-                "wall time (ms)",
+                "wall time",
                 self.wall_ms,
                 Self::MIN.wall_ms,
                 max.wall_ms,
+                millis,
             ),
-            ("output", self.output, Self::MIN.output, max.output),
-            ("stack", self.stack, Self::MIN.stack, max.stack),
+            ("output", self.output, Self::MIN.output, max.output, bytes),
+            ("stack", self.stack, Self::MIN.stack, max.stack, bytes),
         ];
-        for (name, value, min, max) in fields {
+        for (name, value, min, max, show) in fields {
             if value < min {
-                return Err(LimitError::TooLow { name, value, min });
+                return Err(LimitError::TooLow {
+                    name,
+                    value: show(value),
+                    min: show(min),
+                });
             }
             if value > max {
-                return Err(LimitError::TooHigh { name, value, max });
+                return Err(LimitError::TooHigh {
+                    name,
+                    value: show(value),
+                    max: show(max),
+                });
             }
         }
         Ok(())
@@ -125,21 +144,31 @@ impl fmt::Display for Limits {
     }
 }
 
-/// A limit outside what a host grants.
+/// A limit outside what a host grants. Values are shown in their units.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LimitError {
-    #[error("{name} limit {value} is above the maximum {max}")]
+    #[error("{name} limit {value} is above the maximum, {max}")]
     TooHigh {
         name: &'static str,
-        value: u64,
-        max: u64,
+        value: String,
+        max: String,
     },
-    #[error("{name} limit {value} is below the minimum {min}")]
+    #[error("{name} limit {value} is below the minimum, {min}")]
     TooLow {
         name: &'static str,
-        value: u64,
-        min: u64,
+        value: String,
+        min: String,
     },
+}
+
+impl LimitError {
+    /// The limit at fault: `fuel`, `memory`, `wall time`, `output` or
+    /// `stack`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            LimitError::TooHigh { name, .. } | LimitError::TooLow { name, .. } => name,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -160,14 +189,28 @@ mod tests {
             ..Limits::DEFAULT
         };
         let err = limits.validate().unwrap_err();
+        assert_eq!(err.name(), "memory");
         assert!(err.to_string().starts_with("memory limit"), "{err}");
+        let limits = Limits {
+            memory: 1 << 40,
+            ..Limits::DEFAULT
+        };
+        assert_eq!(
+            limits.validate().unwrap_err().to_string(),
+            "memory limit 1 TiB is above the maximum, 4 GiB"
+        );
         let limits = Limits {
             stack: 1,
             ..Limits::DEFAULT
         };
-        assert!(matches!(
-            limits.validate(),
-            Err(LimitError::TooLow { name: "stack", .. })
-        ));
+        assert_eq!(
+            limits.validate().unwrap_err().to_string(),
+            "stack limit 1 B is below the minimum, 64 KiB"
+        );
+        let limits = Limits {
+            wall_ms: 0,
+            ..Limits::DEFAULT
+        };
+        assert_eq!(limits.validate().unwrap_err().name(), "wall time");
     }
 }

@@ -98,17 +98,17 @@ impl fmt::Display for OutputStream {
     }
 }
 
-/// Why a guest did not finish. The `Display` form is the one-line message a
-/// user sees.
+/// Why a guest did not finish. The `Display` form is a predicate that
+/// completes "the program …": the one-line message a user sees.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 pub enum Failure {
-    #[error("not a WebAssembly module or component ({0})")]
+    #[error("is not a WebAssembly module or component ({0})")]
     NotWasm(String),
-    #[error("invalid WebAssembly: {0}")]
+    #[error("is not valid WebAssembly: {0}")]
     Invalid(String),
-    #[error("the module imports `{module}::{name}`, which the sandbox does not provide")]
+    #[error("imports `{module}::{name}`, which the sandbox does not provide")]
     MissingImport { module: String, name: String },
-    #[error("the module has no entry point (a WASI command exports `_start`)")]
+    #[error("has no entry point (a WASI command exports `_start`)")]
     NoEntryPoint,
     #[error("ran out of fuel (limit {limit})")]
     OutOfFuel { limit: u64 },
@@ -122,11 +122,11 @@ pub enum Failure {
     OutputLimit { stream: OutputStream, limit: u64 },
     #[error("trapped: {0}")]
     Trap(String),
-    #[error("the worker process died: {0}")]
+    #[error("lost its worker process: {0}")]
     WorkerCrashed(String),
-    #[error("cancelled")]
+    #[error("was cancelled")]
     Cancelled,
-    #[error("host error: {0}")]
+    #[error("failed on its host: {0}")]
     Host(String),
 }
 
@@ -198,7 +198,7 @@ mod tests {
                 "exceeded its memory limit of 64 MiB",
                 "exceeded its wall-time limit of 5 s",
                 "wrote more than 1 MiB to stdout",
-                "the module imports `env::launch`, which the sandbox does not provide",
+                "imports `env::launch`, which the sandbox does not provide",
             ]
         );
         assert!(texts.iter().all(|t| !t.contains('\n')));

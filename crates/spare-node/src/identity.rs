@@ -52,9 +52,17 @@ pub fn load(path: &Path) -> Result<Keypair, KeyError> {
         path: shown.clone(),
         source,
     })?;
+    if bytes.is_empty() {
+        return Err(KeyError::Corrupt {
+            path: shown,
+            reason: "the file is empty; restore it from a backup, or move it away to \
+                     start this node with a new identity"
+                .into(),
+        });
+    }
     let key = Keypair::from_protobuf_encoding(&bytes).map_err(|e| KeyError::Corrupt {
         path: shown.clone(),
-        reason: e.to_string(),
+        reason: format!("not a libp2p Ed25519 key ({e})"),
     })?;
     if key.key_type() != libp2p::identity::KeyType::Ed25519 {
         return Err(KeyError::Corrupt {
@@ -65,7 +73,9 @@ pub fn load(path: &Path) -> Result<Keypair, KeyError> {
     Ok(key)
 }
 
-/// Creates a new key; fails rather than overwrite an existing file.
+/// Creates a new key; fails rather than overwrite an existing file. The key
+/// is written to a temporary file first and linked into place, so a crash
+/// never leaves a partial key behind.
 fn create(path: &Path) -> Result<Keypair, KeyError> {
     let shown = path.display().to_string();
     let key = Keypair::generate_ed25519();
@@ -77,14 +87,22 @@ fn create(path: &Path) -> Result<Keypair, KeyError> {
         path: shown.clone(),
         source,
     };
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(write)?;
-    file.write_all(&bytes).map_err(write)?;
-    file.sync_all().map_err(write)?;
+    let mut temporary = path.as_os_str().to_owned();
+    temporary.push(format!(".new-{}", std::process::id()));
+    let temporary = std::path::PathBuf::from(temporary);
+    let written = (|| {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&temporary)?;
+        file.write_all(&bytes)?;
+        file.sync_all()?;
+        // `link` fails if the key exists: never overwritten, even in a race.
+        std::fs::hard_link(&temporary, path)
+    })();
+    let _ = std::fs::remove_file(&temporary);
+    written.map_err(write)?;
     Ok(key)
 }
 
@@ -121,5 +139,11 @@ mod tests {
             Err(KeyError::Corrupt { .. })
         ));
         assert_eq!(std::fs::read(&path).unwrap(), b"garbage");
+        std::fs::write(&path, b"").unwrap();
+        let err = load_or_create(&path).unwrap_err().to_string();
+        assert!(err.contains("the file is empty"), "{err}");
+        assert_eq!(std::fs::read(&path).unwrap(), b"");
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(names.len(), 1, "no temporary file is left behind");
     }
 }

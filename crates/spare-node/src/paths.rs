@@ -28,6 +28,10 @@ pub struct Paths {
     pub lock: PathBuf,
 }
 
+/// The longest path a Unix socket can be bound at (`sun_path` is 108 bytes
+/// with its terminating NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
 impl Paths {
     /// All paths inside one directory.
     pub fn in_dir(dir: &Path) -> Self {
@@ -45,35 +49,54 @@ impl Paths {
 
     /// The XDG locations, for a node run without `--data-dir`.
     pub fn xdg() -> Result<Self, String> {
-        let home = std::env::var_os("HOME").map(PathBuf::from);
-        let base = |var: &str, fallback: &str| -> Result<PathBuf, String> {
-            match std::env::var_os(var)
-                .map(PathBuf::from)
-                .filter(|p| p.is_absolute())
-            {
+        Self::xdg_from(|var| std::env::var_os(var))
+    }
+
+    /// The XDG locations from the environment `var` reads. A variable that
+    /// is empty or relative counts as unset, as the XDG specification says.
+    fn xdg_from(var: impl Fn(&str) -> Option<std::ffi::OsString>) -> Result<Self, String> {
+        let absolute = |name: &str| var(name).map(PathBuf::from).filter(|p| p.is_absolute());
+        let home = absolute("HOME");
+        let base = |name: &str, fallback: &str| -> Result<PathBuf, String> {
+            match absolute(name) {
                 Some(p) => Ok(p),
                 None => home
                     .as_ref()
                     .map(|h| h.join(fallback))
-                    .ok_or_else(|| format!("neither {var} nor HOME is set; pass --data-dir")),
+                    .ok_or_else(|| format!("neither {name} nor HOME is set; pass --data-dir")),
             }
         };
         let data = base("XDG_DATA_HOME", ".local/share")?.join("spare");
         let config = base("XDG_CONFIG_HOME", ".config")?.join("spare");
         let mut paths = Self::in_dir(&data);
         paths.config = config.join("config.toml");
-        if let Some(runtime) = std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from) {
+        if let Some(runtime) = absolute("XDG_RUNTIME_DIR") {
             paths.socket = runtime.join("spare.sock");
         }
         Ok(paths)
     }
 
-    /// `--data-dir` if given, else XDG.
+    /// `--data-dir` if given (made absolute, so that the daemon, its workers
+    /// and the CLI agree wherever they start), else XDG.
     pub fn resolve(data_dir: Option<&Path>) -> Result<Self, String> {
-        match data_dir {
-            Some(dir) => Ok(Self::in_dir(dir)),
+        let paths = match data_dir {
+            Some(dir) if dir.as_os_str().is_empty() => {
+                Err("--data-dir (or SPARE_DATA_DIR) is empty".to_owned())
+            }
+            Some(dir) => std::path::absolute(dir)
+                .map(|dir| Self::in_dir(&dir))
+                .map_err(|e| format!("--data-dir {}: {e}", dir.display())),
             None => Self::xdg(),
+        }?;
+        let length = paths.socket.as_os_str().len();
+        if length > MAX_SOCKET_PATH {
+            return Err(format!(
+                "the API socket's path {} is {length} bytes, more than the \
+                 {MAX_SOCKET_PATH} a Unix socket's address holds; use a shorter --data-dir",
+                paths.socket.display()
+            ));
         }
+        Ok(paths)
     }
 
     /// Creates the directories, private to the user. The data directory is
@@ -110,6 +133,48 @@ mod tests {
         Paths::in_dir(&data).create_dirs().unwrap();
         let mode = std::fs::metadata(&data).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o700);
+    }
+
+    #[test]
+    fn empty_or_relative_xdg_variables_count_as_unset() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |name: &str| {
+                pairs
+                    .iter()
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| std::ffi::OsString::from(v))
+            }
+        };
+        let paths = Paths::xdg_from(env(&[
+            ("HOME", "/home/u"),
+            ("XDG_RUNTIME_DIR", ""),
+            ("XDG_DATA_HOME", "rel"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            paths.socket,
+            Path::new("/home/u/.local/share/spare/api.sock")
+        );
+        assert_eq!(paths.db, Path::new("/home/u/.local/share/spare/state.db"));
+        let paths = Paths::xdg_from(env(&[
+            ("HOME", "/home/u"),
+            ("XDG_RUNTIME_DIR", "/run/user/1"),
+        ]))
+        .unwrap();
+        assert_eq!(paths.socket, Path::new("/run/user/1/spare.sock"));
+        let err = Paths::xdg_from(env(&[("HOME", "")])).unwrap_err();
+        assert!(err.contains("pass --data-dir"), "{err}");
+    }
+
+    #[test]
+    fn a_relative_data_dir_is_made_absolute() {
+        let paths = Paths::resolve(Some(Path::new("node-a"))).unwrap();
+        assert!(paths.socket.is_absolute());
+        assert!(paths.socket.ends_with("node-a/api.sock"));
+        assert!(Paths::resolve(Some(Path::new(""))).is_err());
+        let long = format!("/tmp/{}", "d".repeat(100));
+        let err = Paths::resolve(Some(Path::new(&long))).unwrap_err();
+        assert!(err.contains("use a shorter --data-dir"), "{err}");
     }
 
     #[test]

@@ -29,6 +29,9 @@ const ATTEMPT_GRACE: Duration = Duration::from_secs(10 * 60);
 /// How long a cancel request to a host may take, and how often it is sent.
 const CANCEL_TIMEOUT: Duration = Duration::from_secs(2);
 const CANCEL_TRIES: u32 = 3;
+/// How long a cancelled task's host has, once it confirmed the cancel, to
+/// answer the run with what the guest used until then (and its receipt).
+const CANCEL_REPORT_GRACE: Duration = Duration::from_secs(3);
 /// Offers older than this are not trusted for placement: their node stopped
 /// publishing (offers are refreshed every 5 s).
 const OFFER_MAX_AGE: Duration = Duration::from_secs(15);
@@ -273,6 +276,11 @@ async fn run_remote(
     let mut last_failure = String::new();
     loop {
         let host = match pinned {
+            Some(peer) if peer == node.net().local_peer_id() => {
+                return Ended::failed(format!(
+                    "peer {peer} is this node; run here with --local instead of --on"
+                ));
+            }
             Some(peer) => {
                 if !node.net().is_connected(&peer) && !wait_for_peer(node, peer, token).await {
                     return Ended::failed(format!(
@@ -285,7 +293,9 @@ async fn run_remote(
                 Some(peer) => peer,
                 None if attempt == 0 => {
                     return Ended::failed(
-                        "no peer offers to run tasks; join a swarm with `spare up --bootstrap <addr>`, or run here with --local".into(),
+                        "no peer offers to run tasks (`spare peers` shows who is connected; `spare up \
+                         --bootstrap <addr>` joins a swarm), or run here with --local"
+                            .into(),
                     );
                 }
                 None => {
@@ -370,14 +380,24 @@ async fn attempt_on(
     let _in_flight = InFlight::start(node, host);
     let deadline = Duration::from_millis(spec.limits.wall_ms) + ATTEMPT_GRACE;
     let request = node.net().send_task(host, TaskRequest::Run(spec.clone()));
+    tokio::pin!(request);
     let result = tokio::select! {
         biased;
         () = token.cancelled() => {
             cancel_on(node, host, spec.id).await;
+            // The host answers the run with the fuel and time the guest used
+            // until it stopped, and signs for them.
+            let answer = tokio::time::timeout(CANCEL_REPORT_GRACE, &mut request).await;
             node.revoke(host, &blobs);
-            return Attempt::Cancelled;
+            return match answer {
+                Ok(Ok(TaskResponse::Done(report))) => match ran(spec, report) {
+                    ran @ Attempt::Ran(_) => ran,
+                    _ => Attempt::Cancelled,
+                },
+                _ => Attempt::Cancelled,
+            };
         }
-        result = tokio::time::timeout(deadline, request) => result,
+        result = tokio::time::timeout(deadline, &mut request) => result,
     };
     node.revoke(host, &blobs);
     match result {
@@ -397,21 +417,7 @@ async fn attempt_on(
             error: AttemptError::HostLost,
             reason: e.to_string(),
         },
-        Ok(Ok(TaskResponse::Done(report))) => {
-            if report.task != spec.id {
-                return Attempt::Failed {
-                    error: AttemptError::HostFault,
-                    reason: "the host answered for another task".into(),
-                };
-            }
-            if let Err(why) = plausible(spec, &report.outcome) {
-                return Attempt::Failed {
-                    error: AttemptError::HostFault,
-                    reason: format!("the host reported an impossible outcome ({why})"),
-                };
-            }
-            Attempt::Ran(Box::new(report))
-        }
+        Ok(Ok(TaskResponse::Done(report))) => ran(spec, report),
         Ok(Ok(TaskResponse::Refused(refusal))) => Attempt::Failed {
             error: if refusal.is_retryable() {
                 AttemptError::Refused
@@ -425,6 +431,24 @@ async fn attempt_on(
             reason: "the host answered out of turn".into(),
         },
     }
+}
+
+/// A host's report of a run, unless it is for another task or impossible
+/// under the task's limits.
+fn ran(spec: &TaskSpec, report: Report) -> Attempt {
+    if report.task != spec.id {
+        return Attempt::Failed {
+            error: AttemptError::HostFault,
+            reason: "the host answered for another task".into(),
+        };
+    }
+    if let Err(why) = plausible(spec, &report.outcome) {
+        return Attempt::Failed {
+            error: AttemptError::HostFault,
+            reason: format!("the host reported an impossible outcome ({why})"),
+        };
+    }
+    Attempt::Ran(Box::new(report))
 }
 
 /// Tells `host` to stop `task`, a few times if it does not answer. (A host

@@ -76,7 +76,28 @@ struct JsonResult {
     wall_ms: u64,
 }
 
+/// The `--json` answer when no task result came back.
+#[derive(Debug, Serialize)]
+struct JsonError {
+    exit_code: Option<i32>,
+    error: String,
+}
+
 pub(crate) async fn execute(context: &Context, args: Args) -> Result<ExitCode> {
+    let json = args.json;
+    match submit(context, args).await {
+        Err(e) if json => {
+            output::json(&JsonError {
+                exit_code: None,
+                error: output::one_line(&e),
+            })?;
+            Ok(output::fail(&e))
+        }
+        done => done,
+    }
+}
+
+async fn submit(context: &Context, args: Args) -> Result<ExitCode> {
     let limits = limits(&args)?;
     let env = environment(&args.env)?;
     let placement = match (&args.on, args.local) {
@@ -121,15 +142,18 @@ pub(crate) async fn execute(context: &Context, args: Args) -> Result<ExitCode> {
     let mut events = client.post_stream("/v1/tasks", &submission).await?;
     let mut task_id: Option<String> = None;
     let mut cancelled = false;
-    let ctrl_c = tokio::signal::ctrl_c();
-    tokio::pin!(ctrl_c);
     loop {
         let event = tokio::select! {
             event = events.next::<TaskEvent>() => event?,
-            _ = &mut ctrl_c, if !cancelled => {
+            _ = tokio::signal::ctrl_c() => {
+                // A second Ctrl-C stops waiting for the host to confirm.
+                if cancelled {
+                    eprintln_quiet("spare: cancelled; not waiting for the host to confirm");
+                    return Ok(ExitCode::from(EXIT_CANCELLED));
+                }
                 cancelled = true;
                 if let Some(task) = &task_id {
-                    eprintln_quiet("spare: cancelling…");
+                    eprintln_quiet("spare: cancelling… (Ctrl-C again to stop waiting)");
                     let _: Result<CancelReply> = client.post(&format!("/v1/tasks/{task}/cancel"), &()).await;
                 } else {
                     return Ok(ExitCode::from(EXIT_CANCELLED));
@@ -176,8 +200,15 @@ fn finish(result: &TaskResult, json: bool, cancelled: bool) -> Result<ExitCode> 
             wall_ms: result.wall_ms,
         })?;
     } else {
-        std::io::stdout().lock().write_all(&result.stdout_bytes())?;
-        std::io::stderr().lock().write_all(&result.stderr_bytes())?;
+        // A reader that went away (`spare run … | head`) is not an error of
+        // the task: the rest of the output is dropped, as a local program's
+        // would be.
+        let quiet_pipe = |written: std::io::Result<()>| match written {
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+            other => other,
+        };
+        quiet_pipe(std::io::stdout().lock().write_all(&result.stdout_bytes()))?;
+        quiet_pipe(std::io::stderr().lock().write_all(&result.stderr_bytes()))?;
     }
     let code = match (result.exit_code, result.failure_kind) {
         (Some(code), _) => (code & 0xff) as u8,
@@ -185,7 +216,7 @@ fn finish(result: &TaskResult, json: bool, cancelled: bool) -> Result<ExitCode> 
             if !json {
                 let failure = result.failure.as_deref().unwrap_or("failed");
                 eprintln_quiet(&format!(
-                    "spare: error: the task {failure} (on {})",
+                    "spare: error: the program {failure} (on {})",
                     short_peer(&result.host)
                 ));
             }
@@ -227,7 +258,16 @@ fn limits(args: &Args) -> Result<Limits> {
     if let Some(s) = &args.stack {
         limits.stack = parse_bytes(s).map_err(|e| anyhow!("--stack: {e}"))?;
     }
-    limits.validate()?;
+    limits.validate().map_err(|e| {
+        let flag = match e.name() {
+            "wall time" => "--timeout",
+            "fuel" => "--fuel",
+            "memory" => "--memory",
+            "output" => "--output",
+            _ => "--stack",
+        };
+        anyhow!("{flag}: {e}")
+    })?;
     Ok(limits)
 }
 
@@ -255,7 +295,11 @@ fn read_module(path: &Path) -> Result<Vec<u8>> {
     }
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {shown}"))?;
     if let Err(why) = spare_core::wasm::sniff(&bytes) {
-        bail!("{shown} is not WebAssembly: {why}");
+        return Err(output::Exit {
+            code: EXIT_UNRUNNABLE,
+            message: format!("{shown} is not WebAssembly: {why}"),
+        }
+        .into());
     }
     Ok(bytes)
 }
