@@ -607,3 +607,77 @@ fn a_peer_that_stops_answering_is_given_up_on() {
     let out = spare(a, &["run", "--local", &example("hello.wasm")], b"");
     assert_eq!(text(&out.stdout), "hello from spare\n");
 }
+
+#[test]
+fn a_task_waits_while_every_peer_gives_nothing_and_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    // The host gives only in a window an hour from now.
+    let hour: u32 = text(&Command::new("date").arg("+%H").output().unwrap().stdout)
+        .trim()
+        .parse()
+        .unwrap();
+    let host_dir = dir.path().join("host");
+    std::fs::create_dir_all(&host_dir).unwrap();
+    std::fs::write(
+        host_dir.join("config.toml"),
+        format!(
+            "[when]\nwindows = [\"{:02}:00-{:02}:00\"]\n[max_limits]\nmemory = \"64MiB\"\n",
+            (hour + 2) % 24,
+            (hour + 3) % 24
+        ),
+    )
+    .unwrap();
+    let host = Daemon::start(&bin(), &host_dir, &["--cores", "1"]).expect("host starts");
+    let requester = Daemon::start(
+        &bin(),
+        &dir.path().join("requester"),
+        &["--cores", "1", "--bootstrap", host.addr()],
+    )
+    .expect("requester starts");
+    requester
+        .wait_for_peers(1, Duration::from_secs(20))
+        .expect("the two connect");
+
+    // Too much memory for any peer: refused at once, naming the limit.
+    let out = spare(
+        &requester,
+        &["run", "--memory", "4GiB", &example("hello.wasm")],
+        b"",
+    );
+    let line = error_line(&out);
+    assert!(
+        line.contains("no connected peer grants these limits"),
+        "{line}"
+    );
+
+    // Within the limits: the task waits for the host, saying why.
+    let mut child = requester
+        .cli()
+        .args(["run", "--memory", "32MiB", &example("hello.wasm")])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (lines, seen) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = lines.send(line);
+        }
+    });
+    let line = seen
+        .recv_timeout(Duration::from_secs(20))
+        .expect("a line on stderr");
+    assert!(line.starts_with("spare: waiting:"), "{line}");
+    assert!(line.contains("give nothing right now"), "{line}");
+    // SAFETY: kill only takes integers.
+    unsafe {
+        libc::kill(child.id() as libc::pid_t, libc::SIGINT);
+    }
+    assert_eq!(child.wait().unwrap().code(), Some(130));
+}

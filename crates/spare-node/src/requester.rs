@@ -35,6 +35,9 @@ const CANCEL_REPORT_GRACE: Duration = Duration::from_secs(3);
 /// Offers older than this are not trusted for placement: their node stopped
 /// publishing (offers are refreshed every 5 s).
 const OFFER_MAX_AGE: Duration = Duration::from_secs(15);
+/// How long a task waits for a peer to give when every connected peer gives
+/// nothing right now (paused, outside its time windows).
+const GIVING_WAIT: Duration = Duration::from_secs(10 * 60);
 
 /// Why a submission was refused before it ran anywhere.
 #[derive(Debug, thiserror::Error)]
@@ -289,19 +292,12 @@ async fn run_remote(
                 }
                 peer
             }
-            None => match choose(node, spec, &tried, token).await {
-                Some(peer) => peer,
-                None if attempt == 0 => {
-                    return Ended::failed(
-                        "no peer offers to run tasks (`spare peers` shows who is connected; `spare up \
-                         --bootstrap <addr>` joins a swarm), or run here with --local"
-                            .into(),
-                    );
-                }
-                None => {
+            None => match choose(node, spec, &tried, token, events).await {
+                Choice::Host(peer) => peer,
+                Choice::Nowhere(why) if attempt == 0 => return Ended::failed(why),
+                Choice::Nowhere(why) => {
                     return Ended::failed(format!(
-                        "gave up after {attempt} attempt(s): no other peer offers to run it \
-                         (last failure: {last_failure})"
+                        "gave up after {attempt} attempt(s): {why} (last failure: {last_failure})"
                     ));
                 }
             },
@@ -518,15 +514,26 @@ fn verify_receipt(node: &Node, spec: &TaskSpec, host: PeerId, report: &Report) -
     Some(receipt)
 }
 
-/// Picks the best peer not yet tried, waiting briefly for offers when none
-/// is known yet.
+/// Where a task goes next, or why nowhere.
+enum Choice {
+    Host(PeerId),
+    Nowhere(String),
+}
+
+/// Picks the best peer for `spec` that has not been `tried`. Right after
+/// start-up peers may still be connecting, so an empty swarm is waited for
+/// briefly; peers that give nothing right now (paused by their owners,
+/// outside their time windows) are waited for up to [`GIVING_WAIT`], and
+/// the requester is told.
 async fn choose(
     node: &Node,
     spec: &TaskSpec,
     tried: &[PeerId],
     token: &CancellationToken,
-) -> Option<PeerId> {
-    let give_up = Instant::now() + PEER_WAIT;
+    events: &mpsc::Sender<TaskEvent>,
+) -> Choice {
+    let started = Instant::now();
+    let mut told = false;
     loop {
         let in_flight = node.in_flight();
         let candidates: Vec<Candidate> = node
@@ -550,14 +557,68 @@ async fn choose(
             })
             .collect();
         if let Some(best) = rank(&candidates, &spec.limits, tried).first() {
-            return Some(*best);
+            return Choice::Host(*best);
         }
-        // Nothing to choose from. Right after start-up peers may still be
-        // connecting; on a retry every known peer may have been tried.
-        if !tried.is_empty() || Instant::now() >= give_up || token.is_cancelled() {
-            return None;
+        if token.is_cancelled() {
+            return Choice::Nowhere("cancelled".into());
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        let untried: Vec<&Candidate> = candidates
+            .iter()
+            .filter(|c| !tried.contains(&c.peer))
+            .collect();
+        // `rank` found no peer that is untried, gives now and grants the
+        // limits: so every untried peer that grants them gives nothing now.
+        let granting = untried
+            .iter()
+            .filter(|c| spec.limits.check_within(&c.max_limits).is_ok())
+            .count();
+        let waiting = if untried.is_empty() {
+            // No peer at all: wait only for the swarm to come up.
+            if !tried.is_empty() || started.elapsed() >= PEER_WAIT {
+                return Choice::Nowhere(if tried.is_empty() {
+                    "no peer offers to run tasks (`spare peers` shows who is connected; \
+                     `spare up --bootstrap <addr>` joins a swarm), or run here with --local"
+                        .into()
+                } else {
+                    "no other peer offers to run it".into()
+                });
+            }
+            None
+        } else if granting > 0 {
+            Some(format!(
+                "{granting} connected peer(s) give nothing right now (paused by their \
+                 owners, or outside their time windows)"
+            ))
+        } else {
+            let why = untried.iter().find_map(|c| {
+                spec.limits
+                    .check_within(&c.max_limits)
+                    .err()
+                    .map(|e| (c.peer, e))
+            });
+            return Choice::Nowhere(match why {
+                Some((peer, why)) => {
+                    format!("no connected peer grants these limits (peer {peer}: {why})")
+                }
+                None => "no connected peer grants these limits".into(),
+            });
+        };
+        if let Some(reason) = waiting {
+            if started.elapsed() >= GIVING_WAIT {
+                return Choice::Nowhere(format!(
+                    "no peer gave within {}: {reason}",
+                    spare_core::units::format_duration(GIVING_WAIT)
+                ));
+            }
+            if !told {
+                told = true;
+                let _ = events.send(TaskEvent::Waiting { reason }).await;
+            }
+        }
+        tokio::select! {
+            () = token.cancelled() => {}
+            () = tokio::time::sleep(Duration::from_millis(50)) => {}
+        }
     }
 }
 

@@ -74,6 +74,7 @@ pub(crate) async fn execute(args: Args) -> Result<ExitCode> {
             Some(TaskEvent::Retrying { host, reason, .. }) => {
                 writeln!(out, "  {host} failed ({reason}); retrying")?
             }
+            Some(TaskEvent::Waiting { reason }) => writeln!(out, "  waiting: {reason}")?,
             Some(_) => {}
             None => bail!("the daemon ended the task stream early"),
         }

@@ -179,6 +179,13 @@ async fn submit(context: &Context, args: Args) -> Result<ExitCode> {
                     short_peer(&host)
                 ));
             }
+            Some(TaskEvent::Waiting { reason }) => {
+                eprintln_quiet(&format!("spare: waiting: {reason} (Ctrl-C to give up)"));
+            }
+            Some(TaskEvent::Failed { .. }) if cancelled => {
+                eprintln_quiet("spare: cancelled before it ran");
+                return Ok(ExitCode::from(EXIT_CANCELLED));
+            }
             Some(TaskEvent::Failed { error }) => bail!("{error}"),
             Some(TaskEvent::Finished { result }) => return finish(&result, args.json, cancelled),
         }

@@ -173,6 +173,9 @@ pub enum TaskEvent {
         host: String,
         reason: String,
     },
+    /// No peer can take the task now, and the requester waits for one
+    /// (e.g. every peer is paused by its owner).
+    Waiting { reason: String },
     /// The task ran; this is how it ended.
     Finished { result: TaskResult },
     /// The task could not be run anywhere.
