@@ -26,8 +26,8 @@ pub enum UnitError {
     Fractional(String),
 }
 
-const BYTE_UNITS: &str = "B, KB, MB, GB, TB, KiB, MiB, GiB, TiB";
-const DURATION_UNITS: &str = "ms, s, m, h";
+const BYTE_UNITS: &str = "B, KB, MB, GB, TB, PB, KiB, MiB, GiB, TiB, PiB";
+const DURATION_UNITS: &str = "ms, s, m, h, d";
 
 /// Splits `12.5MiB` into (`12.5`, `MiB`).
 fn split_unit(text: &str) -> (&str, &str) {
@@ -89,10 +89,12 @@ pub fn parse_bytes(text: &str) -> Result<u64, UnitError> {
         "M" | "MB" => 1e6,
         "G" | "GB" => 1e9,
         "T" | "TB" => 1e12,
+        "P" | "PB" => 1e15,
         "Ki" | "KiB" => 1024.0,
         "Mi" | "MiB" => 1024.0 * 1024.0,
         "Gi" | "GiB" => 1024.0 * 1024.0 * 1024.0,
         "Ti" | "TiB" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
+        "Pi" | "PiB" => 1024.0 * 1024.0 * 1024.0 * 1024.0 * 1024.0,
         other => {
             return Err(UnitError::UnknownUnit {
                 text: text.to_owned(),
@@ -111,7 +113,8 @@ pub fn parse_bytes(text: &str) -> Result<u64, UnitError> {
     to_u64(text, bytes)
 }
 
-/// Parses a duration: `250ms`, `5s`, `1.5m`, `2h`; a bare number is seconds.
+/// Parses a duration: `250ms`, `5s`, `1.5m`, `2h`, `1d`; a bare number is
+/// seconds.
 pub fn parse_duration(text: &str) -> Result<Duration, UnitError> {
     let trimmed = text.trim();
     if trimmed.is_empty() {
@@ -124,6 +127,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, UnitError> {
         "" | "s" | "sec" | "secs" => 1e3,
         "m" | "min" | "mins" => 60e3,
         "h" | "hr" | "hrs" => 3600e3,
+        "d" | "day" | "days" => 86_400e3,
         other => {
             return Err(UnitError::UnknownUnit {
                 text: text.to_owned(),
@@ -187,19 +191,26 @@ pub fn parse_rate(text: &str) -> Result<Option<u64>, UnitError> {
         return Ok(None);
     }
     let amount = trimmed.strip_suffix("/s").unwrap_or(trimmed);
+    // Errors name the whole rate as given, not the amount without `/s`.
+    let text = text.to_owned();
     parse_bytes(amount).map(Some).map_err(|e| match e {
         UnitError::UnknownUnit { unit, .. } => UnitError::UnknownUnit {
-            text: text.to_owned(),
+            text,
             unit,
             expected: "B/s, KB/s, MB/s, GB/s, KiB/s, MiB/s, GiB/s or `unlimited`",
         },
-        other => other,
+        UnitError::Empty(_) if trimmed.is_empty() => UnitError::Empty(text),
+        UnitError::Empty(_) => UnitError::NotANumber { text, hint: "" },
+        UnitError::NotANumber { hint, .. } => UnitError::NotANumber { text, hint },
+        UnitError::Negative(_) => UnitError::Negative(text),
+        UnitError::Overflow(_) => UnitError::Overflow(text),
+        UnitError::Fractional(_) => UnitError::Fractional(text),
     })
 }
 
 /// Formats a byte size with a binary unit, e.g. `64 MiB`.
 pub fn format_bytes(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
     let mut value = bytes as f64;
     let mut unit = 0;
     while value >= 1024.0 && unit + 1 < UNITS.len() {
@@ -215,17 +226,28 @@ pub fn format_bytes(bytes: u64) -> String {
     }
 }
 
-/// Formats a duration for humans: `850 ms`, `5 s`, `1.5 s`, `2 min`.
+/// Formats a duration for humans: `850 ms`, `5 s`, `1.5 s`, `2 min`,
+/// `2.5 min`, `24 h`.
 pub fn format_duration(duration: Duration) -> String {
     let ms = duration.as_millis();
+    let scaled = |unit_ms: u128, unit: &str| {
+        if ms.is_multiple_of(unit_ms) {
+            format!("{} {unit}", ms / unit_ms)
+        } else {
+            format!(
+                "{:.1} {unit}",
+                duration.as_secs_f64() * 1000.0 / unit_ms as f64
+            )
+        }
+    };
     if ms < 1000 {
         format!("{ms} ms")
-    } else if ms.is_multiple_of(1000) && ms < 120_000 {
-        format!("{} s", ms / 1000)
     } else if ms < 120_000 {
-        format!("{:.1} s", duration.as_secs_f64())
+        scaled(1000, "s")
+    } else if ms < 2 * 3_600_000 {
+        scaled(60_000, "min")
     } else {
-        format!("{:.1} min", duration.as_secs_f64() / 60.0)
+        scaled(3_600_000, "h")
     }
 }
 
@@ -248,6 +270,17 @@ mod tests {
         assert_eq!(parse_rate("Unlimited"), Ok(None));
         let err = parse_rate("3 furlongs/s").unwrap_err();
         assert!(err.to_string().contains("furlongs"), "{err}");
+        // Errors echo the rate as given.
+        for (text, message) in [
+            ("-1MiB/s", "`-1MiB/s` is negative"),
+            ("/s", "`/s` is not a number"),
+            (" ", "` ` is empty; expected a number"),
+            ("fast/s", "`fast/s` is not a number"),
+            ("0.5/s", "`0.5/s` is not a whole number"),
+            ("1e30TiB/s", "`1e30TiB/s` is too large"),
+        ] {
+            assert_eq!(parse_rate(text).unwrap_err().to_string(), message);
+        }
     }
 
     #[test]
@@ -257,6 +290,8 @@ mod tests {
         assert_eq!(parse_bytes("1.5GB"), Ok(1_500_000_000));
         assert_eq!(parse_bytes("4096"), Ok(4096));
         assert_eq!(parse_bytes("1KiB"), Ok(1024));
+        assert_eq!(parse_bytes("2PiB"), Ok(2 << 50));
+        assert_eq!(parse_bytes("1PB"), Ok(1_000_000_000_000_000));
     }
 
     #[test]
@@ -283,6 +318,8 @@ mod tests {
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse_duration("1.5m"), Ok(Duration::from_secs(90)));
         assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("1d"), Ok(Duration::from_secs(86_400)));
+        assert_eq!(parse_duration("0.5d"), Ok(Duration::from_secs(43_200)));
         assert!(matches!(
             parse_duration("5 fortnights"),
             Err(UnitError::UnknownUnit { .. })
@@ -305,6 +342,12 @@ mod tests {
         assert_eq!(format_bytes(12), "12 B");
         assert_eq!(format_duration(Duration::from_millis(850)), "850 ms");
         assert_eq!(format_duration(Duration::from_secs(5)), "5 s");
+        assert_eq!(format_duration(Duration::from_millis(1500)), "1.5 s");
+        assert_eq!(format_duration(Duration::from_secs(120)), "2 min");
+        assert_eq!(format_duration(Duration::from_secs(150)), "2.5 min");
+        assert_eq!(format_duration(Duration::from_secs(24 * 3600)), "24 h");
+        assert_eq!(format_duration(Duration::from_secs(9000)), "2.5 h");
+        assert_eq!(format_bytes(3 << 50), "3 PiB");
     }
 
     proptest! {

@@ -14,7 +14,7 @@ use spare_core::units::{
     format_bytes, parse_bytes, parse_count, parse_duration, parse_percent, parse_rate,
 };
 use spare_policy::settings::{MIN_RATE, When};
-use spare_policy::{Enforcement, Machine, Policy, Window};
+use spare_policy::{Enforcement, Machine, Policy, Window, cgroup};
 
 /// Default TCP and QUIC port.
 pub const DEFAULT_PORT: u16 = 4117;
@@ -33,6 +33,8 @@ const MIN_DISK: u64 = 256 << 20;
 const MIN_GUEST_MEMORY: u64 = 16 << 20;
 /// Longest cool-down and hand-back delay accepted.
 const MAX_WAIT: Duration = Duration::from_secs(24 * 3600);
+/// Shortest hand-back delay accepted.
+const MIN_HAND_BACK: Duration = Duration::from_secs(1);
 
 /// The validated configuration.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -159,13 +161,19 @@ pub struct ConfigError {
 }
 
 /// What `spare init` writes: every setting, commented out at its default.
-pub const TEMPLATE: &str = r#"# spare node configuration. Flags of `spare up` override these settings;
-# `spare status` shows what is in force and what the node gives right now.
+pub const TEMPLATE: &str = r#"# spare node configuration. Flags of `spare up` override these settings
+# (each has a flag of the same name, e.g. `--cool-down 30s`); `spare status`
+# shows what is in force and what the node gives right now.
+#
+# Sizes take B, KB, MB, GB, TB, PB (powers of 1000) or KiB, MiB, GiB, TiB,
+# PiB (powers of 1024); rates are sizes per second ("2MiB/s"); durations
+# take the units ms, s, m, h, d; shares are percentages ("12.5%").
 
-# Addresses to listen on (TCP and QUIC).
+# Addresses to listen on (TCP and QUIC), as multiaddresses.
 # listen = ["/ip4/0.0.0.0/tcp/4117", "/ip4/0.0.0.0/udp/4117/quic-v1"]
 
 # Peers to connect to at start, e.g. "/ip4/192.0.2.7/tcp/4117/p2p/12D3Koo...".
+# `spare up --bootstrap` adds to these.
 # bootstrap = []
 
 # Find peers on the local network.
@@ -173,20 +181,24 @@ pub const TEMPLATE: &str = r#"# spare node configuration. Flags of `spare up` ov
 
 ## How much this machine gives the swarm.
 
-# Tasks run at once (default: every core).
+# Tasks run at once: 1 to the machine's cores (default: every core).
 # cores = 2
 
-# Share of the whole machine's CPU all guests together may use.
+# Share of the whole machine's CPU all guests together may use: 0.1% to
+# 100%, in steps of 0.1%.
 # cpu = "100%"
 
-# Memory all guests together may use (default: half the machine's).
+# Memory all guests together may use: up to the machine's memory, and at
+# least 16 MiB for each task run at once (default: half the machine's).
 # memory = "8GiB"
 
 # Disk for the swarm's modules and inputs, three quarters, and their
-# compiled code, a quarter (default: 10GiB, at most half the file system).
+# compiled code, a quarter: at least 256 MiB, at most the file system
+# holding the data directory (default: 10GiB, at most half the file system).
 # disk = "10GiB"
 
-# Bandwidth for the swarm's transfers, e.g. "2MiB/s".
+# Bandwidth for the swarm's transfers: at least 128 KiB/s, e.g. "2MiB/s",
+# or "unlimited".
 # upload = "unlimited"
 # download = "unlimited"
 
@@ -195,32 +207,38 @@ pub const TEMPLATE: &str = r#"# spare node configuration. Flags of `spare up` ov
 # cycle).
 # enforcement = "auto"
 
-# Tasks waiting for a core before new ones are refused.
+# Tasks waiting for a core before new ones are refused: 0 to 65536.
 # queue = 256
 
 ## When it gives.
 # [when]
 # Only while the owner leaves the machine idle; guests pause within about
-# 100 ms when the owner needs it.
+# 100 ms when the owner needs it (`spare up --always` is false).
 # idle_only = true
-# The owner counts as active above this much CPU (of one core).
+# The owner counts as active above this much CPU, of one core: 0.1% to 100%.
 # owner_threshold = "25%"
-# Owner quiet this long before guests resume.
+# Owner quiet this long before guests resume: 0s to 24h.
 # cool_down = "10s"
-# Local times of day to give in; empty means all day.
+# Local times of day to give in, "HH:MM-HH:MM" (one may wrap past
+# midnight; 24:00 may end one); empty means all day.
 # windows = ["22:00-07:00"]
 # Give while running on battery.
 # on_battery = false
-# Paused this long, hand running tasks back to their requesters.
+# Paused this long, hand running tasks back to their requesters: 1s to 24h.
 # hand_back_after = "60s"
 
-# The most this node grants one guest (memory defaults to the guests'
-# memory divided among the cores, at most 4GiB).
+# The most this node grants one guest.
 # [max_limits]
+# Fuel, about one per WebAssembly instruction: 1 to 1e13.
 # fuel = "1e13"
+# Memory: up to 4GiB and at most `memory` above (default: `memory` divided
+# among the tasks run at once, in whole MiB, at most 4GiB).
 # memory = "4GiB"
+# Wall time: 1ms to 24h.
 # wall_time = "24h"
+# Output, each of stdout and stderr: 0 to 32MiB.
 # output = "32MiB"
+# Native stack: 64KiB to 8MiB.
 # stack = "8MiB"
 "#;
 
@@ -233,10 +251,13 @@ struct Source<'a> {
 }
 
 impl Source<'_> {
+    /// An error about `key`: `"cpu"`, or `"when.cool_down"` for a key of a
+    /// table. A flag is named by the key's last part (`--cool-down`).
     fn err(&self, key: &str, message: String) -> ConfigError {
         if self.flags.contains(&key) {
+            let name = key.rsplit('.').next().unwrap_or(key);
             ConfigError {
-                file: format!("--{}", key.replace('_', "-")),
+                file: format!("--{}", name.replace('_', "-")),
                 line: None,
                 message,
             }
@@ -286,9 +307,7 @@ impl Config {
     ) -> Result<Self, ConfigError> {
         let mut raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError {
             file: file.to_owned(),
-            line: e
-                .span()
-                .map(|s| text[..s.start.min(text.len())].lines().count().max(1)),
+            line: e.span().map(|s| line_at(text, s.start)),
             message: e.message().to_owned(),
         })?;
         let set_flags = flags.apply(&mut raw);
@@ -328,6 +347,14 @@ impl Config {
         }
         if let Some(cpu) = raw.cpu {
             policy.cpu_permille = check_cpu(&cpu).map_err(|m| src.err("cpu", m))?;
+            // A cgroup holds the share as a quota per period, which the
+            // kernel takes down to 1 ms per 1 s.
+            let millicores = policy.cpu_millicores(machine.cores);
+            if policy.throttled(machine.cores) {
+                cgroup::cpu_max(millicores * cgroup::CPU_PERIOD_US / 1000).map_err(|m| {
+                    src.err("cpu", format!("cpu = {cpu} is below the minimum: {m}"))
+                })?;
+            }
         }
         if let Some(memory) = raw.memory {
             let bytes =
@@ -349,7 +376,7 @@ impl Config {
                 return Err(src.err(
                     "disk",
                     format!(
-                        "disk = {disk} is below the minimum {}",
+                        "disk = {disk} is below the minimum, {}",
                         format_bytes(MIN_DISK)
                     ),
                 ));
@@ -412,7 +439,12 @@ fn check_max_limits(
                parse: fn(&str) -> Result<u64, String>,
                slot: &mut u64| {
         if let Some(value) = value {
-            *slot = parse(&value).map_err(|m| src.err(key, format!("{key}: {m}")))?;
+            *slot = parse(&value).map_err(|m| {
+                src.err(
+                    &format!("max_limits.{key}"),
+                    format!("[max_limits] {key}: {m}"),
+                )
+            })?;
         }
         Ok::<(), ConfigError>(())
     };
@@ -452,21 +484,15 @@ fn check_max_limits(
         &mut max.stack,
     )?;
     max.validate().map_err(|e| {
-        let key = match &e {
-            spare_core::limits::LimitError::TooHigh { name, .. }
-            | spare_core::limits::LimitError::TooLow { name, .. } => {
-                if name.starts_with("wall") {
-                    "wall_time"
-                } else {
-                    *name
-                }
-            }
+        let key = match e.name() {
+            "wall time" => "wall_time",
+            name => name,
         };
-        src.err(key, format!("[max_limits]: {e}"))
+        src.err(&format!("max_limits.{key}"), format!("[max_limits] {e}"))
     })?;
     if memory_set && max.memory > config.policy.memory {
         return Err(src.err(
-            "max_limits",
+            "max_limits.memory",
             format!(
                 "[max_limits] memory = {} is more than all guests together may use (memory = {})",
                 format_bytes(max.memory),
@@ -487,21 +513,22 @@ fn check_when(raw: RawWhen, src: &Source<'_>) -> Result<When, ConfigError> {
     }
     if let Some(threshold) = raw.owner_threshold {
         let permille = parse_percent(&threshold)
-            .map_err(|e| src.err("owner_threshold", format!("owner_threshold: {e}")))?;
+            .map_err(|e| src.err("when.owner_threshold", format!("owner_threshold: {e}")))?;
         if !(1..=1000).contains(&permille) {
             return Err(src.err(
-                "owner_threshold",
+                "when.owner_threshold",
                 format!("owner_threshold = {threshold} is not between 0.1% and 100% (of one core)"),
             ));
         }
         when.owner_threshold = permille;
     }
     let wait = |key: &str, value: &str, min: Duration| {
-        let d = parse_duration(value).map_err(|e| src.err(key, format!("{key}: {e}")))?;
+        let path = format!("when.{key}");
+        let d = parse_duration(value).map_err(|e| src.err(&path, format!("{key}: {e}")))?;
         if d < min || d > MAX_WAIT {
             return Err(src.err(
-                key,
-                format!("{key} = {value} is not between {min:?} and 24h"),
+                &path,
+                format!("{key} = {value} is not between {}s and 24h", min.as_secs()),
             ));
         }
         Ok(d)
@@ -510,14 +537,14 @@ fn check_when(raw: RawWhen, src: &Source<'_>) -> Result<When, ConfigError> {
         when.cool_down = wait("cool_down", &cool_down, Duration::ZERO)?;
     }
     if let Some(after) = raw.hand_back_after {
-        when.hand_back_after = wait("hand_back_after", &after, Duration::from_secs(1))?;
+        when.hand_back_after = wait("hand_back_after", &after, MIN_HAND_BACK)?;
     }
     if let Some(windows) = raw.windows {
         when.windows = windows
             .iter()
             .map(|w| Window::parse(w))
             .collect::<Result<_, _>>()
-            .map_err(|m| src.err("windows", m))?;
+            .map_err(|m| src.err("when.windows", m))?;
     }
     Ok(when)
 }
@@ -535,6 +562,10 @@ pub fn check_cores(cores: i64, available: u16) -> Result<u16, String> {
 fn check_cpu(cpu: &str) -> Result<u32, String> {
     let permille = parse_percent(cpu).map_err(|e| format!("cpu: {e}"))?;
     match permille {
+        // Rounded to nothing, but not nothing.
+        0 if cpu.contains(|c: char| ('1'..='9').contains(&c)) => Err(format!(
+            "cpu = {cpu} is below the minimum, 0.1% (shares are counted in steps of 0.1%)"
+        )),
         0 => Err(format!(
             "cpu = {cpu} gives nothing; to give nothing at times, set [when] windows"
         )),
@@ -547,7 +578,7 @@ fn check_rate(key: &str, value: &str) -> Result<Option<u64>, String> {
     let rate = parse_rate(value).map_err(|e| format!("{key}: {e}"))?;
     if let Some(r) = rate.filter(|r| *r < MIN_RATE) {
         return Err(format!(
-            "{key} = {value} ({}/s) is below the minimum {}/s",
+            "{key} = {value} ({}/s) is below the minimum, {}/s",
             format_bytes(r),
             format_bytes(MIN_RATE)
         ));
@@ -583,8 +614,16 @@ pub struct Flags {
     pub upload: Option<String>,
     pub download: Option<String>,
     pub enforcement: Option<String>,
-    /// `Some(true)` for `--idle-only`, `Some(false)` for `--always`.
+    pub queue: Option<i64>,
+    /// `Some(true)` for `--idle-only`, `Some(false)` for `--always` (or
+    /// `--idle-only=false`).
     pub idle_only: Option<bool>,
+    pub owner_threshold: Option<String>,
+    pub cool_down: Option<String>,
+    /// `Some` of no windows is all day.
+    pub windows: Option<Vec<String>>,
+    pub on_battery: Option<bool>,
+    pub hand_back_after: Option<String>,
 }
 
 impl Flags {
@@ -603,9 +642,39 @@ impl Flags {
         put("upload", self.upload, &mut raw.upload);
         put("download", self.download, &mut raw.download);
         put("enforcement", self.enforcement, &mut raw.enforcement);
-        if self.cores.is_some() {
-            raw.cores = self.cores;
-            set.push("cores");
+        let when = raw.when.get_or_insert_with(RawWhen::default);
+        put(
+            "when.owner_threshold",
+            self.owner_threshold,
+            &mut when.owner_threshold,
+        );
+        put("when.cool_down", self.cool_down, &mut when.cool_down);
+        put(
+            "when.hand_back_after",
+            self.hand_back_after,
+            &mut when.hand_back_after,
+        );
+        for (key, value, slot) in [
+            ("when.idle_only", self.idle_only, &mut when.idle_only),
+            ("when.on_battery", self.on_battery, &mut when.on_battery),
+        ] {
+            if value.is_some() {
+                *slot = value;
+                set.push(key);
+            }
+        }
+        if self.windows.is_some() {
+            when.windows = self.windows;
+            set.push("when.windows");
+        }
+        for (key, value, slot) in [
+            ("cores", self.cores, &mut raw.cores),
+            ("queue", self.queue, &mut raw.queue),
+        ] {
+            if value.is_some() {
+                *slot = value;
+                set.push(key);
+            }
         }
         if !self.listen.is_empty() {
             raw.listen = Some(self.listen);
@@ -621,9 +690,6 @@ impl Flags {
         if self.no_mdns {
             raw.mdns = Some(false);
         }
-        if let Some(idle_only) = self.idle_only {
-            raw.when.get_or_insert_with(RawWhen::default).idle_only = Some(idle_only);
-        }
         set
     }
 }
@@ -638,16 +704,78 @@ fn parse_addrs(addrs: &[String]) -> Result<Vec<Multiaddr>, String> {
         .collect()
 }
 
-/// The first line that sets `key`, 1-based.
+/// The line, 1-based, holding byte `offset` of `text`.
+fn line_at(text: &str, offset: usize) -> usize {
+    let before = &text.as_bytes()[..offset.min(text.len())];
+    before.iter().filter(|b| **b == b'\n').count() + 1
+}
+
+/// The first line that sets `key`, 1-based. A top-level key (`"cpu"`) is
+/// looked for before the first table header only; a key of a table
+/// (`"when.cool_down"`) within that table's sections, or as a dotted key
+/// before the first header. A key the text does not set (the table's
+/// default was at fault) finds its table's header or inline table; a table's
+/// name alone (`"when"`) finds its header.
 fn line_of(text: &str, key: &str) -> Option<usize> {
-    text.lines()
-        .position(|l| {
-            let l = l.trim_start();
-            l.strip_prefix(key)
-                .is_some_and(|rest| rest.trim_start().starts_with('=') || key.starts_with('['))
-                || l.starts_with(&format!("[{key}]"))
-        })
-        .map(|i| i + 1)
+    let (table, name) = match key.split_once('.') {
+        Some((table, name)) => (Some(table), name),
+        None => (None, key),
+    };
+    // The table this line is in; `None` before the first header.
+    let mut section: Option<String> = None;
+    let mut table_line = None;
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if let Some(header) = table_header(line) {
+            if table.is_none() && header == name {
+                return Some(i + 1);
+            }
+            if table == Some(header.as_str()) {
+                table_line.get_or_insert(i + 1);
+            }
+            section = Some(header);
+            continue;
+        }
+        let Some(found) = key_of(line) else {
+            continue;
+        };
+        match (section.as_deref(), table) {
+            (None, None) if found == name => return Some(i + 1),
+            (None, Some(t)) if found == format!("{t}.{name}") => return Some(i + 1),
+            (None, Some(t)) if found == t => {
+                // An inline table: `when = { cool_down = "1s" }`.
+                table_line.get_or_insert(i + 1);
+            }
+            (Some(s), Some(t)) if s == t && found == name => return Some(i + 1),
+            _ => {}
+        }
+    }
+    table_line
+}
+
+/// The name of the table a `[table]` (or `[[table]]`) header line opens.
+fn table_header(line: &str) -> Option<String> {
+    let inner = line.strip_prefix('[')?;
+    let inner = inner.strip_prefix('[').unwrap_or(inner);
+    let (name, _) = inner.split_once(']')?;
+    Some(normalize_key(name))
+}
+
+/// The key a `key = value` line sets, dotted parts joined by `.`.
+fn key_of(line: &str) -> Option<String> {
+    if line.starts_with('#') {
+        return None;
+    }
+    let (key, _) = line.split_once('=')?;
+    Some(normalize_key(key))
+}
+
+/// `a . "b"` as `a.b`.
+fn normalize_key(key: &str) -> String {
+    key.split('.')
+        .map(|part| part.trim().trim_matches(|c| c == '"' || c == '\''))
+        .collect::<Vec<_>>()
+        .join(".")
 }
 
 #[cfg(test)]
@@ -726,13 +854,13 @@ mod tests {
                 2,
                 "between 0.1% and 100%",
             ),
-            ("[when]\ncool_down = \"2d\"\n", 2, "unknown unit"),
+            ("[when]\ncool_down = \"2 weeks\"\n", 2, "unknown unit"),
             ("[when]\nhand_back_after = \"0s\"\n", 2, "not between"),
             ("[when]\nwindows = [\"25:00-01:00\"]\n", 2, "past 24:00"),
             ("memory = \"20MiB\"\n", 1, "less than the"),
             (
                 "memory = \"1GiB\"\n[max_limits]\nmemory = \"2GiB\"\n",
-                2,
+                3,
                 "more than all guests",
             ),
             ("[max_limits]\nmemory = \"12 parsecs\"\n", 2, "unknown unit"),
@@ -751,6 +879,153 @@ mod tests {
                 err.to_string().starts_with(&format!("c.toml:{line}: ")),
                 "{err}"
             );
+        }
+    }
+
+    #[test]
+    fn parser_errors_name_the_line_of_the_cause() {
+        for (text, line, needle) in [
+            (
+                "mdns = false\nqueue = 1\ncolour = \"blue\"\n",
+                3,
+                "unknown field `colour`",
+            ),
+            ("mdns = false\nqueue = 1\nqueue = 2\n", 3, "duplicate key"),
+            ("[when]\nidle = true\n", 2, "unknown field `idle`"),
+            ("\n\n[when]\n\nidle_only = 3\n", 5, "invalid type"),
+        ] {
+            let err = parse(text).unwrap_err();
+            assert_eq!(err.line, Some(line), "{text:?}: {err}");
+            assert!(err.to_string().contains(needle), "{text:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn errors_in_a_table_name_the_line_in_that_table() {
+        for (text, line, needle) in [
+            (
+                "memory = \"2GiB\"\n[max_limits]\nfuel = \"1e9\"\nmemory = \"12 parsecs\"\n",
+                4,
+                "[max_limits] memory: `12 parsecs` has an unknown unit",
+            ),
+            (
+                "memory = \"2GiB\"\n[when]\ncool_down = \"1s\"\n[max_limits]\nmemory = \"3GiB\"\n",
+                5,
+                "more than all guests",
+            ),
+            // Dotted keys, and a header with spaces and a comment.
+            ("when.cool_down = \"25h\"\n", 1, "between 0s and 24h"),
+            (
+                "cpu = \"50%\"\n[ when ] # the times\nowner_threshold = \"0%\"\n",
+                3,
+                "between 0.1% and 100%",
+            ),
+            (
+                "[max_limits]\nstack = \"1GiB\"\n[when]\nidle_only = true\n",
+                2,
+                "stack limit 1 GiB is above the maximum, 8 MiB",
+            ),
+        ] {
+            let err = parse(text).unwrap_err();
+            assert_eq!(err.line, Some(line), "{text:?}: {err}");
+            assert!(err.to_string().contains(needle), "{text:?}: {err}");
+        }
+        let text = "queue = 1\n[max_limits]\nmemory = \"1GiB\"\n[when]\n# cool_down = \"x\"\ncool_down = \"1s\"\n";
+        // A top-level key is looked for only before the first table.
+        assert_eq!(line_of(text, "memory"), None);
+        assert_eq!(line_of(text, "queue"), Some(1));
+        assert_eq!(line_of(text, "max_limits.memory"), Some(3));
+        assert_eq!(line_of(text, "when.cool_down"), Some(6));
+        // A key not in the text: its table.
+        assert_eq!(line_of(text, "when.windows"), Some(4));
+        assert_eq!(line_of(text, "max_limits"), Some(2));
+        assert_eq!(
+            line_of("when = { cool_down = \"1s\" }\n", "when.cool_down"),
+            Some(1)
+        );
+        assert_eq!(line_of(text, "cpu"), None);
+    }
+
+    #[test]
+    fn a_cpu_share_too_small_for_any_quota_is_refused() {
+        for cpu in ["0.01%", "0.04%"] {
+            let err = parse(&format!("cpu = \"{cpu}\"\n")).unwrap_err();
+            assert!(
+                err.to_string().contains("below the minimum, 0.1%"),
+                "{cpu}: {err}"
+            );
+        }
+        // The smallest share there is: 0.1% of the machine.
+        let config = parse("cpu = \"0.1%\"\n").unwrap();
+        assert_eq!(config.policy.cpu_permille, 1);
+        let err = parse("cpu = \"0%\"\n").unwrap_err();
+        assert!(err.to_string().contains("gives nothing"), "{err}");
+    }
+
+    #[test]
+    fn units_errors_echo_the_value_and_take_days_and_pebibytes() {
+        let flags = Flags {
+            upload: Some("-1MiB/s".into()),
+            ..Flags::default()
+        };
+        let err = Config::parse_with("", "c.toml", flags, MACHINE).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("--upload: upload: `-1MiB/s` is negative"),
+            "{err}"
+        );
+        let config = parse("[when]\ncool_down = \"0.5d\"\nhand_back_after = \"1d\"\n").unwrap();
+        assert_eq!(config.policy.when.cool_down, Duration::from_secs(12 * 3600));
+        assert_eq!(config.policy.when.hand_back_after, MAX_WAIT);
+        let err = parse("[when]\ncool_down = \"2d\"\n").unwrap_err();
+        assert!(
+            err.to_string()
+                .ends_with("cool_down = 2d is not between 0s and 24h"),
+            "{err}"
+        );
+        let err = parse("memory = \"1PiB\"\n").unwrap_err();
+        assert!(
+            err.to_string()
+                .ends_with("memory = 1PiB is more than this machine has (8 GiB)"),
+            "{err}"
+        );
+        let err = parse("disk = \"2PB\"\n").unwrap_err();
+        assert!(
+            err.to_string().contains("more than the file system"),
+            "{err}"
+        );
+        let err = parse("[max_limits]\nwall_time = \"2d\"\n").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "c.toml:2: [max_limits] wall time limit 48 h is above the maximum, 24 h"
+        );
+        let err = parse("[max_limits]\nstack = \"1KiB\"\n").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "c.toml:2: [max_limits] stack limit 1 KiB is below the minimum, 64 KiB"
+        );
+    }
+
+    #[test]
+    fn the_template_states_each_range() {
+        for needle in [
+            "1 to the machine's cores",
+            "0.1% to\n# 100%",
+            "16 MiB for each task run at once",
+            "at least 256 MiB",
+            "at least 128 KiB/s",
+            "0 to 65536",
+            "CPU, of one core: 0.1% to 100%",
+            "resume: 0s to 24h",
+            "requesters: 1s to 24h",
+            "ms, s, m, h, d",
+            "PiB",
+            "1 to 1e13",
+            "1ms to 24h",
+            "0 to 32MiB",
+            "64KiB to 8MiB",
+        ] {
+            assert!(TEMPLATE.contains(needle), "template lacks {needle:?}");
         }
     }
 

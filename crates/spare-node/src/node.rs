@@ -446,7 +446,9 @@ fn enforce(
         format_bytes(config.max_limits.memory)
     );
     let attempt = match policy.enforcement {
-        Enforcement::Fallback => Err("enforcement = \"fallback\" in the config".to_owned()),
+        Enforcement::Fallback => {
+            Err("enforcement = \"fallback\" (config or --enforcement)".to_owned())
+        }
         Enforcement::Auto | Enforcement::Cgroup => cgroup::setup(
             &peer.to_string(),
             cgroup::Limits {

@@ -11,9 +11,14 @@
 //! the same limits go into `cpu.idle`, `cpu.cfs_quota_us` and
 //! `memory.limit_in_bytes` of a `spare-<pid>-<name>` group in each.
 //!
-//! A daemon removes its groups when it stops. One that was killed cannot,
-//! so each daemon, as it makes its own, removes the empty `spare-<pid>-…`
-//! groups beside them whose daemon no longer runs.
+//! The kernel takes a quota of at least 1 ms per period, and a period of at
+//! most 1 s: a share too small for 1 ms per [`CPU_PERIOD_US`] gets a longer
+//! period (see [`cpu_max`]).
+//!
+//! A daemon removes its groups when it stops, and a setup that fails
+//! removes the groups it made. A daemon that was killed cannot, so each
+//! daemon, as it makes its own, removes the empty `spare-<pid>-…` groups
+//! beside them whose daemon no longer runs.
 
 use std::path::{Path, PathBuf};
 
@@ -21,6 +26,31 @@ use serde::Serialize;
 
 /// CFS period for the CPU quota.
 pub const CPU_PERIOD_US: u64 = 100_000;
+/// The least quota the kernel takes, per period (v1 and v2 alike).
+pub const MIN_QUOTA_US: u64 = 1000;
+/// The longest period the kernel takes (v1 and v2 alike).
+pub const MAX_PERIOD_US: u64 = 1_000_000;
+
+/// The quota and period (in microseconds) that give `quota_us` per
+/// [`CPU_PERIOD_US`]: that period, or the shortest multiple of it up to
+/// [`MAX_PERIOD_US`] whose quota reaches [`MIN_QUOTA_US`], so the share is
+/// exact. Errs for a share too small even at the longest period.
+pub fn cpu_max(quota_us: u64) -> Result<(u64, u64), String> {
+    if quota_us >= MIN_QUOTA_US {
+        return Ok((quota_us, CPU_PERIOD_US));
+    }
+    let times = MIN_QUOTA_US.div_ceil(quota_us.max(1));
+    if quota_us == 0 || times > MAX_PERIOD_US / CPU_PERIOD_US {
+        return Err(format!(
+            "the least CPU share a cgroup can hold is the kernel's least quota, {} ms per \
+             {} s period (0.1% of one core); this is {quota_us} µs per {} ms",
+            MIN_QUOTA_US / 1000,
+            MAX_PERIOD_US / 1_000_000,
+            CPU_PERIOD_US / 1000
+        ));
+    }
+    Ok((quota_us * times, CPU_PERIOD_US * times))
+}
 
 /// The groups the workers run in.
 #[derive(Clone, Debug, Serialize)]
@@ -42,7 +72,9 @@ pub struct Cgroups {
 /// What the groups should enforce.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
-    /// CPU quota per [`CPU_PERIOD_US`], in microseconds; `None` is no quota.
+    /// CPU quota per [`CPU_PERIOD_US`], in microseconds; `None` is no
+    /// quota. The groups may use a longer period for the same share
+    /// ([`cpu_max`]).
     pub cpu_quota_us: Option<u64>,
     /// Memory of all workers together, in bytes.
     pub memory: u64,
@@ -140,6 +172,10 @@ fn dir_of(mount: &Mount, path: &str) -> PathBuf {
         .strip_prefix(mount.root.as_str())
         .unwrap_or(path)
         .trim_start_matches('/');
+    if relative.is_empty() {
+        // Not `point/`, which reads oddly in messages.
+        return mount.point.clone();
+    }
     mount.point.join(relative)
 }
 
@@ -156,19 +192,38 @@ fn make_dir(dir: &Path) -> Result<(), String> {
     }
 }
 
+/// Makes the group `dir` and sets it up with `configure`; if that fails,
+/// removes the group again (its name is this daemon's, so it is ours even
+/// if it was there already), so a failed setup leaves nothing behind.
+fn new_group<T>(dir: &Path, configure: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
+    make_dir(dir)?;
+    configure().inspect_err(|_| {
+        // cgroupfs removes a group with its control files in it.
+        if let Err(e) = std::fs::remove_dir(dir) {
+            tracing::warn!("cannot remove {}: {e}", dir.display());
+        }
+    })
+}
+
 /// Makes the workers' groups named `spare-<pid>-<name>`, or says why it
-/// cannot.
+/// cannot. Where v1 is used, the first warning says why v2 was not.
 pub fn setup(name: &str, limits: Limits) -> Result<Cgroups, String> {
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
         .map_err(|e| format!("cannot read /proc/self/mountinfo: {e}"))?;
     let own = std::fs::read_to_string("/proc/self/cgroup")
         .map_err(|e| format!("cannot read /proc/self/cgroup: {e}"))?;
-    let mounts = mounts(&mountinfo);
+    setup_in(&mountinfo, &own, name, limits)
+}
+
+/// [`setup`] with the mount table and this process's groups (the contents
+/// of `/proc/self/mountinfo` and `/proc/self/cgroup`).
+fn setup_in(mountinfo: &str, own: &str, name: &str, limits: Limits) -> Result<Cgroups, String> {
+    let mounts = mounts(mountinfo);
     let group = format!("spare-{}-{name}", std::process::id());
     let v2 = mounts
         .iter()
         .find(|m| m.controllers.is_none())
-        .and_then(|m| Some((m, own_path(&own, "")?)));
+        .and_then(|m| Some((m, own_path(own, "")?)));
     let v2_error = match v2 {
         Some((mount, path)) => match setup_v2(&dir_of(mount, &path), &group, limits) {
             Ok(groups) => return Ok(groups),
@@ -184,11 +239,18 @@ pub fn setup(name: &str, limits: Limits) -> Result<Cgroups, String> {
                     .as_ref()
                     .is_some_and(|c| c.iter().any(|c| c == controller))
             })
-            .and_then(|m| Some(dir_of(m, &own_path(&own, controller)?)))
+            .and_then(|m| Some(dir_of(m, &own_path(own, controller)?)))
     };
     match v1("cpu") {
-        Some(cpu) => setup_v1(&cpu, v1("memory").as_deref(), &group, limits)
-            .map_err(|e| format!("cgroup v2: {v2_error}; cgroup v1: {e}")),
+        Some(cpu) => match setup_v1(&cpu, v1("memory").as_deref(), &group, limits) {
+            Ok(mut groups) => {
+                groups
+                    .warnings
+                    .insert(0, format!("cgroup v2 is not used: {v2_error}"));
+                Ok(groups)
+            }
+            Err(e) => Err(format!("cgroup v2: {v2_error}; cgroup v1: {e}")),
+        },
         None => Err(format!(
             "cgroup v2: {v2_error}; cgroup v1: no cpu controller is mounted"
         )),
@@ -221,28 +283,33 @@ fn setup_v2(own: &Path, group: &str, limits: Limits) -> Result<Cgroups, String> 
         write(&leaf.join("cgroup.procs"), &std::process::id().to_string())?;
         write(&control, enable)?;
     }
-    let dir = own.join(group);
-    remove_stale(own, Path::new("/proc"));
-    make_dir(&dir)?;
-    let mut warnings = Vec::new();
-    if write(&dir.join("cpu.idle"), "1").is_err() {
-        // Before Linux 5.15: the lowest weight instead.
-        if let Err(e) = write(&dir.join("cpu.weight"), "1") {
-            warnings.push(e);
-        }
-    }
     let max = match limits.cpu_quota_us {
-        Some(q) => format!("{q} {CPU_PERIOD_US}"),
+        Some(q) => {
+            let (quota, period) = cpu_max(q)?;
+            format!("{quota} {period}")
+        }
         None => format!("max {CPU_PERIOD_US}"),
     };
-    write(&dir.join("cpu.max"), &max)?;
-    if memory {
-        write(&dir.join("memory.max"), &limits.memory.to_string())?;
-        // Swap would let guests page the owner's memory out to disk.
-        if let Err(e) = write(&dir.join("memory.swap.max"), "0") {
-            warnings.push(e);
+    let dir = own.join(group);
+    remove_stale(own, Path::new("/proc"));
+    let warnings = new_group(&dir, || {
+        let mut warnings = Vec::new();
+        if write(&dir.join("cpu.idle"), "1").is_err() {
+            // Before Linux 5.15: the lowest weight instead.
+            if let Err(e) = write(&dir.join("cpu.weight"), "1") {
+                warnings.push(e);
+            }
         }
-    }
+        write(&dir.join("cpu.max"), &max)?;
+        if memory {
+            write(&dir.join("memory.max"), &limits.memory.to_string())?;
+            // Swap would let guests page the owner's memory out to disk.
+            if let Err(e) = write(&dir.join("memory.swap.max"), "0") {
+                warnings.push(e);
+            }
+        }
+        Ok(warnings)
+    })?;
     Ok(Cgroups {
         version: "v2",
         join: vec![dir.join("cgroup.procs")],
@@ -258,24 +325,27 @@ fn setup_v1(
     group: &str,
     limits: Limits,
 ) -> Result<Cgroups, String> {
+    let (quota, period) = match limits.cpu_quota_us {
+        Some(q) => {
+            let (quota, period) = cpu_max(q)?;
+            (quota.to_string(), period)
+        }
+        None => ("-1".to_owned(), CPU_PERIOD_US),
+    };
     let cpu_dir = cpu.join(group);
     remove_stale(cpu, Path::new("/proc"));
-    make_dir(&cpu_dir)?;
-    let mut warnings = Vec::new();
-    if let Err(e) = write(&cpu_dir.join("cpu.idle"), "1") {
-        // Before Linux 5.15: the lowest share instead.
-        if write(&cpu_dir.join("cpu.shares"), "2").is_err() {
-            warnings.push(e);
+    let warnings = new_group(&cpu_dir, || {
+        let mut warnings = Vec::new();
+        if let Err(e) = write(&cpu_dir.join("cpu.idle"), "1") {
+            // Before Linux 5.15: the lowest share instead.
+            if write(&cpu_dir.join("cpu.shares"), "2").is_err() {
+                warnings.push(e);
+            }
         }
-    }
-    write(
-        &cpu_dir.join("cpu.cfs_period_us"),
-        &CPU_PERIOD_US.to_string(),
-    )?;
-    let quota = limits
-        .cpu_quota_us
-        .map_or_else(|| "-1".to_owned(), |q| q.to_string());
-    write(&cpu_dir.join("cpu.cfs_quota_us"), &quota)?;
+        write(&cpu_dir.join("cpu.cfs_period_us"), &period.to_string())?;
+        write(&cpu_dir.join("cpu.cfs_quota_us"), &quota)?;
+        Ok(warnings)
+    })?;
     let mut groups = Cgroups {
         version: "v1",
         join: vec![cpu_dir.join("cgroup.procs")],
@@ -288,11 +358,12 @@ fn setup_v1(
         if let Some(parent) = dir.parent() {
             remove_stale(parent, Path::new("/proc"));
         }
-        make_dir(dir)?;
-        write(
-            &dir.join("memory.limit_in_bytes"),
-            &limits.memory.to_string(),
-        )?;
+        new_group(dir, || {
+            write(
+                &dir.join("memory.limit_in_bytes"),
+                &limits.memory.to_string(),
+            )
+        })?;
         Ok::<_, String>(dir.clone())
     });
     match memory_set {
@@ -428,6 +499,125 @@ mod tests {
                 "spare-daemon"
             ]
         );
+    }
+
+    fn read(path: &Path) -> String {
+        std::fs::read_to_string(path).unwrap()
+    }
+
+    #[test]
+    fn small_cpu_shares_get_a_longer_period() {
+        assert_eq!(cpu_max(50_000), Ok((50_000, 100_000)));
+        assert_eq!(cpu_max(1000), Ok((1000, 100_000)));
+        assert_eq!(cpu_max(999), Ok((1998, 200_000)));
+        assert_eq!(cpu_max(300), Ok((1200, 400_000)));
+        assert_eq!(cpu_max(200), Ok((1000, 500_000)));
+        assert_eq!(cpu_max(100), Ok((1000, 1_000_000)));
+        for quota in [0, 1, 99] {
+            let err = cpu_max(quota).unwrap_err();
+            assert!(err.contains("1 ms per 1 s period"), "{err}");
+        }
+
+        // 0.2% of a core, as the kernel takes it: 1 ms per 500 ms.
+        let limits = Limits {
+            cpu_quota_us: Some(200),
+            memory: 1 << 30,
+        };
+        let v1 = tempfile::tempdir().unwrap();
+        let groups = setup_v1(v1.path(), None, "spare-1-a", limits).unwrap();
+        let dir = &groups.dirs[0];
+        assert_eq!(read(&dir.join("cpu.cfs_period_us")), "500000");
+        assert_eq!(read(&dir.join("cpu.cfs_quota_us")), "1000");
+        let v2 = tempfile::tempdir().unwrap();
+        std::fs::write(v2.path().join("cgroup.controllers"), "cpu memory\n").unwrap();
+        let groups = setup_v2(v2.path(), "spare-1-a", limits).unwrap();
+        assert_eq!(read(&groups.dirs[0].join("cpu.max")), "1000 500000");
+        // Too small a share makes no group at all.
+        let limits = Limits {
+            cpu_quota_us: Some(50),
+            ..limits
+        };
+        assert!(setup_v1(v1.path(), None, "spare-1-b", limits).is_err());
+        assert!(setup_v2(v2.path(), "spare-1-b", limits).is_err());
+        assert!(!v1.path().join("spare-1-b").exists());
+        assert!(!v2.path().join("spare-1-b").exists());
+    }
+
+    #[test]
+    fn v1_groups_say_why_v2_is_not_used() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = |name: &str| {
+            let dir = root.path().join(name);
+            std::fs::create_dir(&dir).unwrap();
+            dir.display().to_string()
+        };
+        let (v2, cpu, memory) = (dir("unified"), dir("cpu"), dir("memory"));
+        std::fs::write(Path::new(&v2).join("cgroup.controllers"), "pids\n").unwrap();
+        let mountinfo = format!(
+            "36 35 0:31 / {v2} rw - cgroup2 cgroup2 rw\n\
+             37 35 0:32 / {cpu} rw - cgroup cgroup rw,cpu\n\
+             38 35 0:33 / {memory} rw - cgroup cgroup rw,memory\n"
+        );
+        let own = "4:memory:/\n1:cpu:/\n0::/\n";
+        let limits = Limits {
+            cpu_quota_us: None,
+            memory: 1 << 30,
+        };
+        let groups = setup_in(&mountinfo, own, "x", limits).unwrap();
+        assert_eq!(groups.version, "v1");
+        assert!(groups.memory_in_group);
+        assert_eq!(
+            groups.warnings,
+            [format!(
+                "cgroup v2 is not used: the cpu controller is not available in {v2} (it has: pids)"
+            )]
+        );
+    }
+
+    #[test]
+    fn a_failed_group_is_removed() {
+        let parent = tempfile::tempdir().unwrap();
+        let dir = parent.path().join("spare-1-x");
+        let result: Result<(), String> = new_group(&dir, || Err("refused".into()));
+        assert_eq!(result, Err("refused".to_owned()));
+        assert!(!dir.exists());
+        new_group(&dir, || Ok(())).unwrap();
+        assert!(dir.is_dir());
+    }
+
+    /// On the machine's own hierarchies, where this process may make groups
+    /// (as root): a quota the kernel refuses fails the setup after the
+    /// group was made, and the group must go.
+    #[test]
+    fn a_failed_setup_leaves_no_group_behind() {
+        let name = "failed-setup-test";
+        let limits = Limits {
+            cpu_quota_us: Some(u64::MAX),
+            memory: 1 << 30,
+        };
+        match setup(name, limits) {
+            Ok(groups) => {
+                // A kernel that took it: nothing to check.
+                groups.remove();
+                return;
+            }
+            Err(e) => eprintln!("setup failed as it should: {e}"),
+        }
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+        let group = format!("spare-{}-{name}", std::process::id());
+        for mount in mounts(&mountinfo) {
+            let controller = match &mount.controllers {
+                None => "",
+                Some(c) if c.iter().any(|c| c == "cpu") => "cpu",
+                Some(c) if c.iter().any(|c| c == "memory") => "memory",
+                Some(_) => continue,
+            };
+            if let Some(path) = own_path(&own, controller) {
+                let dir = dir_of(&mount, &path).join(&group);
+                assert!(!dir.exists(), "{} was left behind", dir.display());
+            }
+        }
     }
 
     #[test]

@@ -10,8 +10,9 @@ use spare_runtime::WorkerCommand;
 
 use crate::Context;
 
-/// Each flag overrides its setting in the config file (see `spare init`'s
-/// template) and is checked the same way.
+/// Each flag overrides the same-named setting in the config file (see
+/// `spare init`'s template) and is checked the same way; an error names the
+/// flag.
 #[derive(Debug, clap::Args)]
 pub(crate) struct Args {
     /// Address to listen on (repeatable), e.g. /ip4/127.0.0.1/tcp/0.
@@ -24,55 +25,114 @@ pub(crate) struct Args {
     /// Do not discover peers on the local network with mDNS.
     #[arg(long)]
     no_mdns: bool,
-    /// Tasks to run at once for the swarm (default: every core).
-    #[arg(long)]
+    /// Tasks to run at once for the swarm, 1 to the machine's cores
+    /// (default: every core).
+    #[arg(long, value_name = "N")]
     cores: Option<i64>,
-    /// Share of the machine's CPU all guests together may use, e.g. 50%.
+    /// Share of the whole machine's CPU all guests together may use, 0.1%
+    /// to 100%, e.g. 50%.
     #[arg(long, value_name = "PERCENT")]
     cpu: Option<String>,
-    /// Memory all guests together may use, e.g. 4GiB.
+    /// Memory all guests together may use, up to the machine's, e.g. 4GiB
+    /// (default: half the machine's).
     #[arg(long, value_name = "SIZE")]
     memory: Option<String>,
-    /// Disk for tasks' modules, inputs and compiled code, e.g. 10GiB.
+    /// Disk for tasks' modules, inputs and compiled code, at least 256MiB,
+    /// e.g. 10GiB.
     #[arg(long, value_name = "SIZE")]
     disk: Option<String>,
-    /// Upload bandwidth for the swarm, e.g. 2MiB/s or unlimited.
+    /// Upload bandwidth for the swarm, at least 128KiB/s, e.g. 2MiB/s, or
+    /// unlimited.
     #[arg(long, value_name = "RATE")]
     upload: Option<String>,
-    /// Download bandwidth for the swarm, e.g. 2MiB/s or unlimited.
+    /// Download bandwidth for the swarm, at least 128KiB/s, e.g. 2MiB/s,
+    /// or unlimited.
     #[arg(long, value_name = "RATE")]
     download: Option<String>,
     /// How limits are enforced: auto, cgroup or fallback.
     #[arg(long, value_name = "HOW")]
     enforcement: Option<String>,
-    /// Give only while the owner leaves the machine idle (the default).
-    #[arg(long, conflicts_with = "always")]
-    idle_only: bool,
+    /// Tasks waiting for a core before new ones are refused, 0 to 65536
+    /// (default: 256).
+    #[arg(long, value_name = "N")]
+    queue: Option<i64>,
+    /// Give only while the owner leaves the machine idle (the default);
+    /// --idle-only=false is --always.
+    #[arg(
+        long,
+        value_name = "BOOL",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        conflicts_with = "always"
+    )]
+    idle_only: Option<bool>,
     /// Give whatever the owner is doing (within the other limits).
     #[arg(long)]
     always: bool,
+    /// The owner counts as active above this much CPU, of one core: 0.1%
+    /// to 100% (default: 25%).
+    #[arg(long, value_name = "PERCENT")]
+    owner_threshold: Option<String>,
+    /// How long the owner must be quiet before guests resume: 0s to 24h,
+    /// e.g. 30s (default: 10s).
+    #[arg(long, value_name = "DURATION")]
+    cool_down: Option<String>,
+    /// Local times of day to give in, e.g. 22:00-07:00 (repeatable, or
+    /// comma-separated); --windows= means all day (the default).
+    #[arg(long, value_name = "HH:MM-HH:MM", value_delimiter = ',')]
+    windows: Option<Vec<String>>,
+    /// Give while running on battery; --on-battery=false pauses on battery
+    /// (the default).
+    #[arg(
+        long,
+        value_name = "BOOL",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true"
+    )]
+    on_battery: Option<bool>,
+    /// Paused this long, running tasks go back to their requesters: 1s to
+    /// 24h (default: 60s).
+    #[arg(long, value_name = "DURATION")]
+    hand_back_after: Option<String>,
+}
+
+impl Args {
+    /// The flags given, for [`Config::load`].
+    fn flags(self) -> Flags {
+        let idle_only = if self.always {
+            Some(false)
+        } else {
+            self.idle_only
+        };
+        Flags {
+            listen: self.listen,
+            bootstrap: self.bootstrap,
+            no_mdns: self.no_mdns,
+            cores: self.cores,
+            cpu: self.cpu,
+            memory: self.memory,
+            disk: self.disk,
+            upload: self.upload,
+            download: self.download,
+            enforcement: self.enforcement,
+            queue: self.queue,
+            idle_only,
+            owner_threshold: self.owner_threshold,
+            cool_down: self.cool_down,
+            // `--windows=` (no window at all) is all day.
+            windows: self
+                .windows
+                .map(|w| w.into_iter().filter(|w| !w.trim().is_empty()).collect()),
+            on_battery: self.on_battery,
+            hand_back_after: self.hand_back_after,
+        }
+    }
 }
 
 pub(crate) async fn execute(context: &Context, args: Args) -> Result<ExitCode> {
-    let idle_only = match (args.idle_only, args.always) {
-        (true, _) => Some(true),
-        (_, true) => Some(false),
-        _ => None,
-    };
-    let flags = Flags {
-        listen: args.listen,
-        bootstrap: args.bootstrap,
-        no_mdns: args.no_mdns,
-        cores: args.cores,
-        cpu: args.cpu,
-        memory: args.memory,
-        disk: args.disk,
-        upload: args.upload,
-        download: args.download,
-        enforcement: args.enforcement,
-        idle_only,
-    };
-    let config = Config::load(&context.paths.config, flags)?;
+    let config = Config::load(&context.paths.config, args.flags())?;
     let program = std::env::current_exe().context("cannot find the spare executable")?;
     let worker = WorkerCommand {
         program,
@@ -89,4 +149,128 @@ pub(crate) async fn execute(context: &Context, args: Args) -> Result<ExitCode> {
     })
     .await?;
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use clap::Parser;
+    use spare_policy::{Machine, Window};
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Up {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    const MACHINE: Machine = Machine {
+        cores: 2,
+        memory: 8 << 30,
+        disk: Some(100 << 30),
+    };
+
+    fn load(file: &str, flags: &[&str]) -> Result<Config, String> {
+        let up = Up::try_parse_from(std::iter::once("up").chain(flags.iter().copied()))
+            .map_err(|e| e.to_string())?;
+        Config::parse_with(file, "c.toml", up.args.flags(), MACHINE).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn every_when_setting_has_a_flag_over_the_file() {
+        let file = "queue = 3\n[when]\nidle_only = true\nowner_threshold = \"10%\"\ncool_down = \"1s\"\nwindows = [\"01:00-02:00\"]\non_battery = false\nhand_back_after = \"2s\"\n";
+        let config = load(
+            file,
+            &[
+                "--queue=7",
+                "--idle-only=false",
+                "--owner-threshold=50%",
+                "--cool-down=1m",
+                "--windows=22:00-07:00,12:00-13:00",
+                "--on-battery",
+                "--hand-back-after=1d",
+            ],
+        )
+        .unwrap();
+        let when = &config.policy.when;
+        assert_eq!(config.queue, 7);
+        assert!(!when.idle_only);
+        assert_eq!(when.owner_threshold, 500);
+        assert_eq!(when.cool_down, Duration::from_secs(60));
+        assert_eq!(
+            when.windows,
+            [
+                Window::parse("22:00-07:00").unwrap(),
+                Window::parse("12:00-13:00").unwrap()
+            ]
+        );
+        assert!(when.on_battery);
+        assert_eq!(when.hand_back_after, Duration::from_secs(86_400));
+
+        // Without flags, the file's values; --windows= is all day, and the
+        // bare flags are true.
+        let config = load(file, &[]).unwrap();
+        assert_eq!(config.policy.when.cool_down, Duration::from_secs(1));
+        assert_eq!(config.policy.when.windows.len(), 1);
+        let config = load(file, &["--windows=", "--on-battery=false", "--always"]).unwrap();
+        assert!(config.policy.when.windows.is_empty());
+        assert!(!config.policy.when.on_battery);
+        assert!(!config.policy.when.idle_only);
+        let config = load("[when]\nidle_only = false\n", &["--idle-only"]).unwrap();
+        assert!(config.policy.when.idle_only);
+        let config = load(
+            "",
+            &["--windows", "22:00-07:00", "--windows", "12:00-13:00"],
+        )
+        .unwrap();
+        assert_eq!(config.policy.when.windows.len(), 2);
+        assert!(load("", &["--idle-only", "--always"]).is_err());
+    }
+
+    #[test]
+    fn a_bad_flag_value_names_the_flag() {
+        for (flag, message) in [
+            (
+                "--cool-down=2x",
+                "--cool-down: cool_down: `2x` has an unknown unit",
+            ),
+            (
+                "--cool-down=25h",
+                "--cool-down: cool_down = 25h is not between 0s and 24h",
+            ),
+            (
+                "--hand-back-after=0s",
+                "--hand-back-after: hand_back_after = 0s is not between 1s and 24h",
+            ),
+            (
+                "--owner-threshold=0%",
+                "--owner-threshold: owner_threshold = 0% is not between",
+            ),
+            (
+                "--windows=25:00-01:00",
+                "--windows: time window `25:00-01:00` has a time past 24:00",
+            ),
+            (
+                "--queue=70000",
+                "--queue: queue = 70000 is not in 0..=65536",
+            ),
+            (
+                "--upload=-1MiB/s",
+                "--upload: upload: `-1MiB/s` is negative",
+            ),
+            (
+                "--cpu=0.01%",
+                "--cpu: cpu = 0.01% is below the minimum, 0.1%",
+            ),
+        ] {
+            // The file's value is fine; the flag's is not.
+            let file = "queue = 1\n[when]\ncool_down = \"1s\"\nwindows = []\n";
+            let err = load(file, &[flag]).unwrap_err();
+            assert!(err.starts_with(message), "{flag}: {err}");
+        }
+        let err = load("", &["--on-battery=maybe"]).unwrap_err();
+        assert!(err.contains("--on-battery"), "{err}");
+    }
 }
