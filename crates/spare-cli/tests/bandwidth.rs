@@ -122,3 +122,45 @@ fn the_hosts_download_limit_paces_the_blob_it_fetches() {
     let elapsed = timed_transfer(root.path(), &[], &["--download", "1MiB/s"]);
     assert_paced(elapsed, "download limit");
 }
+
+#[test]
+fn the_hosts_upload_limit_paces_the_output_it_sends_back() {
+    let root = tempfile::tempdir().expect("temporary directory");
+    let bin = bin();
+    let host_dir = root.path().join("host");
+    let host = Daemon::start(&bin, &host_dir, &["--cores", "1", "--upload", "1MiB/s"])
+        .expect("host starts");
+    let requester = Daemon::start(
+        &bin,
+        &root.path().join("requester"),
+        &["--cores", "1", "--bootstrap", host.addr()],
+    )
+    .expect("requester starts");
+    requester
+        .wait_for_peers(1, Duration::from_secs(20))
+        .expect("the requester sees the host");
+    let flood = example("hostile/flood.wasm");
+    let output = format!("{STDIN}B");
+    let run = || {
+        requester
+            .run_cli(
+                &["run", "--on", host.peer_id(), "--output", &output, &flood],
+                b"",
+            )
+            .expect("spare runs")
+    };
+    // The first run fetches and compiles the module; then the bucket
+    // refills its burst.
+    let _ = run();
+    std::thread::sleep(Duration::from_millis(1200));
+    let uploaded_before = status_counter(&host, "uploaded");
+    let started = Instant::now();
+    let out = run();
+    let elapsed = started.elapsed();
+    // The flood is stopped at its output limit, and its output comes back.
+    assert_eq!(out.status.code(), Some(137), "{}", text(&out.stderr));
+    assert_eq!(out.stdout.len(), STDIN);
+    let uploaded = status_counter(&host, "uploaded") - uploaded_before;
+    assert!(uploaded >= STDIN as u64, "uploaded {uploaded}");
+    assert_paced(elapsed, "the host's upload limit on output");
+}

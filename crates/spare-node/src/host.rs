@@ -64,6 +64,11 @@ async fn run_for_peer(node: &Node, peer: PeerId, spec: TaskSpec) -> TaskResponse
         ));
     };
     let token = connection.child_token();
+    // Inline stdin came with the request: counted, and paid for from the
+    // download bucket like the blobs this node fetches.
+    if let Stdin::Inline(bytes) = &spec.stdin {
+        node.download().take(bytes.len() as u64).await;
+    }
     let record = Hosted {
         task: spec.id,
         requester: peer,
@@ -145,6 +150,10 @@ async fn run_for_peer(node: &Node, peer: PeerId, spec: TaskSpec) -> TaskResponse
             .await,
     );
     tracing::debug!(%peer, task = %spec.id, status = ?outcome.status, fuel = outcome.fuel, "hosted task finished");
+    // The output goes back to the requester: bytes moved for the swarm,
+    // paced by the upload bucket like the blob chunks this node serves.
+    let output = outcome.stdout.len().saturating_add(outcome.stderr.len());
+    node.upload().take(output as u64).await;
     TaskResponse::Done(Report {
         task: spec.id,
         outcome,
