@@ -108,7 +108,7 @@ pub enum Refusal {
     Overloaded,
     #[error("the host refused the task: {0}")]
     Invalid(String),
-    #[error("the host could not fetch {0}")]
+    #[error("the host could not get the task's inputs: {0}")]
     BlobUnavailable(String),
     #[error("the host is shutting down")]
     ShuttingDown,

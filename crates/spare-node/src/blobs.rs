@@ -16,11 +16,12 @@
 //! as long as the task runs, by every hosted task using the blob. A blob
 //! that does not fit even so is refused with [`BlobError::NoRoom`] (the host
 //! then refuses the task and its requester tries another peer). Blobs the
-//! owner stores through the API ([`BlobStore::put_verified`]) count towards
-//! the budget but are never refused, so they may take the store over it
-//! until later fetches evict what is not in use.
+//! owner stores through the API ([`BlobStore::put_verified`]) make room the
+//! same way but are never refused: where nothing can be evicted they take
+//! the store over its budget until later fetches evict what is not in use.
 //!
-//! The budget bounds blobs only: three quarters of the owner's `disk`.
+//! The budget is three quarters of the owner's `disk`, for the blobs and
+//! the node's state (its database, measured every 30 s by the node) together.
 //! Compiled modules (`paths.cache`, written by the worker processes) have
 //! the other quarter, kept by the node's periodic sweep
 //! (`spare_runtime::cache::sweep`).
@@ -28,6 +29,7 @@
 use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
@@ -66,8 +68,11 @@ pub struct BlobStore {
 #[derive(Debug)]
 struct Shared {
     dir: PathBuf,
-    /// Bytes the blobs may take.
+    /// Bytes the blobs and the node's state may take together.
     budget: u64,
+    /// Bytes of that budget the node's state (its database) takes, as last
+    /// measured (see [`BlobStore::set_state_bytes`]).
+    state: AtomicU64,
     space: Mutex<Space>,
 }
 
@@ -119,7 +124,8 @@ pub enum BlobError {
     TooSlow { id: BlobId, limit: Duration },
     /// Even with every unpinned blob evicted, the blob would not fit.
     #[error(
-        "blob of {} does not fit this host's disk budget of {} ({} in use by running tasks and fetches)",
+        "a blob of {} does not fit in this host's disk budget for blobs, {} ({} of it in use by \
+         running tasks, fetches and the node's state)",
         format_bytes(*.size), format_bytes(*.budget), format_bytes(*.in_use)
     )]
     NoRoom { size: u64, budget: u64, in_use: u64 },
@@ -161,6 +167,7 @@ impl BlobStore {
             shared: Arc::new(Shared {
                 dir: dir.to_path_buf(),
                 budget,
+                state: AtomicU64::new(0),
                 space: Mutex::new(space),
             }),
             fetching: Mutex::new(HashMap::new()),
@@ -179,9 +186,20 @@ impl BlobStore {
         Ok(std::fs::metadata(self.path(id))?.len())
     }
 
-    /// The bytes the blobs may take.
+    /// The bytes the blobs and the node's state may take together.
     pub fn budget(&self) -> u64 {
         self.shared.budget
+    }
+
+    /// Tells the store how much of its budget the node's state (the ledger
+    /// database) takes now; later fetches make room for it.
+    pub fn set_state_bytes(&self, bytes: u64) {
+        self.shared.state.store(bytes, Ordering::Relaxed);
+    }
+
+    /// The node's state, as last measured.
+    pub fn state_bytes(&self) -> u64 {
+        self.shared.state.load(Ordering::Relaxed)
     }
 
     /// The bytes the stored blobs take, plus the room fetches in progress
@@ -216,12 +234,19 @@ impl BlobStore {
         if self.has(expected) && self.shared.touch(expected) {
             return Ok(());
         }
+        let size = bytes.len() as u64;
+        // Room is made as for a fetch, but the owner's blob is stored even
+        // where none can be made.
+        let room = match self.shared.make_room(size) {
+            Ok(room) => Some(room),
+            Err(BlobError::NoRoom { .. }) => None,
+            Err(e) => return Err(e),
+        };
         let tmp = TempFile(self.shared.temp_path(expected));
         let mut file = std::fs::File::create(&tmp.0)?;
         file.write_all(bytes)?;
         file.sync_data()?;
-        self.shared
-            .commit(&tmp.0, expected, bytes.len() as u64, None)?;
+        self.shared.commit(&tmp.0, expected, size, room)?;
         Ok(())
     }
 
@@ -480,7 +505,8 @@ impl Shared {
         let mut evicted = Vec::new();
         let reservation = {
             let mut space = self.space();
-            let mut used = space.stored + space.reserved;
+            let state = self.state.load(Ordering::Relaxed);
+            let mut used = space.stored + space.reserved + state;
             if used.saturating_add(size) > self.budget {
                 let mut victims: Vec<(SystemTime, BlobId, u64)> = space
                     .blobs
@@ -768,8 +794,8 @@ mod tests {
         ));
         assert_eq!(
             err.to_string(),
-            "blob of 50 B does not fit this host's disk budget of 100 B \
-             (60 B in use by running tasks and fetches)"
+            "a blob of 50 B does not fit in this host's disk budget for blobs, 100 B \
+             (60 B of it in use by running tasks, fetches and the node's state)"
         );
         assert!(store.has(&c));
         assert_eq!(store.used(), 90);
@@ -799,15 +825,32 @@ mod tests {
         std::fs::write(&tmp, bytes).unwrap();
         store.shared.commit(&tmp, &id, 40, Some(room)).unwrap();
         assert_eq!(store.used(), 40);
-        // The owner's blobs are never refused, even over the budget, and a
-        // blob stored twice counts once.
-        store.put(&[1u8; 50]).unwrap();
+        // The owner's blobs make room like fetches, the oldest blob going
+        // first, and a blob stored twice counts once.
+        let first = store.put(&[1u8; 50]).unwrap();
         store.put(&[2u8; 50]).unwrap();
         store.put(&[2u8; 50]).unwrap();
-        assert_eq!(store.used(), 140);
-        // The next fetch brings the store back within its budget.
-        let _room = store.shared.make_room(10).unwrap();
-        assert!(store.used() <= 100, "{}", store.used());
+        assert_eq!(store.used(), 100);
         assert!(!store.has(&id), "the oldest blob goes first");
+        // Where nothing can be evicted they are stored all the same.
+        let _pins = [store.pin(&first), store.pin(&BlobId::of(&[2u8; 50]))];
+        store.put(&[3u8; 50]).unwrap();
+        assert_eq!(store.used(), 150);
+    }
+
+    #[test]
+    fn the_nodes_state_takes_its_part_of_the_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path(), 100).unwrap();
+        let old = store.put(&[1u8; 40]).unwrap();
+        store.put(&[2u8; 40]).unwrap();
+        store.set_state_bytes(30);
+        // 40 + 40 + 30 state: a 10-byte fetch evicts the oldest blob.
+        let _room = store.shared.make_room(10).unwrap();
+        assert!(!store.has(&old));
+        store.set_state_bytes(95);
+        let _pin = store.pin(&BlobId::of(&[2u8; 40]));
+        let err = store.shared.make_room(10).unwrap_err();
+        assert!(err.to_string().contains("does not fit"), "{err}");
     }
 }

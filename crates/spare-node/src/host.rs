@@ -91,6 +91,7 @@ async fn run_for_peer(node: &Node, peer: PeerId, spec: TaskSpec) -> TaskResponse
     let (job, _pins) = match prepared {
         Ok(prepared) => prepared,
         Err(refusal) => {
+            tracing::info!(%peer, task = %spec.id, "refused: {refusal}");
             log_err(
                 node.ledger()
                     .hosted_finished(&record, &Ending::failed(refusal.to_string()), None)

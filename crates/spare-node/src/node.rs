@@ -275,7 +275,8 @@ impl Node {
         }
     }
 
-    /// Keeps the compiled-module cache within its share of the disk budget.
+    /// Keeps the compiled-module cache within its share of the disk budget,
+    /// and tells the blob store how much of its share the database takes.
     async fn sweep_compiled_modules(self) {
         let budget = self.inner.config.policy.disk - blob_budget(self.inner.config.policy.disk);
         let mut tick = tokio::time::interval(CACHE_SWEEP);
@@ -285,6 +286,10 @@ impl Node {
                 () = self.inner.shutdown.cancelled() => break,
                 _ = tick.tick() => {}
             }
+            // The database is part of the disk budget too.
+            let db = self.inner.paths.db.clone();
+            let state = tokio::task::spawn_blocking(move || state_bytes(&db)).await;
+            self.blobs().set_state_bytes(state.unwrap_or(0));
             let root = self.inner.paths.cache.clone();
             let swept =
                 tokio::task::spawn_blocking(move || spare_runtime::cache::sweep(&root, budget))
@@ -415,6 +420,18 @@ impl Node {
 
 /// How often the compiled-module cache is brought back within its budget.
 const CACHE_SWEEP: Duration = Duration::from_secs(30);
+
+/// The bytes the database at `db` takes on disk, with its WAL and index.
+fn state_bytes(db: &std::path::Path) -> u64 {
+    ["", "-wal", "-shm"]
+        .iter()
+        .filter_map(|suffix| {
+            let mut path = db.as_os_str().to_owned();
+            path.push(suffix);
+            std::fs::metadata(path).ok().map(|m| m.len())
+        })
+        .sum()
+}
 
 /// The blob store's part of the disk budget; the rest (a quarter) is for
 /// compiled modules, which take about as much as their modules.

@@ -209,6 +209,7 @@ async fn status(State(node): State<Node>) -> Json<StatusView> {
         downloaded: node.download().moved(),
         blobs_used: node.blobs().used(),
         blobs_budget: node.blobs().budget(),
+        state_bytes: node.blobs().state_bytes(),
     })
 }
 

@@ -57,7 +57,10 @@ pub struct StatusView {
     /// Bytes the blob store holds (or has reserved for fetches), and its
     /// part of the disk budget.
     pub blobs_used: u64,
+    /// The bytes the blobs and the node's state may take together.
     pub blobs_budget: u64,
+    /// The node's state (its database), which takes part of that budget.
+    pub state_bytes: u64,
 }
 
 /// The policy in force.
