@@ -94,6 +94,21 @@ fn a_task_runs_on_a_remote_peer_like_a_local_program() {
     assert!(result["stdout"].as_str().unwrap().contains("sum 6"));
     assert!(result["fuel"].as_u64().unwrap() > 0);
     assert!(result["wall_ms"].is_u64());
+    assert!(result.get("stdout_base64").is_none(), "{result}");
+    // Output that is not UTF-8 comes exactly in base64 too.
+    let out = spare(a, &["run", "--json", &example("echo.wasm")], b"\xff\xfe\n");
+    let result = json(&out);
+    assert!(
+        result["stdout"].as_str().unwrap().contains('\u{fffd}'),
+        "{result}"
+    );
+    let exact = result["stdout_base64"]
+        .as_str()
+        .expect("base64 of the bytes");
+    assert_eq!(
+        exact,
+        spare_node::api::types::encode_b64(b"stdin:\n\xff\xfe\n")
+    );
 
     // --on pins the host; --local runs here.
     let c = swarm.nodes[2].peer_id();
@@ -120,7 +135,7 @@ fn a_task_runs_on_a_remote_peer_like_a_local_program() {
     let out = spare(a, &["tasks", "--json"], b"");
     let tasks = json(&out);
     let tasks = tasks.as_array().expect("list");
-    assert_eq!(tasks.len(), 6);
+    assert_eq!(tasks.len(), 7);
     assert!(tasks.iter().all(|t| t["state"] == "exited"));
     assert!(tasks.iter().any(|t| t["host"] == c));
     let out = spare(a, &["tasks"], b"");

@@ -70,8 +70,14 @@ struct JsonResult {
     attempts: u32,
     exit_code: Option<i32>,
     error: Option<String>,
+    /// The output as text (invalid UTF-8 replaced by U+FFFD)…
     stdout: String,
     stderr: String,
+    /// …and, where it was not UTF-8, exactly, in base64.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stdout_base64: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stderr_base64: Option<String>,
     fuel: u64,
     wall_ms: u64,
 }
@@ -195,14 +201,18 @@ async fn submit(context: &Context, args: Args) -> Result<ExitCode> {
 /// Prints the result and picks the exit code.
 fn finish(result: &TaskResult, json: bool, cancelled: bool) -> Result<ExitCode> {
     if json {
+        let (stdout, stdout_base64) = text_or_base64(&result.stdout_bytes(), &result.stdout);
+        let (stderr, stderr_base64) = text_or_base64(&result.stderr_bytes(), &result.stderr);
         output::json(&JsonResult {
             task: result.task.clone(),
             host: result.host.clone(),
             attempts: result.attempts,
             exit_code: result.exit_code,
             error: result.failure.clone(),
-            stdout: String::from_utf8_lossy(&result.stdout_bytes()).into_owned(),
-            stderr: String::from_utf8_lossy(&result.stderr_bytes()).into_owned(),
+            stdout,
+            stderr,
+            stdout_base64,
+            stderr_base64,
             fuel: result.fuel,
             wall_ms: result.wall_ms,
         })?;
@@ -241,6 +251,17 @@ fn finish(result: &TaskResult, json: bool, cancelled: bool) -> Result<ExitCode> 
         return Ok(ExitCode::from(EXIT_CANCELLED));
     }
     Ok(ExitCode::from(code))
+}
+
+/// Output as text, and its base64 form too when it is not UTF-8.
+fn text_or_base64(bytes: &[u8], base64: &str) -> (String, Option<String>) {
+    match std::str::from_utf8(bytes) {
+        Ok(text) => (text.to_owned(), None),
+        Err(_) => (
+            String::from_utf8_lossy(bytes).into_owned(),
+            Some(base64.to_owned()),
+        ),
+    }
 }
 
 fn eprintln_quiet(line: &str) {

@@ -30,11 +30,17 @@ pub(crate) async fn execute(context: &Context, args: Args) -> Result<ExitCode> {
             output::json(&tasks)?;
             return Ok(ExitCode::SUCCESS);
         }
-        let mut rows = vec![header("REQUESTER")];
+        if tasks.is_empty() {
+            output::line("no task hosted for another peer yet");
+            return Ok(ExitCode::SUCCESS);
+        }
+        // A host knows a task's module, not the name its requester gave it.
+        let mut rows = vec![header("MODULE", "REQUESTER")];
         for t in &tasks {
+            let module = t.module.to_string();
             rows.push(row(
                 &t.task,
-                "",
+                &module[..module.len().min(12)],
                 &t.requester,
                 &t.state,
                 t.exit_code,
@@ -53,7 +59,11 @@ pub(crate) async fn execute(context: &Context, args: Args) -> Result<ExitCode> {
             output::json(&tasks)?;
             return Ok(ExitCode::SUCCESS);
         }
-        let mut rows = vec![header("HOST")];
+        if tasks.is_empty() {
+            output::line("no task run from this node yet (`spare run <program.wasm>` runs one)");
+            return Ok(ExitCode::SUCCESS);
+        }
+        let mut rows = vec![header("NAME", "HOST")];
         for t in &tasks {
             rows.push(row(
                 &t.task,
@@ -72,8 +82,8 @@ pub(crate) async fn execute(context: &Context, args: Args) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn header(who: &str) -> Vec<String> {
-    ["TASK", "NAME", who, "ENDED", "FUEL", "WALL", "WHEN"]
+fn header(what: &str, who: &str) -> Vec<String> {
+    ["TASK", what, who, "ENDED", "FUEL", "WALL", "WHEN"]
         .iter()
         .map(|s| (*s).to_owned())
         .collect()
