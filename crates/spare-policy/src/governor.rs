@@ -23,10 +23,10 @@ use spare_runtime::{WorkerPool, WorkerState};
 use tokio::sync::watch;
 
 use crate::duty::{DutyCycle, cpu_time_ns};
-use crate::machine::{Machine, on_battery};
+use crate::machine::{Machine, Power, power};
 use crate::owner::{Sampler, Usage};
-use crate::settings::Policy;
-use crate::window::local_minute_now;
+use crate::settings::{Policy, When};
+use crate::window::{Window, local_minute_now, next_start};
 
 /// How often the governor reads the counters while guests run and the
 /// owner may need the machine back: fast enough to pause within 100 ms.
@@ -79,9 +79,14 @@ pub struct GovernorConfig {
 /// What the node gives right now, and why.
 #[derive(Clone, Debug, Serialize)]
 pub struct Status {
-    /// `"giving"`, `"throttled"` or `"paused"`.
+    /// `"giving"`, `"throttled"` (the CPU share is below what the tasks
+    /// running at once would use, so each is slowed) or `"paused"`. A node
+    /// the config gives only part of the machine, each task a whole core,
+    /// is `"giving"`; the reason says what the config holds back.
     pub state: &'static str,
-    /// One line for humans, e.g. `paused: owner active 3 s ago`.
+    /// One line for humans, starting with the state, e.g.
+    /// `paused: owner active 3 s ago`, `giving 1 core of 2 (limited by
+    /// config: cores = 1)`.
     pub reason: String,
     /// Cores the guests may use now, in thousandths.
     pub giving_millicores: u64,
@@ -97,6 +102,10 @@ pub struct Status {
     pub paused_ms: Option<u64>,
     /// Pauses since the daemon started.
     pub pauses: u64,
+    /// Where the power comes from now: `"on battery"`, `"on AC power"` or
+    /// `"no battery"`; `None` when the power-supply directory cannot be
+    /// read.
+    pub power: Option<&'static str>,
     pub enforcement: Enforcement,
 }
 
@@ -130,6 +139,7 @@ impl Governor {
                 owner_active_ms_ago: None,
                 paused_ms: None,
                 pauses: 0,
+                power: None,
                 enforcement: config.enforcement.clone(),
             }),
             paused_since: watch::Sender::new(None),
@@ -207,6 +217,7 @@ struct Loop {
     pids: Vec<u32>,
     last_active: Option<Instant>,
     slow_hold: Option<Hold>,
+    power: Option<Power>,
     next_slow: Instant,
     duty: DutyCycle,
     paused_since: Option<Instant>,
@@ -227,6 +238,7 @@ impl Loop {
             pids: Vec::new(),
             last_active: None,
             slow_hold: None,
+            power: None,
             next_slow: now,
             duty: DutyCycle::new(now),
             paused_since: None,
@@ -299,7 +311,16 @@ impl Loop {
         }
         if now >= self.next_slow {
             self.next_slow = now + SLOW_CHECK;
-            self.slow_hold = self.slow_check();
+            // Read even when the policy gives on battery: `spare status`
+            // shows it.
+            self.power = power(&self.config.power_supply);
+            let when = &self.config.policy.when;
+            let minute = if when.windows.is_empty() {
+                0
+            } else {
+                local_minute_now()
+            };
+            self.slow_hold = slow_hold(when, minute, self.power);
         }
     }
 
@@ -313,21 +334,6 @@ impl Loop {
         self.average(|u| Some(u.owner_cores))
             .unwrap_or(0.0)
             .max(0.0)
-    }
-
-    fn slow_check(&self) -> Option<Hold> {
-        let when = &self.config.policy.when;
-        if !when.windows.is_empty() {
-            let minute = local_minute_now();
-            if !when.windows.iter().any(|w| w.contains(minute)) {
-                let list: Vec<String> = when.windows.iter().map(ToString::to_string).collect();
-                return Some(Hold::OutsideWindows(list.join(", ")));
-            }
-        }
-        if !when.on_battery && on_battery(&self.config.power_supply) == Some(true) {
-            return Some(Hold::OnBattery);
-        }
-        None
     }
 
     fn hold(&self, now: Instant) -> Option<Hold> {
@@ -362,14 +368,14 @@ impl Loop {
     }
 
     fn report(&mut self, now: Instant, hold: Option<&Hold>) {
-        match (hold.is_some(), self.paused_since) {
-            (true, None) => {
+        match (hold, self.paused_since) {
+            (Some(hold), None) => {
                 self.paused_since = Some(now);
                 self.pauses += 1;
                 self.shared.paused_since.send_replace(Some(now));
-                tracing::info!("guests paused: {}", describe(hold, self));
+                tracing::info!("guests paused: {}", describe(hold, || self.owner_now(now)));
             }
-            (false, Some(since)) => {
+            (None, Some(since)) => {
                 self.paused_since = None;
                 self.shared.paused_since.send_replace(None);
                 tracing::info!("guests resumed after {}", format_duration(since.elapsed()));
@@ -377,19 +383,14 @@ impl Loop {
             _ => {}
         }
         let owner = self.owner_cores();
-        let policy = &self.config.policy;
-        let allowed = policy.cpu_millicores(self.config.machine.cores);
+        let machine_cores = self.config.machine.cores;
+        let allowed = self.config.policy.cpu_millicores(machine_cores);
         let (state_name, reason) = match hold {
-            Some(_) => ("paused", format!("paused: {}", describe(hold, self))),
-            None if policy.throttled(self.config.machine.cores) => (
-                "throttled",
-                format!(
-                    "throttled to {} by config (cpu = {}%)",
-                    cores(allowed),
-                    f64::from(policy.cpu_permille) / 10.0
-                ),
+            Some(hold) => (
+                "paused",
+                format!("paused: {}", describe(hold, || self.owner_now(now))),
             ),
-            None => ("giving", format!("giving {}", cores(allowed))),
+            None => giving(&self.config.policy, machine_cores),
         };
         let mut status = self.shared.status.lock().unwrap_or_else(|p| p.into_inner());
         status.state = state_name;
@@ -406,6 +407,91 @@ impl Loop {
             .paused_since
             .map(|t| u64::try_from(now.duration_since(t).as_millis()).unwrap_or(u64::MAX));
         status.pauses = self.pauses;
+        status.power = self.power.map(Power::describe);
+    }
+
+    /// What the owner is doing, to say why guests wait for them.
+    fn owner_now(&self, now: Instant) -> OwnerNow {
+        OwnerNow {
+            cores: self.owner_cores(),
+            memory_pressure: self.average(|u| u.memory_pressure).unwrap_or(0.0),
+            threshold: f64::from(self.config.policy.when.owner_threshold) / 1000.0,
+            active_ago: self
+                .last_active
+                .map(|t| now.saturating_duration_since(t))
+                .unwrap_or_default(),
+            cool_down: self.config.policy.when.cool_down,
+        }
+    }
+}
+
+/// Why the workers must be paused for the time of day or the power
+/// source, if they must: the slow checks, at `minute` after local midnight
+/// with `power` as read.
+fn slow_hold(when: &When, minute: u16, power: Option<Power>) -> Option<Hold> {
+    if !when.windows.is_empty() && !when.windows.iter().any(|w| w.contains(minute)) {
+        return Some(Hold::OutsideWindows(outside_windows(&when.windows, minute)));
+    }
+    if !when.on_battery && power == Some(Power::Battery) {
+        return Some(Hold::OnBattery);
+    }
+    None
+}
+
+/// `outside the time window (10:00-11:00 local time); giving again at
+/// 10:00`.
+fn outside_windows(windows: &[Window], minute: u16) -> String {
+    let list: Vec<String> = windows.iter().map(ToString::to_string).collect();
+    let noun = if windows.len() == 1 {
+        "window"
+    } else {
+        "windows"
+    };
+    let mut text = format!("outside the time {noun} ({} local time)", list.join(", "));
+    if let Some(start) = next_start(windows, minute) {
+        text.push_str(&format!("; giving again {start}"));
+    }
+    text
+}
+
+/// The state and the reason while nothing pauses the guests: what the
+/// config gives of the machine, and which settings hold the rest back.
+fn giving(policy: &Policy, machine_cores: u16) -> (&'static str, String) {
+    let allowed = policy.cpu_millicores(machine_cores);
+    let whole = u64::from(machine_cores) * 1000;
+    if allowed >= whole {
+        return (
+            "giving",
+            format!("giving {} (the whole machine)", cores(allowed)),
+        );
+    }
+    // The settings that set the share: the smaller of the two, or both.
+    let mut by = Vec::new();
+    if policy.cores < machine_cores && u64::from(policy.cores) * 1000 == allowed {
+        by.push(format!("cores = {}", policy.cores));
+    }
+    if policy.cpu_permille < 1000
+        && u64::from(policy.cpu_permille) * u64::from(machine_cores) == allowed
+    {
+        by.push(format!("cpu = {}%", f64::from(policy.cpu_permille) / 10.0));
+    }
+    let by = by.join(", ");
+    if policy.throttled(machine_cores) {
+        (
+            "throttled",
+            format!(
+                "throttled to {} of {machine_cores} by config ({by})",
+                cores(allowed)
+            ),
+        )
+    } else {
+        (
+            "giving",
+            format!(
+                "giving {} of {machine_cores} (limited by config: {by})",
+                cores(allowed)
+            ),
+        )
     }
 }
 
@@ -440,28 +526,39 @@ impl Recent {
     }
 }
 
-fn describe(hold: Option<&Hold>, l: &Loop) -> String {
+/// What the owner is doing, as the governor last read it.
+#[derive(Clone, Debug, Default)]
+struct OwnerNow {
+    /// CPU use over the window, in cores.
+    cores: f64,
+    memory_pressure: f64,
+    /// Above this many cores the owner counts as active.
+    threshold: f64,
+    /// Since the owner was last active.
+    active_ago: Duration,
+    cool_down: Duration,
+}
+
+/// Why guests are paused, after `paused: `; `owner` is read only when the
+/// owner is the reason.
+fn describe(hold: &Hold, owner: impl FnOnce() -> OwnerNow) -> String {
     match hold {
-        Some(Hold::OutsideWindows(list)) => format!("outside the time windows ({list})"),
-        Some(Hold::OnBattery) => "on battery power".into(),
-        Some(Hold::OwnerActive) => {
-            let owner = l.owner_cores();
-            let memory = l.average(|u| u.memory_pressure).unwrap_or(0.0);
-            let threshold = f64::from(l.config.policy.when.owner_threshold) / 1000.0;
-            if owner > threshold {
-                format!("owner active now ({owner:.2} cores)")
-            } else if memory > MEMORY_PRESSURE_LIMIT {
-                format!("memory pressure {:.0}%", memory * 100.0)
+        Hold::OutsideWindows(text) => text.clone(),
+        Hold::OnBattery => "on battery".into(),
+        Hold::OwnerActive => {
+            let owner = owner();
+            if owner.cores > owner.threshold {
+                format!("owner active now ({:.2} cores)", owner.cores)
+            } else if owner.memory_pressure > MEMORY_PRESSURE_LIMIT {
+                format!("memory pressure {:.0}%", owner.memory_pressure * 100.0)
             } else {
-                let ago = l.last_active.map(|t| t.elapsed()).unwrap_or_default();
                 format!(
                     "owner active {} ago, resuming after {} quiet",
-                    format_duration(ago),
-                    format_duration(l.config.policy.when.cool_down)
+                    format_duration(owner.active_ago),
+                    format_duration(owner.cool_down)
                 )
             }
         }
-        None => String::new(),
     }
 }
 
@@ -512,6 +609,196 @@ mod tests {
         recent.push(reading(250, 0.5));
         assert_eq!(recent.0.len(), 1);
         assert_eq!(recent.average(|u| u.memory_pressure), None);
+    }
+
+    fn policy(cores: u16, cpu_permille: u32) -> Policy {
+        Policy {
+            cores,
+            cpu_permille,
+            memory: 1 << 30,
+            disk: 1 << 30,
+            upload: None,
+            download: None,
+            when: When::default(),
+            enforcement: crate::settings::Enforcement::Auto,
+        }
+    }
+
+    #[test]
+    fn the_reason_says_what_the_config_holds_back() {
+        let reason = |cores, cpu, machine| {
+            let (state, reason) = giving(&policy(cores, cpu), machine);
+            assert!(reason.starts_with(state), "{state}: {reason}");
+            (state, reason)
+        };
+        assert_eq!(
+            reason(2, 1000, 2),
+            ("giving", "giving 2 cores (the whole machine)".into())
+        );
+        assert_eq!(
+            reason(1, 1000, 1),
+            ("giving", "giving 1 core (the whole machine)".into())
+        );
+        // `--cores 1` on two cores: each task has a whole core, but the
+        // config keeps the other.
+        assert_eq!(
+            reason(1, 1000, 2),
+            (
+                "giving",
+                "giving 1 core of 2 (limited by config: cores = 1)".into()
+            )
+        );
+        assert_eq!(
+            reason(2, 500, 2),
+            (
+                "giving",
+                "giving 1 core of 2 (limited by config: cpu = 50%)".into()
+            )
+        );
+        assert_eq!(
+            reason(1, 500, 2),
+            (
+                "giving",
+                "giving 1 core of 2 (limited by config: cores = 1, cpu = 50%)".into()
+            )
+        );
+        // A share below what the tasks would use: each is slowed.
+        assert_eq!(
+            reason(2, 250, 2),
+            (
+                "throttled",
+                "throttled to 0.5 core of 2 by config (cpu = 25%)".into()
+            )
+        );
+        assert_eq!(
+            reason(1, 250, 2),
+            (
+                "throttled",
+                "throttled to 0.5 core of 2 by config (cpu = 25%)".into()
+            )
+        );
+        assert_eq!(
+            reason(2, 750, 2),
+            (
+                "throttled",
+                "throttled to 1.5 cores of 2 by config (cpu = 75%)".into()
+            )
+        );
+        assert_eq!(
+            reason(4, 125, 8),
+            (
+                "giving",
+                "giving 1 core of 8 (limited by config: cpu = 12.5%)".into()
+            )
+        );
+    }
+
+    #[test]
+    fn outside_the_windows_the_reason_says_when_giving_resumes() {
+        let at = |h: u16, m: u16| h * 60 + m;
+        let when = When {
+            windows: vec![Window::parse("10:00-11:00").unwrap()],
+            ..When::default()
+        };
+        let paused = |minute| {
+            let hold = slow_hold(&when, minute, None).unwrap();
+            format!("paused: {}", describe(&hold, OwnerNow::default))
+        };
+        assert_eq!(
+            paused(at(8, 15)),
+            "paused: outside the time window (10:00-11:00 local time); giving again at 10:00"
+        );
+        assert_eq!(
+            paused(at(11, 0)),
+            "paused: outside the time window (10:00-11:00 local time); giving again tomorrow at 10:00"
+        );
+        assert_eq!(slow_hold(&when, at(10, 30), None), None);
+        let when = When {
+            windows: vec![
+                Window::parse("22:00-07:00").unwrap(),
+                Window::parse("12:00-13:00").unwrap(),
+            ],
+            ..When::default()
+        };
+        assert_eq!(
+            slow_hold(&when, at(13, 5), None),
+            Some(Hold::OutsideWindows(
+                "outside the time windows (22:00-07:00, 12:00-13:00 local time); \
+                 giving again at 22:00"
+                    .into()
+            ))
+        );
+        assert_eq!(slow_hold(&when, at(23, 0), None), None);
+    }
+
+    #[test]
+    fn on_battery_the_reason_says_so() {
+        let root = tempfile::tempdir().unwrap();
+        let supply = |name: &str, files: &[(&str, &str)]| {
+            let dir = root.path().join(name);
+            std::fs::create_dir_all(&dir).unwrap();
+            for (file, text) in files {
+                std::fs::write(dir.join(file), format!("{text}\n")).unwrap();
+            }
+        };
+        supply("AC", &[("type", "Mains"), ("online", "0")]);
+        supply("BAT0", &[("type", "Battery"), ("status", "Discharging")]);
+        let now = power(root.path());
+        assert_eq!(now.map(Power::describe), Some("on battery"));
+        let when = When::default();
+        let hold = slow_hold(&when, 0, now).unwrap();
+        assert_eq!(
+            format!("paused: {}", describe(&hold, OwnerNow::default)),
+            "paused: on battery"
+        );
+        // Giving on battery is the owner's call.
+        let gives = When {
+            on_battery: true,
+            ..When::default()
+        };
+        assert_eq!(slow_hold(&gives, 0, now), None);
+        // Plugged in again.
+        supply("AC", &[("type", "Mains"), ("online", "1")]);
+        let now = power(root.path());
+        assert_eq!(now.map(Power::describe), Some("on AC power"));
+        assert_eq!(slow_hold(&when, 0, now), None);
+        // Outside the windows as well: the windows say when it resumes.
+        let both = When {
+            windows: vec![Window::parse("10:00-11:00").unwrap()],
+            ..When::default()
+        };
+        assert!(matches!(
+            slow_hold(&both, 0, Some(Power::Battery)),
+            Some(Hold::OutsideWindows(_))
+        ));
+    }
+
+    #[test]
+    fn the_owner_reason_names_what_they_do() {
+        let owner = OwnerNow {
+            cores: 1.5,
+            memory_pressure: 0.0,
+            threshold: 0.25,
+            active_ago: Duration::ZERO,
+            cool_down: Duration::from_secs(10),
+        };
+        let text = |owner: &OwnerNow| describe(&Hold::OwnerActive, || owner.clone());
+        assert_eq!(text(&owner), "owner active now (1.50 cores)");
+        let owner = OwnerNow {
+            cores: 0.0,
+            memory_pressure: 0.3,
+            ..owner
+        };
+        assert_eq!(text(&owner), "memory pressure 30%");
+        let owner = OwnerNow {
+            memory_pressure: 0.0,
+            active_ago: Duration::from_secs(3),
+            ..owner
+        };
+        assert_eq!(
+            text(&owner),
+            "owner active 3 s ago, resuming after 10 s quiet"
+        );
     }
 
     #[test]

@@ -40,10 +40,32 @@ fn total_memory() -> Option<u64> {
 /// Where the kernel lists power supplies.
 pub const POWER_SUPPLY: &str = "/sys/class/power_supply";
 
-/// Whether the machine runs on battery now: some battery is discharging and
-/// no mains supply is online. `None` when the machine has no battery (or
-/// the directory cannot be read), which counts as mains power.
-pub fn on_battery(root: &Path) -> Option<bool> {
+/// Where the machine's power comes from now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Power {
+    /// Some battery is discharging and no mains supply is online.
+    Battery,
+    /// A battery is present, but mains power is online or no battery is
+    /// discharging.
+    Mains,
+    /// The kernel lists no battery.
+    NoBattery,
+}
+
+impl Power {
+    /// `on battery`, `on AC power` or `no battery`.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::Battery => "on battery",
+            Self::Mains => "on AC power",
+            Self::NoBattery => "no battery",
+        }
+    }
+}
+
+/// Where the machine's power comes from now, as the power-supply directory
+/// `root` lists it; `None` when the directory cannot be read.
+pub fn power(root: &Path) -> Option<Power> {
     let mut battery = None;
     let mut mains = false;
     for entry in std::fs::read_dir(root).ok()?.flatten() {
@@ -62,7 +84,22 @@ pub fn on_battery(root: &Path) -> Option<bool> {
             _ => {}
         }
     }
-    battery.map(|discharging| discharging && !mains)
+    Some(match battery {
+        None => Power::NoBattery,
+        Some(discharging) if discharging && !mains => Power::Battery,
+        Some(_) => Power::Mains,
+    })
+}
+
+/// Whether the machine runs on battery now: some battery is discharging and
+/// no mains supply is online. `None` when the machine has no battery (or
+/// the directory cannot be read), which counts as mains power.
+pub fn on_battery(root: &Path) -> Option<bool> {
+    match power(root)? {
+        Power::Battery => Some(true),
+        Power::Mains => Some(false),
+        Power::NoBattery => None,
+    }
 }
 
 #[cfg(test)]
@@ -97,6 +134,27 @@ mod tests {
         );
         assert_eq!(on_battery(root.path()), Some(false), "charging");
         assert_eq!(on_battery(&root.path().join("missing")), None);
+    }
+
+    #[test]
+    fn power_says_where_it_comes_from() {
+        let root = tempfile::tempdir().unwrap();
+        assert_eq!(power(&root.path().join("missing")), None, "unreadable");
+        // A desktop: mains only, or nothing listed at all.
+        assert_eq!(power(root.path()), Some(Power::NoBattery));
+        supply(root.path(), "AC", &[("type", "Mains"), ("online", "1")]);
+        assert_eq!(power(root.path()), Some(Power::NoBattery));
+        supply(
+            root.path(),
+            "BAT0",
+            &[("type", "Battery"), ("status", "Discharging")],
+        );
+        assert_eq!(power(root.path()), Some(Power::Mains));
+        supply(root.path(), "AC", &[("type", "Mains"), ("online", "0")]);
+        assert_eq!(power(root.path()), Some(Power::Battery));
+        assert_eq!(Power::Battery.describe(), "on battery");
+        assert_eq!(Power::Mains.describe(), "on AC power");
+        assert_eq!(Power::NoBattery.describe(), "no battery");
     }
 
     #[test]

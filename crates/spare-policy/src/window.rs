@@ -55,6 +55,48 @@ impl Window {
             minute >= self.start || minute < self.end
         }
     }
+
+    /// Minutes after local midnight when the window opens.
+    pub fn start(&self) -> u16 {
+        self.start
+    }
+}
+
+/// When the next of `windows` opens after `minute` (after local midnight):
+/// today, or tomorrow if every start has passed. Windows repeat daily, so
+/// the next start is never further away. `None` without windows.
+pub fn next_start(windows: &[Window], minute: u16) -> Option<Start> {
+    let minute = minute % DAY;
+    windows
+        .iter()
+        .map(|w| (w.start + DAY - minute) % DAY)
+        .min()
+        .map(|ahead| {
+            let at = (minute + ahead) % DAY;
+            Start {
+                minute: at,
+                tomorrow: minute + ahead >= DAY,
+            }
+        })
+}
+
+/// The start of a window, as [`next_start`] finds it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Start {
+    /// Minutes after local midnight.
+    pub minute: u16,
+    /// Whether it is tomorrow rather than today.
+    pub tomorrow: bool,
+}
+
+impl fmt::Display for Start {
+    /// `at 10:00`, `tomorrow at 07:30`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.tomorrow {
+            f.write_str("tomorrow ")?;
+        }
+        write!(f, "at {:02}:{:02}", self.minute / 60, self.minute % 60)
+    }
 }
 
 impl fmt::Display for Window {
@@ -125,7 +167,50 @@ mod tests {
         }
     }
 
+    #[test]
+    fn the_next_start_is_today_or_tomorrow() {
+        let at = |h: u16, m: u16| h * 60 + m;
+        let windows = [
+            Window::parse("10:00-11:00").unwrap(),
+            Window::parse("22:30-07:00").unwrap(),
+        ];
+        let next = |minute| next_start(&windows, minute).unwrap().to_string();
+        assert_eq!(next(at(8, 0)), "at 10:00");
+        assert_eq!(next(at(11, 0)), "at 22:30");
+        assert_eq!(next(at(0, 0)), "at 10:00");
+        let one = [Window::parse("10:00-11:00").unwrap()];
+        let start = next_start(&one, at(11, 0)).unwrap();
+        assert_eq!(
+            start,
+            Start {
+                minute: at(10, 0),
+                tomorrow: true
+            }
+        );
+        assert_eq!(start.to_string(), "tomorrow at 10:00");
+        assert_eq!(
+            next_start(&[Window::parse("00:00-01:00").unwrap()], at(23, 59))
+                .unwrap()
+                .to_string(),
+            "tomorrow at 00:00"
+        );
+        assert_eq!(next_start(&[], at(8, 0)), None);
+    }
+
     proptest! {
+        #[test]
+        fn the_next_start_is_outside_until_then(
+            start in 0u16..DAY, end in 0u16..=DAY, minute in 0u16..DAY
+        ) {
+            prop_assume!(start % DAY != end % DAY);
+            let w = Window { start, end };
+            prop_assume!(!w.contains(minute));
+            let next = next_start(&[w], minute).unwrap();
+            prop_assert_eq!(next.minute, start);
+            prop_assert_eq!(next.tomorrow, start < minute);
+            prop_assert!(w.contains(next.minute));
+        }
+
         #[test]
         fn a_window_and_its_complement_cover_the_day_once(
             start in 0u16..DAY, end in 0u16..=DAY, minute in 0u16..DAY

@@ -4,7 +4,7 @@ use std::io::Write;
 use std::process::ExitCode;
 
 use anyhow::Result;
-use spare_node::api::types::PeerView;
+use spare_node::api::types::{OfferView, PeerView};
 
 use crate::{Context, output};
 
@@ -28,28 +28,101 @@ pub(crate) async fn execute(context: &Context, args: Args) -> Result<ExitCode> {
         )?;
         return Ok(ExitCode::SUCCESS);
     }
+    output::table(&rows(&peers));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// What a peer's offer says it gives: `paused` when it offers no cores (a
+/// node offers 0 cores only while its governor pauses its guests, since it
+/// is configured with at least one), `busy` when every core it offers is
+/// taken, `giving` otherwise.
+fn offer_state(offer: &OfferView) -> &'static str {
+    if offer.cores == 0 {
+        "paused"
+    } else if offer.idle == 0 {
+        "busy"
+    } else {
+        "giving"
+    }
+}
+
+/// The table: a header, then one row per peer.
+fn rows(peers: &[PeerView]) -> Vec<Vec<String>> {
     let mut rows = vec![vec![
         "PEER".to_owned(),
         "RTT".to_owned(),
+        "STATE".to_owned(),
         "IDLE/CORES".to_owned(),
         "QUEUED".to_owned(),
         "ADDRESS".to_owned(),
     ]];
-    for p in &peers {
-        let (cores, queued) = match &p.offer {
-            Some(o) => (format!("{}/{}", o.idle, o.cores), o.queued.to_string()),
-            None => ("-".to_owned(), "-".to_owned()),
+    for p in peers {
+        let (state, cores, queued) = match &p.offer {
+            Some(o) => (
+                offer_state(o).to_owned(),
+                format!("{}/{}", o.idle, o.cores),
+                o.queued.to_string(),
+            ),
+            None => ("-".to_owned(), "-".to_owned(), "-".to_owned()),
         };
         rows.push(vec![
             p.peer_id.clone(),
             p.rtt_ms
                 .map(|ms| format!("{ms:.1} ms"))
                 .unwrap_or_else(|| "-".into()),
+            state,
             cores,
             queued,
             p.addrs.first().cloned().unwrap_or_default(),
         ]);
     }
-    output::table(&rows);
-    Ok(ExitCode::SUCCESS)
+    rows
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(id: &str, offer: Option<(u16, u16)>) -> PeerView {
+        PeerView {
+            peer_id: id.into(),
+            addrs: vec!["/ip4/127.0.0.1/tcp/4001".into()],
+            agent: None,
+            rtt_ms: Some(1.25),
+            connected_ms: 0,
+            offer: offer.map(|(idle, cores)| OfferView {
+                cores,
+                idle,
+                queued: 0,
+                memory: 1 << 30,
+                runtimes: vec!["wasm".into()],
+                age_ms: 0,
+            }),
+        }
+    }
+
+    #[test]
+    fn peers_show_whether_a_host_is_paused_or_busy() {
+        let table = rows(&[
+            peer("paused", Some((0, 0))),
+            peer("busy", Some((0, 2))),
+            peer("giving", Some((1, 2))),
+            peer("silent", None),
+        ]);
+        assert_eq!(table[0][2], "STATE");
+        let states: Vec<(&str, &str, &str)> = table[1..]
+            .iter()
+            .map(|r| (r[0].as_str(), r[2].as_str(), r[3].as_str()))
+            .collect();
+        assert_eq!(
+            states,
+            [
+                ("paused", "paused", "0/0"),
+                ("busy", "busy", "0/2"),
+                ("giving", "giving", "1/2"),
+                ("silent", "-", "-"),
+            ]
+        );
+        assert!(table.iter().all(|r| r.len() == table[0].len()));
+    }
 }

@@ -210,6 +210,7 @@ async fn status(State(node): State<Node>) -> Json<StatusView> {
         blobs_used: node.blobs().used(),
         blobs_budget: node.blobs().budget(),
         state_bytes: node.blobs().state_bytes(),
+        power: governor.power.map(str::to_owned),
     })
 }
 

@@ -61,6 +61,9 @@ pub struct StatusView {
     pub blobs_budget: u64,
     /// The node's state (its database), which takes part of that budget.
     pub state_bytes: u64,
+    /// Where the machine's power comes from now: `on battery`, `on AC
+    /// power` or `no battery`; absent when unknown.
+    pub power: Option<String>,
 }
 
 /// The policy in force.
