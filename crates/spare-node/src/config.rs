@@ -192,9 +192,10 @@ pub const TEMPLATE: &str = r#"# spare node configuration. Flags of `spare up` ov
 # least 16 MiB for each task run at once (default: half the machine's).
 # memory = "8GiB"
 
-# Disk for the swarm's modules and inputs, three quarters, and their
-# compiled code, a quarter: at least 256 MiB, at most the file system
-# holding the data directory (default: 10GiB, at most half the file system).
+# Disk for the swarm's modules and inputs with this node's database, three
+# quarters, and their compiled code, a quarter: at least 256 MiB, at most
+# the file system holding the data directory (default: 10GiB, at most half
+# the file system).
 # disk = "10GiB"
 
 # Bandwidth for the swarm's transfers: at least 128 KiB/s, e.g. "2MiB/s",

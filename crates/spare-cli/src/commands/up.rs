@@ -27,7 +27,7 @@ pub(crate) struct Args {
     no_mdns: bool,
     /// Tasks to run at once for the swarm, 1 to the machine's cores
     /// (default: every core).
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
     cores: Option<i64>,
     /// Share of the whole machine's CPU all guests together may use, 0.1%
     /// to 100%, e.g. 50%.
@@ -37,8 +37,8 @@ pub(crate) struct Args {
     /// (default: half the machine's).
     #[arg(long, value_name = "SIZE")]
     memory: Option<String>,
-    /// Disk for tasks' modules, inputs and compiled code, at least 256MiB,
-    /// e.g. 10GiB.
+    /// Disk for tasks' modules, inputs and compiled code and this node's
+    /// database, at least 256MiB, e.g. 10GiB.
     #[arg(long, value_name = "SIZE")]
     disk: Option<String>,
     /// Upload bandwidth for the swarm, at least 128KiB/s, e.g. 2MiB/s, or
@@ -54,7 +54,7 @@ pub(crate) struct Args {
     enforcement: Option<String>,
     /// Tasks waiting for a core before new ones are refused, 0 to 65536
     /// (default: 256).
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
     queue: Option<i64>,
     /// Give only while the owner leaves the machine idle (the default);
     /// --idle-only=false is --always.
@@ -272,5 +272,10 @@ mod tests {
         }
         let err = load("", &["--on-battery=maybe"]).unwrap_err();
         assert!(err.contains("--on-battery"), "{err}");
+        // A negative count after a space is a value, not a flag.
+        for flag in ["--cores", "--queue"] {
+            let err = load("", &[flag, "-1"]).unwrap_err();
+            assert!(err.starts_with(&format!("{flag}:")), "{err}");
+        }
     }
 }
