@@ -56,6 +56,21 @@ async fn try_start(
     Ok(Peer { handle, events })
 }
 
+/// Peer `a`, and `b` bootstrapped from it, on the memory transport; and
+/// `a`'s addresses for more peers to bootstrap from.
+async fn two_peers(shutdown: &CancellationToken) -> (Peer, Peer, Vec<Multiaddr>) {
+    let a = start(Transport::Memory, &memory_addr(), vec![], shutdown).await;
+    let bootstrap = a.handle.listen_addrs();
+    let b = start(
+        Transport::Memory,
+        &memory_addr(),
+        bootstrap.clone(),
+        shutdown,
+    )
+    .await;
+    (a, b, bootstrap)
+}
+
 fn memory_addr() -> String {
     format!("/memory/{}", rand::random::<u32>() as u64 + 1)
 }
@@ -97,15 +112,7 @@ fn spec() -> TaskSpec {
 #[tokio::test]
 async fn three_peers_find_each_other_through_one_and_hear_offers() {
     let shutdown = CancellationToken::new();
-    let a = start(Transport::Memory, &memory_addr(), vec![], &shutdown).await;
-    let bootstrap = a.handle.listen_addrs();
-    let b = start(
-        Transport::Memory,
-        &memory_addr(),
-        bootstrap.clone(),
-        &shutdown,
-    )
-    .await;
+    let (a, b, bootstrap) = two_peers(&shutdown).await;
     let c = start(Transport::Memory, &memory_addr(), bootstrap, &shutdown).await;
     // c knows only a; Kademlia and identify introduce it to b.
     eventually("a full mesh", || {
@@ -129,15 +136,7 @@ async fn three_peers_find_each_other_through_one_and_hear_offers() {
 #[tokio::test]
 async fn a_peer_that_comes_back_is_dialled_again_by_those_that_lost_it() {
     let shutdown = CancellationToken::new();
-    let a = start(Transport::Memory, &memory_addr(), vec![], &shutdown).await;
-    let bootstrap = a.handle.listen_addrs();
-    let b = start(
-        Transport::Memory,
-        &memory_addr(),
-        bootstrap.clone(),
-        &shutdown,
-    )
-    .await;
+    let (a, b, bootstrap) = two_peers(&shutdown).await;
     let (c_key, c_addr) = (Keypair::generate_ed25519(), memory_addr());
     let c_id = c_key.public().to_peer_id();
     let c_shutdown = CancellationToken::new();

@@ -4,6 +4,7 @@
 use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
+use spare_core::limits::LimitError;
 use spare_core::wire::{Report, TaskRequest, TaskResponse};
 use spare_core::{
     BlobId, BlobRef, Failure, Outcome, Receipt, SignedReceipt, Stdin, TaskId, TaskSpec,
@@ -566,12 +567,17 @@ async fn choose(
             .iter()
             .filter(|c| !tried.contains(&c.peer))
             .collect();
-        // `rank` found no peer that is untried, gives now and grants the
-        // limits: so every untried peer that grants them gives nothing now.
-        let granting = untried
+        // Why each untried peer would refuse the limits, if it would. `rank`
+        // found no peer that is untried, gives now and grants them: so every
+        // untried peer that grants them gives nothing now.
+        let refusals: Vec<(PeerId, LimitError)> = untried
             .iter()
-            .filter(|c| spec.limits.check_within(&c.max_limits).is_ok())
-            .count();
+            .filter_map(|c| {
+                let refused = spec.limits.check_within(&c.max_limits).err();
+                refused.map(|e| (c.peer, e))
+            })
+            .collect();
+        let granting = untried.len() - refusals.len();
         let waiting = if untried.is_empty() {
             // No peer at all: wait only for the swarm to come up.
             if !tried.is_empty() || started.elapsed() >= PEER_WAIT {
@@ -590,13 +596,7 @@ async fn choose(
                  owners, or outside their time windows)"
             ))
         } else {
-            let why = untried.iter().find_map(|c| {
-                spec.limits
-                    .check_within(&c.max_limits)
-                    .err()
-                    .map(|e| (c.peer, e))
-            });
-            return Choice::Nowhere(match why {
+            return Choice::Nowhere(match refusals.first() {
                 Some((peer, why)) => {
                     format!("no connected peer grants these limits (peer {peer}: {why})")
                 }

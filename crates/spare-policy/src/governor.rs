@@ -580,6 +580,7 @@ fn cores(millicores: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::settings::policy;
 
     fn reading(ms: u64, owner_cores: f64) -> Usage {
         Usage {
@@ -611,86 +612,56 @@ mod tests {
         assert_eq!(recent.average(|u| u.memory_pressure), None);
     }
 
-    fn policy(cores: u16, cpu_permille: u32) -> Policy {
-        Policy {
-            cores,
-            cpu_permille,
-            memory: 1 << 30,
-            disk: 1 << 30,
-            upload: None,
-            download: None,
-            when: When::default(),
-            enforcement: crate::settings::Enforcement::Auto,
-        }
-    }
-
     #[test]
     fn the_reason_says_what_the_config_holds_back() {
-        let reason = |cores, cpu, machine| {
-            let (state, reason) = giving(&policy(cores, cpu), machine);
-            assert!(reason.starts_with(state), "{state}: {reason}");
-            (state, reason)
-        };
-        assert_eq!(
-            reason(2, 1000, 2),
-            ("giving", "giving 2 cores (the whole machine)".into())
-        );
-        assert_eq!(
-            reason(1, 1000, 1),
-            ("giving", "giving 1 core (the whole machine)".into())
-        );
-        // `--cores 1` on two cores: each task has a whole core, but the
-        // config keeps the other.
-        assert_eq!(
-            reason(1, 1000, 2),
+        // (cores, cpu ‰, machine cores) → (state, reason)
+        let cases = [
+            ((2, 1000, 2), "giving", "giving 2 cores (the whole machine)"),
+            ((1, 1000, 1), "giving", "giving 1 core (the whole machine)"),
+            // `--cores 1` on two cores: each task has a whole core, but the
+            // config keeps the other.
             (
+                (1, 1000, 2),
                 "giving",
-                "giving 1 core of 2 (limited by config: cores = 1)".into()
-            )
-        );
-        assert_eq!(
-            reason(2, 500, 2),
+                "giving 1 core of 2 (limited by config: cores = 1)",
+            ),
             (
+                (2, 500, 2),
                 "giving",
-                "giving 1 core of 2 (limited by config: cpu = 50%)".into()
-            )
-        );
-        assert_eq!(
-            reason(1, 500, 2),
+                "giving 1 core of 2 (limited by config: cpu = 50%)",
+            ),
             (
+                (1, 500, 2),
                 "giving",
-                "giving 1 core of 2 (limited by config: cores = 1, cpu = 50%)".into()
-            )
-        );
-        // A share below what the tasks would use: each is slowed.
-        assert_eq!(
-            reason(2, 250, 2),
+                "giving 1 core of 2 (limited by config: cores = 1, cpu = 50%)",
+            ),
+            // A share below what the tasks would use: each is slowed.
             (
+                (2, 250, 2),
                 "throttled",
-                "throttled to 0.5 core of 2 by config (cpu = 25%)".into()
-            )
-        );
-        assert_eq!(
-            reason(1, 250, 2),
+                "throttled to 0.5 core of 2 by config (cpu = 25%)",
+            ),
             (
+                (1, 250, 2),
                 "throttled",
-                "throttled to 0.5 core of 2 by config (cpu = 25%)".into()
-            )
-        );
-        assert_eq!(
-            reason(2, 750, 2),
+                "throttled to 0.5 core of 2 by config (cpu = 25%)",
+            ),
             (
+                (2, 750, 2),
                 "throttled",
-                "throttled to 1.5 cores of 2 by config (cpu = 75%)".into()
-            )
-        );
-        assert_eq!(
-            reason(4, 125, 8),
+                "throttled to 1.5 cores of 2 by config (cpu = 75%)",
+            ),
             (
+                (4, 125, 8),
                 "giving",
-                "giving 1 core of 8 (limited by config: cpu = 12.5%)".into()
-            )
-        );
+                "giving 1 core of 8 (limited by config: cpu = 12.5%)",
+            ),
+        ];
+        for ((cores, cpu, machine), state, reason) in cases {
+            let got = giving(&policy(cores, cpu), machine);
+            assert!(got.1.starts_with(got.0), "{got:?}");
+            assert_eq!(got, (state, reason.to_owned()), "{cores} {cpu} {machine}");
+        }
     }
 
     #[test]

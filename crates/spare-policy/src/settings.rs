@@ -115,22 +115,25 @@ impl Policy {
     }
 }
 
+/// A policy of `cores` slots and a CPU share of `cpu_permille`, everything
+/// else the default, for tests.
+#[cfg(test)]
+pub(crate) fn policy(cores: u16, cpu_permille: u32) -> Policy {
+    Policy {
+        cores,
+        cpu_permille,
+        memory: 1 << 30,
+        disk: 1 << 30,
+        upload: None,
+        download: None,
+        when: When::default(),
+        enforcement: Enforcement::Auto,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn policy(cores: u16, cpu_permille: u32) -> Policy {
-        Policy {
-            cores,
-            cpu_permille,
-            memory: 1 << 30,
-            disk: 1 << 30,
-            upload: None,
-            download: None,
-            when: When::default(),
-            enforcement: Enforcement::Auto,
-        }
-    }
 
     #[test]
     fn cpu_share_sets_slots_and_throttle() {

@@ -53,15 +53,21 @@ extern "C" fn on_tstp(_signal: libc::c_int) {
 
 /// Installs the `SIGTSTP` handler. Called once by the worker at start.
 pub fn install_pause_handler() -> std::io::Result<()> {
-    // SAFETY: a zeroed sigaction is a valid "no flags, empty mask" value;
-    // the handler only calls async-signal-safe functions and touches an
-    // atomic.
+    install(libc::SIGTSTP, on_tstp)
+}
+
+/// Installs `handler` for `signal`, restarting interrupted system calls.
+/// `handler` must only call async-signal-safe functions.
+fn install(signal: libc::c_int, handler: extern "C" fn(libc::c_int)) -> std::io::Result<()> {
+    // SAFETY: a zeroed sigaction is a valid "no flags, empty mask" value,
+    // and the handlers given here only touch atomics and call
+    // async-signal-safe functions.
     unsafe {
         let mut action: libc::sigaction = std::mem::zeroed();
-        action.sa_sigaction = on_tstp as *const () as libc::sighandler_t;
+        action.sa_sigaction = handler as *const () as libc::sighandler_t;
         action.sa_flags = libc::SA_RESTART;
         libc::sigemptyset(&mut action.sa_mask);
-        if libc::sigaction(libc::SIGTSTP, &action, std::ptr::null_mut()) != 0 {
+        if libc::sigaction(signal, &action, std::ptr::null_mut()) != 0 {
             return Err(std::io::Error::last_os_error());
         }
     }
@@ -92,18 +98,7 @@ pub(crate) fn clear_cancel() {
 /// Installs the [`CANCEL_SIGNAL`] handler. Called once by the worker at
 /// start.
 pub fn install_cancel_handler() -> std::io::Result<()> {
-    // SAFETY: as in `install_pause_handler`; the handler only stores to an
-    // atomic.
-    unsafe {
-        let mut action: libc::sigaction = std::mem::zeroed();
-        action.sa_sigaction = on_cancel as *const () as libc::sighandler_t;
-        action.sa_flags = libc::SA_RESTART;
-        libc::sigemptyset(&mut action.sa_mask);
-        if libc::sigaction(CANCEL_SIGNAL, &action, std::ptr::null_mut()) != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-    }
-    Ok(())
+    install(CANCEL_SIGNAL, on_cancel)
 }
 
 /// The state the daemon wants its workers in.
