@@ -689,7 +689,17 @@ fn a_task_waits_while_every_peer_gives_nothing_and_says_why() {
         .recv_timeout(Duration::from_secs(20))
         .expect("a line on stderr");
     assert!(line.starts_with("spare: waiting:"), "{line}");
-    assert!(line.contains("give nothing right now"), "{line}");
+    assert!(
+        line.contains("1 connected peer gives nothing right now (outside its time windows)"),
+        "{line}"
+    );
+    // `spare peers` says the same of the host.
+    let out = spare(&requester, &["peers"], b"");
+    assert!(
+        text(&out.stdout).contains("paused (outside its time windows)"),
+        "{}",
+        text(&out.stdout)
+    );
     // SAFETY: kill only takes integers.
     unsafe {
         libc::kill(child.id() as libc::pid_t, libc::SIGINT);

@@ -302,6 +302,7 @@ fn owner_load_pauses_guests_and_they_resume_after_the_cool_down() {
     );
     let offer = requester.get("/v1/peers").unwrap()[0]["offer"].clone();
     assert_eq!(offer["cores"], 0, "{offer}");
+    assert_eq!(offer["paused"], "owner active", "{offer}");
     // The owner's own tasks are not the swarm's: they run during a pause.
     let local = host
         .cli()

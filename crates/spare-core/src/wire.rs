@@ -257,6 +257,38 @@ pub struct Offer {
     pub max_limits: Limits,
     /// Increases with every offer this node publishes; older ones are stale.
     pub seq: u64,
+    /// Why the node gives nothing right now; only with `cores == 0`.
+    /// Absent in offers from nodes that predate it.
+    #[serde(default)]
+    pub paused: Option<Pause>,
+}
+
+/// Why a node's owner has it give nothing right now. Requesters say it to
+/// their users while they wait.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Pause {
+    /// The owner is using the machine, or did within the cool-down.
+    OwnerActive,
+    /// Outside the time windows the owner set.
+    OutsideWindows,
+    /// On battery, and the owner gives only on AC power.
+    OnBattery,
+    /// A cause this node does not know, from a newer peer.
+    #[serde(other)]
+    Other,
+}
+
+impl Pause {
+    /// `owner active`, for humans.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::OwnerActive => "owner active",
+            Self::OutsideWindows => "outside its time windows",
+            Self::OnBattery => "on battery",
+            Self::Other => "paused by its owner",
+        }
+    }
 }
 
 /// Largest number of runtimes an offer may list.
@@ -271,6 +303,9 @@ impl Message for Offer {
         }
         if self.runtimes.len() > MAX_OFFER_RUNTIMES {
             return Err("too many runtimes".into());
+        }
+        if self.paused.is_some() && self.cores > 0 {
+            return Err(format!("paused, yet offers {} cores", self.cores));
         }
         Ok(())
     }
@@ -346,6 +381,7 @@ mod tests {
             runtimes: vec![Runtime::Wasm],
             max_limits: Limits::MAX,
             seq: 1,
+            paused: None,
         };
         let mut bytes = Vec::new();
         ciborium::into_writer(&offer, &mut bytes).unwrap();
@@ -353,6 +389,85 @@ mod tests {
             decode::<Offer>(&bytes),
             Err(WireError::Invalid(_))
         ));
+
+        let paused_yet_giving = Offer {
+            idle: 0,
+            paused: Some(Pause::OwnerActive),
+            ..offer
+        };
+        let mut bytes = Vec::new();
+        ciborium::into_writer(&paused_yet_giving, &mut bytes).unwrap();
+        assert!(matches!(
+            decode::<Offer>(&bytes),
+            Err(WireError::Invalid(_))
+        ));
+    }
+
+    /// Offers without `paused` (older nodes) still decode, and a cause
+    /// this node does not know is kept as `Other`, not refused.
+    #[test]
+    fn offers_old_and_new_decode() {
+        #[derive(Serialize)]
+        struct OldOffer {
+            cores: u16,
+            idle: u16,
+            queued: u32,
+            memory: u64,
+            runtimes: Vec<Runtime>,
+            max_limits: Limits,
+            seq: u64,
+        }
+        #[derive(Serialize)]
+        struct NewerOffer {
+            cores: u16,
+            idle: u16,
+            queued: u32,
+            memory: u64,
+            runtimes: Vec<Runtime>,
+            max_limits: Limits,
+            seq: u64,
+            paused: Option<&'static str>,
+        }
+        let old = OldOffer {
+            cores: 2,
+            idle: 1,
+            queued: 0,
+            memory: 1 << 20,
+            runtimes: vec![Runtime::Wasm],
+            max_limits: Limits::MAX,
+            seq: 7,
+        };
+        fn cbor<T: Serialize>(value: &T) -> Vec<u8> {
+            let mut bytes = Vec::new();
+            ciborium::into_writer(value, &mut bytes).unwrap();
+            bytes
+        }
+        let bytes = cbor(&old);
+        let decoded = decode::<Offer>(&bytes).unwrap();
+        assert_eq!((decoded.cores, decoded.paused), (2, None));
+
+        let newer = NewerOffer {
+            cores: 0,
+            idle: 0,
+            queued: 0,
+            memory: 1 << 20,
+            runtimes: vec![Runtime::Wasm],
+            max_limits: Limits::MAX,
+            seq: 8,
+            paused: Some("solar_eclipse"),
+        };
+        let bytes = cbor(&newer);
+        assert_eq!(decode::<Offer>(&bytes).unwrap().paused, Some(Pause::Other));
+
+        let known = NewerOffer {
+            paused: Some("on_battery"),
+            ..newer
+        };
+        let bytes = cbor(&known);
+        assert_eq!(
+            decode::<Offer>(&bytes).unwrap().paused,
+            Some(Pause::OnBattery)
+        );
     }
 
     fn arb_limits() -> impl Strategy<Value = Limits> {

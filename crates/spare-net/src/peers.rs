@@ -170,6 +170,7 @@ mod tests {
             runtimes: vec![],
             max_limits: Limits::MAX,
             seq,
+            paused: None,
         }
     }
 

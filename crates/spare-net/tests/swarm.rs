@@ -94,6 +94,7 @@ fn offer(seq: u64) -> Offer {
         runtimes: vec![Runtime::Wasm],
         max_limits: Limits::MAX,
         seq,
+        paused: None,
     }
 }
 

@@ -322,6 +322,7 @@ impl Node {
                 prev.cores == offer.cores
                     && prev.idle == offer.idle
                     && prev.queued == offer.queued
+                    && prev.paused == offer.paused
                     && at.elapsed() < OFFER_REFRESH
             });
             if unchanged {
@@ -333,11 +334,12 @@ impl Node {
         }
     }
 
-    /// What this node can give now: nothing while paused, so no requester
-    /// sends work here that would only wait.
+    /// What this node can give now: nothing while paused, and why, so no
+    /// requester sends work here that would only wait.
     pub fn offer(&self, seq: u64) -> Offer {
         let stats = self.inner.pool.stats();
-        let cores = if self.inner.governor.giving() {
+        let paused = self.inner.governor.pause();
+        let cores = if paused.is_none() {
             u16::try_from(stats.slots).unwrap_or(u16::MAX)
         } else {
             0
@@ -351,6 +353,7 @@ impl Node {
             runtimes: vec![Runtime::Wasm],
             max_limits: self.inner.config.max_limits,
             seq,
+            paused,
         }
     }
 

@@ -1,11 +1,12 @@
 //! The requester side: placing a task on the best peer, retrying elsewhere
 //! when a host fails, and reporting progress as [`TaskEvent`]s.
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
 use spare_core::limits::LimitError;
-use spare_core::wire::{Report, TaskRequest, TaskResponse};
+use spare_core::wire::{Pause, Report, TaskRequest, TaskResponse};
 use spare_core::{
     BlobId, BlobRef, Failure, Outcome, Receipt, SignedReceipt, Stdin, TaskId, TaskSpec,
 };
@@ -537,6 +538,7 @@ async fn choose(
     let mut told = false;
     loop {
         let in_flight = node.in_flight();
+        let mut pauses: HashMap<PeerId, Option<Pause>> = HashMap::new();
         let candidates: Vec<Candidate> = node
             .net()
             .peers()
@@ -546,6 +548,7 @@ async fn choose(
                 if at.elapsed() > OFFER_MAX_AGE {
                     return None;
                 }
+                pauses.insert(p.peer, offer.paused);
                 Some(Candidate {
                     peer: p.peer,
                     cores: offer.cores,
@@ -577,7 +580,11 @@ async fn choose(
                 refused.map(|e| (c.peer, e))
             })
             .collect();
-        let granting = untried.len() - refusals.len();
+        let granting: Vec<Option<Pause>> = untried
+            .iter()
+            .filter(|c| !refusals.iter().any(|(peer, _)| *peer == c.peer))
+            .map(|c| pauses.get(&c.peer).copied().flatten())
+            .collect();
         let waiting = if untried.is_empty() {
             // No peer at all: wait only for the swarm to come up.
             if !tried.is_empty() || started.elapsed() >= PEER_WAIT {
@@ -590,11 +597,8 @@ async fn choose(
                 });
             }
             None
-        } else if granting > 0 {
-            Some(format!(
-                "{granting} connected peer(s) give nothing right now (paused by their \
-                 owners, or outside their time windows)"
-            ))
+        } else if !granting.is_empty() {
+            Some(giving_nothing(&granting))
         } else {
             return Choice::Nowhere(match refusals.first() {
                 Some((peer, why)) => {
@@ -622,6 +626,35 @@ async fn choose(
     }
 }
 
+/// Why the peers that would take a task give nothing now, from the causes
+/// their offers state: `3 connected peers give nothing right now (2 owner
+/// active, 1 on battery)`.
+fn giving_nothing(pauses: &[Option<Pause>]) -> String {
+    let mut counts: Vec<(&'static str, usize)> = Vec::new();
+    for pause in pauses {
+        let why = pause.unwrap_or(Pause::Other).describe();
+        match counts.iter_mut().find(|(seen, _)| *seen == why) {
+            Some((_, n)) => *n += 1,
+            None => counts.push((why, 1)),
+        }
+    }
+    // One cause needs no count.
+    let causes: Vec<String> = match counts.as_slice() {
+        [(why, _)] => vec![(*why).to_owned()],
+        _ => counts.iter().map(|(why, n)| format!("{n} {why}")).collect(),
+    };
+    let (peers, give) = if pauses.len() == 1 {
+        ("peer", "gives")
+    } else {
+        ("peers", "give")
+    };
+    format!(
+        "{} connected {peers} {give} nothing right now ({})",
+        pauses.len(),
+        causes.join(", ")
+    )
+}
+
 /// Waits briefly for a pinned peer to connect.
 async fn wait_for_peer(node: &Node, peer: PeerId, token: &CancellationToken) -> bool {
     let give_up = Instant::now() + PEER_WAIT;
@@ -632,4 +665,36 @@ async fn wait_for_peer(node: &Node, peer: PeerId, token: &CancellationToken) -> 
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn waiting_says_why_each_peer_gives_nothing() {
+        let cases: [(&[Option<Pause>], &str); 3] = [
+            (
+                &[Some(Pause::OutsideWindows)],
+                "1 connected peer gives nothing right now (outside its time windows)",
+            ),
+            (
+                &[Some(Pause::OwnerActive), Some(Pause::OwnerActive)],
+                "2 connected peers give nothing right now (owner active)",
+            ),
+            (
+                &[
+                    Some(Pause::OwnerActive),
+                    None,
+                    Some(Pause::OnBattery),
+                    Some(Pause::OwnerActive),
+                ],
+                "4 connected peers give nothing right now \
+                 (2 owner active, 1 paused by its owner, 1 on battery)",
+            ),
+        ];
+        for (pauses, said) in cases {
+            assert_eq!(giving_nothing(pauses), said);
+        }
+    }
 }

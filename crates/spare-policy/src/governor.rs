@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use spare_core::units::format_duration;
+use spare_core::wire::Pause;
 use spare_runtime::{WorkerPool, WorkerState};
 use tokio::sync::watch;
 
@@ -84,6 +85,8 @@ pub struct Status {
     /// the config gives only part of the machine, each task a whole core,
     /// is `"giving"`; the reason says what the config holds back.
     pub state: &'static str,
+    /// Why guests are paused, while they are; the cause offers carry.
+    pub pause: Option<Pause>,
     /// One line for humans, starting with the state, e.g.
     /// `paused: owner active 3 s ago`, `giving 1 core of 2 (limited by
     /// config: cores = 1)`.
@@ -130,6 +133,7 @@ impl Governor {
         let shared = Arc::new(Shared {
             status: Mutex::new(Status {
                 state: "giving",
+                pause: None,
                 reason: "starting".into(),
                 giving_millicores: 0,
                 owner_cores: 0.0,
@@ -164,6 +168,17 @@ impl Governor {
     /// Whether guests may run now.
     pub fn giving(&self) -> bool {
         self.shared.paused_since.borrow().is_none()
+    }
+
+    /// Why guests are paused; `None` while they may run.
+    pub fn pause(&self) -> Option<Pause> {
+        if self.giving() {
+            return None;
+        }
+        let status = self.shared.status.lock().unwrap_or_else(|p| p.into_inner());
+        // Written before the pause is announced; a pause that ended just
+        // now has cleared it.
+        Some(status.pause.unwrap_or(Pause::Other))
     }
 
     /// When the current pause began, as it changes.
@@ -206,6 +221,16 @@ enum Hold {
     OutsideWindows(String),
     OnBattery,
     OwnerActive,
+}
+
+impl Hold {
+    fn pause(&self) -> Pause {
+        match self {
+            Self::OutsideWindows(_) => Pause::OutsideWindows,
+            Self::OnBattery => Pause::OnBattery,
+            Self::OwnerActive => Pause::OwnerActive,
+        }
+    }
 }
 
 struct Loop {
@@ -372,6 +397,12 @@ impl Loop {
             (Some(hold), None) => {
                 self.paused_since = Some(now);
                 self.pauses += 1;
+                // The cause first, so whoever sees the pause can say why.
+                self.shared
+                    .status
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .pause = Some(hold.pause());
                 self.shared.paused_since.send_replace(Some(now));
                 tracing::info!("guests paused: {}", describe(hold, || self.owner_now(now)));
             }
@@ -394,6 +425,7 @@ impl Loop {
         };
         let mut status = self.shared.status.lock().unwrap_or_else(|p| p.into_inner());
         status.state = state_name;
+        status.pause = hold.map(Hold::pause);
         status.reason = reason;
         status.giving_millicores = if hold.is_some() { 0 } else { allowed };
         status.owner_cores = owner;

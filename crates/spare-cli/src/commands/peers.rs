@@ -32,17 +32,20 @@ pub(crate) async fn execute(context: &Context, args: Args) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// What a peer's offer says it gives: `paused` when it offers no cores (a
-/// node offers 0 cores only while its governor pauses its guests, since it
-/// is configured with at least one), `busy` when every core it offers is
-/// taken, `giving` otherwise.
-fn offer_state(offer: &OfferView) -> &'static str {
+/// What a peer's offer says it gives: `paused (<why>)` when it offers no
+/// cores (a node offers 0 cores only while its governor pauses its guests,
+/// since it is configured with at least one), `busy` when every core it
+/// offers is taken, `giving` otherwise.
+fn offer_state(offer: &OfferView) -> String {
     if offer.cores == 0 {
-        "paused"
+        match &offer.paused {
+            Some(why) => format!("paused ({why})"),
+            None => "paused".to_owned(),
+        }
     } else if offer.idle == 0 {
-        "busy"
+        "busy".to_owned()
     } else {
-        "giving"
+        "giving".to_owned()
     }
 }
 
@@ -59,7 +62,7 @@ fn rows(peers: &[PeerView]) -> Vec<Vec<String>> {
     for p in peers {
         let (state, cores, queued) = match &p.offer {
             Some(o) => (
-                offer_state(o).to_owned(),
+                offer_state(o),
                 format!("{}/{}", o.idle, o.cores),
                 o.queued.to_string(),
             ),
@@ -84,6 +87,10 @@ mod tests {
     use super::*;
 
     fn peer(id: &str, offer: Option<(u16, u16)>) -> PeerView {
+        paused_peer(id, offer, None)
+    }
+
+    fn paused_peer(id: &str, offer: Option<(u16, u16)>, why: Option<&str>) -> PeerView {
         PeerView {
             peer_id: id.into(),
             addrs: vec!["/ip4/127.0.0.1/tcp/4001".into()],
@@ -97,6 +104,7 @@ mod tests {
                 memory: 1 << 30,
                 runtimes: vec!["wasm".into()],
                 age_ms: 0,
+                paused: why.map(Into::into),
             }),
         }
     }
@@ -105,6 +113,7 @@ mod tests {
     fn peers_show_whether_a_host_is_paused_or_busy() {
         let table = rows(&[
             peer("paused", Some((0, 0))),
+            paused_peer("away", Some((0, 0)), Some("owner active")),
             peer("busy", Some((0, 2))),
             peer("giving", Some((1, 2))),
             peer("silent", None),
@@ -118,6 +127,7 @@ mod tests {
             states,
             [
                 ("paused", "paused", "0/0"),
+                ("away", "paused (owner active)", "0/0"),
                 ("busy", "busy", "0/2"),
                 ("giving", "giving", "1/2"),
                 ("silent", "-", "-"),

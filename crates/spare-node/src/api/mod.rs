@@ -237,6 +237,7 @@ async fn peers(State(node): State<Node>) -> Json<Vec<PeerView>> {
                     .map(|r| format!("{r:?}").to_lowercase())
                     .collect(),
                 age_ms: u64::try_from(at.elapsed().as_millis()).unwrap_or(u64::MAX),
+                paused: o.paused.map(|p| p.describe().to_owned()),
             }),
         })
         .collect();

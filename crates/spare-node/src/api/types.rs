@@ -119,6 +119,10 @@ pub struct OfferView {
     pub memory: u64,
     pub runtimes: Vec<String>,
     pub age_ms: u64,
+    /// Why the peer gives nothing now, e.g. `owner active`; absent while
+    /// it gives.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused: Option<String>,
 }
 
 /// Where a task should run.
