@@ -85,6 +85,23 @@ impl Config {
         config
     }
 
+    /// Settings that are valid but that leave the owner little: one line
+    /// each, said at start-up and by `spare status`.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        // Guests are the first the OOM killer takes and pause under memory
+        // pressure, but a paused guest keeps what it holds.
+        if self.policy.memory.saturating_mul(10) > self.machine.memory.saturating_mul(9) {
+            warnings.push(format!(
+                "memory = {} lets guests hold more than 90% of this machine's {}: \
+                 the owner's programs may be pushed to swap",
+                format_bytes(self.policy.memory),
+                format_bytes(self.machine.memory)
+            ));
+        }
+        warnings
+    }
+
     /// The memory one guest gets by default: the guests' memory shared
     /// among the tasks that run at once, in whole MiB, within
     /// [`Limits::MAX`].
@@ -188,8 +205,9 @@ pub const TEMPLATE: &str = r#"# spare node configuration. Flags of `spare up` ov
 # 100%, in steps of 0.1%.
 # cpu = "100%"
 
-# Memory all guests together may use: up to the machine's memory, and at
-# least 16 MiB for each task run at once (default: half the machine's).
+# Memory all guests together may use: up to the machine's memory (over 90%
+# of it is warned of), and at least 16 MiB for each task run at once
+# (default: half the machine's).
 # memory = "8GiB"
 
 # Disk for the swarm's modules and inputs with this node's database, three
@@ -791,6 +809,21 @@ mod tests {
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse_with(text, "c.toml", Flags::default(), MACHINE)
+    }
+
+    #[test]
+    fn nearly_all_the_machines_memory_is_allowed_with_a_warning() {
+        assert!(Config::defaults(MACHINE).warnings().is_empty());
+        let most = parse("memory = \"7GiB\"\n").unwrap();
+        assert!(most.warnings().is_empty(), "{:?}", most.warnings());
+        let all = parse("memory = \"8GiB\"\n").unwrap();
+        assert_eq!(
+            all.warnings(),
+            [
+                "memory = 8 GiB lets guests hold more than 90% of this machine's 8 GiB: \
+              the owner's programs may be pushed to swap"
+            ]
+        );
     }
 
     #[test]

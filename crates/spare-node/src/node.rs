@@ -127,6 +127,7 @@ impl Node {
                     .push("the idle I/O class was refused; workers keep the default".into());
             }
         }
+        enforcement.notes.extend(config.warnings());
         for note in &enforcement.notes {
             tracing::warn!("{note}");
         }

@@ -60,7 +60,8 @@ pub struct Enforcement {
     pub cpu: String,
     /// What enforces the memory budget.
     pub memory: String,
-    /// What the OS refused and what is used instead.
+    /// What the OS refused and what is used instead, and settings that
+    /// leave the owner little.
     pub notes: Vec<String>,
 }
 
