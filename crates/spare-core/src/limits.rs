@@ -18,6 +18,15 @@ pub const MAX_INSTANCES: usize = 64;
 pub const MAX_MEMORIES: usize = 16;
 /// Largest number of tables a guest may create.
 pub const MAX_TABLES: usize = 64;
+/// Largest number of host resources (streams, pollables, ...) a preview-2
+/// guest may hold at once; each costs host memory outside its linear
+/// memory. A command needs a handful.
+pub const MAX_RESOURCES: usize = 10_000;
+/// Largest number of random bytes a guest may ask for in one call: the
+/// host makes them in its own memory before copying them in. Rust's
+/// `getrandom` asks for a whole buffer at once, so this is generous
+/// (wasmtime-wasi's own default).
+pub const MAX_RANDOM_BYTES: u64 = 64 << 20;
 /// Largest module or component a host accepts, in bytes.
 pub const MAX_MODULE_BYTES: u64 = 64 << 20;
 /// Largest stdin a task may carry, in bytes.

@@ -77,11 +77,13 @@ impl Behaviour {
         } else {
             None
         };
-        let mut kad = kad::Behaviour::with_config(
-            peer_id,
-            kad::store::MemoryStore::new(peer_id),
-            kad::Config::new(StreamProtocol::new(KAD_PROTOCOL)),
-        );
+        // Kademlia finds peers; spare keeps no records in it. Records and
+        // provider records that peers put are handed to the event loop,
+        // which drops them, instead of being stored on anyone's behalf.
+        let mut kad_config = kad::Config::new(StreamProtocol::new(KAD_PROTOCOL));
+        kad_config.set_record_filtering(kad::StoreInserts::FilterBoth);
+        let mut kad =
+            kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), kad_config);
         kad.set_mode(Some(kad::Mode::Server));
         let gossip_config = gossipsub::ConfigBuilder::default()
             .heartbeat_interval(Duration::from_secs(1))

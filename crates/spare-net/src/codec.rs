@@ -18,35 +18,80 @@ use std::time::Duration;
 
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use libp2p::StreamProtocol;
-use spare_core::wire::{self, Message, WireError};
+use spare_core::wire::{self, Message, TaskRequest, WireError};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// Bytes of inbound requests being read at once, over all peers.
 pub(crate) const READ_BUDGET_BYTES: usize = 64 << 20;
+/// Bytes of inbound task requests one peer may have being read at once:
+/// four of the largest. A peer that holds its share holds up only itself.
+pub(crate) const PEER_READ_BYTES: usize = 4 * TaskRequest::MAX_BYTES;
 /// How long a peer may take to send one whole request.
 pub(crate) const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Inbound requests are read in pieces of this size, each holding a permit.
 const READ_PIECE: usize = 64 << 10;
 
+const _: () = assert!(PEER_READ_BYTES <= READ_BUDGET_BYTES / 8);
+
 /// The node-wide budget of bytes of inbound requests being read: one permit
-/// per KiB.
+/// per byte.
 #[derive(Clone, Debug)]
 pub(crate) struct ReadBudget(Arc<Semaphore>);
 
 impl ReadBudget {
     pub(crate) fn new(bytes: usize) -> Self {
-        Self(Arc::new(Semaphore::new(bytes / 1024)))
+        Self(Arc::new(Semaphore::new(bytes)))
     }
 
-    /// Waits for the permits for `bytes` (a message within its bound, so
-    /// far less than the whole budget) and holds them until dropped.
+    /// Waits for the permits for `bytes` (a piece of a message, far less
+    /// than the whole budget) and holds them until dropped.
     pub(crate) async fn acquire(&self, bytes: usize) -> io::Result<OwnedSemaphorePermit> {
-        let units = u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX);
-        Arc::clone(&self.0)
-            .acquire_many_owned(units)
-            .await
-            .map_err(|_| io::Error::other("read budget closed"))
+        acquire(&self.0, bytes).await
     }
+
+    /// Bytes not held now.
+    #[cfg(test)]
+    pub(crate) fn available(&self) -> usize {
+        self.0.available_permits()
+    }
+
+    /// A share of this budget for one peer's task streams.
+    pub(crate) fn for_peer(&self) -> PeerBudget {
+        PeerBudget {
+            all: self.clone(),
+            own: Arc::new(Semaphore::new(PEER_READ_BYTES)),
+        }
+    }
+}
+
+/// One peer's share of the [`ReadBudget`]: bytes it has being read count
+/// against both.
+#[derive(Clone, Debug)]
+pub(crate) struct PeerBudget {
+    all: ReadBudget,
+    own: Arc<Semaphore>,
+}
+
+impl PeerBudget {
+    /// Waits for the permits for `bytes`, the peer's own first, and holds
+    /// them until dropped.
+    pub(crate) async fn acquire(
+        &self,
+        bytes: usize,
+    ) -> io::Result<(OwnedSemaphorePermit, OwnedSemaphorePermit)> {
+        let own = acquire(&self.own, bytes).await?;
+        let all = self.all.acquire(bytes).await?;
+        Ok((own, all))
+    }
+}
+
+async fn acquire(semaphore: &Arc<Semaphore>, bytes: usize) -> io::Result<OwnedSemaphorePermit> {
+    let units = u32::try_from(bytes)
+        .map_err(|_| io::Error::other(format!("{bytes} bytes exceed any read budget")))?;
+    Arc::clone(semaphore)
+        .acquire_many_owned(units)
+        .await
+        .map_err(|_| io::Error::other("read budget closed"))
 }
 
 /// A request as it arrives from a peer: decoded and valid, or the reason it
@@ -91,12 +136,7 @@ async fn read_request_bytes<M: Message, T: AsyncRead + Unpin + Send>(
         let mut permits = Vec::new();
         loop {
             let piece = READ_PIECE.min(limit - buf.len());
-            let units = u32::try_from(piece.div_ceil(1024)).unwrap_or(u32::MAX);
-            let permit = Arc::clone(&budget.0)
-                .acquire_many_owned(units)
-                .await
-                .map_err(|_| io::Error::other("read budget closed"))?;
-            permits.push(permit);
+            permits.push(budget.acquire(piece).await?);
             let start = buf.len();
             buf.resize(start + piece, 0);
             let n = read_up_to(io, &mut buf[start..]).await?;
@@ -265,7 +305,7 @@ mod tests {
         let err = codec.read_request(&protocol(), &mut io).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
         assert!(io.position() <= BlobRequest::MAX_BYTES as u64 + 1);
-        assert_eq!(budget.0.available_permits(), 4 << 10);
+        assert_eq!(budget.0.available_permits(), 4 << 20);
     }
 
     #[tokio::test(start_paused = true)]
@@ -277,6 +317,31 @@ mod tests {
         let mut io = tokio_util::compat::TokioAsyncReadCompatExt::compat(&mut reader);
         let err = codec.read_request(&protocol(), &mut io).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+    }
+
+    proptest::proptest! {
+        /// Whatever a peer sends as a request or an answer, the codec reads
+        /// at most one byte past the bound, never panics, and gives all of
+        /// the budget back.
+        #[test]
+        fn arbitrary_bytes_never_panic_the_codec(
+            bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..1024),
+        ) {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .start_paused(true)
+                .build()
+                .unwrap();
+            let budget = ReadBudget::new(1 << 20);
+            let mut codec = CborCodec::<BlobRequest, BlobResponse>::new(budget.clone());
+            let mut io = futures::io::Cursor::new(bytes.clone());
+            let _ = runtime.block_on(codec.read_request(&protocol(), &mut io));
+            proptest::prop_assert!(io.position() <= BlobRequest::MAX_BYTES as u64 + 1);
+            proptest::prop_assert_eq!(budget.available(), 1 << 20);
+            let mut io = futures::io::Cursor::new(bytes);
+            let _ = runtime.block_on(codec.read_response(&protocol(), &mut io));
+            proptest::prop_assert!(io.position() <= BlobResponse::MAX_BYTES as u64 + 1);
+        }
     }
 
     #[tokio::test]

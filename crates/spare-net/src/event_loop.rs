@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::behaviour::{Behaviour, BehaviourEvent, IDENTIFY_PROTOCOL};
 use crate::codec::Incoming;
+use crate::peers::MAX_ADDRS_PER_PEER;
 use crate::redial::Redial;
 use crate::{BlobResponder, NetError, NetEvent, RequestError, Shared};
 
@@ -320,13 +321,21 @@ impl EventLoop {
                     let _ = self.swarm.disconnect_peer_id(peer_id);
                     return;
                 }
+                // Kademlia keeps every address it is given and hands them
+                // out: only the first identify of a connection adds any
+                // (a peer may push identify at will), and only a few.
                 let believable: Vec<Multiaddr> = {
                     let peers = self.read_peers();
-                    info.listen_addrs
-                        .iter()
-                        .filter(|addr| peers.believable(&peer_id, addr))
-                        .cloned()
-                        .collect()
+                    if peers.identified_before(&peer_id) {
+                        Vec::new()
+                    } else {
+                        info.listen_addrs
+                            .iter()
+                            .filter(|addr| peers.believable(&peer_id, addr))
+                            .take(MAX_ADDRS_PER_PEER)
+                            .cloned()
+                            .collect()
+                    }
                 };
                 for addr in believable {
                     self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
@@ -373,9 +382,15 @@ impl EventLoop {
                 message,
             }) => {
                 let acceptance = match (message.source, wire::decode::<Offer>(&message.data)) {
+                    // Only offers of peers connected here are used, so only
+                    // those are passed on: a flood from throwaway keys, or
+                    // replays of old offers, goes no further than us.
                     (Some(source), Ok(offer)) => {
-                        self.write_peers().offer(&source, offer);
-                        MessageAcceptance::Accept
+                        if self.write_peers().offer(&source, offer) {
+                            MessageAcceptance::Accept
+                        } else {
+                            MessageAcceptance::Ignore
+                        }
                     }
                     (_, Err(e)) => {
                         tracing::debug!(%propagation_source, "invalid offer: {e}");

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use libp2p::{Multiaddr, PeerId};
 use spare_core::wire::Offer;
 
-/// Addresses remembered per peer.
-const MAX_ADDRS_PER_PEER: usize = 8;
+/// Addresses remembered per peer, and given to Kademlia per connection.
+pub(crate) const MAX_ADDRS_PER_PEER: usize = 8;
 
 /// A connected peer, as seen from here.
 #[derive(Clone, Debug)]
@@ -101,6 +101,13 @@ impl PeerTable {
             .is_some_and(|reach| Scope::of(addr) >= *reach)
     }
 
+    /// Whether `peer` has identified itself on its current connections.
+    pub(crate) fn identified_before(&self, peer: &PeerId) -> bool {
+        self.peers
+            .get(peer)
+            .is_some_and(|info| info.agent.is_some())
+    }
+
     pub(crate) fn identified(&mut self, peer: &PeerId, agent: String, addrs: &[Multiaddr]) {
         if let Some(info) = self.peers.get_mut(peer) {
             info.agent = Some(agent);
@@ -122,18 +129,21 @@ impl PeerTable {
         }
     }
 
-    /// Records `offer` unless an offer with a higher sequence number is
-    /// already known (gossip may deliver out of order).
-    pub(crate) fn offer(&mut self, peer: &PeerId, offer: Offer) {
-        if let Some(info) = self.peers.get_mut(peer) {
-            let newer = info
-                .offer
-                .as_ref()
-                .is_none_or(|(old, _)| offer.seq >= old.seq);
-            if newer {
-                info.offer = Some((offer, Instant::now()));
-            }
+    /// Records `offer` of a connected `peer` unless an offer with a higher
+    /// sequence number is already known (gossip may deliver out of order);
+    /// whether it was recorded.
+    pub(crate) fn offer(&mut self, peer: &PeerId, offer: Offer) -> bool {
+        let Some(info) = self.peers.get_mut(peer) else {
+            return false;
+        };
+        let newer = info
+            .offer
+            .as_ref()
+            .is_none_or(|(old, _)| offer.seq >= old.seq);
+        if newer {
+            info.offer = Some((offer, Instant::now()));
         }
+        newer
     }
 
     pub(crate) fn snapshot(&self) -> Vec<PeerInfo> {
@@ -195,20 +205,26 @@ mod tests {
         let mut table = PeerTable::default();
         let peer = PeerId::random();
         table.connected(peer, "/memory/1".parse().unwrap());
-        table.offer(&peer, offer(5));
-        table.offer(&peer, offer(3));
+        assert!(table.offer(&peer, offer(5)));
+        assert!(
+            !table.offer(&peer, offer(3)),
+            "a stale offer is not passed on"
+        );
         assert_eq!(table.snapshot()[0].offer.as_ref().unwrap().0.seq, 5);
     }
 
     #[test]
     fn offers_from_unconnected_peers_are_ignored_and_addresses_bounded() {
         let mut table = PeerTable::default();
-        table.offer(&PeerId::random(), offer(1));
+        assert!(!table.offer(&PeerId::random(), offer(1)));
         assert_eq!(table.len(), 0);
         let peer = PeerId::random();
         for i in 0..20 {
             table.connected(peer, format!("/memory/{i}").parse().unwrap());
         }
         assert_eq!(table.snapshot()[0].addrs.len(), MAX_ADDRS_PER_PEER);
+        assert!(!table.identified_before(&peer));
+        table.identified(&peer, "spare/0".into(), &[]);
+        assert!(table.identified_before(&peer));
     }
 }

@@ -29,10 +29,10 @@ use libp2p::{PeerId, Stream, StreamProtocol};
 use libp2p_stream::{Control, IncomingStreams, OpenStreamError};
 use spare_core::Limits;
 use spare_core::wire::{self, Message, Refusal, TaskRequest, TaskResponse, WireError};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::codec::{REQUEST_READ_TIMEOUT, ReadBudget};
+use crate::codec::{PeerBudget, REQUEST_READ_TIMEOUT, ReadBudget};
 use crate::{NetEvent, RequestError, TaskResponder};
 
 /// Bytes of the length prefix of every frame (big-endian `u32`).
@@ -49,6 +49,9 @@ const OPEN_ATTEMPTS: u32 = 8;
 /// host grants, plus compile time. Requesters apply their own, tighter,
 /// per-task deadline on top.
 const TASK_REQUEST_TIMEOUT: Duration = Duration::from_millis(Limits::MAX.wall_ms + 10 * 60 * 1000);
+/// A request's body is read through a buffer of this size, so a stream
+/// whose header announced a large request holds no more until bytes come.
+const READ_SCRATCH: usize = 16 << 10;
 /// Idle streams a requester keeps per host; more are closed when done.
 const MAX_IDLE_PER_PEER: usize = 64;
 /// Inbound task streams one peer may hold open on this node; more are
@@ -103,30 +106,65 @@ async fn read_header<T: AsyncRead + Unpin>(io: &mut T) -> io::Result<Option<[u8;
     Ok(Some(header))
 }
 
-/// Reads one whole frame body of at most `M::MAX_BYTES`. Used for answers,
+/// Reads one whole frame body of at most `max` bytes. Used for answers,
 /// which are bounded by our own requests in flight.
-async fn read_frame<M: Message, T: AsyncRead + Unpin>(io: &mut T) -> Result<Vec<u8>, FrameError> {
+async fn read_frame<T: AsyncRead + Unpin>(io: &mut T, max: usize) -> Result<Vec<u8>, FrameError> {
     let header = read_header(io)
         .await?
         .ok_or_else(|| io::Error::from(io::ErrorKind::UnexpectedEof))?;
-    let len = frame_len(header, M::MAX_BYTES)?;
+    let len = frame_len(header, max)?;
     let mut body = vec![0u8; len];
     io.read_exact(&mut body).await?;
     Ok(body)
 }
 
+/// The largest answer `request` can honestly get: a task's two output
+/// streams at its own output limit and room for the rest, or a cancel's
+/// acknowledgement. A host cannot make us read more than we asked for.
+fn answer_bound(request: &TaskRequest) -> usize {
+    const ROOM: usize = 64 << 10;
+    match request {
+        TaskRequest::Run(spec) => usize::try_from(spec.limits.output)
+            .unwrap_or(usize::MAX)
+            .saturating_mul(2)
+            .saturating_add(ROOM)
+            .min(TaskResponse::MAX_BYTES),
+        TaskRequest::Cancel(_) => ROOM,
+    }
+}
+
 /// Reads the body of an inbound request of `len` bytes (already checked
-/// against its bound), holding its share of the node's read budget while
-/// it arrives, and within [`REQUEST_READ_TIMEOUT`].
+/// against its bound), within [`REQUEST_READ_TIMEOUT`]. Bytes hold their
+/// share of the peer's and the node's read budgets once they have arrived,
+/// not before: a header alone, or a trickle, holds next to nothing, so a
+/// peer must really send what it would have the node hold.
 async fn read_request_body<T: AsyncRead + Unpin>(
     io: &mut T,
     len: usize,
-    budget: &ReadBudget,
+    budget: &PeerBudget,
 ) -> io::Result<Vec<u8>> {
     let read = async {
-        let _permit = budget.acquire(len).await?;
-        let mut body = vec![0u8; len];
-        io.read_exact(&mut body).await?;
+        let mut scratch = vec![0u8; READ_SCRATCH.min(len)];
+        let mut body = Vec::new();
+        // One pair of permits, grown as bytes come: a trickle of single
+        // bytes costs no more to track than one large read.
+        let mut held: Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)> = None;
+        while body.len() < len {
+            let want = scratch.len().min(len - body.len());
+            let n = io.read(&mut scratch[..want]).await?;
+            if n == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            let (own, all) = budget.acquire(n).await?;
+            match &mut held {
+                Some((held_own, held_all)) => {
+                    held_own.merge(own);
+                    held_all.merge(all);
+                }
+                None => held = Some((own, all)),
+            }
+            body.extend_from_slice(&scratch[..n]);
+        }
         Ok(body)
     };
     tokio::time::timeout(REQUEST_READ_TIMEOUT, read)
@@ -180,7 +218,8 @@ impl TaskStreams {
         let exchange = async {
             // Connected already, or connected by opening the stream.
             let mut stream = watch(connection(), self.stream_with(peer, &frame)).await?;
-            let body = watch(connection(), read_frame::<TaskResponse, _>(&mut stream)).await?;
+            let max = answer_bound(request);
+            let body = watch(connection(), read_frame(&mut stream, max)).await?;
             Ok::<_, FrameError>((stream, body))
         };
         let (stream, body) = match tokio::time::timeout(TASK_REQUEST_TIMEOUT, exchange).await {
@@ -311,50 +350,60 @@ pub(crate) async fn serve(
     events: mpsc::Sender<NetEvent>,
     budget: ReadBudget,
 ) {
-    let open: Arc<Mutex<HashMap<PeerId, usize>>> = Arc::default();
+    let open: Arc<Mutex<HashMap<PeerId, PeerStreams>>> = Arc::default();
     while let Some((peer, stream)) = incoming.next().await {
-        let Some(slot) = StreamSlot::take(&open, peer) else {
+        let Some(slot) = StreamSlot::take(&open, peer, &budget) else {
             tracing::debug!(%peer, "too many task streams from this peer; dropping one");
             continue;
         };
-        tokio::spawn(serve_stream(
-            peer,
-            stream,
-            events.clone(),
-            budget.clone(),
-            slot,
-        ));
+        tokio::spawn(serve_stream(peer, stream, events.clone(), slot));
     }
+}
+
+/// A peer's inbound task streams: how many are open, and the share of the
+/// read budget they draw on together.
+struct PeerStreams {
+    open: usize,
+    budget: PeerBudget,
 }
 
 /// One of a peer's [`MAX_STREAMS_PER_PEER`], given back on drop.
 struct StreamSlot {
-    open: Arc<Mutex<HashMap<PeerId, usize>>>,
+    open: Arc<Mutex<HashMap<PeerId, PeerStreams>>>,
     peer: PeerId,
+    budget: PeerBudget,
 }
 
 impl StreamSlot {
-    fn take(open: &Arc<Mutex<HashMap<PeerId, usize>>>, peer: PeerId) -> Option<Self> {
-        let mut counts = open.lock().unwrap_or_else(|p| p.into_inner());
-        let count = counts.entry(peer).or_default();
-        if *count >= MAX_STREAMS_PER_PEER {
+    fn take(
+        open: &Arc<Mutex<HashMap<PeerId, PeerStreams>>>,
+        peer: PeerId,
+        budget: &ReadBudget,
+    ) -> Option<Self> {
+        let mut peers = open.lock().unwrap_or_else(|p| p.into_inner());
+        let streams = peers.entry(peer).or_insert_with(|| PeerStreams {
+            open: 0,
+            budget: budget.for_peer(),
+        });
+        if streams.open >= MAX_STREAMS_PER_PEER {
             return None;
         }
-        *count += 1;
+        streams.open += 1;
         Some(Self {
             open: Arc::clone(open),
             peer,
+            budget: streams.budget.clone(),
         })
     }
 }
 
 impl Drop for StreamSlot {
     fn drop(&mut self) {
-        let mut counts = self.open.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(count) = counts.get_mut(&self.peer) {
-            *count = count.saturating_sub(1);
-            if *count == 0 {
-                counts.remove(&self.peer);
+        let mut peers = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(streams) = peers.get_mut(&self.peer) {
+            streams.open = streams.open.saturating_sub(1);
+            if streams.open == 0 {
+                peers.remove(&self.peer);
             }
         }
     }
@@ -366,15 +415,14 @@ async fn serve_stream<T: AsyncRead + AsyncWrite + Unpin>(
     peer: PeerId,
     mut stream: T,
     events: mpsc::Sender<NetEvent>,
-    budget: ReadBudget,
-    _slot: StreamSlot,
+    slot: StreamSlot,
 ) {
     if let Err(e) = write_frame(&mut stream, &[ACCEPTED]).await {
         tracing::debug!(%peer, "task stream closed at once: {e}");
         return;
     }
     loop {
-        let response = match next_request(&mut stream, &budget).await {
+        let response = match next_request(&mut stream, &slot.budget).await {
             Ok(None) => return,
             Err(e) => {
                 tracing::debug!(%peer, "task stream closed: {e}");
@@ -427,7 +475,7 @@ async fn serve_stream<T: AsyncRead + AsyncWrite + Unpin>(
 /// requests; a decoding error to answer; an I/O or bound error to close on.
 async fn next_request<T: AsyncRead + Unpin>(
     stream: &mut T,
-    budget: &ReadBudget,
+    budget: &PeerBudget,
 ) -> Result<Option<Result<TaskRequest, WireError>>, FrameError> {
     // An idle stream may wait for its next request as long as the
     // connection lives; the per-peer bound keeps idle streams few.
@@ -442,7 +490,7 @@ async fn next_request<T: AsyncRead + Unpin>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::codec::READ_BUDGET_BYTES;
+    use crate::codec::{PEER_READ_BYTES, READ_BUDGET_BYTES};
     use spare_core::TaskId;
 
     #[test]
@@ -461,7 +509,7 @@ mod tests {
         let mut bytes = encode_frame(&request).unwrap();
         bytes.extend(encode_frame(&request).unwrap());
         let mut io = futures::io::Cursor::new(bytes);
-        let budget = ReadBudget::new(READ_BUDGET_BYTES);
+        let budget = ReadBudget::new(READ_BUDGET_BYTES).for_peer();
         for _ in 0..2 {
             let read = next_request(&mut io, &budget).await.unwrap().unwrap();
             assert_eq!(read.unwrap(), request);
@@ -475,7 +523,7 @@ mod tests {
         let mut bytes = len.to_be_bytes().to_vec();
         bytes.extend(vec![0u8; 1024]);
         let mut io = futures::io::Cursor::new(bytes);
-        let budget = ReadBudget::new(READ_BUDGET_BYTES);
+        let budget = ReadBudget::new(READ_BUDGET_BYTES).for_peer();
         let err = next_request(&mut io, &budget).await.unwrap_err();
         assert!(matches!(err, FrameError::TooLarge { .. }), "{err}");
         assert_eq!(io.position(), HEADER_BYTES as u64);
@@ -487,7 +535,7 @@ mod tests {
         let mut bytes = u32::try_from(body.len()).unwrap().to_be_bytes().to_vec();
         bytes.extend_from_slice(body);
         let mut io = futures::io::Cursor::new(bytes);
-        let budget = ReadBudget::new(READ_BUDGET_BYTES);
+        let budget = ReadBudget::new(READ_BUDGET_BYTES).for_peer();
         let read = next_request(&mut io, &budget).await.unwrap().unwrap();
         assert!(read.is_err());
     }
@@ -497,7 +545,7 @@ mod tests {
         let mut bytes = 100u32.to_be_bytes().to_vec();
         bytes.extend(vec![0u8; 10]);
         let mut io = futures::io::Cursor::new(bytes);
-        let budget = ReadBudget::new(READ_BUDGET_BYTES);
+        let budget = ReadBudget::new(READ_BUDGET_BYTES).for_peer();
         assert!(next_request(&mut io, &budget).await.is_err());
         let mut io = futures::io::Cursor::new(vec![0u8, 0]);
         assert!(next_request(&mut io, &budget).await.is_err());
@@ -510,7 +558,7 @@ mod tests {
             .await
             .unwrap();
         let mut io = tokio_util::compat::TokioAsyncReadCompatExt::compat(&mut reader);
-        let budget = ReadBudget::new(READ_BUDGET_BYTES);
+        let budget = ReadBudget::new(READ_BUDGET_BYTES).for_peer();
         let err = next_request(&mut io, &budget).await.unwrap_err();
         assert!(
             matches!(&err, FrameError::Io(e) if e.kind() == io::ErrorKind::TimedOut),
@@ -532,7 +580,7 @@ mod tests {
     /// Reads requests until the stream ends or breaks; how many were read.
     async fn read_all(bytes: Vec<u8>) -> usize {
         let mut io = futures::io::Cursor::new(bytes);
-        let budget = ReadBudget::new(READ_BUDGET_BYTES);
+        let budget = ReadBudget::new(READ_BUDGET_BYTES).for_peer();
         let mut read = 0;
         while let Ok(Some(_)) = next_request(&mut io, &budget).await {
             read += 1;
@@ -540,7 +588,50 @@ mod tests {
         read
     }
 
+    #[test]
+    fn an_answer_is_bounded_by_the_tasks_own_output_limit() {
+        let mut spec = spare_core::TaskSpec {
+            id: TaskId::random(),
+            name: "t".into(),
+            module: spare_core::BlobRef {
+                id: spare_core::BlobId::of(b"m"),
+                size: 1,
+            },
+            args: Vec::new(),
+            env: Vec::new(),
+            stdin: spare_core::Stdin::for_bytes(b""),
+            limits: Limits::default(),
+        };
+        spec.limits.output = 1 << 20;
+        let run = TaskRequest::Run(spec.clone());
+        assert_eq!(answer_bound(&run), (2 << 20) + (64 << 10));
+        spec.limits.output = u64::MAX;
+        let run = TaskRequest::Run(spec);
+        assert_eq!(answer_bound(&run), TaskResponse::MAX_BYTES);
+        assert_eq!(
+            answer_bound(&TaskRequest::Cancel(TaskId::random())),
+            64 << 10
+        );
+    }
+
     proptest::proptest! {
+        /// The requester's reader of a host's answers: whatever a host
+        /// sends, it reads at most one header and the bound, and never
+        /// panics.
+        #[test]
+        fn arbitrary_answers_never_panic_the_answer_reader(
+            bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..4096),
+            max in 0usize..2048,
+        ) {
+            let mut io = futures::io::Cursor::new(bytes.clone());
+            let read = block_on(read_frame(&mut io, max));
+            proptest::prop_assert!(io.position() as usize <= HEADER_BYTES + max);
+            if let Ok(body) = read {
+                proptest::prop_assert!(body.len() <= max);
+                let _ = wire::decode::<TaskResponse>(&body);
+            }
+        }
+
         #[test]
         fn arbitrary_bytes_never_panic_the_request_reader(
             bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..4096)
@@ -573,14 +664,87 @@ mod tests {
 
     #[test]
     fn a_peer_holds_at_most_its_share_of_streams() {
-        let open: Arc<Mutex<HashMap<PeerId, usize>>> = Arc::default();
+        let open: Arc<Mutex<HashMap<PeerId, PeerStreams>>> = Arc::default();
+        let budget = ReadBudget::new(READ_BUDGET_BYTES);
         let peer = PeerId::random();
         let slots: Vec<_> = (0..MAX_STREAMS_PER_PEER)
-            .map(|_| StreamSlot::take(&open, peer).unwrap())
+            .map(|_| StreamSlot::take(&open, peer, &budget).unwrap())
             .collect();
-        assert!(StreamSlot::take(&open, peer).is_none());
-        assert!(StreamSlot::take(&open, PeerId::random()).is_some());
+        assert!(StreamSlot::take(&open, peer, &budget).is_none());
+        assert!(StreamSlot::take(&open, PeerId::random(), &budget).is_some());
         drop(slots);
-        assert!(StreamSlot::take(&open, peer).is_some());
+        assert!(StreamSlot::take(&open, peer, &budget).is_some());
+    }
+
+    /// Headers announcing the largest request, then silence, on many
+    /// streams: they hold none of the node's read budget, so another
+    /// peer's request is read at once.
+    #[tokio::test(start_paused = true)]
+    async fn announced_but_unsent_requests_hold_no_budget() {
+        let node = ReadBudget::new(READ_BUDGET_BYTES);
+        let hostile = node.for_peer();
+        let len = u32::try_from(TaskRequest::MAX_BYTES).unwrap();
+        let mut writers = Vec::new();
+        let mut readers = Vec::new();
+        for _ in 0..64 {
+            let (mut writer, reader) = tokio::io::duplex(64);
+            tokio::io::AsyncWriteExt::write_all(&mut writer, &len.to_be_bytes())
+                .await
+                .unwrap();
+            writers.push(writer);
+            let budget = hostile.clone();
+            readers.push(tokio::spawn(async move {
+                let mut io = tokio_util::compat::TokioAsyncReadCompatExt::compat(reader);
+                next_request(&mut io, &budget).await.is_err()
+            }));
+        }
+        tokio::task::yield_now().await;
+        assert_eq!(node.available(), READ_BUDGET_BYTES);
+
+        let request = TaskRequest::Cancel(TaskId::random());
+        let mut io = futures::io::Cursor::new(encode_frame(&request).unwrap());
+        let read = next_request(&mut io, &node.for_peer()).await.unwrap();
+        assert_eq!(read.unwrap().unwrap(), request);
+        // The silent ones time out, and nothing stays held.
+        for reader in readers {
+            assert!(reader.await.unwrap());
+        }
+        assert_eq!(node.available(), READ_BUDGET_BYTES);
+        drop(writers);
+    }
+
+    /// A peer that sends the bodies of many large requests and stalls
+    /// them holds only its own share; another peer's request still fits.
+    #[tokio::test(start_paused = true)]
+    async fn one_peer_holds_at_most_its_share_of_the_read_budget() {
+        let node = ReadBudget::new(READ_BUDGET_BYTES);
+        let hostile = node.for_peer();
+        let len = TaskRequest::MAX_BYTES;
+        let mut writers = Vec::new();
+        for _ in 0..8 {
+            // All but the last byte of the largest request.
+            let (mut writer, reader) = tokio::io::duplex(len + 64);
+            let mut bytes = u32::try_from(len).unwrap().to_be_bytes().to_vec();
+            bytes.resize(HEADER_BYTES + len - 1, 0);
+            tokio::io::AsyncWriteExt::write_all(&mut writer, &bytes)
+                .await
+                .unwrap();
+            writers.push(writer);
+            let budget = hostile.clone();
+            tokio::spawn(async move {
+                let mut io = tokio_util::compat::TokioAsyncReadCompatExt::compat(reader);
+                let _ = next_request(&mut io, &budget).await;
+            });
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let held = READ_BUDGET_BYTES - node.available();
+        assert!(held <= PEER_READ_BYTES, "one peer holds {held} bytes");
+        assert!(held >= PEER_READ_BYTES - TaskRequest::MAX_BYTES, "{held}");
+
+        let request = TaskRequest::Cancel(TaskId::random());
+        let mut io = futures::io::Cursor::new(encode_frame(&request).unwrap());
+        let read = next_request(&mut io, &node.for_peer()).await.unwrap();
+        assert_eq!(read.unwrap().unwrap(), request);
+        drop(writers);
     }
 }

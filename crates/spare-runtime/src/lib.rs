@@ -22,7 +22,8 @@
 //! | table elements | [`MAX_TABLE_ELEMENTS`](spare_core::limits::MAX_TABLE_ELEMENTS) |
 //! | instances, memories, tables | [`MAX_INSTANCES`](spare_core::limits::MAX_INSTANCES), [`MAX_MEMORIES`](spare_core::limits::MAX_MEMORIES), [`MAX_TABLES`](spare_core::limits::MAX_TABLES) |
 //! | open files | stdin, stdout, stderr only: no preopened directory, no sockets |
-//! | random bytes per call | wasmtime-wasi's default cap |
+//! | host resources of a preview-2 guest | [`MAX_RESOURCES`](spare_core::limits::MAX_RESOURCES) |
+//! | random bytes per call | [`MAX_RANDOM_BYTES`](spare_core::limits::MAX_RANDOM_BYTES) |
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod cache;

@@ -16,7 +16,9 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use spare_core::limits::{MAX_INSTANCES, MAX_MEMORIES, MAX_TABLE_ELEMENTS, MAX_TABLES};
+use spare_core::limits::{
+    MAX_INSTANCES, MAX_MEMORIES, MAX_RANDOM_BYTES, MAX_RESOURCES, MAX_TABLE_ELEMENTS, MAX_TABLES,
+};
 use spare_core::outcome::clip_detail;
 use spare_core::wasm::{WasmKind, sniff};
 use spare_core::{BlobId, Failure, Limits, Outcome, OutputStream, Status};
@@ -53,6 +55,13 @@ struct P1State {
 }
 
 /// Store state for a WASI preview 2 component.
+/// A preview-2 guest's table of host resources, within [`MAX_RESOURCES`].
+fn resource_table() -> ResourceTable {
+    let mut table = ResourceTable::new();
+    table.set_max_capacity(MAX_RESOURCES);
+    table
+}
+
 struct P2State {
     ctx: WasiCtx,
     table: ResourceTable,
@@ -164,7 +173,8 @@ impl Sandbox {
             .stderr(stderr.clone())
             .allow_tcp(false)
             .allow_udp(false)
-            .allow_ip_name_lookup(false);
+            .allow_ip_name_lookup(false)
+            .max_random_size(MAX_RANDOM_BYTES);
         let limiter = GuestLimiter::new(job.limits.memory);
         let wall = Duration::from_millis(job.limits.wall_ms);
         let (result, fuel_left, memory_exceeded) = match prepared {
@@ -196,7 +206,7 @@ impl Sandbox {
                     &engine,
                     P2State {
                         ctx: builder.build(),
-                        table: ResourceTable::new(),
+                        table: resource_table(),
                         limiter,
                     },
                 );
