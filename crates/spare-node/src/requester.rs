@@ -32,8 +32,9 @@ const ATTEMPT_GRACE: Duration = Duration::from_secs(10 * 60);
 const CANCEL_TIMEOUT: Duration = Duration::from_secs(2);
 const CANCEL_TRIES: u32 = 3;
 /// How long a cancelled task's host has, once it confirmed the cancel, to
-/// answer the run with what the guest used until then (and its receipt).
-const CANCEL_REPORT_GRACE: Duration = Duration::from_secs(3);
+/// answer the run with what the guest used until then (and its receipt):
+/// longer than the host's own grace for its worker.
+const CANCEL_REPORT_GRACE: Duration = Duration::from_secs(5);
 /// Offers older than this are not trusted for placement: their node stopped
 /// publishing (offers are refreshed every 5 s).
 const OFFER_MAX_AGE: Duration = Duration::from_secs(15);

@@ -130,11 +130,99 @@ mod tests {
         assert!(err.to_string().contains("exceeds"));
     }
 
+    /// Runs the async decoder to completion on `bytes`.
+    fn read_async<T: DeserializeOwned>(bytes: &[u8], max: usize) -> io::Result<T> {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(read_frame_async(&mut &*bytes, max))
+    }
+
+    /// A valid frame of each kind, for the decoders to see mutated.
+    fn valid_frames(output: Vec<u8>, fuel: u64, arg: String) -> [Vec<u8>; 2] {
+        let outcome = Outcome {
+            status: spare_core::Status::Exited(3),
+            stdout: output.clone(),
+            stderr: output,
+            fuel,
+            wall_ms: fuel >> 20,
+        };
+        let job = crate::Job {
+            task: spare_core::TaskId::random(),
+            module: spare_core::BlobId::of(arg.as_bytes()),
+            module_path: "/blobs/module".into(),
+            name: "guest.wasm".into(),
+            args: vec![arg.clone()],
+            env: vec![(arg, "value".into())],
+            stdin: crate::JobStdin::Bytes(b"stdin".to_vec()),
+            limits: Limits::DEFAULT,
+        };
+        let mut frames = [Vec::new(), Vec::new()];
+        write_frame(&mut frames[0], &FromWorker::Done(Box::new(outcome))).unwrap();
+        write_frame(&mut frames[1], &ToWorker::Run(Box::new(job))).unwrap();
+        frames
+    }
+
+    #[test]
+    fn oversized_frames_are_refused_before_allocating_async() {
+        let mut bytes = u32::MAX.to_le_bytes().to_vec();
+        bytes.extend_from_slice(b"junk");
+        let err = read_async::<FromWorker>(&bytes, MAX_RESULT_FRAME).unwrap_err();
+        assert!(err.to_string().contains("exceeds"));
+    }
+
     proptest! {
         #[test]
         fn arbitrary_frames_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
             let _ = read_frame::<FromWorker>(&mut bytes.as_slice(), MAX_RESULT_FRAME);
             let _ = read_frame::<ToWorker>(&mut bytes.as_slice(), MAX_JOB_FRAME);
+        }
+
+        #[test]
+        fn arbitrary_frames_never_panic_async(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+            let _ = read_async::<FromWorker>(&bytes, MAX_RESULT_FRAME);
+            let _ = read_async::<ToWorker>(&bytes, MAX_JOB_FRAME);
+        }
+
+        /// Valid frames with bytes changed, or cut short, or run on, are
+        /// refused or decoded, by either decoder, never a panic.
+        #[test]
+        fn mutated_frames_never_panic(
+            output in prop::collection::vec(any::<u8>(), 0..64),
+            fuel in any::<u64>(),
+            arg in ".{0,16}",
+            edits in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
+            cut in any::<prop::sample::Index>(),
+            tail in prop::collection::vec(any::<u8>(), 0..16),
+        ) {
+            for mut frame in valid_frames(output, fuel, arg) {
+                for (at, byte) in &edits {
+                    let at = at.index(frame.len());
+                    frame[at] = *byte;
+                }
+                let whole = frame.clone();
+                frame.truncate(cut.index(frame.len() + 1));
+                for bytes in [&whole, &frame, &[whole.as_slice(), &tail].concat()] {
+                    let _ = read_frame::<FromWorker>(&mut bytes.as_slice(), MAX_RESULT_FRAME);
+                    let _ = read_frame::<ToWorker>(&mut bytes.as_slice(), MAX_JOB_FRAME);
+                    let _ = read_async::<FromWorker>(bytes, MAX_RESULT_FRAME);
+                    let _ = read_async::<ToWorker>(bytes, MAX_JOB_FRAME);
+                }
+            }
+        }
+
+        /// A length above the bound is refused as such, from the header
+        /// alone: nothing after it is read, nor allocated for.
+        #[test]
+        fn oversized_lengths_are_refused_from_the_header(extra in 1..=u32::MAX) {
+            for max in [MAX_RESULT_FRAME, MAX_JOB_FRAME] {
+                let header = (max as u32).saturating_add(extra).to_le_bytes();
+                let err = read_async::<FromWorker>(&header, max).unwrap_err();
+                prop_assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+                prop_assert!(err.to_string().contains("exceeds"), "{}", err);
+                let err = read_frame::<FromWorker>(&mut header.as_slice(), max).unwrap_err();
+                prop_assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+            }
         }
     }
 }

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use spare_core::{Failure, Outcome};
+use spare_core::{Failure, Limits, Outcome, Status};
 use tokio::io::BufReader;
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 use tokio::sync::{Semaphore, watch};
@@ -32,13 +32,17 @@ const WATCHDOG_GRACE: Duration = Duration::from_secs(30);
 /// How long a new worker may take to say it is ready.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a cancelled job's worker has to stop its guest and report what
-/// it used before it is killed (a paused worker cannot, and is killed).
-const CANCEL_GRACE: Duration = Duration::from_secs(1);
+/// it used before it is killed (a paused worker cannot, and is killed). A
+/// worker at `SCHED_IDLE` on a busy machine may wait a while for the CPU.
+const CANCEL_GRACE: Duration = Duration::from_secs(3);
+/// How long a killed worker may take to exit before the pool stops waiting
+/// for it (the runtime reaps it later).
+const REAP_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// How waiting for a worker's answer ended.
-enum Waited {
-    Reply(std::io::Result<FromWorker>),
-    /// Cancelled, and the worker did not answer in time.
+/// How sending a job to a worker, or waiting for its answer, ended.
+enum Waited<T> {
+    Done(T),
+    /// Cancelled, and the worker did not finish in time.
     Cancelled,
     Watchdog,
 }
@@ -325,24 +329,50 @@ impl WorkerPool {
             },
         };
         let _exempt = owner.then(|| Exempt::new(self, worker.pid));
-        let limit_ms = job.limits.wall_ms;
-        let watchdog = Duration::from_millis(limit_ms) + WATCHDOG_GRACE;
+        let limits = job.limits;
+        let allowed = Duration::from_millis(limits.wall_ms) + WATCHDOG_GRACE;
         let (started, stopped_before) = (Instant::now(), self.stopped());
         // Time the workers spent stopped moves the watchdog's deadline.
         let watchdog = async {
             loop {
-                let due = started + watchdog + self.stopped().saturating_sub(stopped_before);
+                let due = started + allowed + self.stopped().saturating_sub(stopped_before);
                 if Instant::now() >= due {
                     return;
                 }
                 tokio::time::sleep_until(due.into()).await;
             }
         };
-        if let Err(e) = write_frame_async(&mut worker.stdin, &ToWorker::Run(Box::new(job))).await {
-            return self
-                .bury(worker, &format!("cannot send it the job: {e}"))
-                .await;
+        tokio::pin!(watchdog);
+        // A worker that stops reading (a compromised one may) would block
+        // the write of a job larger than the pipe's buffer for good, holding
+        // the slot: the write races the cancel and the watchdog too. It is
+        // polled first, so a job that fits the pipe is always sent whole and
+        // a cancel then reaches the worker the usual way.
+        let frame = ToWorker::Run(Box::new(job));
+        let sent = tokio::select! {
+            biased;
+            sent = write_frame_async(&mut worker.stdin, &frame) => Waited::Done(sent),
+            () = cancel.cancelled() => Waited::Cancelled,
+            () = &mut watchdog => Waited::Watchdog,
+        };
+        match sent {
+            Waited::Done(Ok(())) => {}
+            Waited::Done(Err(e)) => {
+                return self
+                    .bury(worker, &format!("cannot send it the job: {e}"))
+                    .await;
+            }
+            // Part of the job may be in its pipe: the worker is of no more use.
+            Waited::Cancelled => {
+                self.kill(worker).await;
+                return Outcome::failed(Failure::Cancelled);
+            }
+            Waited::Watchdog => {
+                let why = format!("it did not read the job within {allowed:?}");
+                return self.bury(worker, &why).await;
+            }
         }
+        drop(frame);
         let waited = {
             // Kept across a cancel: the worker's answer may be half read.
             let read = read_frame_async::<FromWorker>(&mut worker.stdout, MAX_RESULT_FRAME);
@@ -354,27 +384,30 @@ impl WorkerPool {
                     // the fuel it used; one that does not is killed.
                     crate::stop::signal(worker.pid, crate::stop::CANCEL_SIGNAL);
                     match tokio::time::timeout(CANCEL_GRACE, &mut read).await {
-                        Ok(reply) => Waited::Reply(reply),
+                        Ok(reply) => Waited::Done(reply),
                         Err(_) => Waited::Cancelled,
                     }
                 }
-                () = watchdog => Waited::Watchdog,
-                reply = &mut read => Waited::Reply(reply),
+                () = &mut watchdog => Waited::Watchdog,
+                reply = &mut read => Waited::Done(reply),
             }
         };
+        let ran_for = started.elapsed();
         let reply = match waited {
-            Waited::Reply(reply) => reply,
+            Waited::Done(reply) => reply,
             Waited::Cancelled => {
                 self.kill(worker).await;
                 return Outcome::failed(Failure::Cancelled);
             }
             Waited::Watchdog => {
                 self.kill(worker).await;
-                return Outcome::failed(Failure::Timeout { limit_ms });
+                return Outcome::failed(Failure::Timeout {
+                    limit_ms: limits.wall_ms,
+                });
             }
         };
         match reply {
-            Ok(FromWorker::Done(outcome)) => match outcome.validate() {
+            Ok(FromWorker::Done(outcome)) => match check_outcome(&outcome, &limits, ran_for) {
                 Ok(()) => {
                     self.give_back(worker);
                     *outcome
@@ -454,7 +487,8 @@ impl WorkerPool {
     }
 
     async fn kill(&self, mut worker: Worker) {
-        let _ = worker.child.kill().await;
+        let _ = worker.child.start_kill();
+        let _ = tokio::time::timeout(REAP_TIMEOUT, worker.child.wait()).await;
         // Out of the live list first, or the replacement is thought unneeded.
         drop(worker);
         self.replenish();
@@ -496,7 +530,7 @@ impl WorkerPool {
     /// Reaps a worker that failed and reports how it died.
     async fn bury(&self, mut worker: Worker, why: &str) -> Outcome {
         let _ = worker.child.start_kill();
-        let status = tokio::time::timeout(Duration::from_secs(5), worker.child.wait())
+        let status = tokio::time::timeout(REAP_TIMEOUT, worker.child.wait())
             .await
             .ok()
             .and_then(Result::ok);
@@ -529,6 +563,59 @@ impl Inner {
     fn lock_exempt(&self) -> std::sync::MutexGuard<'_, HashSet<u32>> {
         self.exempt.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// Checks a worker's outcome against the job it was sent. A compromised
+/// worker could claim anything, and the fuel and wall time are signed into
+/// the requester's receipt, so an outcome no honest worker could produce
+/// is refused: more fuel or output than the job's limits, more wall time
+/// than passed here while it ran (the worker's clock starts after ours and
+/// stops before, less its pauses), or a failure naming another limit.
+fn check_outcome(outcome: &Outcome, limits: &Limits, ran_for: Duration) -> Result<(), String> {
+    outcome.validate()?;
+    if outcome.fuel > limits.fuel {
+        return Err(format!(
+            "it reported {} fuel used, above the job's limit of {}",
+            outcome.fuel, limits.fuel
+        ));
+    }
+    let ran_ms = u64::try_from(ran_for.as_millis()).unwrap_or(u64::MAX);
+    if outcome.wall_ms > ran_ms {
+        return Err(format!(
+            "it reported {} ms of wall time, but the job ran for {ran_ms} ms",
+            outcome.wall_ms
+        ));
+    }
+    for (name, bytes) in [("stdout", &outcome.stdout), ("stderr", &outcome.stderr)] {
+        if bytes.len() as u64 > limits.output {
+            return Err(format!(
+                "it reported {} bytes of {name}, above the job's limit of {}",
+                bytes.len(),
+                limits.output
+            ));
+        }
+    }
+    // The sandbox names the job's own limit in each failure that has one.
+    let named = match &outcome.status {
+        Status::Failed(Failure::OutOfFuel { limit }) => Some(("fuel", *limit, limits.fuel)),
+        Status::Failed(Failure::MemoryLimit { limit }) => Some(("memory", *limit, limits.memory)),
+        Status::Failed(Failure::StackOverflow { limit }) => Some(("stack", *limit, limits.stack)),
+        Status::Failed(Failure::Timeout { limit_ms }) => {
+            Some(("wall-time", *limit_ms, limits.wall_ms))
+        }
+        Status::Failed(Failure::OutputLimit { limit, .. }) => {
+            Some(("output", *limit, limits.output))
+        }
+        _ => None,
+    };
+    if let Some((name, claimed, limit)) = named
+        && claimed != limit
+    {
+        return Err(format!(
+            "it reported a {name} limit of {claimed}, but the job's is {limit}"
+        ));
+    }
+    Ok(())
 }
 
 fn describe(status: Option<ExitStatus>) -> String {
@@ -585,5 +672,193 @@ impl<'a> Gauge<'a> {
 impl Drop for Gauge<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use spare_core::{BlobId, TaskId};
+
+    use super::*;
+    use crate::JobStdin;
+    use crate::ipc::write_frame;
+    use crate::priority::{CpuPolicy, PriorityReport};
+
+    const READY: FromWorker = FromWorker::Ready {
+        priority: PriorityReport {
+            policy: CpuPolicy::Normal,
+            nice: 0,
+            idle_io: false,
+        },
+    };
+
+    /// A pool of one fake worker: a shell that writes `frames` to the
+    /// daemon, then runs `then` with the daemon's pipe as its stdin.
+    async fn fake_pool(dir: &Path, frames: &[FromWorker], then: &str) -> WorkerPool {
+        let path = dir.join("frames");
+        let mut bytes = Vec::new();
+        for frame in frames {
+            write_frame(&mut bytes, frame).unwrap();
+        }
+        std::fs::write(&path, bytes).unwrap();
+        WorkerPool::start(PoolConfig {
+            command: WorkerCommand {
+                program: "/bin/sh".into(),
+                args: vec![
+                    "-c".into(),
+                    format!("cat \"$0\"; exec {then}").into(),
+                    path.into(),
+                ],
+            },
+            slots: 1,
+            join: vec![],
+        })
+        .await
+        .unwrap()
+    }
+
+    fn job(args: Vec<String>) -> Job {
+        Job {
+            task: TaskId::random(),
+            module: BlobId::of(b""),
+            module_path: "/nonexistent.wasm".into(),
+            name: "fake.wasm".into(),
+            args,
+            env: vec![],
+            stdin: JobStdin::Bytes(vec![]),
+            limits: Limits::DEFAULT,
+        }
+    }
+
+    /// A worker that never reads its stdin cannot hold a job larger than
+    /// the pipe's buffer, and its slot, past the job's cancel.
+    #[tokio::test]
+    async fn a_worker_that_stops_reading_frees_its_slot_on_cancel() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = fake_pool(dir.path(), &[READY], "sleep 600").await;
+        let first = pool.worker_pids();
+        let cancel = CancellationToken::new();
+        let running = tokio::spawn({
+            let (pool, cancel) = (pool.clone(), cancel.clone());
+            // Far more than a pipe holds.
+            async move { pool.run(job(vec!["x".repeat(1 << 20)]), cancel).await }
+        });
+        while pool.stats().running == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        cancel.cancel();
+        let outcome = tokio::time::timeout(Duration::from_secs(10), running)
+            .await
+            .expect("the job ended on its cancel")
+            .unwrap();
+        assert_eq!(outcome, Outcome::failed(Failure::Cancelled));
+        assert_eq!(pool.stats().running, 0);
+        assert_eq!(pool.inner.slots.available_permits(), 1);
+        // The worker, with half a job in its pipe, was killed and replaced.
+        for _ in 0..500 {
+            let pids = pool.worker_pids();
+            if pids.len() == 1 && pids != first {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("worker {first:?} not replaced: {:?}", pool.worker_pids());
+    }
+
+    /// A worker that claims more fuel than the job had is buried.
+    #[tokio::test]
+    async fn a_worker_claiming_absurd_fuel_is_buried() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut lie = Outcome::failed(Failure::Cancelled);
+        lie.status = Status::Exited(0);
+        lie.fuel = u64::MAX;
+        let done = FromWorker::Done(Box::new(lie));
+        let pool = fake_pool(dir.path(), &[READY, done], "cat >/dev/null").await;
+        let outcome = pool.run(job(vec![]), CancellationToken::new()).await;
+        match outcome.failure() {
+            Some(Failure::WorkerCrashed(why)) => assert!(why.contains("fuel"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(pool.inner.slots.available_permits(), 1);
+    }
+
+    #[test]
+    fn outcomes_are_checked_against_the_jobs_limits() {
+        let limits = Limits::DEFAULT;
+        let ran_for = Duration::from_millis(1500);
+        let honest = Outcome {
+            status: Status::Exited(0),
+            stdout: vec![b'o'; limits.output as usize],
+            stderr: vec![],
+            fuel: limits.fuel,
+            wall_ms: 1500,
+        };
+        assert_eq!(check_outcome(&honest, &limits, ran_for), Ok(()));
+        let failed = |failure| Outcome {
+            status: Status::Failed(failure),
+            ..honest.clone()
+        };
+        let fuel_out = failed(Failure::OutOfFuel { limit: limits.fuel });
+        assert_eq!(check_outcome(&fuel_out, &limits, ran_for), Ok(()));
+
+        let lies = [
+            (
+                "fuel",
+                Outcome {
+                    fuel: u64::MAX,
+                    ..honest.clone()
+                },
+            ),
+            (
+                "fuel",
+                Outcome {
+                    fuel: limits.fuel + 1,
+                    ..honest.clone()
+                },
+            ),
+            (
+                "wall time",
+                Outcome {
+                    wall_ms: 1501,
+                    ..honest.clone()
+                },
+            ),
+            (
+                "wall time",
+                Outcome {
+                    wall_ms: u64::MAX,
+                    ..honest.clone()
+                },
+            ),
+            (
+                "stdout",
+                Outcome {
+                    stdout: vec![0; limits.output as usize + 1],
+                    ..honest.clone()
+                },
+            ),
+            (
+                "stderr",
+                Outcome {
+                    stderr: vec![0; limits.output as usize + 1],
+                    ..honest.clone()
+                },
+            ),
+            ("fuel limit", failed(Failure::OutOfFuel { limit: u64::MAX })),
+            ("wall-time limit", failed(Failure::Timeout { limit_ms: 1 })),
+            (
+                "memory limit",
+                failed(Failure::MemoryLimit {
+                    limit: limits.memory + 1,
+                }),
+            ),
+        ];
+        for (cause, lie) in lies {
+            let err = check_outcome(&lie, &limits, ran_for).unwrap_err();
+            assert!(err.contains(cause), "{cause}: {err}");
+        }
     }
 }
