@@ -355,6 +355,39 @@ fn workers_run_at_idle_priority() {
     // The daemon itself keeps normal priority.
     let (_, policy) = read_proc_priority(node.pid().unwrap()).unwrap();
     assert_eq!(policy, 0);
+
+    // Workers are confined (confine.rs): no socket at all, so a seccomp
+    // filter is in force, and status says what they cannot reach.
+    for pid in node.worker_pids().unwrap() {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        assert!(status.contains("\nSeccomp:\t2\n"), "worker {pid}: {status}");
+        assert!(
+            status.contains("\nNoNewPrivs:\t1\n"),
+            "worker {pid}: {status}"
+        );
+    }
+    let workers = node.get("/v1/status").unwrap()["enforcement"]["workers"].clone();
+    let workers = workers.as_str().unwrap_or_default();
+    assert!(workers.starts_with("confined: "), "{workers}");
+    assert!(workers.contains("sockets"), "{workers}");
+    if landlock_abi() >= 6 {
+        assert_eq!(workers, "confined: files, TCP, signals, sockets");
+    }
+}
+
+/// The kernel's Landlock ABI version, 0 without Landlock.
+fn landlock_abi() -> i64 {
+    // SAFETY: with a null attribute, size 0 and flag 1 (VERSION), the call
+    // only returns a number.
+    let version = unsafe {
+        libc::syscall(
+            libc::SYS_landlock_create_ruleset,
+            std::ptr::null::<libc::c_void>(),
+            0usize,
+            1u32,
+        )
+    };
+    version.max(0)
 }
 
 #[test]

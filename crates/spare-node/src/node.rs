@@ -127,6 +127,13 @@ impl Node {
                     .push("the idle I/O class was refused; workers keep the default".into());
             }
         }
+        if let Some(confinement) = pool.confinement() {
+            // What the kernel did not allow: a guest that broke out of
+            // wasmtime would have more than it should.
+            for note in confinement.notes {
+                enforcement.notes.push(format!("workers: {note}"));
+            }
+        }
         enforcement.notes.extend(config.warnings());
         for note in &enforcement.notes {
             tracing::warn!("{note}");

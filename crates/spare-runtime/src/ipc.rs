@@ -13,6 +13,7 @@ use spare_core::{Limits, Outcome};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::Job;
+use crate::confine::ConfineReport;
 use crate::priority::PriorityReport;
 
 /// Largest frame the daemon sends: a job with up to 1 MiB of args and env
@@ -30,8 +31,13 @@ pub(crate) enum ToWorker {
 /// Worker → daemon.
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) enum FromWorker {
-    /// Sent once at start, after the worker lowered its priority.
-    Ready { priority: PriorityReport },
+    /// Sent once at start, after the worker lowered its priority and
+    /// confined itself.
+    Ready {
+        priority: PriorityReport,
+        #[serde(default)]
+        confinement: ConfineReport,
+    },
     /// The job's outcome.
     Done(Box<Outcome>),
 }

@@ -21,6 +21,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::Job;
+use crate::confine::ConfineReport;
 use crate::ipc::{FromWorker, MAX_RESULT_FRAME, ToWorker, read_frame_async, write_frame_async};
 use crate::priority::PriorityReport;
 use crate::stop::{WorkerState, signal, transition};
@@ -98,6 +99,8 @@ struct Inner {
     owner_running: AtomicUsize,
     /// What the most recent worker obtained when lowering its priority.
     priority: Mutex<Option<PriorityReport>>,
+    /// What the most recent worker could take from itself.
+    confinement: Mutex<Option<ConfineReport>>,
     /// Pids of live workers, for status and tests.
     pids: Pids,
     /// The state the workers were last put in, and how long they have been
@@ -170,6 +173,7 @@ impl WorkerPool {
                 queued: AtomicUsize::new(0),
                 owner_running: AtomicUsize::new(0),
                 priority: Mutex::new(None),
+                confinement: Mutex::new(None),
                 pids: Pids::default(),
                 state: Mutex::new(StateClock {
                     state: WorkerState::Run,
@@ -203,6 +207,15 @@ impl WorkerPool {
             .priority
             .lock()
             .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// What the workers could take from themselves (`confine.rs`).
+    pub fn confinement(&self) -> Option<ConfineReport> {
+        self.inner
+            .confinement
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Process ids of the live workers.
@@ -464,12 +477,20 @@ impl WorkerPool {
         )
         .await;
         match hello {
-            Ok(Ok(FromWorker::Ready { priority })) => {
+            Ok(Ok(FromWorker::Ready {
+                priority,
+                confinement,
+            })) => {
                 *self
                     .inner
                     .priority
                     .lock()
                     .unwrap_or_else(|p| p.into_inner()) = Some(priority);
+                *self
+                    .inner
+                    .confinement
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = Some(confinement);
                 self.inner.lock_pids().push(pid);
                 Ok(worker)
             }
@@ -691,6 +712,14 @@ mod tests {
             policy: CpuPolicy::Normal,
             nice: 0,
             idle_io: false,
+        },
+        confinement: ConfineReport {
+            landlock_abi: 0,
+            files: false,
+            tcp: false,
+            signals: false,
+            sockets: false,
+            notes: Vec::new(),
         },
     };
 

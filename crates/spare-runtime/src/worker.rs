@@ -11,6 +11,7 @@ use std::io::BufReader;
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::PathBuf;
 
+use crate::confine::{ConfineReport, Confinement, confine};
 use crate::ipc::{FromWorker, MAX_JOB_FRAME, ToWorker, read_frame, write_frame};
 use crate::priority::lower_own_priority;
 use crate::sandbox::Sandbox;
@@ -20,13 +21,15 @@ use crate::sandbox::Sandbox;
 /// only carries the executor, compilation and host calls.
 const EXECUTOR_STACK: usize = 8 << 20;
 
-/// Runs the worker until the daemon closes its stdin. Returns the process
-/// exit code.
-pub fn main(cache_dir: Option<PathBuf>) -> i32 {
+/// Runs the worker until the daemon closes its stdin, confined to
+/// `confinement` (`confine.rs`). Returns the process exit code.
+pub fn main(cache_dir: Option<PathBuf>, confinement: &Confinement) -> i32 {
     let priority = lower_own_priority();
     limit_core_dumps();
     limit_open_files();
     offer_to_the_oom_killer();
+    // After the last write to /proc, before the first thread.
+    let confinement = confine(confinement);
     if let Err(e) = crate::stop::install_pause_handler() {
         eprintln!("spare worker: cannot catch SIGTSTP, pauses will count as wall time: {e}");
     }
@@ -41,7 +44,7 @@ pub fn main(cache_dir: Option<PathBuf>) -> i32 {
             // The signal handlers run on another thread, never on a
             // guest's fiber stack.
             block_handled_signals();
-            serve(cache_dir, priority)
+            serve(cache_dir, priority, confinement)
         });
     let guest = match guest {
         Ok(guest) => guest,
@@ -62,7 +65,11 @@ pub fn main(cache_dir: Option<PathBuf>) -> i32 {
 }
 
 /// Reads jobs and answers them until the input ends.
-fn serve(cache_dir: Option<PathBuf>, priority: crate::priority::PriorityReport) -> i32 {
+fn serve(
+    cache_dir: Option<PathBuf>,
+    priority: crate::priority::PriorityReport,
+    confinement: ConfineReport,
+) -> i32 {
     let mut sandbox = Sandbox::new(cache_dir);
     let mut input = BufReader::new(std::io::stdin().lock());
     // Our own handle on fd 1: std's stdout is line-buffered and would split
@@ -76,7 +83,11 @@ fn serve(cache_dir: Option<PathBuf>, priority: crate::priority::PriorityReport) 
             return 1;
         }
     };
-    if write_frame(&mut out, &FromWorker::Ready { priority }).is_err() {
+    let ready = FromWorker::Ready {
+        priority,
+        confinement,
+    };
+    if write_frame(&mut out, &ready).is_err() {
         return 1;
     }
     loop {

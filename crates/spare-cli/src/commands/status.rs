@@ -129,6 +129,7 @@ fn render(s: &StatusView) -> String {
         "  enforced   by {}: CPU by {}; memory by {}",
         e.mechanism, e.cpu, e.memory
     );
+    let _ = writeln!(out, "  workers    {}", e.workers);
     for note in &e.notes {
         let _ = writeln!(out, "  note       {note}");
     }
@@ -175,6 +176,7 @@ mod tests {
                 mechanism: "fallback".into(),
                 cpu: "duty cycle".into(),
                 memory: "the sandbox".into(),
+                workers: "confined: files, TCP, signals, sockets".into(),
                 notes: Vec::new(),
             },
             uploaded: 0,

@@ -140,6 +140,8 @@ pub(crate) async fn execute(context: &Context, args: Args) -> Result<ExitCode> {
             "worker".into(),
             "--cache-dir".into(),
             context.paths.cache.clone().into_os_string(),
+            "--blobs-dir".into(),
+            context.paths.blobs.clone().into_os_string(),
         ],
     };
     run(DaemonOptions {

@@ -203,6 +203,10 @@ async fn status(State(node): State<Node>) -> Json<StatusView> {
             mechanism: governor.enforcement.mechanism,
             cpu: governor.enforcement.cpu,
             memory: governor.enforcement.memory,
+            workers: node
+                .pool()
+                .confinement()
+                .map_or_else(|| "unknown".into(), |c| c.describe()),
             notes: governor.enforcement.notes,
         },
         uploaded: node.upload().moved(),

@@ -92,6 +92,10 @@ pub struct EnforcementView {
     pub mechanism: String,
     pub cpu: String,
     pub memory: String,
+    /// What a worker could reach if a guest broke out of wasmtime, e.g.
+    /// `confined: files, TCP, signals, sockets`.
+    #[serde(default)]
+    pub workers: String,
     pub notes: Vec<String>,
 }
 
