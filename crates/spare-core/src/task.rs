@@ -65,11 +65,48 @@ pub struct TaskSpec {
     /// The module (WASI preview 1) or component (WASI preview 2).
     pub module: BlobRef,
     /// `argv[1..]`.
+    #[serde(deserialize_with = "at_most::<_, _, MAX_ARGS>")]
     pub args: Vec<String>,
     /// The whole environment the guest sees; nothing of the host's leaks in.
+    #[serde(deserialize_with = "at_most::<_, _, MAX_ENV>")]
     pub env: Vec<(String, String)>,
     pub stdin: Stdin,
     pub limits: Limits,
+}
+
+/// Decodes a sequence of at most `MAX` elements, refusing a longer one as
+/// soon as it passes the bound: a 2 MiB request of two million empty
+/// arguments would otherwise become 48 MiB of `String`s before validation
+/// saw it.
+fn at_most<'de, D, T, const MAX: usize>(deserializer: D) -> Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    struct Bounded<T, const MAX: usize>(std::marker::PhantomData<T>);
+
+    impl<'de, T: Deserialize<'de>, const MAX: usize> serde::de::Visitor<'de> for Bounded<T, MAX> {
+        type Value = Vec<T>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "a sequence of at most {MAX} elements")
+        }
+
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
+            let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(MAX).min(64));
+            while let Some(item) = seq.next_element()? {
+                if items.len() == MAX {
+                    return Err(serde::de::Error::custom(format!(
+                        "more than {MAX} elements"
+                    )));
+                }
+                items.push(item);
+            }
+            Ok(items)
+        }
+    }
+
+    deserializer.deserialize_seq(Bounded::<T, MAX>(std::marker::PhantomData))
 }
 
 /// Why a task spec is refused.
@@ -183,6 +220,29 @@ pub(crate) mod tests {
             stdin: Stdin::for_bytes(b"1 2 3\n"),
             limits: Limits::DEFAULT,
         }
+    }
+
+    /// More arguments than the bound are refused while decoding, before
+    /// they are all made; up to the bound they decode, for validation.
+    #[test]
+    fn decoding_stops_at_the_argument_bound() {
+        let encode = |spec: &TaskSpec| {
+            let mut bytes = Vec::new();
+            ciborium::into_writer(spec, &mut bytes).unwrap();
+            bytes
+        };
+        let decode = |bytes: &[u8]| ciborium::from_reader::<TaskSpec, _>(bytes);
+        let mut spec = sample();
+        spec.args = vec![String::new(); MAX_ARGS];
+        assert_eq!(decode(&encode(&spec)).unwrap(), spec);
+        spec.args.push(String::new());
+        let err = decode(&encode(&spec)).unwrap_err().to_string();
+        assert!(err.contains("more than 4096 elements"), "{err}");
+
+        let mut spec = sample();
+        spec.env = vec![("A".into(), String::new()); MAX_ENV + 1];
+        let err = decode(&encode(&spec)).unwrap_err().to_string();
+        assert!(err.contains("more than 1024 elements"), "{err}");
     }
 
     #[test]
