@@ -11,14 +11,28 @@
 //! blobs are committed, used and evicted. A fetch that finds its blob here
 //! bumps the file's mtime too, at most once a minute, so the order
 //! survives a restart without a file write for every task. Before fetching
-//! a blob it lacks, it makes room by evicting the least recently used
-//! blobs, never a pinned one: a [`BlobPin`] is held by every fetch and, for
-//! as long as the task runs, by every hosted task using the blob. A blob
-//! that does not fit even so is refused with [`BlobError::NoRoom`] (the host
-//! then refuses the task and its requester tries another peer). Blobs the
-//! owner stores through the API ([`BlobStore::put_verified`]) make room the
-//! same way but are never refused: where nothing can be evicted they take
-//! the store over its budget until later fetches evict what is not in use.
+//! a blob it lacks, it checks that the blob would fit once the least
+//! recently used blobs were evicted, never a pinned one: a [`BlobPin`] is
+//! held by every fetch and, for as long as the task runs, by every hosted
+//! task using the blob. A blob that does not fit even so is refused with
+//! [`BlobError::NoRoom`] (the host then refuses the task and its requester
+//! tries another peer). The room itself is made chunk by chunk as the bytes
+//! arrive, never ahead of them: a peer that names a blob it does not have,
+//! or stops sending, evicts no more than it sent. Blobs the owner stores
+//! through the API ([`BlobStore::put_verified`]) make room at once and are
+//! never refused: where nothing can be evicted they take the store over its
+//! budget until later fetches evict what is not in use.
+//!
+//! A fetch holds its peer to the protocol: every chunk must be exactly as
+//! long as asked (what an honest peer's [`BlobStore::read_chunk`] sends), so
+//! a blob takes one request per [`MAX_BLOB_CHUNK`], and the node's download
+//! bucket is charged for the bytes that arrived, after they arrived, never
+//! for a reply that carried none. A peer that answers
+//! [`BlobResponse::Busy`] is asked again after a pause, within the fetch's
+//! deadline.
+//!
+//! The store also bounds what serving chunks to peers holds in memory
+//! ([`BlobStore::serving_permit`], [`MAX_SERVING_BYTES`]).
 //!
 //! The budget is three quarters of the owner's `disk`, for the blobs and
 //! the node's state (its database, measured every 30 s by the node) together.
@@ -53,6 +67,27 @@ const MIN_FETCH_RATE: u64 = 64 << 10;
 const _: () = assert!(MIN_FETCH_RATE * 2 <= spare_policy::settings::MIN_RATE);
 /// Time every fetch gets on top of its size at the slowest rate.
 const FETCH_GRACE: Duration = Duration::from_secs(30);
+/// How long a fetch waits before asking a peer that answered
+/// [`BlobResponse::Busy`] again, the first time; doubled at each further
+/// `Busy` in a row up to [`BUSY_RETRY_MAX`]. The waits count against the
+/// fetch's deadline, so a peer that is always busy fails it as too slow.
+const BUSY_RETRY_FIRST: Duration = Duration::from_millis(50);
+/// The longest wait between two requests a peer answered `Busy`.
+const BUSY_RETRY_MAX: Duration = Duration::from_secs(1);
+
+/// The most bytes of blob chunks this node holds in memory at once to serve
+/// them to peers, from reading a chunk until it is handed to the network:
+/// 32 of the largest chunks (32 MiB). A peer it was given to that opens
+/// many streams and reads none of the replies holds at most its share
+/// ([`MAX_SERVING_BYTES_PER_PEER`]); a request beyond either bound is
+/// answered [`BlobResponse::Busy`] at once, which the fetcher retries
+/// after a pause, rather than queued.
+pub const MAX_SERVING_BYTES: u64 = 32 * MAX_BLOB_CHUNK as u64;
+/// The most of [`MAX_SERVING_BYTES`] one peer holds at once: 8 MiB, so
+/// one peer never takes more than a quarter and the others are still
+/// served. An honest peer has one chunk in flight per blob it fetches.
+pub const MAX_SERVING_BYTES_PER_PEER: u64 = MAX_SERVING_BYTES / 4;
+const _: () = assert!(MAX_SERVING_BYTES_PER_PEER >= MAX_BLOB_CHUNK as u64);
 
 /// The store.
 #[derive(Debug)]
@@ -64,7 +99,8 @@ pub struct BlobStore {
     fetching: Mutex<HashMap<(BlobId, PeerId), FetchLock>>,
 }
 
-/// What blocking threads, pins and reservations share with the store.
+/// What blocking threads, pins, reservations and serving permits share
+/// with the store.
 #[derive(Debug)]
 struct Shared {
     dir: PathBuf,
@@ -74,6 +110,15 @@ struct Shared {
     /// measured (see [`BlobStore::set_state_bytes`]).
     state: AtomicU64,
     space: Mutex<Space>,
+    serving: Mutex<Serving>,
+}
+
+/// Bytes of chunks being served to peers, in all and per peer; see
+/// [`MAX_SERVING_BYTES`].
+#[derive(Debug, Default)]
+struct Serving {
+    total: u64,
+    peers: HashMap<PeerId, u64>,
 }
 
 /// The store's accounting of its disk budget.
@@ -83,8 +128,14 @@ struct Space {
     blobs: HashMap<BlobId, Stored>,
     /// The sum of their sizes.
     stored: u64,
-    /// Room reserved by fetches in progress for the blobs they write.
+    /// Room reserved for blobs being written: by fetches in progress for
+    /// the bytes that have arrived, by the owner's blobs for all of theirs.
     reserved: u64,
+    /// Bytes fetches in progress still expect. No room is made for them
+    /// (nothing is evicted for a byte that has not arrived), but they count
+    /// when a fetch asks whether its blob would fit, so the fetches in
+    /// progress never together expect more than the budget.
+    promised: u64,
     /// How many holders keep each blob from eviction (it may not be stored
     /// yet: a fetch pins its blob before it starts).
     pins: HashMap<BlobId, u32>,
@@ -169,6 +220,7 @@ impl BlobStore {
                 budget,
                 state: AtomicU64::new(0),
                 space: Mutex::new(space),
+                serving: Mutex::new(Serving::default()),
             }),
             fetching: Mutex::new(HashMap::new()),
         })
@@ -257,30 +309,61 @@ impl BlobStore {
         Ok(id)
     }
 
-    /// Reads up to `len` bytes at `offset`, and the blob's total size.
-    /// Blocking.
+    /// Reads up to `len` bytes at `offset`, and the blob's total size: all
+    /// of `len` (at most [`MAX_BLOB_CHUNK`]) unless the blob ends sooner,
+    /// the length a fetch requires of a chunk. Blocking.
     pub fn read_chunk(
         &self,
         id: &BlobId,
         offset: u64,
         len: u32,
     ) -> std::io::Result<(u64, Vec<u8>)> {
-        let mut file = std::fs::File::open(self.path(id))?;
-        let total = file.metadata()?.len();
-        let start = offset.min(total);
-        let want = (total - start).min(u64::from(len.min(MAX_BLOB_CHUNK)));
-        file.seek(SeekFrom::Start(start))?;
-        let mut data = vec![0u8; usize::try_from(want).unwrap_or(0)];
-        file.read_exact(&mut data)?;
-        Ok((total, data))
+        self.shared.read_chunk(id, offset, len)
+    }
+
+    /// [`BlobStore::read_chunk`] on a blocking thread.
+    pub async fn load_chunk(
+        &self,
+        id: BlobId,
+        offset: u64,
+        len: u32,
+    ) -> std::io::Result<(u64, Vec<u8>)> {
+        let shared = Arc::clone(&self.shared);
+        tokio::task::spawn_blocking(move || shared.read_chunk(&id, offset, len))
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))?
+    }
+
+    /// Takes room for a chunk of `len` bytes to be served to `peer` out of
+    /// [`MAX_SERVING_BYTES`] and the peer's share of it,
+    /// [`MAX_SERVING_BYTES_PER_PEER`], until the permit is dropped; `None`
+    /// when either is taken (the peer is then answered
+    /// [`BlobResponse::Busy`]).
+    pub fn serving_permit(&self, peer: PeerId, len: u32) -> Option<ServingPermit> {
+        let bytes = u64::from(len.min(MAX_BLOB_CHUNK));
+        let mut serving = self.shared.serving();
+        let mine = serving.peers.get(&peer).copied().unwrap_or(0);
+        if serving.total + bytes > MAX_SERVING_BYTES || mine + bytes > MAX_SERVING_BYTES_PER_PEER {
+            return None;
+        }
+        serving.total += bytes;
+        serving.peers.insert(peer, mine + bytes);
+        Some(ServingPermit {
+            shared: Arc::clone(&self.shared),
+            peer,
+            bytes,
+        })
     }
 
     /// Makes sure `blob` is in the store, fetching it from `peer` if not,
     /// and pins it: it stays until the returned pin is dropped. Before
-    /// fetching, makes room within the disk budget (or fails with
-    /// [`BlobError::NoRoom`]); waits on `bucket` before requesting each
-    /// chunk. Verifies size and hash before the blob becomes visible, and
-    /// gives up on a peer that sends it slower than [`MIN_FETCH_RATE`].
+    /// fetching, checks the blob would fit in the disk budget (or fails
+    /// with [`BlobError::NoRoom`]), and makes the room as its chunks
+    /// arrive. Requires every chunk to be exactly as long as asked, charges
+    /// `bucket` for each chunk once it arrived, asks again after a pause a
+    /// peer that is busy, and verifies size and hash before the blob
+    /// becomes visible. Gives up on a peer that sends it slower than
+    /// [`MIN_FETCH_RATE`].
     pub async fn fetch(
         &self,
         net: &NetHandle,
@@ -288,6 +371,28 @@ impl BlobStore {
         blob: BlobRef,
         bucket: &TokenBucket,
     ) -> Result<BlobPin, BlobError> {
+        let limit = FETCH_GRACE + Duration::from_secs(blob.size / MIN_FETCH_RATE);
+        self.fetch_from(peer, blob, bucket, limit, |request| {
+            net.fetch_blob(peer, request)
+        })
+        .await
+    }
+
+    /// [`BlobStore::fetch`], asking `peer` for each chunk through `ask`
+    /// and giving it `limit` (plus the waits on `bucket`).
+    async fn fetch_from<F, Fut, E>(
+        &self,
+        peer: PeerId,
+        blob: BlobRef,
+        bucket: &TokenBucket,
+        limit: Duration,
+        ask: F,
+    ) -> Result<BlobPin, BlobError>
+    where
+        F: FnMut(BlobRequest) -> Fut,
+        Fut: Future<Output = Result<BlobResponse, E>>,
+        E: std::fmt::Display,
+    {
         // Pinned first, so it cannot be evicted between being found and
         // being used.
         let pin = self.pin(&blob.id);
@@ -307,13 +412,9 @@ impl BlobStore {
             self.mark_used(blob.id).await;
             return Ok(pin);
         }
-        let shared = Arc::clone(&self.shared);
-        let room = tokio::task::spawn_blocking(move || shared.make_room(blob.size))
-            .await
-            .map_err(|e| std::io::Error::other(e.to_string()))??;
-        let limit = FETCH_GRACE + Duration::from_secs(blob.size / MIN_FETCH_RATE);
-        self.fetch_unlocked(net, peer, blob, bucket, limit, room)
-            .await?;
+        // Evicts nothing yet: room is made as the bytes arrive.
+        let room = self.shared.promise(blob.size)?;
+        self.fetch_unlocked(blob, bucket, limit, room, ask).await?;
         Ok(pin)
     }
 
@@ -328,19 +429,25 @@ impl BlobStore {
         let _ = tokio::task::spawn_blocking(move || shared.touch(&id)).await;
     }
 
-    async fn fetch_unlocked(
+    async fn fetch_unlocked<F, Fut, E>(
         &self,
-        net: &NetHandle,
-        peer: PeerId,
         blob: BlobRef,
         bucket: &TokenBucket,
         limit: Duration,
-        room: Reservation,
-    ) -> Result<(), BlobError> {
+        mut room: Reservation,
+        mut ask: F,
+    ) -> Result<(), BlobError>
+    where
+        F: FnMut(BlobRequest) -> Fut,
+        Fut: Future<Output = Result<BlobResponse, E>>,
+        E: std::fmt::Display,
+    {
         let id = blob.id;
         let bad = |reason: String| BlobError::BadChunk { id, reason };
         // Waits on our own bucket move the deadline: they are not the
-        // peer's slowness.
+        // peer's slowness. They are for bytes that arrived, each chunk
+        // exactly as long as asked, so they add up to no more than the
+        // blob's size at the bucket's rate (shared with other transfers).
         let mut deadline = Instant::now() + limit;
         let too_slow = || BlobError::TooSlow { id, limit };
         // Deleted if the fetch fails or is cancelled.
@@ -348,51 +455,80 @@ impl BlobStore {
         let mut file = tokio::fs::File::create(&tmp.0).await?;
         let mut hasher = blake3::Hasher::new();
         let mut offset = 0u64;
+        let mut busy_wait = BUSY_RETRY_FIRST;
         while offset < blob.size {
             let len = u32::try_from((blob.size - offset).min(u64::from(MAX_BLOB_CHUNK)))
                 .unwrap_or(MAX_BLOB_CHUNK);
-            let paced = Instant::now();
-            bucket.take(u64::from(len)).await;
-            deadline += paced.elapsed();
-            let response = tokio::time::timeout_at(
-                deadline,
-                net.fetch_blob(peer, BlobRequest { id, offset, len }),
-            )
-            .await
-            .map_err(|_| too_slow())?
-            .map_err(|e| BlobError::Network {
-                id,
-                reason: e.to_string(),
-            })?;
+            let response = tokio::time::timeout_at(deadline, ask(BlobRequest { id, offset, len }))
+                .await
+                .map_err(|_| too_slow())?
+                .map_err(|e| BlobError::Network {
+                    id,
+                    reason: e.to_string(),
+                })?;
             let data = match response {
                 BlobResponse::NotFound => return Err(BlobError::NotFound(id)),
                 BlobResponse::Busy => {
-                    return Err(BlobError::Network {
-                        id,
-                        reason: "the peer is too busy to serve it".into(),
-                    });
+                    // Serving others: asked again after a pause, which is
+                    // the peer's slowness and counts against the deadline.
+                    tokio::time::sleep_until(deadline.min(Instant::now() + busy_wait)).await;
+                    if Instant::now() >= deadline {
+                        return Err(too_slow());
+                    }
+                    busy_wait = (busy_wait * 2).min(BUSY_RETRY_MAX);
+                    continue;
                 }
                 BlobResponse::Invalid(why) => {
                     return Err(bad(format!("peer refused our request: {why}")));
                 }
                 BlobResponse::Chunk { total, data } => {
-                    if total != blob.size {
-                        return Err(bad(format!("size {total}, expected {}", blob.size)));
-                    }
-                    if data.is_empty() || data.len() > len as usize {
-                        return Err(bad(format!(
-                            "{} bytes for a {len}-byte request",
+                    // An honest peer sends exactly what was asked: the
+                    // blob's size, and all of `len` (the blob has that
+                    // much left). Anything else ends the fetch.
+                    let wrong = if total != blob.size {
+                        Some(format!(
+                            "the peer says the blob has {total} bytes, its reference {}",
+                            blob.size
+                        ))
+                    } else if data.len() != len as usize {
+                        Some(format!(
+                            "the peer sent {} bytes at offset {offset} where it must send \
+                             exactly {len}: a short or long chunk is a misbehaving peer's",
                             data.len()
-                        )));
+                        ))
+                    } else {
+                        None
+                    };
+                    if let Some(reason) = wrong {
+                        // The bytes came over our link all the same: counted,
+                        // without a wait, as the fetch ends here.
+                        let _ = bucket.reserve(data.len() as u64);
+                        return Err(bad(reason));
                     }
                     data
                 }
             };
+            busy_wait = BUSY_RETRY_FIRST;
+            let received = data.len() as u64;
+            // Paced for the bytes that arrived, once they arrived: a reply
+            // that carries none costs the node's allowance nothing.
+            let paced = Instant::now();
+            bucket.take(received).await;
+            deadline += paced.elapsed();
+            // Room for them, now that they are here.
+            if !self.shared.grow_without_evicting(&mut room, received) {
+                let shared = Arc::clone(&self.shared);
+                room = tokio::task::spawn_blocking(move || {
+                    shared.grow(&mut room, received).map(|()| room)
+                })
+                .await
+                .map_err(|e| std::io::Error::other(e.to_string()))??;
+            }
             hasher.update(&data);
             tokio::time::timeout_at(deadline, file.write_all(&data))
                 .await
                 .map_err(|_| too_slow())??;
-            offset += data.len() as u64;
+            offset += received;
         }
         let actual = BlobId::from_bytes(*hasher.finalize().as_bytes());
         if actual != id {
@@ -425,6 +561,22 @@ impl Shared {
         self.space.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn serving(&self) -> MutexGuard<'_, Serving> {
+        self.serving.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// See [`BlobStore::read_chunk`]. Blocking.
+    fn read_chunk(&self, id: &BlobId, offset: u64, len: u32) -> std::io::Result<(u64, Vec<u8>)> {
+        let mut file = std::fs::File::open(self.path(id))?;
+        let total = file.metadata()?.len();
+        let start = offset.min(total);
+        let want = (total - start).min(u64::from(len.min(MAX_BLOB_CHUNK)));
+        file.seek(SeekFrom::Start(start))?;
+        let mut data = vec![0u8; usize::try_from(want).unwrap_or(0)];
+        file.read_exact(&mut data)?;
+        Ok((total, data))
+    }
+
     /// Moves a synced temporary file of `size` bytes to its final name,
     /// counts it (turning a fetch's reservation into the stored blob), and
     /// syncs the directory so the rename survives a power cut. Blocking.
@@ -443,8 +595,7 @@ impl Shared {
             let mut space = self.space();
             space.insert(*id, size, SystemTime::now());
             if let Some(mut room) = room {
-                space.reserved = space.reserved.saturating_sub(room.bytes);
-                room.bytes = 0;
+                room.release(&mut space);
             }
         }
         std::fs::File::open(&parent)?.sync_all()
@@ -499,62 +650,144 @@ impl Shared {
         }
     }
 
-    /// Reserves room for a blob of `size` bytes about to be fetched,
-    /// evicting the least recently used unpinned blobs if need be. Blocking.
-    fn make_room(self: &Arc<Self>, size: u64) -> Result<Reservation, BlobError> {
-        let mut evicted = Vec::new();
-        let reservation = {
+    /// Bytes of the budget that evicting every unpinned blob would not
+    /// free: pinned blobs, reserved room, promised room and the node's
+    /// state.
+    fn in_use(&self, space: &Space) -> u64 {
+        let evictable: u64 = space
+            .blobs
+            .iter()
+            .filter(|(id, _)| !space.pins.contains_key(id))
+            .map(|(_, stored)| stored.size)
+            .sum();
+        let state = self.state.load(Ordering::Relaxed);
+        (space.stored + space.reserved + space.promised + state).saturating_sub(evictable)
+    }
+
+    /// Starts the accounting of a blob of `size` bytes about to be fetched:
+    /// fails with [`BlobError::NoRoom`] unless it would fit with every
+    /// unpinned blob evicted, beside what other fetches in progress have
+    /// reserved or still expect. Evicts nothing: the returned reservation
+    /// is grown ([`Shared::grow`]) as the bytes arrive.
+    fn promise(self: &Arc<Self>, size: u64) -> Result<Reservation, BlobError> {
+        let mut space = self.space();
+        let in_use = self.in_use(&space);
+        if in_use.saturating_add(size) > self.budget {
+            return Err(BlobError::NoRoom {
+                size,
+                budget: self.budget,
+                in_use,
+            });
+        }
+        space.promised += size;
+        Ok(Reservation {
+            shared: Arc::clone(self),
+            size,
+            reserved: 0,
+            promised: size,
+        })
+    }
+
+    /// Reserves `bytes` more for `room` if that needs no eviction (the
+    /// common case, and no I/O); says whether it did.
+    fn grow_without_evicting(&self, room: &mut Reservation, bytes: u64) -> bool {
+        let mut space = self.space();
+        let state = self.state.load(Ordering::Relaxed);
+        let used = space.stored + space.reserved + state;
+        if used.saturating_add(bytes) > self.budget {
+            return false;
+        }
+        room.take(&mut space, bytes);
+        true
+    }
+
+    /// Reserves `bytes` more for `room` (bytes of its blob that arrived),
+    /// out of its promise, evicting the least recently used unpinned blobs
+    /// if need be. Fails with [`BlobError::NoRoom`], evicting nothing, if
+    /// even evicting every one would not do (blobs were pinned or the
+    /// node's state grew since the promise). Blocking.
+    fn grow(&self, room: &mut Reservation, bytes: u64) -> Result<(), BlobError> {
+        let evicted = {
             let mut space = self.space();
-            let state = self.state.load(Ordering::Relaxed);
-            let mut used = space.stored + space.reserved + state;
-            if used.saturating_add(size) > self.budget {
-                let mut victims: Vec<(SystemTime, BlobId, u64)> = space
-                    .blobs
-                    .iter()
-                    .filter(|(id, _)| !space.pins.contains_key(id))
-                    .map(|(id, stored)| (stored.used, *id, stored.size))
-                    .collect();
-                let evictable: u64 = victims.iter().map(|(_, _, size)| size).sum();
-                let in_use = used - evictable;
-                if in_use.saturating_add(size) > self.budget {
-                    return Err(BlobError::NoRoom {
-                        size,
-                        budget: self.budget,
-                        in_use,
-                    });
-                }
-                victims.sort_unstable();
-                for (_, id, victim_size) in victims {
-                    if used.saturating_add(size) <= self.budget {
-                        break;
-                    }
-                    // Out of its name under the lock, so no fetch finds it
-                    // there unpinned; removed once the lock is released.
-                    let doomed = self.temp_path(&id);
-                    match std::fs::rename(self.path(&id), &doomed) {
-                        Ok(()) => evicted.push(TempFile(doomed)),
-                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                        Err(e) => return Err(e.into()),
-                    }
-                    space.remove(&id);
-                    used -= victim_size;
-                }
-            }
-            space.reserved += size;
-            Reservation {
-                shared: Arc::clone(self),
-                bytes: size,
-            }
+            let evicted = self.evict_for(&mut space, bytes).map_err(|e| match e {
+                // Told as the whole blob not fitting beside the rest.
+                BlobError::NoRoom { budget, .. } => BlobError::NoRoom {
+                    size: room.size,
+                    budget,
+                    in_use: self
+                        .in_use(&space)
+                        .saturating_sub(room.reserved + room.promised),
+                },
+                e => e,
+            })?;
+            room.take(&mut space, bytes);
+            evicted
         };
         if !evicted.is_empty() {
             tracing::info!(
                 "evicted {} least recently used blob(s) to make room for one of {}",
                 evicted.len(),
-                format_bytes(size)
+                format_bytes(room.size)
             );
         }
         drop(evicted);
-        Ok(reservation)
+        Ok(())
+    }
+
+    /// Reserves room for a blob of `size` bytes at once (the owner's own,
+    /// its bytes in hand), evicting the least recently used unpinned blobs
+    /// if need be. Blocking.
+    fn make_room(self: &Arc<Self>, size: u64) -> Result<Reservation, BlobError> {
+        let mut room = self.promise(size)?;
+        self.grow(&mut room, size)?;
+        Ok(room)
+    }
+
+    /// Evicts the least recently used unpinned blobs until `bytes` more fit
+    /// beside the stored blobs, the reserved room and the node's state (not
+    /// the promised room: that is made as its bytes arrive), and returns
+    /// the evicted files, removed when dropped (after the lock is
+    /// released). Fails with [`BlobError::NoRoom`] for `bytes`, evicting
+    /// nothing, if evicting every unpinned blob would not do.
+    fn evict_for(&self, space: &mut Space, bytes: u64) -> Result<Vec<TempFile>, BlobError> {
+        let mut evicted = Vec::new();
+        let state = self.state.load(Ordering::Relaxed);
+        let mut used = space.stored + space.reserved + state;
+        if used.saturating_add(bytes) <= self.budget {
+            return Ok(evicted);
+        }
+        let mut victims: Vec<(SystemTime, BlobId, u64)> = space
+            .blobs
+            .iter()
+            .filter(|(id, _)| !space.pins.contains_key(id))
+            .map(|(id, stored)| (stored.used, *id, stored.size))
+            .collect();
+        let evictable: u64 = victims.iter().map(|(_, _, size)| size).sum();
+        let in_use = used - evictable;
+        if in_use.saturating_add(bytes) > self.budget {
+            return Err(BlobError::NoRoom {
+                size: bytes,
+                budget: self.budget,
+                in_use,
+            });
+        }
+        victims.sort_unstable();
+        for (_, id, victim_size) in victims {
+            if used.saturating_add(bytes) <= self.budget {
+                break;
+            }
+            // Out of its name under the lock, so no fetch finds it there
+            // unpinned; removed once the lock is released.
+            let doomed = self.temp_path(&id);
+            match std::fs::rename(self.path(&id), &doomed) {
+                Ok(()) => evicted.push(TempFile(doomed)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e.into()),
+            }
+            space.remove(&id);
+            used -= victim_size;
+        }
+        Ok(evicted)
     }
 }
 
@@ -604,18 +837,68 @@ impl Drop for BlobPin {
     }
 }
 
-/// Room reserved for a blob being fetched; given back if the fetch fails.
+/// A blob's room in the budget while it is written: reserved for its bytes
+/// that arrived, promised for the rest. Becomes the stored blob when
+/// committed; given back if the fetch fails.
 #[derive(Debug)]
 struct Reservation {
     shared: Arc<Shared>,
-    bytes: u64,
+    /// The blob's size.
+    size: u64,
+    reserved: u64,
+    promised: u64,
+}
+
+impl Reservation {
+    /// Moves `bytes` from promised to reserved (counting any beyond the
+    /// promise as reserved too).
+    fn take(&mut self, space: &mut Space, bytes: u64) {
+        let promised = bytes.min(self.promised);
+        self.promised -= promised;
+        space.promised = space.promised.saturating_sub(promised);
+        self.reserved += bytes;
+        space.reserved += bytes;
+    }
+
+    /// Gives the room back to `space`.
+    fn release(&mut self, space: &mut Space) {
+        space.reserved = space.reserved.saturating_sub(self.reserved);
+        space.promised = space.promised.saturating_sub(self.promised);
+        self.reserved = 0;
+        self.promised = 0;
+    }
 }
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        if self.bytes > 0 {
-            let mut space = self.shared.space();
-            space.reserved = space.reserved.saturating_sub(self.bytes);
+        // Released already when committed (under the lock, so it must not
+        // be taken again).
+        if self.reserved > 0 || self.promised > 0 {
+            let shared = Arc::clone(&self.shared);
+            self.release(&mut shared.space());
+        }
+    }
+}
+
+/// Room for one chunk in [`MAX_SERVING_BYTES`], held from reading the chunk
+/// until it is handed to the network; see [`BlobStore::serving_permit`].
+#[derive(Debug)]
+#[must_use = "the room is given back as soon as the permit is dropped"]
+pub struct ServingPermit {
+    shared: Arc<Shared>,
+    peer: PeerId,
+    bytes: u64,
+}
+
+impl Drop for ServingPermit {
+    fn drop(&mut self) {
+        let mut serving = self.shared.serving();
+        serving.total = serving.total.saturating_sub(self.bytes);
+        if let Some(mine) = serving.peers.get_mut(&self.peer) {
+            *mine = mine.saturating_sub(self.bytes);
+            if *mine == 0 {
+                serving.peers.remove(&self.peer);
+            }
         }
     }
 }
@@ -689,8 +972,13 @@ mod tests {
     /// A store of `budget` bytes holding three 30-byte blobs, last used in
     /// the order given (oldest first), reopened so it walks them.
     fn store_of_three(dir: &Path, budget: u64) -> (BlobStore, [BlobId; 3]) {
+        store_of_three_sized(dir, budget, 30)
+    }
+
+    /// [`store_of_three`] with blobs of `size` bytes.
+    fn store_of_three_sized(dir: &Path, budget: u64, size: usize) -> (BlobStore, [BlobId; 3]) {
         let store = BlobStore::open(dir, budget).unwrap();
-        let ids = [b'a', b'b', b'c'].map(|c| store.put(&[c; 30]).unwrap());
+        let ids = [b'a', b'b', b'c'].map(|c| store.put(&vec![c; size]).unwrap());
         let t0 = SystemTime::now() - Duration::from_secs(3600);
         for (i, id) in ids.iter().enumerate() {
             std::fs::File::open(store.path(id))
@@ -700,7 +988,7 @@ mod tests {
         }
         drop(store);
         let store = BlobStore::open(dir, budget).unwrap();
-        assert_eq!(store.used(), 90);
+        assert_eq!(store.used(), 3 * size as u64);
         (store, ids)
     }
 
@@ -852,5 +1140,369 @@ mod tests {
         let _pin = store.pin(&BlobId::of(&[2u8; 40]));
         let err = store.shared.make_room(10).unwrap_err();
         assert!(err.to_string().contains("does not fit"), "{err}");
+    }
+
+    /// What an honest peer holding `bytes` answers `request`: the same as
+    /// [`BlobStore::read_chunk`].
+    fn honest(bytes: &[u8], request: &BlobRequest) -> BlobResponse {
+        let total = bytes.len() as u64;
+        let start = request.offset.min(total);
+        let end = (start + u64::from(request.len)).min(total);
+        BlobResponse::Chunk {
+            total,
+            data: bytes[start as usize..end as usize].to_vec(),
+        }
+    }
+
+    /// A blob of two full chunks and a bit, of bytes that differ.
+    fn two_chunks_and_a_bit() -> Vec<u8> {
+        (0..2 * MAX_BLOB_CHUNK as usize + 5)
+            .map(|i| (i % 251) as u8)
+            .collect()
+    }
+
+    fn no_temporary_files(dir: &Path) {
+        let stray: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+            .collect();
+        assert!(stray.is_empty(), "{stray:?}");
+    }
+
+    const LIMIT: Duration = Duration::from_secs(30);
+
+    #[tokio::test]
+    async fn an_honest_peer_is_paced_for_the_bytes_it_sends() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path(), 64 << 20).unwrap();
+        let bytes = two_chunks_and_a_bit();
+        let blob = BlobRef::of(&bytes);
+        let bucket = TokenBucket::new(None);
+        let mut asked = Vec::new();
+        let pin = store
+            .fetch_from(PeerId::random(), blob, &bucket, LIMIT, |request| {
+                asked.push((request.offset, request.len));
+                let response = honest(&bytes, &request);
+                async move { Ok::<_, String>(response) }
+            })
+            .await
+            .unwrap();
+        assert_eq!(pin.id(), &blob.id);
+        // One request a chunk, each for all that is left up to a chunk.
+        let chunk = MAX_BLOB_CHUNK;
+        assert_eq!(
+            asked,
+            [
+                (0, chunk),
+                (u64::from(chunk), chunk),
+                (2 * u64::from(chunk), 5)
+            ]
+        );
+        assert_eq!(bucket.moved(), blob.size);
+        assert_eq!(std::fs::read(store.path(&blob.id)).unwrap(), bytes);
+        assert_eq!(store.used(), blob.size);
+        let space = store.shared.space();
+        assert_eq!((space.reserved, space.promised), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_sends_short_chunks_is_refused_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path(), 64 << 20).unwrap();
+        let bytes = two_chunks_and_a_bit();
+        let blob = BlobRef::of(&bytes);
+        // The node's download allowance: a reply of one byte costs one byte
+        // of it, not a chunk's worth.
+        let bucket = TokenBucket::new(Some(1 << 20));
+        let mut asked = 0;
+        let err = store
+            .fetch_from(PeerId::random(), blob, &bucket, LIMIT, |request| {
+                asked += 1;
+                let response = BlobResponse::Chunk {
+                    total: blob.size,
+                    data: vec![bytes[request.offset as usize]],
+                };
+                async move { Ok::<_, String>(response) }
+            })
+            .await
+            .unwrap_err();
+        assert!(matches!(err, BlobError::BadChunk { .. }), "{err}");
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "peer sent a bad chunk of blob {}: the peer sent 1 bytes at offset 0 where it \
+                 must send exactly 1048576: a short or long chunk is a misbehaving peer's",
+                blob.id
+            )
+        );
+        assert_eq!(
+            asked, 1,
+            "no second request to a peer that sent a short chunk"
+        );
+        assert_eq!(bucket.moved(), 1);
+        assert!(!store.has(&blob.id));
+        assert_eq!(store.used(), 0);
+        let space = store.shared.space();
+        assert_eq!((space.reserved, space.promised), (0, 0));
+        drop(space);
+        no_temporary_files(dir.path());
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_sends_a_long_last_chunk_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path(), 64 << 20).unwrap();
+        let bytes = two_chunks_and_a_bit();
+        let blob = BlobRef::of(&bytes);
+        let bucket = TokenBucket::new(None);
+        let err = store
+            .fetch_from(PeerId::random(), blob, &bucket, LIMIT, |request| {
+                let mut response = honest(&bytes, &request);
+                if let BlobResponse::Chunk { data, .. } = &mut response
+                    && request.len < MAX_BLOB_CHUNK
+                {
+                    data.push(0);
+                }
+                async move { Ok::<_, String>(response) }
+            })
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("6 bytes at offset 2097152 where it must send exactly 5"),
+            "{err}"
+        );
+        // Everything that arrived was counted, the refused chunk too.
+        assert_eq!(bucket.moved(), blob.size + 1);
+        assert!(!store.has(&blob.id));
+        assert_eq!(store.used(), 0);
+        no_temporary_files(dir.path());
+    }
+
+    #[tokio::test]
+    async fn a_peer_without_the_blob_evicts_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, ids) = store_of_three(dir.path(), 100);
+        // A blob that fits only with all three evicted, which the peer
+        // does not have.
+        let blob = BlobRef {
+            id: BlobId::of(b"never sent"),
+            size: 100,
+        };
+        let bucket = TokenBucket::new(None);
+        let mut asked = 0;
+        let err = store
+            .fetch_from(PeerId::random(), blob, &bucket, LIMIT, |_| {
+                asked += 1;
+                // Nothing was evicted before the peer answered: the room is
+                // only promised.
+                assert!(ids.iter().all(|id| store.has(id)));
+                assert_eq!(store.used(), 90);
+                assert_eq!(store.shared.space().promised, 100);
+                async { Ok::<_, String>(BlobResponse::NotFound) }
+            })
+            .await
+            .unwrap_err();
+        assert!(matches!(err, BlobError::NotFound(_)), "{err}");
+        assert_eq!(asked, 1);
+        assert!(ids.iter().all(|id| store.has(id)));
+        assert_eq!(store.used(), 90);
+        assert_eq!(store.shared.space().promised, 0);
+        assert_eq!(bucket.moved(), 0);
+    }
+
+    #[tokio::test]
+    async fn room_is_made_as_the_chunks_arrive() {
+        let dir = tempfile::tempdir().unwrap();
+        let chunk = MAX_BLOB_CHUNK as usize;
+        let budget = 3 * chunk as u64;
+        // Three blobs of a chunk each, `a` the oldest: the store is full.
+        let (store, [a, b, c]) = store_of_three_sized(dir.path(), budget, chunk);
+        let bytes: Vec<u8> = (0..2 * chunk).map(|i| (i % 13) as u8).collect();
+        let blob = BlobRef::of(&bytes);
+        let bucket = TokenBucket::new(None);
+        let mut seen = Vec::new();
+        let _pin = store
+            .fetch_from(PeerId::random(), blob, &bucket, LIMIT, |request| {
+                // What the store held when each chunk was asked for.
+                seen.push([a, b, c].map(|id| store.has(&id)));
+                assert!(store.used() + store.state_bytes() <= budget);
+                let response = honest(&bytes, &request);
+                async move { Ok::<_, String>(response) }
+            })
+            .await
+            .unwrap();
+        // Before the first chunk nothing was evicted; it took the oldest
+        // blob's room, and the second chunk the next one's.
+        assert_eq!(seen, [[true, true, true], [false, true, true]]);
+        assert!(!store.has(&a) && !store.has(&b) && store.has(&c));
+        assert!(store.has(&blob.id));
+        assert_eq!(store.used(), budget);
+        no_temporary_files(dir.path());
+    }
+
+    #[tokio::test]
+    async fn a_blob_that_cannot_fit_is_refused_before_it_is_asked_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, [a, b, c]) = store_of_three(dir.path(), 100);
+        let _pins = (store.pin(&a), store.pin(&b));
+        let blob = BlobRef {
+            id: BlobId::of(b"too big"),
+            size: 50,
+        };
+        let err = store
+            .fetch_from(
+                PeerId::random(),
+                blob,
+                &TokenBucket::new(None),
+                LIMIT,
+                |_| async {
+                    unreachable!("asked for a blob that cannot fit") as Result<BlobResponse, String>
+                },
+            )
+            .await
+            .map(|_| ())
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                BlobError::NoRoom {
+                    size: 50,
+                    in_use: 60,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(store.has(&c));
+        // Fetches in progress count with all they still expect, so they
+        // never together expect more than the budget.
+        let first = store.shared.promise(30).unwrap();
+        assert!(matches!(
+            store.shared.promise(20),
+            Err(BlobError::NoRoom { in_use: 90, .. })
+        ));
+        drop(first);
+        drop(store.shared.promise(20).unwrap());
+        assert_eq!(store.shared.space().promised, 0);
+        // Blobs pinned since the promise: the room cannot be made as the
+        // bytes arrive, and the fetch fails, evicting nothing.
+        let mut room = store.shared.promise(40).unwrap();
+        let _more = store.pin(&c);
+        let err = store.shared.grow(&mut room, 20).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                BlobError::NoRoom {
+                    size: 40,
+                    in_use: 90,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(store.has(&a) && store.has(&b) && store.has(&c));
+        drop(room);
+        let space = store.shared.space();
+        assert_eq!((space.reserved, space.promised), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn a_busy_peer_is_asked_again_after_a_pause() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path(), 1 << 20).unwrap();
+        let bytes = b"a module".to_vec();
+        let blob = BlobRef::of(&bytes);
+        let bucket = TokenBucket::new(None);
+        let mut asked = 0;
+        let started = Instant::now();
+        let _pin = store
+            .fetch_from(PeerId::random(), blob, &bucket, LIMIT, |request| {
+                asked += 1;
+                let response = if asked <= 2 {
+                    BlobResponse::Busy
+                } else {
+                    honest(&bytes, &request)
+                };
+                async move { Ok::<_, String>(response) }
+            })
+            .await
+            .unwrap();
+        assert_eq!(asked, 3);
+        assert!(
+            started.elapsed() >= BUSY_RETRY_FIRST * 3,
+            "50 ms, then 100 ms"
+        );
+        assert!(store.has(&blob.id));
+        assert_eq!(bucket.moved(), blob.size);
+    }
+
+    #[tokio::test]
+    async fn the_deadline_holds_against_a_busy_or_silent_peer() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path(), 1 << 20).unwrap();
+        let blob = BlobRef::of(b"a module");
+        let bucket = TokenBucket::new(None);
+        let limit = Duration::from_millis(400);
+        // Always busy: asked again a few times, then too slow.
+        let mut asked = 0;
+        let started = Instant::now();
+        let err = store
+            .fetch_from(PeerId::random(), blob, &bucket, limit, |_| {
+                asked += 1;
+                async { Ok::<_, String>(BlobResponse::Busy) }
+            })
+            .await
+            .unwrap_err();
+        assert!(matches!(err, BlobError::TooSlow { .. }), "{err}");
+        // 50 ms, 100 ms, 200 ms, then the deadline (fewer on a loaded
+        // machine).
+        assert!((1..=4).contains(&asked), "{asked}");
+        let took = started.elapsed();
+        assert!(took >= limit && took < limit * 10, "{took:?}");
+        // Never answers.
+        let started = Instant::now();
+        let err = store
+            .fetch_from(PeerId::random(), blob, &bucket, limit, |_| {
+                std::future::pending::<Result<BlobResponse, String>>()
+            })
+            .await
+            .unwrap_err();
+        assert!(matches!(err, BlobError::TooSlow { .. }), "{err}");
+        let took = started.elapsed();
+        assert!(took >= limit && took < limit * 10, "{took:?}");
+        assert_eq!(store.shared.space().promised, 0);
+        no_temporary_files(dir.path());
+    }
+
+    #[test]
+    fn the_serving_budget_bounds_chunks_held_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path(), 1 << 20).unwrap();
+        let per_peer = (MAX_SERVING_BYTES_PER_PEER / u64::from(MAX_BLOB_CHUNK)) as usize;
+        let peers = (MAX_SERVING_BYTES / MAX_SERVING_BYTES_PER_PEER) as usize;
+        let hog = PeerId::random();
+        // One peer holds its share, and no more.
+        let mut held: Vec<_> = (0..per_peer)
+            .map(|_| store.serving_permit(hog, MAX_BLOB_CHUNK).unwrap())
+            .collect();
+        assert!(store.serving_permit(hog, 1).is_none());
+        // Others are still served, up to the node's bound.
+        for _ in 1..peers {
+            let peer = PeerId::random();
+            for _ in 0..per_peer {
+                held.push(store.serving_permit(peer, MAX_BLOB_CHUNK).unwrap());
+            }
+        }
+        assert!(store.serving_permit(PeerId::random(), 1).is_none());
+        // A chunk sent gives its room back, to its peer's share too.
+        drop(held.remove(0));
+        let permit = store.serving_permit(hog, MAX_BLOB_CHUNK).unwrap();
+        assert!(store.serving_permit(PeerId::random(), 1).is_none());
+        drop((held, permit));
+        let serving = store.shared.serving();
+        assert_eq!(serving.total, 0);
+        assert!(serving.peers.is_empty());
     }
 }

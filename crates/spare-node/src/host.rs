@@ -12,16 +12,22 @@
 //! waits like a queued one. A task still paused `hand_back_after` into a
 //! pause is handed back: the host answers with a refusal, and the
 //! requester tries another peer.
+//!
+//! Blob chunks are served only to peers granted the blob, and within a
+//! node-wide bound on the bytes held in memory for it
+//! ([`crate::blobs::MAX_SERVING_BYTES`], a share of it per peer): a request
+//! beyond it is answered `Busy` at once, and the fetcher asks again.
 
 use libp2p::PeerId;
 use spare_core::wire::{BlobRequest, BlobResponse, Refusal, Report, TaskRequest, TaskResponse};
 use spare_core::{Receipt, SignedReceipt, Stdin, TaskSpec};
 use spare_ledger::{Ending, Hosted};
 use spare_net::{BlobResponder, TaskResponder};
+use spare_policy::TokenBucket;
 use spare_runtime::{Job, JobStdin};
 use tokio_util::sync::CancellationToken;
 
-use crate::blobs::{BlobPin, BlobStore};
+use crate::blobs::{BlobPin, BlobStore, ServingPermit};
 use crate::node::{HostedEntry, Node};
 
 /// Serves one inbound task request, start to answer.
@@ -273,39 +279,128 @@ pub(crate) async fn serve_blob(
     request: BlobRequest,
     reply: BlobResponder,
 ) {
-    let response = if node.may_fetch(&peer, &request.id) {
-        let blobs = node.clone();
-        let read = tokio::task::spawn_blocking(move || {
-            blobs
-                .blobs()
-                .read_chunk(&request.id, request.offset, request.len)
-        })
-        .await;
-        match read {
-            Ok(Ok((total, data))) => {
-                // Paced by this node's upload bucket, shared by every chunk
-                // it sends.
-                node.upload().take(data.len() as u64).await;
-                BlobResponse::Chunk { total, data }
-            }
-            Ok(Err(e)) => {
-                tracing::warn!(%peer, blob = %request.id, "cannot read a granted blob: {e}");
-                BlobResponse::NotFound
-            }
-            Err(e) => {
-                tracing::error!("blob reader failed: {e}");
-                BlobResponse::NotFound
-            }
-        }
-    } else {
-        tracing::debug!(%peer, blob = %request.id, "refused a blob the peer was not granted");
-        BlobResponse::NotFound
-    };
+    let granted = node.may_fetch(&peer, &request.id);
+    let (response, held) = answer_blob(node.blobs(), node.upload(), peer, request, granted).await;
     reply.send(response).await;
+    // The chunk's bytes count against the serving budget until they are
+    // handed to the network.
+    drop(held);
+}
+
+/// The answer to `peer`'s request for a chunk, and the room its bytes hold
+/// in the node's serving budget ([`crate::blobs::MAX_SERVING_BYTES`]),
+/// taken before the chunk is read and to be held until it is sent. With
+/// the budget taken the peer is answered `Busy` at once, and asks again
+/// later; a peer not `granted` the blob is answered `NotFound`.
+async fn answer_blob(
+    blobs: &BlobStore,
+    upload: &TokenBucket,
+    peer: PeerId,
+    request: BlobRequest,
+    granted: bool,
+) -> (BlobResponse, Option<ServingPermit>) {
+    if !granted {
+        tracing::debug!(%peer, blob = %request.id, "refused a blob the peer was not granted");
+        return (BlobResponse::NotFound, None);
+    }
+    let Some(permit) = blobs.serving_permit(peer, request.len) else {
+        tracing::debug!(%peer, blob = %request.id, "busy: serving as many chunks as it may");
+        return (BlobResponse::Busy, None);
+    };
+    let response = match blobs
+        .load_chunk(request.id, request.offset, request.len)
+        .await
+    {
+        Ok((total, data)) => {
+            // Paced by this node's upload bucket, shared by every chunk it
+            // sends.
+            upload.take(data.len() as u64).await;
+            BlobResponse::Chunk { total, data }
+        }
+        Err(e) => {
+            tracing::warn!(%peer, blob = %request.id, "cannot read a granted blob: {e}");
+            BlobResponse::NotFound
+        }
+    };
+    (response, Some(permit))
 }
 
 fn log_err<E: std::fmt::Display>(result: Result<(), E>) {
     if let Err(e) = result {
         tracing::error!("ledger: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use spare_core::wire::MAX_BLOB_CHUNK;
+
+    use super::*;
+    use crate::blobs::{MAX_SERVING_BYTES, MAX_SERVING_BYTES_PER_PEER};
+
+    #[tokio::test]
+    async fn chunks_are_served_within_the_serving_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = BlobStore::open(dir.path(), 1 << 20).unwrap();
+        let id = blobs.put(b"hello world").unwrap();
+        let upload = TokenBucket::new(None);
+        let request = |offset, len| BlobRequest { id, offset, len };
+        let peer = PeerId::random();
+
+        // Served as asked, all of it when the blob has it; the room is held
+        // until the answer is sent.
+        let (response, held) = answer_blob(&blobs, &upload, peer, request(6, 3), true).await;
+        assert_eq!(
+            response,
+            BlobResponse::Chunk {
+                total: 11,
+                data: b"wor".to_vec()
+            }
+        );
+        assert!(held.is_some());
+        drop(held);
+        assert_eq!(upload.moved(), 3);
+
+        // A peer not granted the blob takes none of the budget.
+        let (response, held) =
+            answer_blob(&blobs, &upload, PeerId::random(), request(0, 5), false).await;
+        assert_eq!(response, BlobResponse::NotFound);
+        assert!(held.is_none());
+
+        // A peer that holds its share (replies it does not read) is told
+        // it is busy; others are still served.
+        let hog: Vec<_> = (0..MAX_SERVING_BYTES_PER_PEER / u64::from(MAX_BLOB_CHUNK))
+            .map(|_| blobs.serving_permit(peer, MAX_BLOB_CHUNK).unwrap())
+            .collect();
+        let (response, held) = answer_blob(&blobs, &upload, peer, request(0, 5), true).await;
+        assert_eq!(response, BlobResponse::Busy);
+        assert!(held.is_none());
+        let (response, _) =
+            answer_blob(&blobs, &upload, PeerId::random(), request(0, 5), true).await;
+        assert!(matches!(response, BlobResponse::Chunk { .. }));
+
+        // With the node's whole budget held, everyone is told so, without
+        // a read or a wait on the upload bucket.
+        let mut rest = Vec::new();
+        while let Some(permit) = blobs.serving_permit(PeerId::random(), MAX_BLOB_CHUNK) {
+            rest.push(permit);
+        }
+        assert_eq!(
+            (hog.len() + rest.len()) as u64 * u64::from(MAX_BLOB_CHUNK),
+            MAX_SERVING_BYTES
+        );
+        let moved = upload.moved();
+        let (response, _) =
+            answer_blob(&blobs, &upload, PeerId::random(), request(0, 5), true).await;
+        assert_eq!(response, BlobResponse::Busy);
+        assert_eq!(upload.moved(), moved);
+
+        // Once chunks are sent, their room serves the next.
+        drop(rest);
+        let (response, _) = answer_blob(&blobs, &upload, peer, request(0, 5), true).await;
+        assert_eq!(response, BlobResponse::Busy, "still its whole share");
+        drop(hog);
+        let (response, _) = answer_blob(&blobs, &upload, peer, request(0, 5), true).await;
+        assert!(matches!(response, BlobResponse::Chunk { .. }));
     }
 }
