@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use libp2p::gossipsub::{self, IdentTopic, MessageAcceptance};
-use libp2p::request_response::{self, OutboundFailure, OutboundRequestId, ResponseChannel};
+use libp2p::request_response::{
+    self, InboundRequestId, OutboundFailure, OutboundRequestId, ResponseChannel,
+};
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{ConnectionId, DialError, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, Swarm, core::transport::ListenerId, identify, kad, mdns, ping};
@@ -25,7 +27,7 @@ use crate::behaviour::{Behaviour, BehaviourEvent, IDENTIFY_PROTOCOL};
 use crate::codec::Incoming;
 use crate::peers::MAX_ADDRS_PER_PEER;
 use crate::redial::Redial;
-use crate::{BlobResponder, NetError, NetEvent, RequestError, Shared};
+use crate::{BlobResponder, Held, NetError, NetEvent, RequestError, Shared};
 
 /// How often the loop checks its connections and tidies its maps.
 const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(10);
@@ -51,7 +53,13 @@ pub(crate) enum Command {
         request: BlobRequest,
         reply: Reply<BlobResponse>,
     },
-    RespondBlob(ResponseChannel<BlobResponse>, BlobResponse),
+    /// A blob answer, and what to hold until it has been sent (or failed).
+    RespondBlob {
+        channel: ResponseChannel<BlobResponse>,
+        request: InboundRequestId,
+        response: BlobResponse,
+        hold: Option<Held>,
+    },
     PublishOffer(Offer),
 }
 
@@ -65,6 +73,10 @@ pub(crate) struct EventLoop {
     events: mpsc::Sender<NetEvent>,
     shared: Arc<Shared>,
     pending_blobs: HashMap<OutboundRequestId, Reply<BlobResponse>>,
+    /// What blob answers on their way hold (the daemon's serving budget),
+    /// released when libp2p reports each sent or failed. At most one entry
+    /// per inbound request in flight.
+    sending_blobs: HashMap<InboundRequestId, Held>,
     /// Our latest offer, encoded, re-published to each peer that subscribes.
     offer: Option<Vec<u8>>,
     /// When the offer was last re-published for a newcomer.
@@ -100,6 +112,7 @@ impl EventLoop {
             events,
             shared,
             pending_blobs: HashMap::new(),
+            sending_blobs: HashMap::new(),
             offer: None,
             welcomed: None,
             redial: Redial::default(),
@@ -194,9 +207,18 @@ impl EventLoop {
                 let id = behaviour.blob.send_request(&peer, Incoming::Valid(request));
                 self.pending_blobs.insert(id, reply);
             }
-            Command::RespondBlob(channel, response) => {
-                // Fails only if the peer went away; nothing to do then.
-                let _ = behaviour.blob.send_response(channel, response);
+            Command::RespondBlob {
+                channel,
+                request,
+                response,
+                hold,
+            } => {
+                // Fails only if the peer went away; what it held goes then.
+                if behaviour.blob.send_response(channel, response).is_ok()
+                    && let Some(hold) = hold
+                {
+                    self.sending_blobs.insert(request, hold);
+                }
             }
             Command::PublishOffer(offer) => match wire::encode(&offer) {
                 Ok(bytes) => {
@@ -440,10 +462,11 @@ impl EventLoop {
                 request_response::Message::Request {
                     request: Incoming::Valid(request),
                     channel,
-                    ..
+                    request_id,
                 } => {
                     let reply = BlobResponder {
                         channel,
+                        request: request_id,
                         commands: self.own_commands.clone(),
                     };
                     let event = NetEvent::BlobRequest {
@@ -485,10 +508,18 @@ impl EventLoop {
                     let _ = reply.send(Err(request_error(error)));
                 }
             }
-            request_response::Event::InboundFailure { peer, error, .. } => {
+            request_response::Event::InboundFailure {
+                peer,
+                error,
+                request_id,
+                ..
+            } => {
                 tracing::debug!(%peer, "inbound blob request failed: {error}");
+                self.sending_blobs.remove(&request_id);
             }
-            request_response::Event::ResponseSent { .. } => {}
+            request_response::Event::ResponseSent { request_id, .. } => {
+                self.sending_blobs.remove(&request_id);
+            }
         }
     }
 

@@ -28,7 +28,7 @@ use std::sync::{Arc, RwLock};
 
 use libp2p::PeerId;
 use libp2p::identity::Keypair;
-use libp2p::request_response::ResponseChannel;
+use libp2p::request_response::{InboundRequestId, ResponseChannel};
 use spare_core::wire::{BlobRequest, BlobResponse, Offer, TaskRequest, TaskResponse};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -130,14 +130,31 @@ impl TaskResponder {
 #[derive(Debug)]
 pub struct BlobResponder {
     channel: ResponseChannel<BlobResponse>,
+    request: InboundRequestId,
     commands: mpsc::Sender<event_loop::Command>,
 }
 
+/// Something an answer holds until it has left (a share of a budget):
+/// dropped when libp2p reports the answer sent, or failed.
+pub type Held = Box<dyn std::any::Any + Send>;
+
 impl BlobResponder {
     pub async fn send(self, response: BlobResponse) {
+        self.send_holding(response, None).await;
+    }
+
+    /// Sends `response`, keeping `hold` until the peer has taken it (or the
+    /// request failed): a peer that does not read its answers keeps only
+    /// what it was given.
+    pub async fn send_holding(self, response: BlobResponse, hold: Option<Held>) {
         let _ = self
             .commands
-            .send(event_loop::Command::RespondBlob(self.channel, response))
+            .send(event_loop::Command::RespondBlob {
+                channel: self.channel,
+                request: self.request,
+                response,
+                hold,
+            })
             .await;
     }
 }

@@ -199,6 +199,10 @@ async fn task_requests_and_responses_travel_both_ways() {
     eventually("connection", || requester.handle.is_connected(&host_id)).await;
 
     let mut events = host.events;
+    // What the blob answer holds (a serving budget, in the daemon) is let
+    // go once the answer has been taken.
+    let held = std::sync::Arc::new(());
+    let hold = std::sync::Arc::clone(&held);
     let server = tokio::spawn(async move {
         while let Some(event) = events.recv().await {
             match event {
@@ -218,12 +222,12 @@ async fn task_requests_and_responses_travel_both_ways() {
                     let data = b"0123456789".to_vec();
                     let start = request.offset as usize;
                     let end = (start + request.len as usize).min(data.len());
-                    reply
-                        .send(BlobResponse::Chunk {
-                            total: 10,
-                            data: data[start.min(end)..end].to_vec(),
-                        })
-                        .await;
+                    let chunk = BlobResponse::Chunk {
+                        total: 10,
+                        data: data[start.min(end)..end].to_vec(),
+                    };
+                    let held: spare_net::Held = Box::new(std::sync::Arc::clone(&hold));
+                    reply.send_holding(chunk, Some(held)).await;
                 }
                 _ => {}
             }
@@ -257,8 +261,12 @@ async fn task_requests_and_responses_travel_both_ways() {
             data: b"456".to_vec()
         })
     );
-    shutdown.cancel();
+    eventually("the sent answer to let go of what it held", || {
+        std::sync::Arc::strong_count(&held) == 2
+    })
+    .await;
     server.abort();
+    shutdown.cancel();
 }
 
 #[tokio::test]

@@ -76,7 +76,8 @@ const BUSY_RETRY_FIRST: Duration = Duration::from_millis(50);
 const BUSY_RETRY_MAX: Duration = Duration::from_secs(1);
 
 /// The most bytes of blob chunks this node holds in memory at once to serve
-/// them to peers, from reading a chunk until it is handed to the network:
+/// them to peers, from reading a chunk until libp2p reports that the peer
+/// took it (or the request failed, at the latest its 60 s timeout):
 /// 32 of the largest chunks (32 MiB). A peer it was given to that opens
 /// many streams and reads none of the replies holds at most its share
 /// ([`MAX_SERVING_BYTES_PER_PEER`]); a request beyond either bound is

@@ -281,10 +281,10 @@ pub(crate) async fn serve_blob(
 ) {
     let granted = node.may_fetch(&peer, &request.id);
     let (response, held) = answer_blob(node.blobs(), node.upload(), peer, request, granted).await;
-    reply.send(response).await;
-    // The chunk's bytes count against the serving budget until they are
-    // handed to the network.
-    drop(held);
+    // The chunk's bytes count against the serving budget until the peer
+    // has taken them.
+    let held = held.map(|permit| Box::new(permit) as spare_net::Held);
+    reply.send_holding(response, held).await;
 }
 
 /// The answer to `peer`'s request for a chunk, and the room its bytes hold
