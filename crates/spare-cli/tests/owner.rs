@@ -621,6 +621,61 @@ fn a_killed_daemons_groups_are_removed_by_the_next_one() {
     assert!(!groups_of(second.pid().unwrap()).is_empty());
 }
 
+/// A daemon killed while its workers are stopped (paused for the owner)
+/// takes them with it: a stopped worker cannot notice on its own.
+#[test]
+fn a_paused_daemons_workers_die_with_it() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let node = Daemon::start(&bin(), &dir.path().join("a"), &["--cores", "2"]).unwrap();
+    let workers = node.worker_pids().unwrap();
+    assert_eq!(workers.len(), 2);
+    for &pid in &workers {
+        // SAFETY: kill only takes integers.
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGSTOP) };
+    }
+    wait_until("the workers to stop", Duration::from_secs(5), || {
+        workers
+            .iter()
+            .all(|&pid| proc_stat(pid).is_some_and(|(state, _)| state == 'T'))
+    });
+    // SAFETY: kill only takes integers.
+    unsafe { libc::kill(node.pid().unwrap() as libc::pid_t, libc::SIGKILL) };
+    wait_until(
+        "the stopped workers to die",
+        Duration::from_secs(10),
+        || {
+            workers
+                .iter()
+                .all(|&pid| proc_stat(pid).is_none_or(|(state, _)| state == 'Z'))
+        },
+    );
+}
+
+/// Closing the terminal of a foreground `spare up` (`SIGHUP`) stops the
+/// daemon cleanly, as `SIGTERM` does: its socket and workers go with it.
+#[test]
+fn a_hang_up_stops_the_daemon_cleanly() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let node = Daemon::start(&bin(), &dir.path().join("a"), &["--cores", "1"]).unwrap();
+    let workers = node.worker_pids().unwrap();
+    let socket = node.socket();
+    assert!(socket.exists());
+    // SAFETY: kill only takes integers.
+    unsafe { libc::kill(node.pid().unwrap() as libc::pid_t, libc::SIGHUP) };
+    wait_until(
+        "the daemon to remove its socket",
+        Duration::from_secs(10),
+        || !socket.exists(),
+    );
+    wait_until("its workers to end", Duration::from_secs(10), || {
+        workers
+            .iter()
+            .all(|&pid| proc_stat(pid).is_none_or(|(state, _)| state == 'Z'))
+    });
+}
+
 /// Every test in this file again, on a machine whose CPU and memory
 /// controllers are cgroup v2 (as on most distributions now): this one
 /// mounts them as v1 hierarchies, so a virtual machine boots a kernel with

@@ -141,17 +141,22 @@ fn announce(node: &Node, paths: &Paths) {
     let _ = out.flush();
 }
 
+/// Resolves when the daemon is asked to stop: Ctrl-C, `SIGTERM`, or
+/// `SIGHUP` (the terminal of a foreground `spare up` closed), each a clean
+/// shut-down.
 async fn signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(term) => term,
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut hang_up)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::hangup()),
+    ) else {
+        let _ = tokio::signal::ctrl_c().await;
+        return;
     };
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+        _ = hang_up.recv() => {}
     }
 }
 

@@ -438,19 +438,25 @@ impl WorkerPool {
     /// Starts one worker and waits for its ready message.
     async fn spawn(&self) -> Result<Worker, PoolError> {
         let command = &self.inner.config.command;
-        let mut child = Command::new(&command.program)
+        let mut spawning = Command::new(&command.program);
+        spawning
             .args(&command.args)
             .env_clear()
             .envs(std::env::vars_os().filter(|(k, _)| k == "RUST_LOG"))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|source| PoolError::Spawn {
-                program: command.program.display().to_string(),
-                source,
-            })?;
+            .kill_on_drop(true);
+        let daemon = std::process::id();
+        // SAFETY: the closure runs in the child between fork and exec and
+        // calls only prctl, getppid and _exit, which are async-signal-safe.
+        unsafe {
+            spawning.pre_exec(move || die_with(daemon));
+        }
+        let mut child = spawning.spawn().map_err(|source| PoolError::Spawn {
+            program: command.program.display().to_string(),
+            source,
+        })?;
         let (Some(stdin), Some(stdout), Some(pid)) =
             (child.stdin.take(), child.stdout.take(), child.id())
         else {
@@ -584,6 +590,25 @@ impl Inner {
     fn lock_exempt(&self) -> std::sync::MutexGuard<'_, HashSet<u32>> {
         self.exempt.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// In a new worker, before it runs anything: the kernel kills it when the
+/// thread that started it (the daemon's runtime thread) ends. A worker that
+/// the governor stopped cannot notice its daemon dying; without this, a
+/// daemon killed during a pause would leave its workers stopped for good,
+/// holding their memory and their cgroup.
+fn die_with(daemon: u32) -> std::io::Result<()> {
+    // SAFETY: prctl with these options takes plain integers.
+    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // The daemon may have died before the request took effect.
+    // SAFETY: getppid cannot fail.
+    if u32::try_from(unsafe { libc::getppid() }).ok() != Some(daemon) {
+        // SAFETY: _exit ends the child at once, as after a failed exec.
+        unsafe { libc::_exit(1) };
+    }
+    Ok(())
 }
 
 /// Checks a worker's outcome against the job it was sent. A compromised
