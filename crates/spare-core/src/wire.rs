@@ -112,7 +112,7 @@ pub enum Refusal {
     BlobUnavailable(String),
     #[error("the host is shutting down")]
     ShuttingDown,
-    #[error("the host is out of service: {0}")]
+    #[error("the host did not run it: {0}")]
     Unavailable(String),
 }
 

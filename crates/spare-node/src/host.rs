@@ -58,9 +58,7 @@ async fn run_for_peer(node: &Node, peer: PeerId, spec: TaskSpec) -> TaskResponse
     // `wire::decode` validated the spec; the host's own maximum is checked
     // here.
     if let Err(e) = spec.limits.check_within(&node.config().max_limits) {
-        return TaskResponse::Refused(Refusal::Unavailable(format!(
-            "above this host's maximum: {e}"
-        )));
+        return TaskResponse::Refused(Refusal::Unavailable(format!("it grants less: {e}")));
     }
     // Cancelled when the requester disconnects (it could no longer receive
     // the result), when it sends a cancel, or when this node shuts down.

@@ -293,6 +293,9 @@ async fn run_remote(
                         "peer {peer} is not connected (`spare peers` lists the connected ones)"
                     ));
                 }
+                if let Some(reason) = pinned_gives_nothing(node, &peer) {
+                    let _ = events.send(TaskEvent::Waiting { reason }).await;
+                }
                 peer
             }
             None => match choose(node, spec, &tried, token, events).await {
@@ -599,7 +602,17 @@ async fn choose(
             }
             None
         } else if !granting.is_empty() {
-            Some(giving_nothing(&granting))
+            let mut reason = giving_nothing(&granting);
+            // Those that give now but not these limits are worth naming:
+            // lower limits would run at once.
+            if let Some((peer, why)) = refusals.first() {
+                let verb = if refusals.len() == 1 { "does" } else { "do" };
+                reason.push_str(&format!(
+                    "; {} more {verb} not grant these limits (peer {peer}: {why})",
+                    refusals.len()
+                ));
+            }
+            Some(reason)
         } else {
             return Choice::Nowhere(match refusals.first() {
                 Some((peer, why)) => {
@@ -625,6 +638,20 @@ async fn choose(
             () = tokio::time::sleep(Duration::from_millis(50)) => {}
         }
     }
+}
+
+/// Why a pinned peer will only queue the task, if its latest offer says it
+/// gives nothing now: the user should not wait in silence.
+fn pinned_gives_nothing(node: &Node, peer: &PeerId) -> Option<String> {
+    let info = node.net().peers().into_iter().find(|p| p.peer == *peer)?;
+    let (offer, _) = info.offer?;
+    (offer.cores == 0).then(|| {
+        let why = offer.paused.unwrap_or(Pause::Other).describe();
+        format!(
+            "peer {peer} gives nothing right now ({why}); the task waits in its queue, \
+             and comes back if the peer stays paused"
+        )
+    })
 }
 
 /// Why the peers that would take a task give nothing now, from the causes
