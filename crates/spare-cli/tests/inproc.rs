@@ -244,6 +244,54 @@ async fn a_task_crosses_a_memory_swarm_with_its_receipt() {
     shutdown.cancel();
 }
 
+/// A host that stops while it runs a task tells its requester so, instead
+/// of leaving it a broken connection.
+#[tokio::test]
+async fn a_stopping_host_tells_its_requesters() {
+    let dir = tempfile::tempdir().unwrap();
+    let (host_stop, stop) = (CancellationToken::new(), CancellationToken::new());
+    let host = node(&dir.path().join("host"), vec![], &host_stop).await;
+    let requester = node(&dir.path().join("req"), host.net().listen_addrs(), &stop).await;
+    let endless = example("hostile/loop.wasm");
+    let module = BlobRef::of(&endless);
+    requester.blobs().put(&endless).unwrap();
+    let submission = Submission {
+        name: "loop.wasm".into(),
+        module,
+        args: vec![],
+        env: vec![],
+        stdin: SubmitStdin::None,
+        limits: Limits::DEFAULT,
+        placement: Placement::On(host.peer_id().to_string()),
+    };
+    let (spec, placement) = spare_node::requester::prepare(&requester, &submission)
+        .await
+        .unwrap();
+    let mut rx = spare_node::requester::start(&requester, spec, placement);
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while host.running_hosted().is_empty() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the task starts on the host");
+    host.shutdown().await;
+    let error = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match rx.recv().await.expect("events until the end") {
+                TaskEvent::Failed { error } => break error,
+                TaskEvent::Finished { result } => panic!("finished: {result:?}"),
+                _ => {}
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert!(error.contains("the host is shutting down"), "{error}");
+    host.release();
+    stop.cancel();
+}
+
 /// A pool of `slots` real `spare worker` processes.
 async fn worker_pool(slots: usize) -> WorkerPool {
     WorkerPool::start(PoolConfig {

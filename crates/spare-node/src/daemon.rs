@@ -114,7 +114,7 @@ pub async fn run(options: DaemonOptions) -> Result<(), NodeError> {
         }
         () = signal() => tracing::info!("shutting down"),
     }
-    node.shutdown();
+    node.shutdown().await;
     node.release();
     let _ = std::fs::remove_file(&paths.socket);
     Ok(())

@@ -80,9 +80,18 @@ pub(crate) struct Inner {
     pub(crate) grants: Mutex<HashMap<PeerId, HashMap<BlobId, u32>>>,
     /// Task requests we sent to each peer and that are unanswered.
     pub(crate) in_flight: Mutex<HashMap<PeerId, u32>>,
+    /// Cancelled first when the node stops: hosted tasks answer that the
+    /// host is shutting down, and nothing new is taken.
     pub(crate) shutdown: CancellationToken,
+    /// Cancelled last, once those answers have left: the network and all.
+    pub(crate) root: CancellationToken,
     pub(crate) started: Instant,
 }
+
+/// How long a stopping node waits for its hosted tasks to answer.
+const DRAIN: Duration = Duration::from_secs(2);
+/// How long it then gives the last answers to leave.
+const ANSWER_FLUSH: Duration = Duration::from_millis(100);
 
 impl Node {
     /// Starts every part of the node.
@@ -184,7 +193,8 @@ impl Node {
                 requested: Mutex::default(),
                 grants: Mutex::default(),
                 in_flight: Mutex::default(),
-                shutdown,
+                shutdown: shutdown.child_token(),
+                root: shutdown,
                 started: Instant::now(),
             }),
         };
@@ -238,10 +248,20 @@ impl Node {
         self.inner.started.elapsed()
     }
 
-    /// Stops the node's background tasks and its network.
-    pub fn shutdown(&self) {
+    /// Stops the node: hosted tasks first, which answer their requesters
+    /// that this host is shutting down (so they go elsewhere at once rather
+    /// than see a broken connection), then, once those answers have left or
+    /// after [`DRAIN`], the background tasks and the network.
+    pub async fn shutdown(&self) {
         self.inner.shutdown.cancel();
         self.inner.governor.stop();
+        let deadline = Instant::now() + DRAIN;
+        while !self.lock(&self.inner.hosted).is_empty() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // A hosted task leaves the table before its answer is written.
+        tokio::time::sleep(ANSWER_FLUSH).await;
+        self.inner.root.cancel();
     }
 
     /// After [`Node::shutdown`]: stops the workers and removes their control
