@@ -85,6 +85,9 @@ fn main() -> ExitCode {
         Ok(paths) => paths,
         Err(e) => return output::fail(&anyhow::anyhow!(e)),
     };
+    if let Err(e) = check_data_dir(&paths.data_dir) {
+        return output::fail(&e);
+    }
     let context = Context {
         paths,
         data_dir: cli.data_dir.clone(),
@@ -120,6 +123,18 @@ fn main() -> ExitCode {
     }
 }
 
+/// Refuses a data directory that exists as something else (a file), which
+/// every command would otherwise trip over with a less direct error.
+fn check_data_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    match std::fs::metadata(dir) {
+        Ok(meta) if !meta.is_dir() => anyhow::bail!(
+            "cannot use {} as the data directory: it is not a directory",
+            dir.display()
+        ),
+        _ => Ok(()),
+    }
+}
+
 fn init_logging(daemon: bool) {
     let default = if daemon { "info" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -130,4 +145,23 @@ fn init_logging(daemon: bool) {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .try_init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_is_refused_as_the_data_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("afile");
+        std::fs::write(&file, b"").unwrap();
+        let err = check_data_dir(&file).unwrap_err().to_string();
+        assert!(
+            err.ends_with("afile as the data directory: it is not a directory"),
+            "{err}"
+        );
+        assert!(check_data_dir(dir.path()).is_ok());
+        assert!(check_data_dir(&dir.path().join("new")).is_ok());
+    }
 }

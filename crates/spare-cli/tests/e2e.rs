@@ -49,9 +49,12 @@ fn a_task_runs_on_a_remote_peer_like_a_local_program() {
         &[
             "run",
             "--env",
-            "GREETING=hi",
+            "GREETING=hello",
             "-e",
             "EXIT_CODE=3",
+            // The last value of a name wins, as with env(1).
+            "--env",
+            "GREETING=hi",
             &example("echo.wasm"),
             "--",
             "x",
@@ -232,14 +235,74 @@ fn hostile_guests_and_bad_input_end_with_one_clear_line() {
             125,
             "unknown unit `parsecs`",
         ),
-        (&["run", &example("no-such-file.wasm")], 125, "cannot read"),
+        // A program file that cannot be read or run: 126, as a shell says.
+        (&["run", &example("no-such-file.wasm")], 126, "cannot read"),
+        (
+            &["run", &example("hostile")],
+            126,
+            "is a directory, not a WebAssembly program",
+        ),
+        (
+            &["run", "/dev/zero"],
+            126,
+            "/dev/zero is larger than 64 MiB, the largest module spare runs",
+        ),
+        // A bare number is bytes: less than a page is refused here.
+        (
+            &["run", "--memory", "64", &example("hello.wasm")],
+            125,
+            "--memory 64 is 64 B, less than one WebAssembly page (64 KiB), the least a guest runs in; did you mean 64MiB?",
+        ),
+        // WASI reserves exit codes from 126 up: the guest traps, and the line
+        // says why without wasmtime's backtrace.
+        (
+            &["run", "-e", "EXIT_CODE=255", &example("echo.wasm")],
+            134,
+            "the program trapped: exit with invalid exit status outside of [0..126) (on ",
+        ),
     ];
     for (args, code, message) in cases {
         let out = spare(a, args, b"");
         let line = error_line(&out);
         assert!(line.contains(message), "{args:?}: {line}");
+        assert!(!line.contains("backtrace"), "{args:?}: {line}");
         assert_eq!(out.status.code(), Some(*code), "{args:?}: {line}");
     }
+    // The backtrace stays in the JSON answers and records.
+    let out = spare(
+        a,
+        &[
+            "run",
+            "--json",
+            "-e",
+            "EXIT_CODE=255",
+            &example("echo.wasm"),
+        ],
+        b"",
+    );
+    assert_eq!(out.status.code(), Some(134));
+    let error = json(&out)["error"].as_str().unwrap().to_owned();
+    assert!(error.contains("wasm backtrace"), "{error}");
+    assert!(
+        error.ends_with("exit with invalid exit status outside of [0..126)"),
+        "{error}"
+    );
+    let tasks = json(&spare(a, &["tasks", "--json", "--limit", "1"], b""));
+    assert_eq!(tasks[0]["failure"], error.as_str(), "{tasks}");
+    let out = spare(a, &["tasks", "--limit", "1"], b"");
+    assert!(
+        text(&out.stdout).contains("trapped: exit with invalid exit status"),
+        "{}",
+        text(&out.stdout)
+    );
+    // No list of nothing.
+    let out = spare(a, &["tasks", "--limit", "0"], b"");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("invalid value '0' for '--limit <LIMIT>'"),
+        "{}",
+        text(&out.stderr)
+    );
 
     // A flood keeps its first bytes, as a truncated local run would.
     let out = spare(
@@ -476,6 +539,42 @@ fn init_is_implied_never_destructive_and_the_cli_explains_a_missing_daemon() {
         .permissions()
         .mode();
     assert_eq!(mode & 0o777, 0o600);
+
+    // A data directory that is a file is named as such, with no error
+    // told twice.
+    let afile = dir.path().join("afile");
+    std::fs::write(&afile, b"").unwrap();
+    for verb in ["init", "id"] {
+        let out = Command::new(bin())
+            .arg("--data-dir")
+            .arg(&afile)
+            .arg(verb)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(125));
+        assert_eq!(
+            error_line(&out),
+            format!(
+                "spare: error: cannot use {} as the data directory: it is not a directory",
+                afile.display()
+            )
+        );
+    }
+
+    // An error that carries its cause is printed with it once.
+    let out = Command::new(bin())
+        .arg("--data-dir")
+        .arg(afile.join("sub"))
+        .arg("init")
+        .output()
+        .unwrap();
+    assert_eq!(
+        error_line(&out),
+        format!(
+            "spare: error: cannot create {}: Not a directory (os error 20)",
+            afile.join("sub").display()
+        )
+    );
 
     // A second daemon on the same directory is refused with the reason.
     let out = Command::new(bin())
@@ -738,4 +837,206 @@ fn a_task_waits_while_every_peer_gives_nothing_and_says_why() {
         libc::kill(child.id() as libc::pid_t, libc::SIGINT);
     }
     assert_eq!(child.wait().unwrap().code(), Some(130));
+}
+
+#[test]
+fn a_reader_that_goes_away_ends_any_command_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Daemon::start(&bin(), &dir.path().join("a"), &[]).unwrap();
+    let out = spare(&node, &["run", "--local", &example("hello.wasm")], b"");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    for args in [
+        &["id"][..],
+        &["tasks"],
+        &["peers", "--json"],
+        &["status"],
+        &["tasks", "--json"],
+    ] {
+        // stdout is a pipe whose reader is gone before the first write, as
+        // `head -1`'s is after its line.
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = node
+            .cli()
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(writer)
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        assert_eq!(text(&out.stderr), "", "{args:?}");
+        assert_eq!(out.status.code(), Some(0), "{args:?}");
+    }
+    // `run` ends with the guest's exit code still.
+    for json in [true, false] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let mut command = node.cli();
+        command.args(["run", "--local", "-e", "EXIT_CODE=3"]);
+        if json {
+            command.arg("--json");
+        }
+        let out = command
+            .arg(example("echo.wasm"))
+            .stdin(Stdio::null())
+            .stdout(writer)
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        let stderr = if json { "" } else { "to stderr\n" };
+        assert_eq!(text(&out.stderr), stderr, "--json {json}");
+        assert_eq!(out.status.code(), Some(3), "--json {json}");
+    }
+}
+
+/// Pids of live processes whose command line mentions `text`.
+fn processes_mentioning(text: &str) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            // A zombie's command line is empty.
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(text))
+        })
+        .collect()
+}
+
+/// Starts `spare demo` with its swarm under `tmp`, sends it `signal` once
+/// its stdout has a line containing `after`, and checks that it stops its
+/// daemons and their workers, and removes its directory. Returns the lines
+/// it printed.
+fn demo_stopped_by(signal: libc::c_int, after: &str, tmp: &std::path::Path) -> Vec<String> {
+    use std::io::BufRead;
+    let mut child = Command::new(bin())
+        .arg("demo")
+        .env("TMPDIR", tmp)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let (lines_tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in stdout.lines().map_while(Result::ok) {
+            let _ = lines_tx.send(line);
+        }
+    });
+    let mut seen = Vec::new();
+    while !seen.last().is_some_and(|l: &String| l.contains(after)) {
+        let line = lines
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| panic!("demo never printed {after:?}: {seen:?}"));
+        seen.push(line);
+    }
+    let running = processes_mentioning(&tmp.display().to_string());
+    // SAFETY: kill only takes integers.
+    unsafe {
+        libc::kill(child.id() as libc::pid_t, signal);
+    }
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "demo did not stop"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.code().is_some(), "demo died of the signal: {status}");
+    wait_until(
+        "the demo's daemons and workers to exit",
+        Duration::from_secs(10),
+        || processes_mentioning(&tmp.display().to_string()).is_empty(),
+    );
+    assert!(
+        std::fs::read_dir(tmp).unwrap().next().is_none(),
+        "the swarm's directory is left"
+    );
+    seen.extend(lines.try_iter());
+    seen.push(format!("{running:?} {status}"));
+    seen
+}
+
+#[test]
+fn the_demo_stops_its_swarm_on_sigterm_and_sighup_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let tmp = |name: &str| {
+        let path = dir.path().join(name);
+        std::fs::create_dir(&path).unwrap();
+        path
+    };
+    let (term, hup, early) = (tmp("term"), tmp("hup"), tmp("early"));
+    let ready = "the swarm keeps running";
+    let (term, hup, early) = std::thread::scope(|scope| {
+        let term = scope.spawn(|| demo_stopped_by(libc::SIGTERM, "-- 2000000", &term));
+        let hup = scope.spawn(|| demo_stopped_by(libc::SIGHUP, ready, &hup));
+        // While its daemons are starting.
+        let early = scope.spawn(|| demo_stopped_by(libc::SIGTERM, "starting", &early));
+        (
+            term.join().unwrap(),
+            hup.join().unwrap(),
+            early.join().unwrap(),
+        )
+    });
+    assert!(term.last().unwrap().ends_with("exit status: 0"), "{term:?}");
+    assert!(hup.last().unwrap().ends_with("exit status: 0"), "{hup:?}");
+    assert!(
+        early.last().unwrap().ends_with("exit status: 143"),
+        "{early:?}"
+    );
+}
+
+#[test]
+fn the_demo_suggests_a_command_that_runs_from_any_directory() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(bin())
+        .arg("demo")
+        .env("TMPDIR", dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let suggested = loop {
+        let line = stdout.next().expect("a suggested run").unwrap();
+        if line.contains(" run ") {
+            break line;
+        }
+    };
+    // `spare --data-dir <dir> run <module> -- 2000000`
+    let words: Vec<&str> = suggested.split_whitespace().collect();
+    assert_eq!(words[..2], ["spare", "--data-dir"], "{suggested}");
+    assert_eq!(
+        words[3..],
+        ["run", words[4], "--", "2000000"],
+        "{suggested}"
+    );
+    let module = std::path::Path::new(words[4]);
+    assert!(module.is_absolute(), "{suggested}");
+    assert!(module.starts_with(dir.path()), "{suggested}");
+    let out = Command::new(bin())
+        .current_dir("/")
+        .args(&words[1..])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("primes below 2000000: 148933"),
+        "{}",
+        text(&out.stdout)
+    );
+    // SAFETY: kill only takes integers.
+    unsafe {
+        libc::kill(child.id() as libc::pid_t, libc::SIGINT);
+    }
+    assert!(child.wait().unwrap().success());
 }

@@ -13,6 +13,7 @@ use bytes::Bytes;
 use spare_core::BlobRef;
 use spare_node::api::types::{Placement, Submission, SubmitStdin, TaskEvent};
 use spare_testkit::Swarm;
+use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use spare_node::api::client::Client;
 
@@ -28,11 +29,71 @@ pub(crate) struct Args {
 }
 
 pub(crate) async fn execute(args: Args) -> Result<ExitCode> {
+    // Caught from the start: the daemons are this process's children and
+    // must not outlive it, whichever way it is asked to stop.
+    let mut stop = Stop::new()?;
     let exe = std::env::current_exe().context("cannot find the spare executable")?;
     let mut out = std::io::stdout().lock();
     writeln!(out, "starting {NODES} spare daemons on 127.0.0.1 …")?;
     out.flush()?;
-    let swarm = tokio::task::spawn_blocking(move || Swarm::start(&exe, NODES, 1)).await??;
+    let mut start = tokio::task::spawn_blocking(move || Swarm::start(&exe, NODES, 1));
+    let swarm = tokio::select! {
+        started = &mut start => started??,
+        signal = stop.recv() => {
+            // A start under way cannot be cut short: its daemons are
+            // stopped as soon as they are up (or its failure stopped them).
+            eprintln_quiet(&format!("spare: {}; stopping the daemons once they have started…", signal_name(signal)));
+            if let Ok(Ok(swarm)) = start.await {
+                drop(swarm);
+            }
+            return Ok(interrupted(signal));
+        }
+    };
+    let shown = tokio::select! {
+        shown = show(&swarm, &mut out) => shown,
+        signal = stop.recv() => {
+            eprintln_quiet(&format!("spare: {}; stopping the swarm", signal_name(signal)));
+            return Ok(interrupted(signal));
+        }
+    };
+    shown?;
+    if args.once {
+        return Ok(ExitCode::SUCCESS);
+    }
+    // The sample module, where the suggested command finds it from any
+    // directory.
+    let primes = swarm.root().join("primes.wasm");
+    std::fs::write(&primes, PRIMES)
+        .with_context(|| format!("cannot write {}", primes.display()))?;
+    let first = &swarm.nodes[0];
+    writeln!(
+        out,
+        "\nthe swarm keeps running until Ctrl-C. Try, in another terminal:"
+    )?;
+    writeln!(out, "  spare --data-dir {} peers", first.dir.display())?;
+    writeln!(
+        out,
+        "  spare --data-dir {} run {} -- 2000000",
+        first.dir.display(),
+        primes.display()
+    )?;
+    writeln!(out, "  spare --data-dir {} tasks", first.dir.display())?;
+    out.flush()?;
+    drop(out);
+    let signal = stop.recv().await;
+    eprintln_quiet(&format!(
+        "spare: {}; stopping the swarm",
+        signal_name(signal)
+    ));
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    drop(swarm);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs the sample task from the first node and prints how it went.
+async fn show(swarm: &Swarm, out: &mut impl Write) -> Result<()> {
+    let first = &swarm.nodes[0];
+    let client = Client::new(&first.socket(), "spare demo".into());
     for (i, node) in swarm.nodes.iter().enumerate() {
         writeln!(
             out,
@@ -42,8 +103,6 @@ pub(crate) async fn execute(args: Args) -> Result<ExitCode> {
             node.addr()
         )?;
     }
-    let first = &swarm.nodes[0];
-    let client = Client::new(&first.socket(), "spare demo".into());
 
     let module = BlobRef::of(PRIMES);
     client
@@ -112,26 +171,56 @@ pub(crate) async fn execute(args: Args) -> Result<ExitCode> {
     if result.exit_code != Some(0) {
         bail!("the demo task did not exit cleanly");
     }
-    if args.once {
-        return Ok(ExitCode::SUCCESS);
+    Ok(())
+}
+
+/// The signals that stop the demo: Ctrl-C, `kill` and a closed terminal.
+/// Each stops the swarm before `spare` exits.
+#[derive(Debug)]
+struct Stop {
+    interrupt: Signal,
+    terminate: Signal,
+    hangup: Signal,
+}
+
+impl Stop {
+    fn new() -> Result<Self> {
+        let catch = |kind: SignalKind, name: &str| {
+            signal(kind).with_context(|| format!("cannot catch {name}"))
+        };
+        Ok(Self {
+            interrupt: catch(SignalKind::interrupt(), "SIGINT")?,
+            terminate: catch(SignalKind::terminate(), "SIGTERM")?,
+            hangup: catch(SignalKind::hangup(), "SIGHUP")?,
+        })
     }
-    writeln!(
-        out,
-        "\nthe swarm keeps running until Ctrl-C. Try, in another terminal:"
-    )?;
-    writeln!(out, "  spare --data-dir {} peers", first.dir.display())?;
-    writeln!(
-        out,
-        "  spare --data-dir {} run examples/primes.wasm -- 2000000",
-        first.dir.display()
-    )?;
-    writeln!(out, "  spare --data-dir {} tasks", first.dir.display())?;
-    out.flush()?;
-    drop(out);
-    tokio::signal::ctrl_c().await?;
-    tokio::time::sleep(Duration::from_millis(10)).await;
-    drop(swarm);
-    Ok(ExitCode::SUCCESS)
+
+    /// The next of them to arrive.
+    async fn recv(&mut self) -> i32 {
+        tokio::select! {
+            _ = self.interrupt.recv() => libc::SIGINT,
+            _ = self.terminate.recv() => libc::SIGTERM,
+            _ = self.hangup.recv() => libc::SIGHUP,
+        }
+    }
+}
+
+fn signal_name(signal: i32) -> &'static str {
+    match signal {
+        libc::SIGINT => "interrupted",
+        libc::SIGTERM => "terminated (SIGTERM)",
+        _ => "hung up (SIGHUP)",
+    }
+}
+
+/// The exit code of a demo stopped before it was done, as a shell reports
+/// a program killed by `signal`.
+fn interrupted(signal: i32) -> ExitCode {
+    ExitCode::from(128 + u8::try_from(signal).unwrap_or(0))
+}
+
+fn eprintln_quiet(line: &str) {
+    let _ = writeln!(std::io::stderr(), "{line}");
 }
 
 fn node_name(i: usize) -> char {

@@ -7,13 +7,14 @@
 use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use bytes::Bytes;
 use serde::Serialize;
 use spare_core::limits::{MAX_MODULE_BYTES, MAX_STDIN_BYTES};
 use spare_core::task::MAX_INLINE_STDIN;
-use spare_core::units::{parse_bytes, parse_count, parse_duration};
+use spare_core::units::{format_bytes, format_duration, parse_bytes, parse_count, parse_duration};
 use spare_core::{BlobRef, Limits, PeerId};
 use spare_node::api::types::{
     CancelReply, FailureKind, Placement, Submission, SubmitStdin, TaskEvent, TaskResult, encode_b64,
@@ -42,20 +43,16 @@ pub(crate) struct Args {
     /// Run on this node instead of a remote peer.
     #[arg(long)]
     local: bool,
-    /// Wall-time limit, e.g. 5s, 2m.
-    #[arg(long, value_name = "DURATION")]
+    // The limits' help shows their defaults, read from `Limits::DEFAULT`.
+    #[arg(long, value_name = "DURATION", help = limit_help("Wall-time limit, e.g. 5s, 2m", Limit::Timeout))]
     timeout: Option<String>,
-    /// Memory limit, e.g. 64MiB.
-    #[arg(long, value_name = "BYTES")]
+    #[arg(long, value_name = "BYTES", help = limit_help("Memory limit, e.g. 64MiB (a bare number is bytes)", Limit::Memory))]
     memory: Option<String>,
-    /// Fuel limit (about one unit per instruction), e.g. 1e9.
-    #[arg(long, value_name = "COUNT")]
+    #[arg(long, value_name = "COUNT", help = limit_help("Fuel limit (about one unit per instruction), e.g. 1e9", Limit::Fuel))]
     fuel: Option<String>,
-    /// Limit on each of stdout and stderr, e.g. 1MiB.
-    #[arg(long, value_name = "BYTES")]
+    #[arg(long, value_name = "BYTES", help = limit_help("Limit on each of stdout and stderr, e.g. 1MiB", Limit::Output))]
     output: Option<String>,
-    /// Native stack limit, e.g. 512KiB.
-    #[arg(long, value_name = "BYTES")]
+    #[arg(long, value_name = "BYTES", help = limit_help("Native stack limit, e.g. 512KiB", Limit::Stack))]
     stack: Option<String>,
     /// Print the result as JSON instead of the program's output.
     #[arg(long)]
@@ -105,7 +102,7 @@ pub(crate) async fn execute(context: &Context, args: Args) -> Result<ExitCode> {
 
 async fn submit(context: &Context, args: Args) -> Result<ExitCode> {
     let limits = limits(&args)?;
-    let env = environment(&args.env)?;
+    let env = environment(&args.env, |name| std::env::var(name))?;
     let placement = match (&args.on, args.local) {
         (Some(peer), _) => {
             peer.parse::<PeerId>().map_err(|_| {
@@ -203,7 +200,8 @@ fn finish(result: &TaskResult, json: bool, cancelled: bool) -> Result<ExitCode> 
     if json {
         let (stdout, stdout_base64) = text_or_base64(&result.stdout_bytes(), &result.stdout);
         let (stderr, stderr_base64) = text_or_base64(&result.stderr_bytes(), &result.stderr);
-        output::json(&JsonResult {
+        // As below, a reader that went away does not change the exit code.
+        let printed = output::json(&JsonResult {
             task: result.task.clone(),
             host: result.host.clone(),
             attempts: result.attempts,
@@ -215,7 +213,12 @@ fn finish(result: &TaskResult, json: bool, cancelled: bool) -> Result<ExitCode> 
             stderr_base64,
             fuel: result.fuel,
             wall_ms: result.wall_ms,
-        })?;
+        });
+        if let Err(e) = printed
+            && !output::is_broken_pipe(&e)
+        {
+            return Err(e);
+        }
     } else {
         // A reader that went away (`spare run … | head`) is not an error of
         // the task: the rest of the output is dropped, as a local program's
@@ -231,7 +234,10 @@ fn finish(result: &TaskResult, json: bool, cancelled: bool) -> Result<ExitCode> 
         (Some(code), _) => (code & 0xff) as u8,
         (None, kind) => {
             if !json {
-                let failure = result.failure.as_deref().unwrap_or("failed");
+                // A trap's backtrace is left to `--json` and `spare tasks
+                // --json`: the line says what happened.
+                let failure =
+                    output::without_backtrace(result.failure.as_deref().unwrap_or("failed"));
                 eprintln_quiet(&format!(
                     "spare: error: the program {failure} (on {})",
                     short_peer(&result.host)
@@ -268,6 +274,51 @@ fn eprintln_quiet(line: &str) {
     let _ = writeln!(std::io::stderr(), "{line}");
 }
 
+/// One of the limits `spare run` sets.
+#[derive(Clone, Copy, Debug)]
+enum Limit {
+    Timeout,
+    Memory,
+    Fuel,
+    Output,
+    Stack,
+}
+
+/// A limit flag's help: `what`, and its default as it would be written on
+/// the command line.
+fn limit_help(what: &str, limit: Limit) -> String {
+    let d = Limits::DEFAULT;
+    let bytes = |b: u64| format_bytes(b).replace(' ', "");
+    let default = match limit {
+        Limit::Timeout => format_duration(Duration::from_millis(d.wall_ms)).replace(' ', ""),
+        Limit::Memory => bytes(d.memory),
+        Limit::Fuel => count_text(d.fuel),
+        Limit::Output => bytes(d.output),
+        Limit::Stack => bytes(d.stack),
+    };
+    format!("{what} [default: {default}]")
+}
+
+/// A count in the scientific notation `--fuel` takes when that is shorter:
+/// `1e11`, `2.5e6`, `1000`.
+fn count_text(n: u64) -> String {
+    let digits = n.to_string();
+    let significant = digits.trim_end_matches('0');
+    let zeros = digits.len() - significant.len();
+    if n == 0 || zeros < 3 {
+        return digits;
+    }
+    let exponent = digits.len() - 1;
+    match significant.split_at(1) {
+        (first, "") => format!("{first}e{exponent}"),
+        (first, rest) => format!("{first}.{rest}e{exponent}"),
+    }
+}
+
+/// A WebAssembly page: the least memory a guest with a memory has, and the
+/// step it grows by.
+const WASM_PAGE: u64 = 64 << 10;
+
 fn limits(args: &Args) -> Result<Limits> {
     let mut limits = Limits::DEFAULT;
     if let Some(t) = &args.timeout {
@@ -276,6 +327,9 @@ fn limits(args: &Args) -> Result<Limits> {
     }
     if let Some(m) = &args.memory {
         limits.memory = parse_bytes(m).map_err(|e| anyhow!("--memory: {e}"))?;
+        if limits.memory < WASM_PAGE {
+            bail!("{}", memory_too_small(m, limits.memory));
+        }
     }
     if let Some(f) = &args.fuel {
         limits.fuel = parse_count(f).map_err(|e| anyhow!("--fuel: {e}"))?;
@@ -299,35 +353,101 @@ fn limits(args: &Args) -> Result<Limits> {
     Ok(limits)
 }
 
-fn environment(pairs: &[String]) -> Result<Vec<(String, String)>> {
-    pairs
-        .iter()
-        .map(|pair| match pair.split_once('=') {
+/// Why `--memory <text>` (`bytes` parsed) is refused: below one page no
+/// guest can start. A bare number is bytes; where it would make sense in
+/// MiB, that is probably what was meant.
+fn memory_too_small(text: &str, bytes: u64) -> String {
+    let text = text.trim();
+    let mut message = format!(
+        "--memory {text} is {}, less than one WebAssembly page ({}), the least a guest runs in",
+        format_bytes(bytes),
+        format_bytes(WASM_PAGE)
+    );
+    let bare = !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit());
+    if bare && bytes >= 1 && bytes.saturating_mul(1 << 20) <= Limits::MAX.memory {
+        message.push_str(&format!("; did you mean {bytes}MiB?"));
+    }
+    message
+}
+
+/// The guest's environment from `--env` values: `NAME=VALUE`, or `NAME`
+/// for this shell's value (from `lookup`). A name given twice keeps its
+/// last value, as with env(1).
+fn environment(
+    pairs: &[String],
+    lookup: impl Fn(&str) -> Result<String, std::env::VarError>,
+) -> Result<Vec<(String, String)>> {
+    let mut env: Vec<(String, String)> = Vec::with_capacity(pairs.len());
+    for pair in pairs {
+        let (name, value) = match pair.split_once('=') {
             Some(("", _)) => bail!("--env `{pair}` has an empty name"),
-            Some((name, value)) => Ok((name.to_owned(), value.to_owned())),
-            None => std::env::var(pair)
-                .map(|value| (pair.clone(), value))
-                .map_err(|_| anyhow!("--env `{pair}`: no `=` and no such variable in this shell")),
-        })
-        .collect()
+            Some((name, value)) => (name.to_owned(), value.to_owned()),
+            None => match lookup(pair) {
+                Ok(value) => (pair.clone(), value),
+                Err(std::env::VarError::NotUnicode(_)) => bail!(
+                    "--env `{pair}`: {pair} is set in this shell, but its value is not UTF-8, \
+                     which a task's environment cannot carry; give it as `--env {pair}=VALUE`"
+                ),
+                Err(std::env::VarError::NotPresent) => {
+                    bail!("--env `{pair}`: no `=` and no such variable in this shell")
+                }
+            },
+        };
+        match env.iter_mut().find(|(known, _)| *known == name) {
+            Some(slot) => slot.1 = value,
+            None => env.push((name, value)),
+        }
+    }
+    Ok(env)
 }
 
 fn read_module(path: &Path) -> Result<Vec<u8>> {
+    read_module_within(path, MAX_MODULE_BYTES)
+}
+
+/// Reads the program file, at most `max` bytes of it. A regular file's size
+/// is checked first; anything else (`/dev/zero`, a FIFO, `<(producer)`) is
+/// read until it ends or passes `max`. Whatever cannot be run ends `spare`
+/// with [`EXIT_UNRUNNABLE`], as a shell does for a file it cannot execute.
+fn read_module_within(path: &Path, max: u64) -> Result<Vec<u8>> {
     let shown = path.display();
-    let meta = std::fs::metadata(path).with_context(|| format!("cannot read {shown}"))?;
-    if meta.len() > MAX_MODULE_BYTES {
-        bail!(
-            "{shown} is {} bytes; the largest module spare runs is {MAX_MODULE_BYTES}",
-            meta.len()
-        );
-    }
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {shown}"))?;
-    if let Err(why) = spare_core::wasm::sniff(&bytes) {
-        return Err(output::Exit {
+    let unrunnable = |message: String| -> anyhow::Error {
+        output::Exit {
             code: EXIT_UNRUNNABLE,
-            message: format!("{shown} is not WebAssembly: {why}"),
+            message,
         }
-        .into());
+        .into()
+    };
+    let too_large = |size: Option<u64>| {
+        let mut message = format!(
+            "{shown} is larger than {}, the largest module spare runs",
+            format_bytes(max)
+        );
+        if let Some(size) = size {
+            message.push_str(&format!(" (it is {})", format_bytes(size)));
+        }
+        unrunnable(message)
+    };
+    let cannot_read = |e: std::io::Error| unrunnable(format!("cannot read {shown}: {e}"));
+    let file = std::fs::File::open(path).map_err(cannot_read)?;
+    let meta = file.metadata().map_err(cannot_read)?;
+    if meta.is_dir() {
+        return Err(unrunnable(format!(
+            "{shown} is a directory, not a WebAssembly program"
+        )));
+    }
+    if meta.is_file() && meta.len() > max {
+        return Err(too_large(Some(meta.len())));
+    }
+    let mut bytes = Vec::new();
+    file.take(max.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .map_err(cannot_read)?;
+    if bytes.len() as u64 > max {
+        return Err(too_large(None));
+    }
+    if let Err(why) = spare_core::wasm::sniff(&bytes) {
+        return Err(unrunnable(format!("{shown} is not WebAssembly: {why}")));
     }
     Ok(bytes)
 }
@@ -345,7 +465,10 @@ async fn read_stdin() -> Result<Vec<u8>> {
             .read_to_end(&mut bytes)
             .context("cannot read stdin")?;
         if bytes.len() as u64 > MAX_STDIN_BYTES {
-            bail!("stdin is larger than {MAX_STDIN_BYTES} bytes, the most a task takes");
+            bail!(
+                "stdin is larger than {}, the most a task takes",
+                format_bytes(MAX_STDIN_BYTES)
+            );
         }
         Ok(bytes)
     })
@@ -359,4 +482,197 @@ async fn upload(client: &Client, blob: &BlobRef, bytes: Vec<u8>) -> Result<()> {
         client.put(&path, Bytes::from(bytes)).await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(flags: &[&str]) -> Args {
+        #[derive(Debug, clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: Args,
+        }
+        let argv = ["run"].iter().chain(flags).chain(&["task.wasm"]);
+        <Cli as clap::Parser>::try_parse_from(argv)
+            .expect("flags parse")
+            .args
+    }
+
+    fn exit_code(err: &anyhow::Error) -> Option<u8> {
+        err.downcast_ref::<output::Exit>().map(|e| e.code)
+    }
+
+    #[test]
+    fn memory_below_one_page_is_refused_with_a_hint() {
+        for (flag, hint) in [("0", false), ("1", true), ("64", true), ("4096", true)] {
+            let err = limits(&args(&["--memory", flag])).unwrap_err().to_string();
+            assert!(
+                err.starts_with(&format!("--memory {flag} is ")),
+                "{flag}: {err}"
+            );
+            assert!(
+                err.contains("less than one WebAssembly page (64 KiB)"),
+                "{flag}: {err}"
+            );
+            assert_eq!(
+                err.contains(&format!("did you mean {flag}MiB?")),
+                hint,
+                "{flag}: {err}"
+            );
+        }
+        let err = limits(&args(&["--memory", "64KB"]))
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("did you mean"), "{err}");
+        // One page is enough to start.
+        assert_eq!(limits(&args(&["--memory", "64KiB"])).unwrap().memory, 65536);
+        assert_eq!(
+            limits(&args(&["--memory", "64MiB"])).unwrap().memory,
+            64 << 20
+        );
+    }
+
+    #[test]
+    fn the_limits_help_shows_their_defaults() {
+        let help = limit_help("Fuel limit", Limit::Fuel);
+        assert_eq!(help, "Fuel limit [default: 1e11]");
+        // Each default as shown reads back as the default itself.
+        let shown = |limit| {
+            let help = limit_help("x", limit);
+            help["x [default: ".len()..help.len() - 1].to_owned()
+        };
+        let d = Limits::DEFAULT;
+        assert_eq!(parse_count(&shown(Limit::Fuel)).unwrap(), d.fuel);
+        assert_eq!(parse_bytes(&shown(Limit::Memory)).unwrap(), d.memory);
+        assert_eq!(parse_bytes(&shown(Limit::Stack)).unwrap(), d.stack);
+        assert_eq!(parse_bytes(&shown(Limit::Output)).unwrap(), d.output);
+        assert_eq!(
+            parse_duration(&shown(Limit::Timeout)).unwrap(),
+            Duration::from_millis(d.wall_ms)
+        );
+        assert_eq!(count_text(2_500_000), "2.5e6");
+        assert_eq!(count_text(1000), "1e3");
+        assert_eq!(count_text(1234), "1234");
+        assert_eq!(count_text(0), "0");
+        // And `spare run --help` says them.
+        use clap::CommandFactory;
+        let help = crate::Cli::command()
+            .find_subcommand_mut("run")
+            .expect("run")
+            .render_help()
+            .to_string();
+        for default in ["1e11", "256MiB", "1MiB", "8MiB", "2min"] {
+            assert!(help.contains(&format!("[default: {default}]")), "{help}");
+        }
+    }
+
+    #[test]
+    fn the_last_env_value_of_a_name_wins() {
+        let pairs: Vec<String> = ["K=1", "A=x", "K=2", "FROM_SHELL", "K=3=4"]
+            .map(Into::into)
+            .to_vec();
+        let env = environment(&pairs, |name| {
+            assert_eq!(name, "FROM_SHELL");
+            Ok("shell".into())
+        })
+        .unwrap();
+        assert_eq!(
+            env,
+            [
+                ("K".to_owned(), "3=4".to_owned()),
+                ("A".to_owned(), "x".to_owned()),
+                ("FROM_SHELL".to_owned(), "shell".to_owned()),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_shell_variable_that_is_not_utf8_is_named_as_such() {
+        use std::os::unix::ffi::OsStringExt;
+        let not_utf8 = |_: &str| {
+            Err(std::env::VarError::NotUnicode(
+                std::ffi::OsString::from_vec(vec![0xff]),
+            ))
+        };
+        let err = environment(&["X".into()], not_utf8)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("X is set in this shell, but its value is not UTF-8"),
+            "{err}"
+        );
+        let err = environment(&["X".into()], |_| Err(std::env::VarError::NotPresent))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no such variable in this shell"), "{err}");
+    }
+
+    #[test]
+    fn a_module_that_never_ends_is_read_only_up_to_the_maximum() {
+        // /dev/zero would be read without end.
+        let err = read_module_within(Path::new("/dev/zero"), 1 << 10).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "/dev/zero is larger than 1 KiB, the largest module spare runs"
+        );
+        assert_eq!(exit_code(&err), Some(EXIT_UNRUNNABLE));
+
+        // A FIFO whose writer does not stop.
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        let c_path = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path and a mode.
+        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+        let writer_path = fifo.clone();
+        let writer = std::thread::spawn(move || {
+            let mut pipe = std::fs::OpenOptions::new()
+                .write(true)
+                .open(writer_path)
+                .unwrap();
+            let chunk = [0u8; 4096];
+            // Ends when the reader closes the FIFO.
+            while pipe.write_all(&chunk).is_ok() {}
+        });
+        let err = read_module_within(&fifo, 1 << 20).unwrap_err();
+        assert!(err.to_string().contains("is larger than 1 MiB"), "{err}");
+        writer.join().unwrap();
+
+        // A regular file is refused by its size, before it is read.
+        let big = dir.path().join("big.wasm");
+        std::fs::File::create(&big)
+            .unwrap()
+            .set_len(MAX_MODULE_BYTES + 1)
+            .unwrap();
+        let err = read_module(&big).unwrap_err();
+        assert!(
+            err.to_string().ends_with(
+                "big.wasm is larger than 64 MiB, the largest module spare runs (it is 64.0 MiB)"
+            ),
+            "{err}"
+        );
+        assert_eq!(exit_code(&err), Some(EXIT_UNRUNNABLE));
+
+        // Missing files and directories cannot be run either.
+        let err = read_module(&dir.path().join("missing.wasm")).unwrap_err();
+        assert!(err.to_string().contains("cannot read"), "{err}");
+        assert_eq!(exit_code(&err), Some(EXIT_UNRUNNABLE));
+        let err = read_module(dir.path()).unwrap_err();
+        assert!(
+            err.to_string()
+                .ends_with("is a directory, not a WebAssembly program"),
+            "{err}"
+        );
+        assert_eq!(exit_code(&err), Some(EXIT_UNRUNNABLE));
+
+        // A small module from a pipe is read whole.
+        let hello = std::fs::read(spare_testkit::example("hello.wasm")).unwrap();
+        let got = read_module_within(
+            Path::new(&spare_testkit::example("hello.wasm")),
+            hello.len() as u64,
+        )
+        .unwrap();
+        assert_eq!(got, hello);
+    }
 }

@@ -15,8 +15,8 @@ pub(crate) struct Args {
     /// List tasks this node ran for other peers instead.
     #[arg(long)]
     hosted: bool,
-    /// How many tasks to list.
-    #[arg(long, default_value_t = 20)]
+    /// How many tasks to list (the most recent first).
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
     limit: u32,
 }
 
@@ -103,7 +103,8 @@ fn row(
 ) -> Vec<String> {
     let ended = match (state, exit_code, failure) {
         (spare_ledger::TaskState::Exited, Some(code), _) => format!("exit {code}"),
-        (_, _, Some(failure)) => clip(failure, 48),
+        // A trap's backtrace is left to `--json`.
+        (_, _, Some(failure)) => clip(&output::without_backtrace(failure), 48),
         (state, _, _) => format!("{state:?}").to_lowercase(),
     };
     vec![

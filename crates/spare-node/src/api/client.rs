@@ -4,9 +4,15 @@
 //! Connections are kept alive and reused: a request takes an idle
 //! connection if there is one and gives it back once its response has been
 //! read to the end.
+//!
+//! A daemon that does not answer (stopped with `SIGSTOP`, or stuck) does
+//! not hang its caller: every request gets its whole answer, or for a
+//! stream its response head, within the client's timeout. The lines of a
+//! stream (a task's events) may take as long as the task runs.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use bytes::Bytes;
@@ -24,6 +30,11 @@ use crate::api::types::ErrorBody;
 /// Idle connections kept for reuse.
 const MAX_IDLE: usize = 16;
 
+/// How long a request waits for the daemon's answer by default: far more
+/// than any answer of a running daemon takes (storing a 64 MiB blob
+/// included), short enough that a stopped one is noticed.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
 type Sender = SendRequest<Full<Bytes>>;
 
 /// Talks to one daemon. Clones share their idle connections.
@@ -32,6 +43,8 @@ pub struct Client {
     socket: PathBuf,
     /// How to start the daemon, for the error shown when none is running.
     up_hint: String,
+    /// How long a request may wait for its answer.
+    timeout: Duration,
     idle: Arc<Mutex<Vec<Sender>>>,
 }
 
@@ -46,7 +59,26 @@ impl Client {
         Self {
             socket: socket.to_path_buf(),
             up_hint,
+            timeout: DEFAULT_TIMEOUT,
             idle: Arc::default(),
+        }
+    }
+
+    /// The same client with another timeout for each request.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Runs `request` within the timeout.
+    async fn timed<T>(&self, request: impl Future<Output = Result<T>>) -> Result<T> {
+        match tokio::time::timeout(self.timeout, request).await {
+            Ok(result) => result,
+            Err(_) => bail!(
+                "the daemon at {} did not answer within {}; is it stopped?",
+                self.socket.display(),
+                spare_core::units::format_duration(self.timeout)
+            ),
         }
     }
 
@@ -148,24 +180,31 @@ impl Client {
 
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
         let body = self
-            .success(self.send(Method::GET, path, None).await?)
+            .timed(async {
+                self.success(self.send(Method::GET, path, None).await?)
+                    .await
+            })
             .await?;
         serde_json::from_slice(&body).context("the daemon sent an unreadable answer")
     }
 
     pub async fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T> {
         let json = Bytes::from(serde_json::to_vec(body)?);
-        let exchange = self
-            .send(Method::POST, path, Some((json, "application/json")))
+        let body = self
+            .timed(async {
+                let exchange = self
+                    .send(Method::POST, path, Some((json, "application/json")))
+                    .await?;
+                self.success(exchange).await
+            })
             .await?;
-        let body = self.success(exchange).await?;
         serde_json::from_slice(&body).context("the daemon sent an unreadable answer")
     }
 
     /// Whether the daemon has the blob at `path`.
     pub async fn exists(&self, path: &str) -> Result<bool> {
         let (status, _) = self
-            .body(self.send(Method::HEAD, path, None).await?)
+            .timed(async { self.body(self.send(Method::HEAD, path, None).await?).await })
             .await?;
         match status {
             StatusCode::OK => Ok(true),
@@ -175,23 +214,33 @@ impl Client {
     }
 
     pub async fn put(&self, path: &str, bytes: Bytes) -> Result<()> {
-        let exchange = self
-            .send(Method::PUT, path, Some((bytes, "application/octet-stream")))
-            .await?;
-        self.success(exchange).await?;
+        self.timed(async {
+            let exchange = self
+                .send(Method::PUT, path, Some((bytes, "application/octet-stream")))
+                .await?;
+            self.success(exchange).await
+        })
+        .await?;
         Ok(())
     }
 
     /// POSTs `body` and returns a reader of the NDJSON lines of the answer.
+    /// The response head must come within the timeout; the lines may take
+    /// as long as they take.
     pub async fn post_stream<B: Serialize>(&self, path: &str, body: &B) -> Result<LineStream> {
         let json = Bytes::from(serde_json::to_vec(body)?);
         let exchange = self
-            .send(Method::POST, path, Some((json, "application/json")))
+            .timed(async {
+                let exchange = self
+                    .send(Method::POST, path, Some((json, "application/json")))
+                    .await?;
+                if !exchange.response.status().is_success() {
+                    self.success(exchange).await?;
+                    bail!("the daemon refused the request");
+                }
+                Ok(exchange)
+            })
             .await?;
-        if !exchange.response.status().is_success() {
-            self.success(exchange).await?;
-            bail!("the daemon refused the request");
-        }
         Ok(LineStream {
             body: exchange.response.into_body(),
             buffer: Vec::new(),
@@ -240,5 +289,100 @@ impl LineStream {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::UnixListener;
+
+    /// A daemon on `socket` that reads each request's head and then does
+    /// what `answer` does with the connection.
+    fn serve<F, Fut>(socket: &Path, answer: F)
+    where
+        F: Fn(UnixStream) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let listener = UnixListener::bind(socket).unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (mut stream, _) = listener.accept().await.unwrap();
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if stream.read(&mut byte).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                tokio::spawn(answer(stream));
+            }
+        });
+    }
+
+    #[tokio::test]
+    async fn a_daemon_that_does_not_answer_is_given_up_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("api.sock");
+        // Accepts, as the kernel does for a stopped daemon, never answers.
+        serve(&socket, |stream| async move {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            drop(stream);
+        });
+        let client =
+            Client::new(&socket, "spare up".into()).with_timeout(Duration::from_millis(200));
+        let started = std::time::Instant::now();
+        let outcome = tokio::time::timeout(Duration::from_secs(10), async {
+            let get = client.get::<serde_json::Value>("/v1/status").await;
+            let stream = client.post_stream("/v1/tasks", &()).await;
+            (get, stream.map(|_| ()))
+        })
+        .await
+        .expect("the client gives up by itself");
+        for err in [outcome.0.unwrap_err(), outcome.1.unwrap_err()] {
+            assert_eq!(
+                err.to_string(),
+                format!(
+                    "the daemon at {} did not answer within 200 ms; is it stopped?",
+                    socket.display()
+                )
+            );
+        }
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert_eq!(DEFAULT_TIMEOUT, Duration::from_secs(30));
+        assert_eq!(Client::new(&socket, String::new()).timeout, DEFAULT_TIMEOUT);
+    }
+
+    #[tokio::test]
+    async fn a_stream_may_take_longer_than_the_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("api.sock");
+        // The head at once, the lines well after the timeout, as a task's
+        // events come while it runs.
+        serve(&socket, |mut stream| async move {
+            let _ = stream
+                .write_all(
+                    b"HTTP/1.1 200 OK\r\ncontent-type: application/x-ndjson\r\n\
+                      transfer-encoding: chunked\r\n\r\n",
+                )
+                .await;
+            for line in [&b"{\"n\":1}\n"[..], b"{\"n\":2}\n"] {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                let chunk = [format!("{:x}\r\n", line.len()).as_bytes(), line, b"\r\n"].concat();
+                let _ = stream.write_all(&chunk).await;
+            }
+            let _ = stream.write_all(b"0\r\n\r\n").await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        });
+        let client =
+            Client::new(&socket, "spare up".into()).with_timeout(Duration::from_millis(100));
+        let mut lines = client.post_stream("/v1/tasks", &()).await.unwrap();
+        let mut seen = Vec::new();
+        while let Some(line) = lines.next::<serde_json::Value>().await.unwrap() {
+            seen.push(line["n"].as_u64().unwrap());
+        }
+        assert_eq!(seen, [1, 2]);
     }
 }
