@@ -797,32 +797,52 @@ fn a_task_waits_while_every_peer_gives_nothing_and_says_why() {
         "{line}"
     );
 
-    // Within the limits: the task waits for the host, saying why.
-    let mut child = requester
-        .cli()
-        .args(["run", "--memory", "32MiB", &example("hello.wasm")])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (lines, seen) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = lines.send(line);
+    // Within the limits: the task waits for the host, saying why; so does
+    // one pinned to it. Ctrl-C ends each wait.
+    let waiting = |args: &[&str]| {
+        let mut child = requester
+            .cli()
+            .args(args)
+            .arg(example("hello.wasm"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (lines, seen) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let _ = lines.send(line);
+            }
+        });
+        let line = seen
+            .recv_timeout(Duration::from_secs(20))
+            .expect("a line on stderr");
+        // SAFETY: kill only takes integers.
+        unsafe {
+            libc::kill(child.id() as libc::pid_t, libc::SIGINT);
         }
-    });
-    let line = seen
-        .recv_timeout(Duration::from_secs(20))
-        .expect("a line on stderr");
-    assert!(line.starts_with("spare: waiting:"), "{line}");
+        assert_eq!(child.wait().unwrap().code(), Some(130), "{line}");
+        assert!(line.starts_with("spare: waiting:"), "{line}");
+        line
+    };
+    let line = waiting(&["run", "--memory", "32MiB"]);
     assert!(
-        line.contains("1 connected peer gives nothing right now (outside its time windows)"),
+        line.contains("1 connected peer gives nothing right now (outside its time windows) ("),
+        "{line}"
+    );
+    let host_id = host.peer_id().to_string();
+    let line = waiting(&["run", "--on", &host_id, "--memory", "32MiB"]);
+    assert!(
+        line.contains(&format!(
+            "peer {host_id} gives nothing right now (outside its time windows); \
+             the task waits in its queue"
+        )),
         "{line}"
     );
     // `spare peers` says the same of the host.
@@ -832,11 +852,34 @@ fn a_task_waits_while_every_peer_gives_nothing_and_says_why() {
         "{}",
         text(&out.stdout)
     );
-    // SAFETY: kill only takes integers.
-    unsafe {
-        libc::kill(child.id() as libc::pid_t, libc::SIGINT);
-    }
-    assert_eq!(child.wait().unwrap().code(), Some(130));
+
+    // A peer that gives now, but less memory than asked, is named too:
+    // asking less would run at once.
+    let small_dir = dir.path().join("small");
+    std::fs::create_dir_all(&small_dir).unwrap();
+    std::fs::write(
+        small_dir.join("config.toml"),
+        "[max_limits]\nmemory = \"16MiB\"\n",
+    )
+    .unwrap();
+    let small = Daemon::start(
+        &bin(),
+        &small_dir,
+        &["--cores", "1", "--bootstrap", requester.addr()],
+    )
+    .expect("a small host starts");
+    requester
+        .wait_for_peers(2, Duration::from_secs(20))
+        .expect("the three connect");
+    let line = waiting(&["run", "--memory", "32MiB"]);
+    assert!(
+        line.contains(&format!(
+            "1 connected peer gives nothing right now (outside its time windows); \
+             1 more does not grant these limits (peer {}: memory limit",
+            small.peer_id()
+        )),
+        "{line}"
+    );
 }
 
 #[test]
