@@ -13,7 +13,10 @@
 //!   signal, or connect to an abstract socket of, any process outside its
 //!   own sandbox, so not the daemon, the owner's programs or other workers;
 //! - **sockets** (seccomp): `socket(2)` fails with `EACCES`, for every
-//!   family, so no UDP, raw or netlink socket either.
+//!   family, so no UDP, raw, netlink or Unix socket either (so not the
+//!   daemon's API socket); so does io_uring, which could open one without
+//!   passing through seccomp, and a few more calls that reach beyond the
+//!   process ([`DENIED`]).
 //!
 //! The daemon still controls the worker from outside: it signals it,
 //! stops and resumes it, and reads its `/proc` entries. A kernel without
@@ -53,15 +56,15 @@ pub struct ConfineReport {
     pub tcp: bool,
     /// Signals to processes outside the worker are refused.
     pub signals: bool,
-    /// `socket(2)` is refused.
+    /// `socket(2)`, io_uring and the other [`DENIED`] calls are refused.
     pub sockets: bool,
     /// What could not be done, and why.
     pub notes: Vec<String>,
 }
 
 impl ConfineReport {
-    /// `files, TCP, signals, sockets (Landlock 7, seccomp)`, or what is
-    /// missing, for humans.
+    /// `confined: files, TCP, signals, sockets`, and what is missing, for
+    /// humans.
     pub fn describe(&self) -> String {
         let mut held = Vec::new();
         let mut open = Vec::new();
@@ -93,6 +96,20 @@ pub fn confine(confinement: &Confinement) -> ConfineReport {
         landlock_abi: landlock_abi(),
         ..ConfineReport::default()
     };
+    // Landlock skips a directory it cannot open, and the worker could then
+    // never use it: the cache is made if it went missing, and a missing
+    // blob store is said.
+    for dir in &confinement.write {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    for dir in confinement.read.iter().chain(&confinement.write) {
+        if !dir.is_dir() {
+            report.notes.push(format!(
+                "{} is not a directory: workers cannot open anything in it",
+                dir.display()
+            ));
+        }
+    }
     match landlock(confinement, report.landlock_abi) {
         Ok(status) if status != RulesetStatus::NotEnforced => {
             let abi = report.landlock_abi;
@@ -132,6 +149,10 @@ fn landlock_abi() -> u32 {
 
 fn landlock(confinement: &Confinement, abi: u32) -> Result<RulesetStatus, landlock::RulesetError> {
     let files = !confinement.read.is_empty() || !confinement.write.is_empty();
+    if !files && abi < 4 {
+        // Nothing this kernel's Landlock could take.
+        return Ok(RulesetStatus::NotEnforced);
+    }
     let read = AccessFs::ReadFile | AccessFs::ReadDir;
     let write: BitFlags<AccessFs> = read
         | AccessFs::WriteFile
@@ -160,7 +181,41 @@ fn landlock(confinement: &Confinement, abi: u32) -> Result<RulesetStatus, landlo
     Ok(created.restrict_self()?.ruleset)
 }
 
-/// Installs a seccomp filter under which `socket(2)` fails with `EACCES`.
+/// System calls a worker never makes, refused by its seccomp filter:
+/// sockets of any family, io_uring (whose operations, sockets among them,
+/// never pass through seccomp), and what would reach beyond the process
+/// (other processes' memory, kernel keys, BPF, namespaces, mounts,
+/// modules).
+#[cfg(target_arch = "x86_64")]
+const DENIED: [libc::c_long; 24] = [
+    libc::SYS_socket,
+    libc::SYS_io_uring_setup,
+    libc::SYS_io_uring_enter,
+    libc::SYS_io_uring_register,
+    libc::SYS_ptrace,
+    libc::SYS_process_vm_readv,
+    libc::SYS_process_vm_writev,
+    libc::SYS_bpf,
+    libc::SYS_perf_event_open,
+    libc::SYS_userfaultfd,
+    libc::SYS_keyctl,
+    libc::SYS_add_key,
+    libc::SYS_request_key,
+    libc::SYS_unshare,
+    libc::SYS_setns,
+    libc::SYS_mount,
+    libc::SYS_umount2,
+    libc::SYS_pivot_root,
+    libc::SYS_chroot,
+    libc::SYS_init_module,
+    libc::SYS_finit_module,
+    libc::SYS_delete_module,
+    libc::SYS_kexec_load,
+    libc::SYS_kexec_file_load,
+];
+
+/// Installs a seccomp filter under which the [`DENIED`] calls fail with
+/// `EACCES`, as does every call of another ABI (i386, x32).
 #[cfg(target_arch = "x86_64")]
 fn deny_sockets() -> std::io::Result<()> {
     use libc::{BPF_ABS, BPF_JEQ, BPF_JGE, BPF_JMP, BPF_K, BPF_LD, BPF_RET, BPF_W, sock_filter};
@@ -171,7 +226,6 @@ fn deny_sockets() -> std::io::Result<()> {
     const X32_BIT: u32 = 0x4000_0000;
     const ARCH_OFFSET: u32 = 4;
     const NR_OFFSET: u32 = 0;
-    let socket = u32::try_from(libc::SYS_socket).unwrap_or(u32::MAX);
     let denied = libc::SECCOMP_RET_ERRNO | u32::try_from(libc::EACCES).unwrap_or(1);
     let stmt = |code: u32, k: u32| sock_filter {
         code: u16::try_from(code).unwrap_or(0),
@@ -185,17 +239,34 @@ fn deny_sockets() -> std::io::Result<()> {
         jf,
         k,
     };
-    let program = [
+    // Each jump counts the instructions it skips; the last two are
+    // "allow" and then "deny", so from the n-th of the denied calls' checks
+    // (counting from 0) "deny" is `DENIED.len() - n` ahead.
+    let skip = |n: usize| u8::try_from(n).unwrap_or(u8::MAX);
+    let mut program = vec![
         // Another architecture's calls (int 0x80) have other numbers.
         stmt(BPF_LD | BPF_W | BPF_ABS, ARCH_OFFSET),
         jump(BPF_JMP | BPF_JEQ | BPF_K, ARCH, 1, 0),
         stmt(BPF_RET | BPF_K, denied),
         stmt(BPF_LD | BPF_W | BPF_ABS, NR_OFFSET),
-        jump(BPF_JMP | BPF_JGE | BPF_K, X32_BIT, 1, 0),
-        jump(BPF_JMP | BPF_JEQ | BPF_K, socket, 0, 1),
-        stmt(BPF_RET | BPF_K, denied),
-        stmt(BPF_RET | BPF_K, libc::SECCOMP_RET_ALLOW),
+        jump(
+            BPF_JMP | BPF_JGE | BPF_K,
+            X32_BIT,
+            skip(DENIED.len() + 1),
+            0,
+        ),
     ];
+    for (n, call) in DENIED.iter().enumerate() {
+        let call = u32::try_from(*call).unwrap_or(u32::MAX);
+        program.push(jump(
+            BPF_JMP | BPF_JEQ | BPF_K,
+            call,
+            skip(DENIED.len() - n),
+            0,
+        ));
+    }
+    program.push(stmt(BPF_RET | BPF_K, libc::SECCOMP_RET_ALLOW));
+    program.push(stmt(BPF_RET | BPF_K, denied));
     let filter = libc::sock_fprog {
         len: u16::try_from(program.len()).unwrap_or(0),
         filter: program.as_ptr().cast_mut(),
@@ -352,6 +423,25 @@ mod tests {
             "open a UDP socket",
             false,
             std::net::UdpSocket::bind("127.0.0.1:0").map(drop),
+        );
+        expect(
+            "open a Unix socket",
+            false,
+            std::os::unix::net::UnixDatagram::unbound().map(drop),
+        );
+        // io_uring could open sockets behind seccomp's back.
+        let mut params = [0u8; 120];
+        // SAFETY: io_uring_setup reads and writes `params`, which is as
+        // large as the kernel's `struct io_uring_params`.
+        let ring = unsafe { libc::syscall(libc::SYS_io_uring_setup, 1u32, params.as_mut_ptr()) };
+        expect(
+            "set up an io_uring",
+            false,
+            if ring >= 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            },
         );
         // SAFETY: getpid cannot fail; signalling ourselves stays allowed.
         let own = unsafe { libc::kill(libc::getpid(), 0) };
