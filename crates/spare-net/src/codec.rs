@@ -55,6 +55,21 @@ impl ReadBudget {
         self.0.available_permits()
     }
 
+    /// The permits for `bytes` if they are free now; an error saying the
+    /// budget is spent otherwise.
+    pub(crate) fn try_acquire(&self, bytes: usize) -> io::Result<OwnedSemaphorePermit> {
+        let units = u32::try_from(bytes)
+            .map_err(|_| io::Error::other(format!("{bytes} bytes exceed any read budget")))?;
+        Arc::clone(&self.0)
+            .try_acquire_many_owned(units)
+            .map_err(|_| {
+                io::Error::new(
+                    io::ErrorKind::OutOfMemory,
+                    "the node's budget for requests being read is spent",
+                )
+            })
+    }
+
     /// A share of this budget for one peer's task streams.
     pub(crate) fn for_peer(&self) -> PeerBudget {
         PeerBudget {
@@ -64,8 +79,9 @@ impl ReadBudget {
     }
 }
 
-/// One peer's share of the [`ReadBudget`]: bytes it has being read count
-/// against both.
+/// One peer's share of the [`ReadBudget`]: the requests it has being read
+/// count against its share by their whole length, and against the node's
+/// budget by the memory they take.
 #[derive(Clone, Debug)]
 pub(crate) struct PeerBudget {
     all: ReadBudget,
@@ -73,15 +89,17 @@ pub(crate) struct PeerBudget {
 }
 
 impl PeerBudget {
-    /// Waits for the permits for `bytes`, the peer's own first, and holds
-    /// them until dropped.
-    pub(crate) async fn acquire(
-        &self,
-        bytes: usize,
-    ) -> io::Result<(OwnedSemaphorePermit, OwnedSemaphorePermit)> {
-        let own = acquire(&self.own, bytes).await?;
-        let all = self.all.acquire(bytes).await?;
-        Ok((own, all))
+    /// Waits until the peer's share has room for a whole request of
+    /// `bytes`, and holds it until dropped: a peer's requests are admitted
+    /// in turn, each with all the room it can need, so they never wait on
+    /// one another half read.
+    pub(crate) async fn admit(&self, bytes: usize) -> io::Result<OwnedSemaphorePermit> {
+        acquire(&self.own, bytes).await
+    }
+
+    /// The node-wide budget the memory of admitted requests comes from.
+    pub(crate) fn node(&self) -> &ReadBudget {
+        &self.all
     }
 }
 

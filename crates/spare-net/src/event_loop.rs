@@ -344,8 +344,8 @@ impl EventLoop {
                     return;
                 }
                 // Kademlia keeps every address it is given and hands them
-                // out: only the first identify of a connection adds any
-                // (a peer may push identify at will), and only a few.
+                // out: only a peer's first identify while connected adds
+                // any (a peer may push identify at will), and only a few.
                 let believable: Vec<Multiaddr> = {
                     let peers = self.read_peers();
                     if peers.identified_before(&peer_id) {
