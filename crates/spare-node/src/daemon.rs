@@ -77,7 +77,7 @@ pub struct DaemonOptions {
     pub worker: WorkerCommand,
 }
 
-/// Runs the daemon in the foreground until SIGINT or SIGTERM.
+/// Runs the daemon in the foreground until SIGINT, SIGTERM or SIGHUP.
 pub async fn run(options: DaemonOptions) -> Result<(), NodeError> {
     let DaemonOptions {
         paths,
@@ -143,20 +143,40 @@ fn announce(node: &Node, paths: &Paths) {
 
 /// Resolves when the daemon is asked to stop: Ctrl-C, `SIGTERM`, or
 /// `SIGHUP` (the terminal of a foreground `spare up` closed), each a clean
-/// shut-down.
+/// shut-down. A `SIGHUP` the daemon was started ignoring (`nohup spare up`)
+/// stays ignored.
 async fn signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut hang_up)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::hangup()),
-    ) else {
-        let _ = tokio::signal::ctrl_c().await;
-        return;
+    use tokio::signal::unix::{Signal, SignalKind, signal};
+    async fn next(signal: Option<Signal>) {
+        match signal {
+            Some(mut signal) => {
+                signal.recv().await;
+            }
+            None => std::future::pending().await,
+        }
+    }
+    let term = signal(SignalKind::terminate()).ok();
+    let hang_up = if ignored(libc::SIGHUP) {
+        None
+    } else {
+        signal(SignalKind::hangup()).ok()
     };
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-        _ = hang_up.recv() => {}
+        () = next(term) => {}
+        () = next(hang_up) => {}
+    }
+}
+
+/// Whether this process was started with `signal` ignored, as `nohup`
+/// does for `SIGHUP`: catching it then would undo what was asked.
+pub fn ignored(signal: libc::c_int) -> bool {
+    // SAFETY: with a null new action, sigaction only reads the current one
+    // into `current`, which is zeroed and valid for the call.
+    unsafe {
+        let mut current: libc::sigaction = std::mem::zeroed();
+        libc::sigaction(signal, std::ptr::null(), &mut current) == 0
+            && current.sa_sigaction == libc::SIG_IGN
     }
 }
 
@@ -176,4 +196,24 @@ fn lock(paths: &Paths) -> Result<std::fs::File, NodeError> {
         return Err(NodeError::Locked(paths.data_dir.display().to_string()));
     }
     Ok(file)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `nohup` starts a program with `SIGHUP` ignored; the daemon sees it
+    /// and leaves it so.
+    #[test]
+    fn a_signal_started_ignored_is_seen_as_ignored() {
+        // SIGWINCH's default is to be ignored by the kernel, but not with
+        // SIG_IGN: nothing else in this test binary uses it.
+        assert!(!ignored(libc::SIGWINCH));
+        // SAFETY: sets SIGWINCH's disposition for this test process only.
+        let previous = unsafe { libc::signal(libc::SIGWINCH, libc::SIG_IGN) };
+        assert!(ignored(libc::SIGWINCH));
+        // SAFETY: puts back what was there.
+        unsafe { libc::signal(libc::SIGWINCH, previous) };
+        assert!(!ignored(libc::SIGWINCH));
+    }
 }

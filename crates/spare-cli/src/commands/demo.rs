@@ -180,7 +180,8 @@ async fn show(swarm: &Swarm, out: &mut impl Write) -> Result<()> {
 struct Stop {
     interrupt: Signal,
     terminate: Signal,
-    hangup: Signal,
+    /// `None` when started ignoring it (`nohup spare demo`).
+    hangup: Option<Signal>,
 }
 
 impl Stop {
@@ -191,7 +192,11 @@ impl Stop {
         Ok(Self {
             interrupt: catch(SignalKind::interrupt(), "SIGINT")?,
             terminate: catch(SignalKind::terminate(), "SIGTERM")?,
-            hangup: catch(SignalKind::hangup(), "SIGHUP")?,
+            hangup: if spare_node::daemon::ignored(libc::SIGHUP) {
+                None
+            } else {
+                Some(catch(SignalKind::hangup(), "SIGHUP")?)
+            },
         })
     }
 
@@ -200,8 +205,18 @@ impl Stop {
         tokio::select! {
             _ = self.interrupt.recv() => libc::SIGINT,
             _ = self.terminate.recv() => libc::SIGTERM,
-            _ = self.hangup.recv() => libc::SIGHUP,
+            () = hang_up(&mut self.hangup) => libc::SIGHUP,
         }
+    }
+}
+
+/// The next `SIGHUP`, or never when it is ignored.
+async fn hang_up(signal: &mut Option<Signal>) {
+    match signal {
+        Some(signal) => {
+            signal.recv().await;
+        }
+        None => std::future::pending().await,
     }
 }
 
