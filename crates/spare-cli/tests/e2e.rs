@@ -470,6 +470,9 @@ fn ctrl_c_cancels_the_task_on_its_host() {
         assert!(Instant::now() < deadline, "task never started on b");
         std::thread::sleep(Duration::from_millis(20));
     }
+    // Sent to its worker is not yet running: a task cancelled before its
+    // guest ran an instruction rightly reports no fuel. Let it burn some.
+    std::thread::sleep(Duration::from_millis(500));
     // SAFETY: kill only takes integers.
     unsafe {
         libc::kill(child.id() as libc::pid_t, libc::SIGINT);

@@ -325,6 +325,54 @@ fn endless_job() -> Job {
     }
 }
 
+/// A cancel that reaches the worker before it has read its job still
+/// stops that job (it names it), and does not touch the next one.
+#[tokio::test]
+async fn a_cancel_before_the_job_is_read_still_stops_it_and_only_it() {
+    let pool = worker_pool(1).await;
+    let worker = pool.worker_pids();
+    // Stopped, the worker gets its job in its pipe and the cancel pending,
+    // and takes the cancel first when it resumes.
+    pool.set_state(spare_runtime::WorkerState::Throttle);
+    let cancel = CancellationToken::new();
+    let running = tokio::spawn({
+        let (pool, cancel) = (pool.clone(), cancel.clone());
+        async move { pool.run(endless_job(), cancel).await }
+    });
+    while pool.stats().running == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    cancel.cancel();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    pool.set_state(spare_runtime::WorkerState::Run);
+    let outcome = tokio::time::timeout(Duration::from_secs(30), running)
+        .await
+        .expect("a cancelled job ends")
+        .unwrap();
+    assert!(
+        matches!(outcome.failure(), Some(Failure::Cancelled)),
+        "{:?}",
+        outcome.status
+    );
+    assert_eq!(
+        pool.worker_pids(),
+        worker,
+        "the worker stopped its guest itself instead of being killed"
+    );
+    let hello = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples/hello.wasm");
+    let bytes = std::fs::read(&hello).unwrap();
+    let next = Job {
+        module: BlobId::of(&bytes),
+        module_path: hello,
+        name: "hello.wasm".into(),
+        ..endless_job()
+    };
+    let outcome = pool.run(next, CancellationToken::new()).await;
+    assert_eq!(outcome.exit_code(), Some(0), "{:?}", outcome.status);
+    assert_eq!(outcome.stdout, b"hello from spare\n");
+}
+
 /// A worker that dies mid-job is reported, and the pool starts a
 /// replacement at once, so the next job finds a warm worker.
 #[tokio::test]

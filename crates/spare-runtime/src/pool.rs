@@ -133,6 +133,9 @@ struct Worker {
     stdin: ChildStdin,
     stdout: BufReader<ChildStdout>,
     pid: u32,
+    /// Jobs sent to this worker so far: the number of the current one,
+    /// which a cancel names (`stop::cancel`).
+    jobs: u64,
     /// The pool's list of live pids, which this worker leaves when dropped
     /// (and killed, by `kill_on_drop`).
     pids: Pids,
@@ -362,6 +365,7 @@ impl WorkerPool {
         // polled first, so a job that fits the pipe is always sent whole and
         // a cancel then reaches the worker the usual way.
         let frame = ToWorker::Run(Box::new(job));
+        worker.jobs += 1;
         let sent = tokio::select! {
             biased;
             sent = write_frame_async(&mut worker.stdin, &frame) => Waited::Done(sent),
@@ -395,7 +399,7 @@ impl WorkerPool {
                 () = cancel.cancelled() => {
                     // Asked to, the worker stops its guest at once and reports
                     // the fuel it used; one that does not is killed.
-                    crate::stop::signal(worker.pid, crate::stop::CANCEL_SIGNAL);
+                    crate::stop::cancel(worker.pid, worker.jobs);
                     match tokio::time::timeout(CANCEL_GRACE, &mut read).await {
                         Ok(reply) => Waited::Done(reply),
                         Err(_) => Waited::Cancelled,
@@ -467,6 +471,7 @@ impl WorkerPool {
             stdin,
             stdout: BufReader::with_capacity(64 << 10, stdout),
             pid,
+            jobs: 0,
             pids: Arc::clone(&self.inner.pids),
         };
         for procs in &self.inner.config.join {

@@ -13,7 +13,7 @@
 //! cgroup) sends `SIGSTOP` directly: like a cgroup's `cpu.max`, it is part
 //! of the host's declared capacity and counts as wall time.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 /// Nanoseconds this process has spent paused by `SIGTSTP`.
@@ -75,30 +75,68 @@ fn install(signal: libc::c_int, handler: extern "C" fn(libc::c_int)) -> std::io:
 }
 
 /// The signal that asks a worker to stop its guest and report what it used
-/// (fuel, output so far) instead of being killed.
+/// (fuel, output so far) instead of being killed. It carries the number of
+/// the job to cancel (`sigqueue`), counted from 1 by both sides: a cancel
+/// that reaches the worker before it has read its job, or after it has
+/// answered, cannot be mistaken for one of another job.
 pub(crate) const CANCEL_SIGNAL: libc::c_int = libc::SIGUSR1;
 
-/// Set by [`CANCEL_SIGNAL`]; cleared by the worker before each job.
-static CANCEL: AtomicBool = AtomicBool::new(false);
+/// The job the daemon last asked to cancel; 0 for none.
+static CANCEL_JOB: AtomicU64 = AtomicU64::new(0);
+/// The job this worker runs or last ran; 0 before the first.
+static CURRENT_JOB: AtomicU64 = AtomicU64::new(0);
 
-extern "C" fn on_cancel(_signal: libc::c_int) {
-    CANCEL.store(true, Ordering::Relaxed);
+extern "C" fn on_cancel(_signal: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    if info.is_null() {
+        return;
+    }
+    // SAFETY: the kernel passes a valid siginfo for SA_SIGINFO handlers;
+    // reading its value field is a plain load.
+    let job = unsafe { (*info).si_value().sival_ptr } as usize;
+    CANCEL_JOB.store(job as u64, Ordering::Relaxed);
 }
 
 /// Whether the daemon asked this worker to cancel its current guest.
 pub(crate) fn cancel_requested() -> bool {
-    CANCEL.load(Ordering::Relaxed)
+    let current = CURRENT_JOB.load(Ordering::Relaxed);
+    current != 0 && CANCEL_JOB.load(Ordering::Relaxed) == current
 }
 
-/// Forgets a cancel meant for an earlier job.
-pub(crate) fn clear_cancel() {
-    CANCEL.store(false, Ordering::Relaxed);
+/// Counts a new job read from the daemon: cancels now concern it.
+pub(crate) fn begin_job() {
+    CURRENT_JOB.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Asks worker `pid` to cancel its job number `job`.
+pub(crate) fn cancel(pid: u32, job: u64) {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return;
+    };
+    let value = libc::sigval {
+        sival_ptr: usize::try_from(job).unwrap_or(usize::MAX) as *mut libc::c_void,
+    };
+    // SAFETY: sigqueue takes integers and a sigval by value; pid is one of
+    // our own children, and one that already ended is not an error.
+    unsafe {
+        libc::sigqueue(pid, CANCEL_SIGNAL, value);
+    }
 }
 
 /// Installs the [`CANCEL_SIGNAL`] handler. Called once by the worker at
 /// start.
 pub fn install_cancel_handler() -> std::io::Result<()> {
-    install(CANCEL_SIGNAL, on_cancel)
+    // SAFETY: a zeroed sigaction is a valid "no flags, empty mask" value,
+    // and the handler only reads its siginfo and stores to an atomic.
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = on_cancel as *const () as libc::sighandler_t;
+        action.sa_flags = libc::SA_RESTART | libc::SA_SIGINFO;
+        libc::sigemptyset(&mut action.sa_mask);
+        if libc::sigaction(CANCEL_SIGNAL, &action, std::ptr::null_mut()) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 /// The state the daemon wants its workers in.

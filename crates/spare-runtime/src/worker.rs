@@ -93,9 +93,9 @@ fn serve(
     loop {
         match read_frame::<ToWorker>(&mut input, MAX_JOB_FRAME) {
             Ok(Some(ToWorker::Run(job))) => {
-                // A cancel is only sent while a job is in flight, and is
-                // delivered before this thread can read the next job.
-                crate::stop::clear_cancel();
+                // Cancels name their job: one that came before this job
+                // was read still counts, one for the last job does not.
+                crate::stop::begin_job();
                 let outcome = sandbox.run(&job);
                 if write_frame(&mut out, &FromWorker::Done(Box::new(outcome))).is_err() {
                     return 1;
