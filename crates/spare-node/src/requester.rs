@@ -644,8 +644,8 @@ async fn choose(
 /// gives nothing now: the user should not wait in silence.
 fn pinned_gives_nothing(node: &Node, peer: &PeerId) -> Option<String> {
     let info = node.net().peers().into_iter().find(|p| p.peer == *peer)?;
-    let (offer, _) = info.offer?;
-    (offer.cores == 0).then(|| {
+    let (offer, at) = info.offer?;
+    (offer.cores == 0 && at.elapsed() <= OFFER_MAX_AGE).then(|| {
         let why = offer.paused.unwrap_or(Pause::Other).describe();
         format!(
             "peer {peer} gives nothing right now ({why}); the task waits in its queue, \

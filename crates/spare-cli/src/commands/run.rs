@@ -424,7 +424,13 @@ fn read_module_within(path: &Path, max: u64) -> Result<Vec<u8>> {
             format_bytes(max)
         );
         if let Some(size) = size {
-            message.push_str(&format!(" (it is {})", format_bytes(size)));
+            // Rounded, a size just past the limit would read as the limit.
+            let shown = if size < max.saturating_add(max / 100) {
+                format!("{size} bytes")
+            } else {
+                format_bytes(size)
+            };
+            message.push_str(&format!(" (it is {shown})"));
         }
         unrunnable(message)
     };
@@ -648,7 +654,8 @@ mod tests {
         let err = read_module(&big).unwrap_err();
         assert!(
             err.to_string().ends_with(
-                "big.wasm is larger than 64 MiB, the largest module spare runs (it is 64.0 MiB)"
+                "big.wasm is larger than 64 MiB, the largest module spare runs \
+                 (it is 67108865 bytes)"
             ),
             "{err}"
         );
@@ -666,7 +673,7 @@ mod tests {
         );
         assert_eq!(exit_code(&err), Some(EXIT_UNRUNNABLE));
 
-        // A small module from a pipe is read whole.
+        // A small module is read whole.
         let hello = std::fs::read(spare_testkit::example("hello.wasm")).unwrap();
         let got = read_module_within(
             Path::new(&spare_testkit::example("hello.wasm")),
