@@ -1011,6 +1011,7 @@ fn demo_stopped_by(signal: libc::c_int, after: &str, tmp: &std::path::Path) -> V
 
 #[test]
 fn the_demo_stops_its_swarm_on_sigterm_and_sighup_too() {
+    spare_testkit::hang_ups_as_from_a_terminal();
     let dir = tempfile::tempdir().unwrap();
     let tmp = |name: &str| {
         let path = dir.path().join(name);

@@ -657,6 +657,7 @@ fn a_paused_daemons_workers_die_with_it() {
 #[test]
 fn a_hang_up_stops_the_daemon_cleanly() {
     let _serial = serial();
+    spare_testkit::hang_ups_as_from_a_terminal();
     let dir = tempfile::tempdir().unwrap();
     let node = Daemon::start(&bin(), &dir.path().join("a"), &["--cores", "1"]).unwrap();
     let workers = node.worker_pids().unwrap();

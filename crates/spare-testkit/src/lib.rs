@@ -364,3 +364,14 @@ impl Swarm {
         &self.root
     }
 }
+
+/// Gives this test process, and the processes it starts from now on, the
+/// default `SIGHUP` disposition, as a program started from a terminal has:
+/// a test run under `nohup` (which ignores it, and passes that on) would
+/// otherwise see spare, rightly, leave hang-ups ignored.
+pub fn hang_ups_as_from_a_terminal() {
+    // SAFETY: sets one signal's disposition to the default; no handler.
+    unsafe {
+        libc::signal(libc::SIGHUP, libc::SIG_DFL);
+    }
+}
