@@ -43,8 +43,11 @@ const HEADER_BYTES: usize = 4;
 /// byte knows the host never read its request, and opens another.
 const ACCEPTED: u8 = 0x01;
 /// How many times a requester opens a new stream that the host dropped
-/// before accepting it, pausing a little longer each time.
-const OPEN_ATTEMPTS: u32 = 8;
+/// before accepting it, pausing twice as long each time (4 ms, up to
+/// [`OPEN_PAUSE_MAX`]): about 0.85 s in all, for a host too busy to take
+/// its streams at once.
+const OPEN_ATTEMPTS: u32 = 10;
+const OPEN_PAUSE_MAX: Duration = Duration::from_millis(200);
 /// An outbound task request may take this long: the longest wall time any
 /// host grants, plus compile time. Requesters apply their own, tighter,
 /// per-task deadline on top.
@@ -285,7 +288,8 @@ impl TaskStreams {
                 }
                 Ok(_) | Err(_) if attempt < OPEN_ATTEMPTS => {
                     tracing::debug!(%peer, attempt, "task stream dropped before it was accepted");
-                    tokio::time::sleep(Duration::from_millis(2 * u64::from(attempt))).await;
+                    let pause = Duration::from_millis(2 << attempt.min(16)).min(OPEN_PAUSE_MAX);
+                    tokio::time::sleep(pause).await;
                 }
                 Ok(_) => {
                     return Err(FrameError::Open(RequestError::Io(format!(
