@@ -213,17 +213,9 @@ async fn a_task_crosses_a_memory_swarm_with_its_receipt() {
         .await
         .unwrap();
     let mut rx = spare_node::requester::start(&requester, spec, placement);
-    let result = tokio::time::timeout(Duration::from_secs(60), async {
-        loop {
-            match rx.recv().await.expect("events until the end") {
-                TaskEvent::Finished { result } => break result,
-                TaskEvent::Failed { error } => panic!("{error}"),
-                _ => {}
-            }
-        }
-    })
-    .await
-    .unwrap();
+    let result = ending(&mut rx)
+        .await
+        .unwrap_or_else(|error| panic!("{error}"));
     assert_eq!(result.host, host.peer_id().to_string());
     assert_eq!(result.exit_code, Some(0));
     let stdout = result.stdout_bytes();
@@ -276,20 +268,29 @@ async fn a_stopping_host_tells_its_requesters() {
     .await
     .expect("the task starts on the host");
     host.shutdown().await;
-    let error = tokio::time::timeout(Duration::from_secs(30), async {
+    let error = ending(&mut rx)
+        .await
+        .expect_err("the task fails with the host");
+    assert!(error.contains("the host is shutting down"), "{error}");
+    host.release();
+    stop.cancel();
+}
+
+/// How a started task ends: its result, or the error it failed with.
+async fn ending(
+    events: &mut tokio::sync::mpsc::Receiver<TaskEvent>,
+) -> Result<spare_node::api::types::TaskResult, String> {
+    tokio::time::timeout(Duration::from_secs(60), async {
         loop {
-            match rx.recv().await.expect("events until the end") {
-                TaskEvent::Failed { error } => break error,
-                TaskEvent::Finished { result } => panic!("finished: {result:?}"),
+            match events.recv().await.expect("events until the end") {
+                TaskEvent::Finished { result } => return Ok(result),
+                TaskEvent::Failed { error } => return Err(error),
                 _ => {}
             }
         }
     })
     .await
-    .unwrap();
-    assert!(error.contains("the host is shutting down"), "{error}");
-    host.release();
-    stop.cancel();
+    .expect("the task ends within a minute")
 }
 
 /// A pool of `slots` real `spare worker` processes.
