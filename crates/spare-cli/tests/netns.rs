@@ -13,9 +13,25 @@ fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_spare"))
 }
 
-/// A network namespace with loopback and a two-ended virtual Ethernet link
-/// (`lan0` 10.77.0.1, `lan1` 10.77.0.2): a LAN of two hosts inside one
-/// namespace, with multicast. Deleted on drop.
+/// Runs `ip args...`, or says why it failed.
+fn ip(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| format!("cannot run `ip`: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "`ip {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// A network namespace made for one test, with loopback up. Deleted on
+/// drop.
 struct Namespace {
     name: String,
 }
@@ -24,25 +40,18 @@ impl Namespace {
     /// Creates it, or says why it cannot.
     fn create(tag: &str) -> Result<Self, String> {
         let name = format!("spare-{tag}-{}", std::process::id());
-        let ip = |args: &[&str]| -> Result<(), String> {
-            let out = Command::new("ip")
-                .args(args)
-                .output()
-                .map_err(|e| format!("cannot run `ip`: {e}"))?;
-            if out.status.success() {
-                Ok(())
-            } else {
-                Err(format!(
-                    "`ip {}` failed: {}",
-                    args.join(" "),
-                    String::from_utf8_lossy(&out.stderr).trim()
-                ))
-            }
-        };
         ip(&["netns", "add", &name])?;
         let namespace = Self { name };
+        ip(&["-n", &namespace.name, "link", "set", "lo", "up"])?;
+        Ok(namespace)
+    }
+
+    /// One with a two-ended virtual Ethernet link inside (`lan0` 10.77.0.1,
+    /// `lan1` 10.77.0.2): a LAN of two hosts in one namespace, with
+    /// multicast.
+    fn lan(tag: &str) -> Result<Self, String> {
+        let namespace = Self::create(tag)?;
         let n = namespace.name.as_str();
-        ip(&["-n", n, "link", "set", "lo", "up"])?;
         ip(&[
             "-n", n, "link", "add", "lan0", "type", "veth", "peer", "name", "lan1",
         ])?;
@@ -52,6 +61,46 @@ impl Namespace {
             ip(&["-n", n, "link", "set", link, "up"])?;
         }
         Ok(namespace)
+    }
+
+    /// Links this namespace to `other` with a virtual Ethernet cable,
+    /// addressed `here` on this end and `there` on the other (with their
+    /// prefix length).
+    fn cable_to(&self, other: &Namespace, here: &str, there: &str) -> Result<(), String> {
+        let (a, b) = (self.name.as_str(), other.name.as_str());
+        ip(&[
+            "-n", a, "link", "add", "wire", "type", "veth", "peer", "name", "wire", "netns", b,
+        ])?;
+        ip(&["-n", a, "addr", "add", here, "dev", "wire"])?;
+        ip(&["-n", b, "addr", "add", there, "dev", "wire"])?;
+        ip(&["-n", a, "link", "set", "wire", "up"])?;
+        ip(&["-n", b, "link", "set", "wire", "up"])
+    }
+
+    /// The command prefix that runs a program inside.
+    fn exec(&self) -> [&str; 4] {
+        ["ip", "netns", "exec", self.name.as_str()]
+    }
+
+    /// A TCP listener on this namespace's loopback: sockets belong to the
+    /// namespace of the thread that made them, so a thread enters it, binds,
+    /// and ends.
+    fn listen_on_loopback(&self) -> std::net::TcpListener {
+        use std::os::fd::AsRawFd;
+        let path = format!("/var/run/netns/{}", self.name);
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    let handle = std::fs::File::open(&path).unwrap();
+                    // SAFETY: setns on a namespace file we opened; it changes
+                    // only this short-lived thread.
+                    let entered = unsafe { libc::setns(handle.as_raw_fd(), libc::CLONE_NEWNET) };
+                    assert_eq!(entered, 0, "setns: {}", std::io::Error::last_os_error());
+                    std::net::TcpListener::bind("127.0.0.1:0").unwrap()
+                })
+                .join()
+                .unwrap()
+        })
     }
 }
 
@@ -65,7 +114,7 @@ impl Drop for Namespace {
 
 #[test]
 fn nodes_on_one_lan_find_each_other_with_mdns() {
-    let namespace = match Namespace::create("mdns") {
+    let namespace = match Namespace::lan("mdns") {
         Ok(namespace) => namespace,
         Err(why) => {
             eprintln!("skipped: cannot make a network namespace ({why})");
@@ -73,7 +122,7 @@ fn nodes_on_one_lan_find_each_other_with_mdns() {
         }
     };
     let dir = tempfile::tempdir().unwrap();
-    let wrapper = ["ip", "netns", "exec", namespace.name.as_str()];
+    let wrapper = namespace.exec();
     // No --bootstrap, no --no-mdns: discovery is mDNS's job.
     let up = |addr: &'static str| ["up", "--listen", addr, "--cores", "1", "--always"];
     let a = Daemon::start_with(
@@ -116,4 +165,80 @@ fn nodes_on_one_lan_find_each_other_with_mdns() {
     assert_eq!(result["host"], b.peer_id());
     assert_eq!(result["stdout"], "hello from spare\n");
     drop((a, b));
+}
+
+/// A peer on the internet must not make a node dial into its own machine.
+/// Three daemons: `far` and `near` share a namespace, connected over its
+/// loopback; `node` is in another namespace, reached over an address of
+/// the internet's shape (198.51.100.0/24, kept for documentation). When
+/// `node` asks `near` for peers (Kademlia), `near` answers with `far` at
+/// `127.0.0.1`, which for `node` is its own loopback; a listener waits
+/// there for the dial that must not come. (`node` listens on its loopback
+/// only, so that `far` cannot learn of it and connect first.)
+#[test]
+fn a_peer_cannot_make_a_node_dial_its_own_loopback() {
+    let namespaces = Namespace::create("node").and_then(|node| {
+        let others = Namespace::create("others")?;
+        node.cable_to(&others, "198.51.100.1/24", "198.51.100.2/24")?;
+        Ok((node, others))
+    });
+    let (node_ns, others_ns) = match namespaces {
+        Ok(namespaces) => namespaces,
+        Err(why) => {
+            eprintln!("skipped: cannot make network namespaces ({why})");
+            return;
+        }
+    };
+    let trap = node_ns.listen_on_loopback();
+    trap.set_nonblocking(true).unwrap();
+    let port = trap.local_addr().unwrap().port();
+
+    let dir = tempfile::tempdir().unwrap();
+    let up = |listen: &str, bootstrap: Option<&str>| {
+        let mut args = vec!["up", "--listen", listen, "--no-mdns", "--always"]
+            .into_iter()
+            .map(String::from)
+            .collect::<Vec<_>>();
+        if let Some(addr) = bootstrap {
+            args.extend(["--bootstrap".into(), addr.to_owned()]);
+        }
+        args
+    };
+    let start = |name: &str, namespace: &Namespace, args: Vec<String>| {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Daemon::start_with(&bin(), &dir.path().join(name), &namespace.exec(), &args).unwrap()
+    };
+    let far = start(
+        "far",
+        &others_ns,
+        up(&format!("/ip4/127.0.0.1/tcp/{port}"), None),
+    );
+    let near = start(
+        "near",
+        &others_ns,
+        up("/ip4/198.51.100.2/tcp/0", Some(far.addr())),
+    );
+    near.wait_for_peers(1, Duration::from_secs(30)).unwrap();
+    let node = start(
+        "node",
+        &node_ns,
+        up("/ip4/127.0.0.1/tcp/0", Some(near.addr())),
+    );
+    node.wait_for_peers(1, Duration::from_secs(30)).unwrap();
+    // Kademlia asks its new neighbour for peers within a second of
+    // meeting it, and dials what it hears at once.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        match trap.accept() {
+            Ok((_, from)) => panic!(
+                "the node dialled its own loopback (from {from}), as a peer told it to\n{}",
+                node.log()
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(50))
+            }
+            Err(e) => panic!("the listener failed: {e}"),
+        }
+    }
+    drop((node, near, far));
 }

@@ -2,18 +2,20 @@
 
 use std::time::Duration;
 
-use libp2p::core::transport::{MemoryTransport, Transport as _};
+use libp2p::core::muxing::StreamMuxerBox;
+use libp2p::core::transport::{Boxed, MemoryTransport, Transport as _};
 use libp2p::core::upgrade::Version;
 use libp2p::identity::Keypair;
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::{
-    StreamProtocol, Swarm, SwarmBuilder, connection_limits, gossipsub, identify, kad, mdns, noise,
-    ping, request_response, tcp, yamux,
+    PeerId, StreamProtocol, Swarm, SwarmBuilder, connection_limits, gossipsub, identify, kad, mdns,
+    noise, ping, quic, request_response, tcp, yamux,
 };
 use spare_core::wire::{BLOB_PROTOCOL, BlobRequest, BlobResponse, Message, Offer};
 
 use crate::codec::{CborCodec, ReadBudget};
+use crate::dial_scope::{DialScope, ScopedTransport};
 use crate::{NetConfig, NetError, Transport};
 
 /// Kademlia protocol name: spare nodes form their own DHT.
@@ -120,10 +122,12 @@ impl Behaviour {
     }
 }
 
-/// Builds the swarm on the configured transport.
+/// Builds the swarm on the configured transport, dialling only what
+/// `scope` allows.
 pub(crate) fn build_swarm(
     config: &NetConfig,
     budget: &ReadBudget,
+    scope: &DialScope,
 ) -> Result<Swarm<Behaviour>, NetError> {
     let key = config.keypair.clone();
     let mdns_on = config.mdns;
@@ -133,37 +137,48 @@ pub(crate) fn build_swarm(
     // speak it.
     let swarm_config = |c: libp2p::swarm::Config| {
         c.with_idle_connection_timeout(IDLE_CONNECTION_TIMEOUT)
-            .with_substream_upgrade_protocol_override(libp2p::core::upgrade::Version::V1Lazy)
+            .with_substream_upgrade_protocol_override(Version::V1Lazy)
     };
-    let swarm = match config.transport {
-        Transport::TcpQuic => SwarmBuilder::with_existing_identity(key)
-            .with_tokio()
-            .with_tcp(
-                tcp::Config::default().nodelay(true),
-                noise::Config::new,
-                yamux::Config::default,
-            )
-            .map_err(|e| NetError::Transport(e.to_string()))?
-            .with_quic()
-            .with_behaviour(|key| Behaviour::new(key, mdns_on, budget.clone()).map_err(Box::from))
-            .map_err(|e| NetError::Transport(e.to_string()))?
-            .with_swarm_config(swarm_config)
-            .build(),
-        Transport::Memory => SwarmBuilder::with_existing_identity(key)
-            .with_tokio()
-            .with_other_transport(|key| {
-                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
-                    MemoryTransport::default()
-                        .upgrade(Version::V1)
-                        .authenticate(noise::Config::new(key)?)
-                        .multiplex(yamux::Config::default()),
-                )
-            })
-            .map_err(|e| NetError::Transport(e.to_string()))?
-            .with_behaviour(|key| Behaviour::new(key, mdns_on, budget.clone()).map_err(Box::from))
-            .map_err(|e| NetError::Transport(e.to_string()))?
-            .with_swarm_config(swarm_config)
-            .build(),
-    };
+    let kind = config.transport;
+    let swarm = SwarmBuilder::with_existing_identity(key)
+        .with_tokio()
+        .with_other_transport(|key| transport(kind, key, scope.clone()))
+        .map_err(|e| NetError::Transport(e.to_string()))?
+        .with_behaviour(|key| Behaviour::new(key, mdns_on, budget.clone()).map_err(Box::from))
+        .map_err(|e| NetError::Transport(e.to_string()))?
+        .with_swarm_config(swarm_config)
+        .build();
     Ok(swarm)
+}
+
+type BoxedError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The transports `SwarmBuilder::with_tcp` and `with_quic` would make (or,
+/// in tests, a memory transport), wrapped in the dial policy.
+fn transport(
+    kind: Transport,
+    key: &Keypair,
+    scope: DialScope,
+) -> Result<ScopedTransport<Boxed<(PeerId, StreamMuxerBox)>>, BoxedError> {
+    let inner = match kind {
+        Transport::TcpQuic => {
+            let tcp = tcp::tokio::Transport::new(tcp::Config::default().nodelay(true))
+                .upgrade(Version::V1Lazy)
+                .authenticate(noise::Config::new(key)?)
+                .multiplex(yamux::Config::default())
+                .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)));
+            let quic = quic::tokio::Transport::new(quic::Config::new(key))
+                .map(|(peer, connection), _| (peer, StreamMuxerBox::new(connection)));
+            tcp.or_transport(quic)
+                .map(|either, _| either.into_inner())
+                .boxed()
+        }
+        Transport::Memory => MemoryTransport::default()
+            .upgrade(Version::V1)
+            .authenticate(noise::Config::new(key)?)
+            .multiplex(yamux::Config::default())
+            .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)))
+            .boxed(),
+    };
+    Ok(ScopedTransport::new(inner, scope))
 }

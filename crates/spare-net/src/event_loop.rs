@@ -275,8 +275,14 @@ impl EventLoop {
                 if let Some(addr) = self.bootstrap_dials.remove(&connection_id) {
                     self.bootstrap_warned.remove(&addr);
                 }
-                self.write_peers()
-                    .connected(peer_id, endpoint.get_remote_address().clone());
+                let remote = endpoint.get_remote_address();
+                self.shared.dial_scope.vouch(remote);
+                let floor = {
+                    let mut peers = self.write_peers();
+                    peers.connected(peer_id, remote.clone());
+                    peers.narrowest_reach()
+                };
+                self.shared.dial_scope.set_floor(floor);
                 self.redial.found(&peer_id);
                 if num_established.get() == 1 {
                     tracing::debug!(%peer_id, "connected");
@@ -294,7 +300,11 @@ impl EventLoop {
                 ..
             } => {
                 tracing::debug!(%peer_id, ?cause, "disconnected");
-                let known = self.write_peers().disconnected(&peer_id);
+                let (known, floor) = {
+                    let mut peers = self.write_peers();
+                    (peers.disconnected(&peer_id), peers.narrowest_reach())
+                };
+                self.shared.dial_scope.set_floor(floor);
                 // Only a peer that identified itself as a spare node is
                 // worth getting back.
                 if let Some(info) = known.filter(|info| info.agent.is_some()) {
@@ -360,6 +370,7 @@ impl EventLoop {
                     }
                 };
                 for addr in believable {
+                    self.shared.dial_scope.vouch(&addr);
                     self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
                 }
                 self.write_peers()
@@ -382,6 +393,7 @@ impl EventLoop {
             },
             BehaviourEvent::Mdns(mdns::Event::Discovered(found)) => {
                 for (peer, addr) in found {
+                    self.shared.dial_scope.vouch(&addr);
                     self.swarm
                         .behaviour_mut()
                         .kad

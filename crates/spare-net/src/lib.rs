@@ -18,6 +18,7 @@
 
 mod behaviour;
 mod codec;
+mod dial_scope;
 mod event_loop;
 mod peers;
 mod redial;
@@ -177,6 +178,9 @@ struct Shared {
     connections: RwLock<HashMap<PeerId, CancellationToken>>,
     /// The task protocol's pooled streams.
     tasks: tasks::TaskStreams,
+    /// Which addresses the transport may dial; the event loop tells it of
+    /// first-hand addresses and how near our peers are.
+    dial_scope: dial_scope::DialScope,
 }
 
 /// Starts the network: binds the listen addresses, dials the bootstrap
@@ -189,7 +193,11 @@ pub async fn start(
         probe_tcp_port(addr)?;
     }
     let budget = codec::ReadBudget::new(codec::READ_BUDGET_BYTES);
-    let mut swarm = behaviour::build_swarm(&config, &budget)?;
+    let scope = dial_scope::DialScope::default();
+    for addr in &config.bootstrap {
+        scope.vouch(addr);
+    }
+    let mut swarm = behaviour::build_swarm(&config, &budget, &scope)?;
     let mut control = swarm.behaviour().streams.new_control();
     let incoming_tasks = control
         .accept(libp2p::StreamProtocol::new(spare_core::wire::TASK_PROTOCOL))
@@ -219,6 +227,7 @@ pub async fn start(
         listen_addrs: RwLock::default(),
         connections: RwLock::default(),
         tasks: tasks::TaskStreams::new(control),
+        dial_scope: scope,
     });
     let local_peer_id = *swarm.local_peer_id();
     // Boxed: it holds the swarm, which is large, across the awaits below.

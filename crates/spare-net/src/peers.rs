@@ -50,19 +50,28 @@ pub(crate) enum Scope {
 impl Scope {
     pub(crate) fn of(addr: &Multiaddr) -> Self {
         use libp2p::multiaddr::Protocol;
-        match addr.iter().next() {
-            Some(Protocol::Ip4(ip)) if ip.is_loopback() => Scope::Loopback,
-            Some(Protocol::Ip4(ip))
-                if ip.is_private()
-                    || ip.is_link_local()
-                    || (ip.octets()[0] == 100 && ip.octets()[1] & 0xc0 == 64) =>
+        use std::net::Ipv4Addr;
+        fn of_v4(ip: Ipv4Addr) -> Scope {
+            // Dialling 0.0.0.0 reaches this machine.
+            if ip.is_loopback() || ip.is_unspecified() {
+                Scope::Loopback
+            } else if ip.is_private()
+                || ip.is_link_local()
+                || (ip.octets()[0] == 100 && ip.octets()[1] & 0xc0 == 64)
             {
                 Scope::Private
+            } else {
+                Scope::Global
             }
-            Some(Protocol::Ip6(ip)) if ip.is_loopback() => Scope::Loopback,
-            Some(Protocol::Ip6(ip)) if ip.is_unique_local() || ip.is_unicast_link_local() => {
-                Scope::Private
-            }
+        }
+        match addr.iter().next() {
+            Some(Protocol::Ip4(ip)) => of_v4(ip),
+            Some(Protocol::Ip6(ip)) => match ip.to_ipv4_mapped() {
+                Some(v4) => of_v4(v4),
+                None if ip.is_loopback() || ip.is_unspecified() => Scope::Loopback,
+                None if ip.is_unique_local() || ip.is_unicast_link_local() => Scope::Private,
+                None => Scope::Global,
+            },
             Some(Protocol::Memory(_)) => Scope::Loopback,
             _ => Scope::Global,
         }
@@ -99,6 +108,12 @@ impl PeerTable {
         self.reach
             .get(peer)
             .is_some_and(|reach| Scope::of(addr) >= *reach)
+    }
+
+    /// The narrowest reach among connected peers: how near an address a
+    /// peer may name and still be dialled (`dial_scope.rs`).
+    pub(crate) fn narrowest_reach(&self) -> Option<Scope> {
+        self.reach.values().min().copied()
     }
 
     /// Whether `peer` has identified itself on its current connections.
@@ -198,6 +213,9 @@ mod tests {
         assert!(!table.believable(&lan, &loopback) && table.believable(&lan, &private));
         assert!(!table.believable(&remote, &private) && table.believable(&remote, &global));
         assert!(!table.believable(&PeerId::random(), &global));
+        assert_eq!(table.narrowest_reach(), Some(Scope::Loopback));
+        table.disconnected(&local);
+        assert_eq!(table.narrowest_reach(), Some(Scope::Private));
     }
 
     #[test]
