@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail, ensure};
 use bytes::Bytes;
-use spare_core::{BlobRef, Limits};
+use spare_core::{BlobRef, LimitRequest};
 use spare_node::api::client::Client;
 use spare_node::api::types::{Placement, Submission, SubmitStdin, TaskEvent, TaskResult};
 use spare_testkit::Swarm;
@@ -139,7 +139,7 @@ pub(crate) async fn upload_hello(
         args: vec![],
         env: vec![],
         stdin: SubmitStdin::None,
-        limits: Limits::DEFAULT,
+        limits: LimitRequest::default(),
         placement,
     })
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use http_body_util::BodyExt;
 use spare_core::outcome::Failure;
-use spare_core::{BlobId, BlobRef, Limits, TaskId};
+use spare_core::{BlobId, BlobRef, LimitRequest, Limits, TaskId};
 use spare_net::Transport;
 use spare_node::api::router;
 use spare_node::api::types::{Placement, Submission, SubmitStdin, TaskEvent};
@@ -30,6 +30,16 @@ async fn node(
     bootstrap: Vec<spare_net::Multiaddr>,
     shutdown: &CancellationToken,
 ) -> Node {
+    node_with(dir, bootstrap, shutdown, |_| {}).await
+}
+
+/// A node whose config `tweak` changes first.
+async fn node_with(
+    dir: &std::path::Path,
+    bootstrap: Vec<spare_net::Multiaddr>,
+    shutdown: &CancellationToken,
+    tweak: impl FnOnce(&mut Config),
+) -> Node {
     let paths = Paths::in_dir(dir);
     paths.create_dirs().unwrap();
     let mut config = Config {
@@ -42,6 +52,7 @@ async fn node(
     // Several nodes share this machine: each would see the others' guests
     // as its owner's load.
     config.policy.when.idle_only = false;
+    tweak(&mut config);
     Node::start(
         NodeOptions {
             paths,
@@ -147,7 +158,7 @@ async fn the_api_refuses_bad_input_with_a_reason() {
         args: vec![],
         env: vec![],
         stdin: SubmitStdin::None,
-        limits: Limits::DEFAULT,
+        limits: LimitRequest::default(),
         placement: Placement::Auto,
     };
     let (status, body) = call(
@@ -162,7 +173,7 @@ async fn the_api_refuses_bad_input_with_a_reason() {
 
     let mut too_big = missing.clone();
     too_big.module = BlobRef::of(&hello);
-    too_big.limits.memory = u64::MAX;
+    too_big.limits.memory = Some(u64::MAX);
     let (status, body) = call(
         &node,
         "POST",
@@ -206,13 +217,13 @@ async fn a_task_crosses_a_memory_swarm_with_its_receipt() {
         args: vec!["arg".into()],
         env: vec![],
         stdin: SubmitStdin::Inline(spare_node::api::types::encode_b64(&stdin)),
-        limits: Limits::DEFAULT,
+        limits: LimitRequest::default(),
         placement: Placement::Auto,
     };
-    let (spec, placement) = spare_node::requester::prepare(&requester, &submission)
+    let task = spare_node::requester::prepare(&requester, &submission)
         .await
         .unwrap();
-    let mut rx = spare_node::requester::start(&requester, spec, placement);
+    let mut rx = spare_node::requester::start(&requester, task);
     let result = ending(&mut rx)
         .await
         .unwrap_or_else(|error| panic!("{error}"));
@@ -253,13 +264,13 @@ async fn a_stopping_host_tells_its_requesters() {
         args: vec![],
         env: vec![],
         stdin: SubmitStdin::None,
-        limits: Limits::DEFAULT,
+        limits: LimitRequest::default(),
         placement: Placement::On(host.peer_id().to_string()),
     };
-    let (spec, placement) = spare_node::requester::prepare(&requester, &submission)
+    let task = spare_node::requester::prepare(&requester, &submission)
         .await
         .unwrap();
-    let mut rx = spare_node::requester::start(&requester, spec, placement);
+    let mut rx = spare_node::requester::start(&requester, task);
     tokio::time::timeout(Duration::from_secs(30), async {
         while host.running_hosted().is_empty() {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -274,6 +285,91 @@ async fn a_stopping_host_tells_its_requesters() {
     assert!(error.contains("the host is shutting down"), "{error}");
     host.release();
     stop.cancel();
+}
+
+/// A user who sets no limit gets a task that runs on a host granting less
+/// than the defaults, under what that host grants, and is told; a limit
+/// the user set is never lowered.
+#[tokio::test]
+async fn unset_limits_fit_a_host_that_grants_less() {
+    let dir = tempfile::tempdir().unwrap();
+    let shutdown = CancellationToken::new();
+    let small = 32 << 20;
+    let host = node_with(&dir.path().join("host"), vec![], &shutdown, |config| {
+        config.max_limits.memory = small;
+    })
+    .await;
+    let requester = node(
+        &dir.path().join("req"),
+        host.net().listen_addrs(),
+        &shutdown,
+    )
+    .await;
+    while requester.net().peers().iter().all(|p| p.offer.is_none()) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let submit = |name: &str, limits: LimitRequest| {
+        let bytes = example(name);
+        requester.blobs().put(&bytes).unwrap();
+        let submission = Submission {
+            name: name.into(),
+            module: BlobRef::of(&bytes),
+            args: vec![],
+            env: vec![],
+            stdin: SubmitStdin::None,
+            limits,
+            placement: Placement::Auto,
+        };
+        let requester = requester.clone();
+        async move {
+            let task = spare_node::requester::prepare(&requester, &submission)
+                .await
+                .unwrap();
+            assert_eq!(task.spec.limits, Limits::DEFAULT, "the defaults are wanted");
+            let mut events = spare_node::requester::start(&requester, task);
+            let mut lowered = None;
+            let ended = tokio::time::timeout(Duration::from_secs(60), async {
+                loop {
+                    match events.recv().await.expect("events until the end") {
+                        TaskEvent::Placed { lowered: l, .. } => lowered = l,
+                        TaskEvent::Finished { result } => return Ok(result),
+                        TaskEvent::Failed { error } => return Err(error),
+                        _ => {}
+                    }
+                }
+            })
+            .await
+            .expect("the task ends within a minute");
+            (lowered, ended)
+        }
+    };
+
+    let (lowered, ended) = submit("hello.wasm", LimitRequest::default()).await;
+    let result = ended.unwrap_or_else(|error| panic!("{error}"));
+    assert_eq!(result.exit_code, Some(0));
+    assert_eq!(lowered.as_deref(), Some("memory 32 MiB"));
+
+    // The host holds the guest to what it grants.
+    let (_, ended) = submit("hostile/alloc.wasm", LimitRequest::default()).await;
+    let result = ended.unwrap_or_else(|error| panic!("{error}"));
+    assert_eq!(
+        result.failure.as_deref(),
+        Some("exceeded its memory limit of 32 MiB")
+    );
+
+    // A limit the user set is theirs: no host here grants it.
+    let insisted = LimitRequest {
+        memory: Some(Limits::DEFAULT.memory),
+        ..LimitRequest::default()
+    };
+    let (_, ended) = submit("hello.wasm", insisted).await;
+    let error = ended.expect_err("no host grants 256 MiB");
+    assert!(
+        error.contains("no connected peer grants these limits")
+            && error.contains("memory limit 256 MiB is above the maximum, 32 MiB"),
+        "{error}"
+    );
+    shutdown.cancel();
 }
 
 /// How a started task ends: its result, or the error it failed with.

@@ -85,16 +85,7 @@ impl Limits {
 
     /// Checks every field against [`Limits::MIN`] and `max`.
     pub fn check_within(&self, max: &Limits) -> Result<(), LimitError> {
-        fn bytes(v: u64) -> String {
-            format_bytes(v)
-        }
-        fn millis(v: u64) -> String {
-            format_duration(std::time::Duration::from_millis(v))
-        }
-        fn count(v: u64) -> String {
-            v.to_string()
-        }
-        type Show = fn(u64) -> String;
+        let (bytes, millis, count) = (format_bytes as Show, millis as Show, count as Show);
         let fields: [(&'static str, u64, u64, u64, Show); 5] = [
             ("fuel", self.fuel, Self::MIN.fuel, max.fuel, count),
             ("memory", self.memory, Self::MIN.memory, max.memory, bytes),
@@ -133,6 +124,17 @@ impl Limits {
     }
 }
 
+/// How a limit's value is shown.
+type Show = fn(u64) -> String;
+
+fn millis(v: u64) -> String {
+    format_duration(std::time::Duration::from_millis(v))
+}
+
+fn count(v: u64) -> String {
+    v.to_string()
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Self::DEFAULT
@@ -150,6 +152,96 @@ impl fmt::Display for Limits {
             format_bytes(self.output),
             format_bytes(self.stack),
         )
+    }
+}
+
+/// The limits a user asks for: the ones they set, and for the rest
+/// [`Limits::DEFAULT`], which a requester may lower to what a host grants.
+/// A user who sets no memory limit wants a task that runs, not one refused
+/// by every host that gives less than the default.
+///
+/// In JSON, each field is optional; a full [`Limits`] reads as a request
+/// that sets every field.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LimitRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fuel: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wall_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stack: Option<u64>,
+}
+
+impl LimitRequest {
+    /// A request that sets every field to `limits`.
+    pub fn exactly(limits: Limits) -> Self {
+        Self {
+            fuel: Some(limits.fuel),
+            memory: Some(limits.memory),
+            wall_ms: Some(limits.wall_ms),
+            output: Some(limits.output),
+            stack: Some(limits.stack),
+        }
+    }
+
+    /// What is asked for with `fill` where nothing was set.
+    fn with(&self, fill: &Limits) -> Limits {
+        Limits {
+            fuel: self.fuel.unwrap_or(fill.fuel),
+            memory: self.memory.unwrap_or(fill.memory),
+            wall_ms: self.wall_ms.unwrap_or(fill.wall_ms),
+            output: self.output.unwrap_or(fill.output),
+            stack: self.stack.unwrap_or(fill.stack),
+        }
+    }
+
+    /// The limits wanted: the defaults where nothing was set.
+    pub fn wanted(&self) -> Limits {
+        self.with(&Limits::DEFAULT)
+    }
+
+    /// The least the request accepts: what was set, and [`Limits::MIN`]
+    /// for the rest. A host that grants this can run the task.
+    pub fn least(&self) -> Limits {
+        self.with(&Limits::MIN)
+    }
+
+    /// The limits for a host that grants at most `max`: what was set, and
+    /// each default lowered to `max` where it is above (never below
+    /// [`Limits::MIN`]).
+    pub fn fitted(&self, max: &Limits) -> Limits {
+        let default = Limits::DEFAULT;
+        let fit = |default: u64, max: u64, min: u64| default.min(max).max(min);
+        self.with(&Limits {
+            fuel: fit(default.fuel, max.fuel, Limits::MIN.fuel),
+            memory: fit(default.memory, max.memory, Limits::MIN.memory),
+            wall_ms: fit(default.wall_ms, max.wall_ms, Limits::MIN.wall_ms),
+            output: fit(default.output, max.output, Limits::MIN.output),
+            stack: fit(default.stack, max.stack, Limits::MIN.stack),
+        })
+    }
+
+    /// Which defaults `fitted` lowered below the wanted ones, in words:
+    /// `memory 128 MiB, wall time 30 s`; `None` if none was.
+    pub fn lowered(&self, fitted: &Limits) -> Option<String> {
+        let wanted = self.wanted();
+        let fields: [(&str, u64, u64, Show); 5] = [
+            ("fuel", wanted.fuel, fitted.fuel, count),
+            ("memory", wanted.memory, fitted.memory, format_bytes),
+            ("wall time", wanted.wall_ms, fitted.wall_ms, millis),
+            ("output", wanted.output, fitted.output, format_bytes),
+            ("stack", wanted.stack, fitted.stack, format_bytes),
+        ];
+        let lowered: Vec<String> = fields
+            .iter()
+            .filter(|(_, wanted, fitted, _)| fitted < wanted)
+            .map(|(name, _, fitted, show)| format!("{name} {}", show(*fitted)))
+            .collect();
+        (!lowered.is_empty()).then(|| lowered.join(", "))
     }
 }
 
@@ -221,5 +313,53 @@ mod tests {
             ..Limits::DEFAULT
         };
         assert_eq!(limits.validate().unwrap_err().name(), "wall time");
+    }
+
+    #[test]
+    fn unset_limits_are_defaults_lowered_to_fit_a_host() {
+        let small = Limits {
+            memory: 64 << 20,
+            wall_ms: 10_000,
+            ..Limits::MAX
+        };
+        let nothing_set = LimitRequest::default();
+        assert_eq!(nothing_set.wanted(), Limits::DEFAULT);
+        let fitted = nothing_set.fitted(&small);
+        assert_eq!(fitted.memory, 64 << 20);
+        assert_eq!(fitted.wall_ms, 10_000);
+        assert_eq!(fitted.fuel, Limits::DEFAULT.fuel, "never raised");
+        assert_eq!(fitted.check_within(&small), Ok(()));
+        assert_eq!(
+            nothing_set.lowered(&fitted).as_deref(),
+            Some("memory 64 MiB, wall time 10 s")
+        );
+        assert_eq!(nothing_set.lowered(&nothing_set.fitted(&Limits::MAX)), None);
+
+        let memory_set = LimitRequest {
+            memory: Some(256 << 20),
+            ..LimitRequest::default()
+        };
+        assert_eq!(
+            memory_set.fitted(&small).memory,
+            256 << 20,
+            "what was set stays"
+        );
+        assert!(memory_set.least().check_within(&small).is_err());
+        assert_eq!(nothing_set.least().check_within(&small), Ok(()));
+        assert_eq!(LimitRequest::exactly(small).wanted(), small);
+    }
+
+    #[test]
+    fn a_full_limits_object_reads_as_a_request_that_sets_everything() {
+        let json = serde_json::to_string(&Limits::DEFAULT).unwrap();
+        let request: LimitRequest = serde_json::from_str(&json).unwrap();
+        assert_eq!(request, LimitRequest::exactly(Limits::DEFAULT));
+        let request: LimitRequest = serde_json::from_str(r#"{"memory": 1048576}"#).unwrap();
+        assert_eq!(request.memory, Some(1 << 20));
+        assert_eq!(request.fuel, None);
+        assert_eq!(
+            serde_json::to_string(&LimitRequest::default()).unwrap(),
+            "{}"
+        );
     }
 }

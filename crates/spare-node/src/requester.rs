@@ -8,7 +8,8 @@ use libp2p::PeerId;
 use spare_core::limits::LimitError;
 use spare_core::wire::{Pause, Report, TaskRequest, TaskResponse};
 use spare_core::{
-    BlobId, BlobRef, Failure, Outcome, Receipt, SignedReceipt, Stdin, TaskId, TaskSpec,
+    BlobId, BlobRef, Failure, LimitRequest, Limits, Outcome, Receipt, SignedReceipt, Stdin, TaskId,
+    TaskSpec,
 };
 use spare_ledger::Ending;
 use spare_scheduler::{AttemptError, Candidate, RetryPolicy, rank};
@@ -53,11 +54,19 @@ pub enum SubmitError {
     MissingStdin(BlobId),
 }
 
+/// A checked submission, ready to [`start`].
+#[derive(Clone, Debug)]
+pub struct Prepared {
+    /// The task, with the limits wanted (defaults where none were set).
+    pub spec: TaskSpec,
+    pub placement: Placement,
+    /// What the user set; the defaults in `spec` may be lowered to fit the
+    /// chosen host.
+    pub limits: LimitRequest,
+}
+
 /// Checks a submission and turns it into a task spec.
-pub async fn prepare(
-    node: &Node,
-    submission: &Submission,
-) -> Result<(TaskSpec, Placement), SubmitError> {
+pub async fn prepare(node: &Node, submission: &Submission) -> Result<Prepared, SubmitError> {
     let stdin = match &submission.stdin {
         SubmitStdin::None => Stdin::Empty,
         SubmitStdin::Inline(text) => {
@@ -91,7 +100,7 @@ pub async fn prepare(
         args: submission.args.clone(),
         env: submission.env.clone(),
         stdin,
-        limits: submission.limits,
+        limits: submission.limits.wanted(),
     };
     spec.validate()
         .map_err(|e| SubmitError::Invalid(e.to_string()))?;
@@ -99,7 +108,11 @@ pub async fn prepare(
         peer.parse::<PeerId>()
             .map_err(|_| SubmitError::Invalid(format!("`{peer}` is not a peer id")))?;
     }
-    Ok((spec, submission.placement.clone()))
+    Ok(Prepared {
+        spec,
+        placement: submission.placement.clone(),
+        limits: submission.limits,
+    })
 }
 
 /// Checks that a blob is stored and that its announced size is the size
@@ -132,16 +145,16 @@ const EVENT_BUFFER: usize = 16;
 /// its id as soon as the client can know it, and the API answers with the
 /// response head and that first event together. The task runs until it
 /// ends, its client stops reading, or it is cancelled.
-pub fn start(node: &Node, spec: TaskSpec, placement: Placement) -> mpsc::Receiver<TaskEvent> {
+pub fn start(node: &Node, task: Prepared) -> mpsc::Receiver<TaskEvent> {
     let (events, rx) = mpsc::channel(EVENT_BUFFER);
     let token = CancellationToken::new();
     node.lock(&node.inner.requested)
-        .insert(spec.id, token.clone());
+        .insert(task.spec.id, token.clone());
     // The channel is new and has room.
     let _ = events.try_send(TaskEvent::Accepted {
-        task: spec.id.to_string(),
+        task: task.spec.id.to_string(),
     });
-    tokio::spawn(run(node.clone(), spec, placement, token, events));
+    tokio::spawn(run(node.clone(), task, token, events));
     rx
 }
 
@@ -149,11 +162,15 @@ pub fn start(node: &Node, spec: TaskSpec, placement: Placement) -> mpsc::Receive
 /// when `events` is closed (the client went away) or the task is cancelled.
 async fn run(
     node: Node,
-    spec: TaskSpec,
-    placement: Placement,
+    task: Prepared,
     token: CancellationToken,
     events: mpsc::Sender<TaskEvent>,
 ) {
+    let Prepared {
+        spec,
+        placement,
+        limits,
+    } = task;
     // Not awaited: later writes of this task commit after it in any case.
     node.ledger()
         .task_submitted(&spec.id, &spec.name, &spec.module.id.to_string())
@@ -176,10 +193,10 @@ async fn run(
     let ended = match placement {
         Placement::Local => run_local(&node, &spec, &token).await,
         Placement::On(peer) => match peer.parse::<PeerId>() {
-            Ok(peer) => run_remote(&node, &spec, Some(peer), &token, &events).await,
+            Ok(peer) => run_remote(&node, &spec, &limits, Some(peer), &token, &events).await,
             Err(_) => Ended::failed(format!("`{peer}` is not a peer id")),
         },
-        Placement::Auto => run_remote(&node, &spec, None, &token, &events).await,
+        Placement::Auto => run_remote(&node, &spec, &limits, None, &token, &events).await,
     };
     // Durable before the client hears of it.
     if let Err(e) = node
@@ -272,6 +289,7 @@ enum Attempt {
 async fn run_remote(
     node: &Node,
     spec: &TaskSpec,
+    limits: &LimitRequest,
     pinned: Option<PeerId>,
     token: &CancellationToken,
     events: &mpsc::Sender<TaskEvent>,
@@ -281,7 +299,7 @@ async fn run_remote(
     let mut attempt = 0u32;
     let mut last_failure = String::new();
     loop {
-        let host = match pinned {
+        let (host, fitted) = match pinned {
             Some(peer) if peer == node.net().local_peer_id() => {
                 return Ended::failed(format!(
                     "peer {peer} is this node; run here with --local instead of --on"
@@ -296,10 +314,11 @@ async fn run_remote(
                 if let Some(reason) = pinned_gives_nothing(node, &peer) {
                     let _ = events.send(TaskEvent::Waiting { reason }).await;
                 }
-                peer
+                let granted = offer_of(node, &peer).map(|offer| offer.max_limits);
+                (peer, granted.map_or(spec.limits, |max| limits.fitted(&max)))
             }
-            None => match choose(node, spec, &tried, token, events).await {
-                Choice::Host(peer) => peer,
+            None => match choose(node, spec, limits, &tried, token, events).await {
+                Choice::Host(peer, fitted) => (peer, fitted),
                 Choice::Nowhere(why) if attempt == 0 => return Ended::failed(why),
                 Choice::Nowhere(why) => {
                     return Ended::failed(format!(
@@ -315,8 +334,20 @@ async fn run_remote(
             .send(TaskEvent::Placed {
                 attempt,
                 host: spare_core::peer_text(&host),
+                lowered: limits.lowered(&fitted),
             })
             .await;
+        // The defaults lowered to what this host grants, if they were.
+        let fitted_spec;
+        let spec = if fitted == spec.limits {
+            spec
+        } else {
+            fitted_spec = TaskSpec {
+                limits: fitted,
+                ..spec.clone()
+            };
+            &fitted_spec
+        };
         match attempt_on(node, spec, host, token).await {
             Attempt::Ran(report) => {
                 let receipt = verify_receipt(node, spec, host, &report)
@@ -520,9 +551,10 @@ fn verify_receipt(node: &Node, spec: &TaskSpec, host: PeerId, report: &Report) -
     Some(receipt)
 }
 
-/// Where a task goes next, or why nowhere.
+/// Where a task goes next, with the limits it runs with there, or why
+/// nowhere.
 enum Choice {
-    Host(PeerId),
+    Host(PeerId, Limits),
     Nowhere(String),
 }
 
@@ -534,6 +566,7 @@ enum Choice {
 async fn choose(
     node: &Node,
     spec: &TaskSpec,
+    limits: &LimitRequest,
     tried: &[PeerId],
     token: &CancellationToken,
     events: &mpsc::Sender<TaskEvent>,
@@ -564,8 +597,16 @@ async fn choose(
                 })
             })
             .collect();
+        // A host that grants the defaults is preferred; failing one, the
+        // best that grants what the user set, with the defaults lowered.
         if let Some(best) = rank(&candidates, &spec.limits, tried).first() {
-            return Choice::Host(*best);
+            return Choice::Host(*best, spec.limits);
+        }
+        let least = limits.least();
+        if let Some(best) = rank(&candidates, &least, tried).first()
+            && let Some(host) = candidates.iter().find(|c| c.peer == *best)
+        {
+            return Choice::Host(host.peer, limits.fitted(&host.max_limits));
         }
         if token.is_cancelled() {
             return Choice::Nowhere("cancelled".into());
@@ -580,7 +621,7 @@ async fn choose(
         let refusals: Vec<(PeerId, LimitError)> = untried
             .iter()
             .filter_map(|c| {
-                let refused = spec.limits.check_within(&c.max_limits).err();
+                let refused = least.check_within(&c.max_limits).err();
                 refused.map(|e| (c.peer, e))
             })
             .collect();
@@ -643,15 +684,22 @@ async fn choose(
 /// Why a pinned peer will only queue the task, if its latest offer says it
 /// gives nothing now: the user should not wait in silence.
 fn pinned_gives_nothing(node: &Node, peer: &PeerId) -> Option<String> {
-    let info = node.net().peers().into_iter().find(|p| p.peer == *peer)?;
-    let (offer, at) = info.offer?;
-    (offer.cores == 0 && at.elapsed() <= OFFER_MAX_AGE).then(|| {
+    let offer = offer_of(node, peer)?;
+    (offer.cores == 0).then(|| {
         let why = offer.paused.unwrap_or(Pause::Other).describe();
         format!(
             "peer {peer} gives nothing right now ({why}); the task waits in its queue, \
              and comes back if the peer stays paused"
         )
     })
+}
+
+/// The latest offer of a connected `peer`, if it is recent enough to
+/// trust.
+fn offer_of(node: &Node, peer: &PeerId) -> Option<spare_core::wire::Offer> {
+    let info = node.net().peers().into_iter().find(|p| p.peer == *peer)?;
+    let (offer, at) = info.offer?;
+    (at.elapsed() <= OFFER_MAX_AGE).then_some(offer)
 }
 
 /// Why the peers that would take a task give nothing now, from the causes

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use bytes::Bytes;
 use serde_json::Value;
-use spare_core::{BlobRef, Limits};
+use spare_core::{BlobRef, LimitRequest, Limits};
 use spare_node::api::client::Client;
 use spare_node::api::types::{CancelReply, Placement, Submission, SubmitStdin, TaskEvent};
 use spare_testkit::Daemon;
@@ -367,10 +367,10 @@ impl Rig {
             env: vec![],
             stdin: SubmitStdin::None,
             // Runs until cancelled: far more fuel and time than a benchmark.
-            limits: Limits {
-                fuel: Limits::MAX.fuel,
-                wall_ms: 3_600_000,
-                ..Limits::DEFAULT
+            limits: LimitRequest {
+                fuel: Some(Limits::MAX.fuel),
+                wall_ms: Some(3_600_000),
+                ..LimitRequest::default()
             },
             placement: Placement::On(self.host.peer_id().to_owned()),
         })

@@ -117,7 +117,7 @@ async fn show(swarm: &Swarm, out: &mut impl Write) -> Result<()> {
         args: vec!["1000000".into()],
         env: vec![("GREETING".into(), "hello from the demo".into())],
         stdin: SubmitStdin::Inline(spare_node::api::types::encode_b64(b"1 2 3 4\n")),
-        limits: spare_core::Limits::DEFAULT,
+        limits: spare_core::LimitRequest::default(),
         placement: Placement::Auto,
     };
     writeln!(

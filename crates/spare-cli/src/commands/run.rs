@@ -15,7 +15,7 @@ use serde::Serialize;
 use spare_core::limits::{MAX_MODULE_BYTES, MAX_STDIN_BYTES};
 use spare_core::task::MAX_INLINE_STDIN;
 use spare_core::units::{format_bytes, format_duration, parse_bytes, parse_count, parse_duration};
-use spare_core::{BlobRef, Limits, PeerId};
+use spare_core::{BlobRef, LimitRequest, Limits, PeerId};
 use spare_node::api::types::{
     CancelReply, FailureKind, Placement, Submission, SubmitStdin, TaskEvent, TaskResult, encode_b64,
 };
@@ -167,9 +167,19 @@ async fn submit(context: &Context, args: Args) -> Result<ExitCode> {
         match event {
             None => bail!("the daemon ended the task stream without a result"),
             Some(TaskEvent::Accepted { task }) => task_id = Some(task),
-            Some(TaskEvent::Placed { attempt, host }) => {
+            Some(TaskEvent::Placed {
+                attempt,
+                host,
+                lowered,
+            }) => {
                 if attempt > 1 {
                     eprintln_quiet(&format!("spare: attempt {attempt}: running on {host}"));
+                }
+                if let Some(lowered) = lowered {
+                    eprintln_quiet(&format!(
+                        "spare: peer {host} grants less than the default limits; \
+                         running with {lowered} (a limit you set is never lowered)"
+                    ));
                 }
             }
             Some(TaskEvent::Retrying {
@@ -319,28 +329,31 @@ fn count_text(n: u64) -> String {
 /// step it grows by.
 const WASM_PAGE: u64 = 64 << 10;
 
-fn limits(args: &Args) -> Result<Limits> {
-    let mut limits = Limits::DEFAULT;
+/// The limits the flags set; the daemon fills the rest with the defaults,
+/// lowered where a host grants less.
+fn limits(args: &Args) -> Result<LimitRequest> {
+    let mut limits = LimitRequest::default();
     if let Some(t) = &args.timeout {
         let d = parse_duration(t).map_err(|e| anyhow!("--timeout: {e}"))?;
-        limits.wall_ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        limits.wall_ms = Some(u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
     }
     if let Some(m) = &args.memory {
-        limits.memory = parse_bytes(m).map_err(|e| anyhow!("--memory: {e}"))?;
-        if limits.memory < WASM_PAGE {
-            bail!("{}", memory_too_small(m, limits.memory));
+        let memory = parse_bytes(m).map_err(|e| anyhow!("--memory: {e}"))?;
+        if memory < WASM_PAGE {
+            bail!("{}", memory_too_small(m, memory));
         }
+        limits.memory = Some(memory);
     }
     if let Some(f) = &args.fuel {
-        limits.fuel = parse_count(f).map_err(|e| anyhow!("--fuel: {e}"))?;
+        limits.fuel = Some(parse_count(f).map_err(|e| anyhow!("--fuel: {e}"))?);
     }
     if let Some(o) = &args.output {
-        limits.output = parse_bytes(o).map_err(|e| anyhow!("--output: {e}"))?;
+        limits.output = Some(parse_bytes(o).map_err(|e| anyhow!("--output: {e}"))?);
     }
     if let Some(s) = &args.stack {
-        limits.stack = parse_bytes(s).map_err(|e| anyhow!("--stack: {e}"))?;
+        limits.stack = Some(parse_bytes(s).map_err(|e| anyhow!("--stack: {e}"))?);
     }
-    limits.validate().map_err(|e| {
+    limits.wanted().validate().map_err(|e| {
         let flag = match e.name() {
             "wall time" => "--timeout",
             "fuel" => "--fuel",
@@ -533,10 +546,18 @@ mod tests {
             .to_string();
         assert!(!err.contains("did you mean"), "{err}");
         // One page is enough to start.
-        assert_eq!(limits(&args(&["--memory", "64KiB"])).unwrap().memory, 65536);
+        assert_eq!(
+            limits(&args(&["--memory", "64KiB"])).unwrap().memory,
+            Some(65536)
+        );
         assert_eq!(
             limits(&args(&["--memory", "64MiB"])).unwrap().memory,
-            64 << 20
+            Some(64 << 20)
+        );
+        assert_eq!(
+            limits(&args(&[])).unwrap(),
+            LimitRequest::default(),
+            "unset limits are left to the daemon to fit to the host"
         );
     }
 

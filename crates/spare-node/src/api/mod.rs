@@ -286,10 +286,10 @@ async fn put_blob(
 async fn submit(State(node): State<Node>, body: Bytes) -> Result<Response, ApiError> {
     let submission: Submission = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request(format!("invalid task submission: {e}")))?;
-    let (spec, placement) = requester::prepare(&node, &submission)
+    let task = requester::prepare(&node, &submission)
         .await
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
-    let rx = requester::start(&node, spec, placement);
+    let rx = requester::start(&node, task);
     // The task usually reaches its placement without waiting: letting it
     // run first sends the response head, `accepted` and `placed` in one
     // write instead of two.

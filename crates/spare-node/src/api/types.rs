@@ -3,7 +3,7 @@
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use serde::{Deserialize, Serialize};
-use spare_core::{BlobRef, Failure, Limits, Outcome};
+use spare_core::{BlobRef, Failure, LimitRequest, Outcome};
 
 /// `GET /v1/node`
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -167,8 +167,10 @@ pub struct Submission {
     pub env: Vec<(String, String)>,
     #[serde(default)]
     pub stdin: SubmitStdin,
+    /// What the user set; unset limits are the defaults, lowered where
+    /// the chosen host grants less.
     #[serde(default)]
-    pub limits: Limits,
+    pub limits: LimitRequest,
     #[serde(default)]
     pub placement: Placement,
 }
@@ -179,8 +181,14 @@ pub struct Submission {
 pub enum TaskEvent {
     /// The task has an id; cancel it with `POST /v1/tasks/<id>/cancel`.
     Accepted { task: String },
-    /// Attempt number `attempt` was sent to `host`.
-    Placed { attempt: u32, host: String },
+    /// Attempt number `attempt` was sent to `host`; `lowered` names the
+    /// default limits lowered to what that host grants, if any were.
+    Placed {
+        attempt: u32,
+        host: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        lowered: Option<String>,
+    },
     /// That attempt failed for a reason another host may not have.
     Retrying {
         attempt: u32,
