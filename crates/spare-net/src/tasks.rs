@@ -463,9 +463,12 @@ async fn serve_stream<T: AsyncRead + AsyncWrite + Unpin>(
                 match events.try_send(event) {
                     // Dropped without an answer: close the stream, which
                     // the requester sees as a failed request.
-                    Ok(()) => match rx.await {
-                        Ok(response) => response,
-                        Err(_) => return,
+                    Ok(()) => match answer_or_break(&mut stream, rx).await {
+                        Some(response) => response,
+                        None => {
+                            tracing::debug!(%peer, "task stream closed before its answer");
+                            return;
+                        }
                     },
                     // The daemon is saturated: refuse now rather than queue
                     // without bound.
@@ -487,6 +490,22 @@ async fn serve_stream<T: AsyncRead + AsyncWrite + Unpin>(
             tracing::debug!(%peer, "cannot answer on the task stream: {e}");
             return;
         }
+    }
+}
+
+/// The daemon's answer, or `None` if it dropped the request or the peer
+/// sent anything, or closed the stream, before it came. A requester writes
+/// nothing while it waits, so the stream is read meanwhile: bytes a peer
+/// pushes then are not left in yamux's buffer (up to a stream's window)
+/// while the task runs, they close the stream.
+async fn answer_or_break<T: AsyncRead + Unpin>(
+    stream: &mut T,
+    answer: oneshot::Receiver<TaskResponse>,
+) -> Option<TaskResponse> {
+    let mut byte = [0u8; 1];
+    tokio::select! {
+        answer = answer => answer.ok(),
+        _ = stream.read(&mut byte) => None,
     }
 }
 
@@ -679,6 +698,36 @@ mod tests {
             let expected = valid + usize::from(at < valid);
             proptest::prop_assert_eq!(block_on(read_all(bytes)), expected);
         }
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_writes_while_its_task_runs_loses_the_stream() {
+        use tokio_util::compat::TokioAsyncReadCompatExt;
+        let (events, mut requests) = mpsc::channel(4);
+        let (ours, theirs) = tokio::io::duplex(64 << 10);
+        let open: Arc<Mutex<HashMap<PeerId, PeerStreams>>> = Arc::default();
+        let peer = PeerId::random();
+        let slot = StreamSlot::take(&open, peer, &ReadBudget::new(READ_BUDGET_BYTES)).unwrap();
+        let served = tokio::spawn(serve_stream(peer, ours.compat(), events, slot));
+        let mut theirs = theirs.compat();
+        let mut accepted = [0u8; 1];
+        theirs.read_exact(&mut accepted).await.unwrap();
+        let request = encode_frame(&TaskRequest::Cancel(TaskId::random())).unwrap();
+        write_frame(&mut theirs, &request).await.unwrap();
+        let Some(NetEvent::TaskRequest { reply, .. }) = requests.recv().await else {
+            panic!("the request reaches the daemon");
+        };
+        // Bytes that are not a request in turn, while the answer is due.
+        write_frame(&mut theirs, &[0xee; 1024]).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), served)
+            .await
+            .expect("the stream is given up at once")
+            .unwrap();
+        assert!(open.lock().unwrap().is_empty(), "its slot is given back");
+        reply.send(TaskResponse::Cancelled(true)).await;
+        let mut rest = Vec::new();
+        theirs.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty(), "no answer follows: {rest:?}");
     }
 
     #[test]
