@@ -26,6 +26,11 @@ pub(crate) const READ_BUDGET_BYTES: usize = 64 << 20;
 /// Bytes of inbound task requests one peer may have being read at once:
 /// four of the largest. A peer that holds its share holds up only itself.
 pub(crate) const PEER_READ_BYTES: usize = 4 * TaskRequest::MAX_BYTES;
+/// A peer's task requests that may wait at once for their turn at its
+/// share; the next one is refused and its stream closed. A waiting stream
+/// is not read, so yamux may hold up to a stream's window (256 KiB) of it:
+/// this keeps that to 4 MiB per peer.
+pub(crate) const MAX_WAITING_PER_PEER: usize = 16;
 /// How long a peer may take to send one whole request.
 pub(crate) const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Inbound requests are read in pieces of this size, each holding a permit.
@@ -58,8 +63,7 @@ impl ReadBudget {
     /// The permits for `bytes` if they are free now; an error saying the
     /// budget is spent otherwise.
     pub(crate) fn try_acquire(&self, bytes: usize) -> io::Result<OwnedSemaphorePermit> {
-        let units = u32::try_from(bytes)
-            .map_err(|_| io::Error::other(format!("{bytes} bytes exceed any read budget")))?;
+        let units = units(bytes)?;
         Arc::clone(&self.0)
             .try_acquire_many_owned(units)
             .map_err(|_| {
@@ -75,6 +79,7 @@ impl ReadBudget {
         PeerBudget {
             all: self.clone(),
             own: Arc::new(Semaphore::new(PEER_READ_BYTES)),
+            waiting: Arc::new(Semaphore::new(MAX_WAITING_PER_PEER)),
         }
     }
 }
@@ -86,14 +91,26 @@ impl ReadBudget {
 pub(crate) struct PeerBudget {
     all: ReadBudget,
     own: Arc<Semaphore>,
+    /// Turns to wait for `own`.
+    waiting: Arc<Semaphore>,
 }
 
 impl PeerBudget {
     /// Waits until the peer's share has room for a whole request of
     /// `bytes`, and holds it until dropped: a peer's requests are admitted
     /// in turn, each with all the room it can need, so they never wait on
-    /// one another half read.
+    /// one another half read. At most [`MAX_WAITING_PER_PEER`] wait; one
+    /// more is refused at once.
     pub(crate) async fn admit(&self, bytes: usize) -> io::Result<OwnedSemaphorePermit> {
+        let units = units(bytes)?;
+        if let Ok(admitted) = Arc::clone(&self.own).try_acquire_many_owned(units) {
+            return Ok(admitted);
+        }
+        let _turn = Arc::clone(&self.waiting).try_acquire_owned().map_err(|_| {
+            io::Error::other(format!(
+                "{MAX_WAITING_PER_PEER} of this peer's requests already wait for their turn"
+            ))
+        })?;
         acquire(&self.own, bytes).await
     }
 
@@ -103,9 +120,14 @@ impl PeerBudget {
     }
 }
 
+/// Semaphore units for `bytes`.
+fn units(bytes: usize) -> io::Result<u32> {
+    u32::try_from(bytes)
+        .map_err(|_| io::Error::other(format!("{bytes} bytes exceed any read budget")))
+}
+
 async fn acquire(semaphore: &Arc<Semaphore>, bytes: usize) -> io::Result<OwnedSemaphorePermit> {
-    let units = u32::try_from(bytes)
-        .map_err(|_| io::Error::other(format!("{bytes} bytes exceed any read budget")))?;
+    let units = units(bytes)?;
     Arc::clone(semaphore)
         .acquire_many_owned(units)
         .await
@@ -282,6 +304,37 @@ mod tests {
 
     fn protocol() -> StreamProtocol {
         StreamProtocol::new(spare_core::wire::BLOB_PROTOCOL)
+    }
+
+    /// Requests beyond the peer's share wait their turn unread, but only
+    /// so many: one more is refused at once, and turns come back.
+    #[tokio::test]
+    async fn only_so_many_of_a_peers_requests_wait_their_turn() {
+        let peer = ReadBudget::new(READ_BUDGET_BYTES).for_peer();
+        let held = peer.admit(PEER_READ_BYTES).await.unwrap();
+        let mut waiting = Vec::new();
+        for _ in 0..MAX_WAITING_PER_PEER {
+            let peer = peer.clone();
+            waiting.push(tokio::spawn(async move { peer.admit(1).await.is_ok() }));
+        }
+        while peer.waiting.available_permits() > 0 {
+            tokio::task::yield_now().await;
+        }
+        let refused = tokio::time::timeout(Duration::from_secs(5), peer.admit(1))
+            .await
+            .expect("refused at once, not made to wait");
+        assert!(
+            refused
+                .unwrap_err()
+                .to_string()
+                .contains("wait for their turn"),
+            "one too many"
+        );
+        drop(held);
+        for admitted in waiting {
+            assert!(admitted.await.unwrap(), "the waiting ones get their turn");
+        }
+        assert_eq!(peer.waiting.available_permits(), MAX_WAITING_PER_PEER);
     }
 
     #[tokio::test]

@@ -15,8 +15,11 @@
 //! checked against the message type's `MAX_BYTES` before anything is read
 //! (an oversized one closes the stream); a request's body holds the
 //! node-wide read budget while it arrives and must arrive within
-//! [`REQUEST_READ_TIMEOUT`](crate::codec::REQUEST_READ_TIMEOUT); a peer may
-//! hold at most [`MAX_STREAMS_PER_PEER`] task streams open on this node.
+//! [`REQUEST_READ_TIMEOUT`](crate::codec::REQUEST_READ_TIMEOUT), at most
+//! [`MAX_WAITING_PER_PEER`](crate::codec::MAX_WAITING_PER_PEER) of a
+//! peer's requests waiting for their turn; a peer may hold at most
+//! [`MAX_STREAMS_PER_PEER`] task streams open on this node; a stream is
+//! read while its task runs, and a byte then closes it.
 
 use std::collections::HashMap;
 use std::future::Future;
