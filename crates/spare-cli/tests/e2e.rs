@@ -251,7 +251,7 @@ fn hostile_guests_and_bad_input_end_with_one_clear_line() {
         (
             &["run", "--memory", "64", &example("hello.wasm")],
             125,
-            "--memory 64 is 64 B, less than one WebAssembly page (64 KiB), the least a guest runs in; did you mean 64MiB?",
+            "--memory: `64` is 64 B, less than one WebAssembly page (64 KiB), the least a guest runs in; did you mean 64MiB?",
         ),
         // WASI reserves exit codes from 126 up: the guest traps, and the line
         // says why without wasmtime's backtrace.

@@ -204,9 +204,12 @@ fn a_peer_cannot_make_a_node_dial_its_own_loopback() {
         }
         args
     };
+    // The node logs each dial it refuses at debug level.
     let start = |name: &str, namespace: &Namespace, args: Vec<String>| {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        Daemon::start_with(&bin(), &dir.path().join(name), &namespace.exec(), &args).unwrap()
+        let mut wrapper = namespace.exec().to_vec();
+        wrapper.extend(["env", "RUST_LOG=info,spare_net=debug"]);
+        Daemon::start_with(&bin(), &dir.path().join(name), &wrapper, &args).unwrap()
     };
     let far = start(
         "far",
@@ -226,9 +229,15 @@ fn a_peer_cannot_make_a_node_dial_its_own_loopback() {
     );
     node.wait_for_peers(1, Duration::from_secs(30)).unwrap();
     // Kademlia asks its new neighbour for peers within a second of
-    // meeting it, and dials what it hears at once.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < deadline {
+    // meeting it, and dials what it hears at once: the node refuses.
+    let refusal = format!("/ip4/127.0.0.1/tcp/{port}/p2p/{}", far.peer_id());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut refused = false;
+    while Instant::now() < deadline && !refused {
+        refused = node
+            .log()
+            .lines()
+            .any(|line| line.contains("not dialling") && line.contains(&refusal));
         match trap.accept() {
             Ok((_, from)) => panic!(
                 "the node dialled its own loopback (from {from}), as a peer told it to\n{}",
@@ -240,5 +249,16 @@ fn a_peer_cannot_make_a_node_dial_its_own_loopback() {
             Err(e) => panic!("the listener failed: {e}"),
         }
     }
+    assert!(
+        refused,
+        "the node heard of far's loopback address and refused it\n{}",
+        node.log()
+    );
+    // Nor by another way a little later (identify's cache, a redial).
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        matches!(trap.accept(), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "nothing dialled the node's loopback"
+    );
     drop((node, near, far));
 }

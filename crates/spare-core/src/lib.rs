@@ -21,7 +21,7 @@ pub mod wire;
 
 pub use id::{BlobId, ParseIdError, TaskId};
 pub use libp2p::{PeerId, identity};
-pub use limits::{LimitRequest, Limits};
+pub use limits::{Limit, LimitRequest, Limits};
 pub use outcome::{Failure, Outcome, OutputStream, Status};
 pub use receipt::{Receipt, SignedReceipt};
 pub use task::{BlobRef, Stdin, TaskSpec};

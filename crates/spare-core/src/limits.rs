@@ -27,6 +27,9 @@ pub const MAX_RESOURCES: usize = 10_000;
 /// `getrandom` asks for a whole buffer at once, so this is generous
 /// (wasmtime-wasi's own default).
 pub const MAX_RANDOM_BYTES: u64 = 64 << 20;
+/// A WebAssembly page: the least memory a guest with a memory has, and the
+/// step its memory grows by.
+pub const WASM_PAGE_BYTES: u64 = 64 << 10;
 /// Largest module or component a host accepts, in bytes.
 pub const MAX_MODULE_BYTES: u64 = 64 << 20;
 /// Largest stdin a task may carry, in bytes.
@@ -199,26 +202,52 @@ impl LimitRequest {
         }
     }
 
+    /// Whether the user set `limit`.
+    pub fn is_set(&self, limit: Limit) -> bool {
+        match limit {
+            Limit::Fuel => self.fuel.is_some(),
+            Limit::Memory => self.memory.is_some(),
+            Limit::WallTime => self.wall_ms.is_some(),
+            Limit::Output => self.output.is_some(),
+            Limit::Stack => self.stack.is_some(),
+        }
+    }
+
+    /// How much of the wanted limits `fitted` keeps, summed over the
+    /// fields: 5 when it lowers none, less the more it lowers.
+    pub fn kept(&self, fitted: &Limits) -> f64 {
+        let wanted = self.wanted();
+        Limit::ALL
+            .iter()
+            .map(|limit| limit.of(fitted) as f64 / limit.of(&wanted).max(1) as f64)
+            .map(|share| share.min(1.0))
+            .sum()
+    }
+
     /// The limits wanted: the defaults where nothing was set.
     pub fn wanted(&self) -> Limits {
         self.with(&Limits::DEFAULT)
     }
 
     /// The least the request accepts: what was set, and [`Limits::MIN`]
-    /// for the rest. A host that grants this can run the task.
+    /// for the rest (one page of memory). A host that grants this can run
+    /// the task, with [`fitted`](Self::fitted) limits.
     pub fn least(&self) -> Limits {
-        self.with(&Limits::MIN)
+        self.with(&Limits {
+            memory: WASM_PAGE_BYTES,
+            ..Limits::MIN
+        })
     }
 
     /// The limits for a host that grants at most `max`: what was set, and
     /// each default lowered to `max` where it is above (never below
-    /// [`Limits::MIN`]).
+    /// [`Limits::MIN`], nor memory below one page).
     pub fn fitted(&self, max: &Limits) -> Limits {
         let default = Limits::DEFAULT;
         let fit = |default: u64, max: u64, min: u64| default.min(max).max(min);
         self.with(&Limits {
             fuel: fit(default.fuel, max.fuel, Limits::MIN.fuel),
-            memory: fit(default.memory, max.memory, Limits::MIN.memory),
+            memory: fit(default.memory, max.memory, WASM_PAGE_BYTES),
             wall_ms: fit(default.wall_ms, max.wall_ms, Limits::MIN.wall_ms),
             output: fit(default.output, max.output, Limits::MIN.output),
             stack: fit(default.stack, max.stack, Limits::MIN.stack),
@@ -242,6 +271,37 @@ impl LimitRequest {
             .map(|(name, _, fitted, show)| format!("{name} {}", show(*fitted)))
             .collect();
         (!lowered.is_empty()).then(|| lowered.join(", "))
+    }
+}
+
+/// One of the fields of [`Limits`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Limit {
+    Fuel,
+    Memory,
+    WallTime,
+    Output,
+    Stack,
+}
+
+impl Limit {
+    pub const ALL: [Limit; 5] = [
+        Limit::Fuel,
+        Limit::Memory,
+        Limit::WallTime,
+        Limit::Output,
+        Limit::Stack,
+    ];
+
+    /// This limit's value in `limits`.
+    pub fn of(self, limits: &Limits) -> u64 {
+        match self {
+            Limit::Fuel => limits.fuel,
+            Limit::Memory => limits.memory,
+            Limit::WallTime => limits.wall_ms,
+            Limit::Output => limits.output,
+            Limit::Stack => limits.stack,
+        }
     }
 }
 
@@ -347,6 +407,19 @@ mod tests {
         assert!(memory_set.least().check_within(&small).is_err());
         assert_eq!(nothing_set.least().check_within(&small), Ok(()));
         assert_eq!(LimitRequest::exactly(small).wanted(), small);
+        assert_eq!(
+            nothing_set
+                .fitted(&Limits {
+                    memory: 0,
+                    ..Limits::MAX
+                })
+                .memory,
+            WASM_PAGE_BYTES,
+            "never fitted below what a guest with memory needs"
+        );
+        assert_eq!(nothing_set.kept(&Limits::DEFAULT), 5.0);
+        assert!(nothing_set.kept(&fitted) < 5.0);
+        assert!(memory_set.is_set(Limit::Memory) && !memory_set.is_set(Limit::Fuel));
     }
 
     #[test]

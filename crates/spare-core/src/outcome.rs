@@ -131,10 +131,25 @@ pub enum Failure {
 }
 
 impl Failure {
+    /// The limit this failure hit, if it is a limit's.
+    pub fn limit(&self) -> Option<crate::limits::Limit> {
+        use crate::limits::Limit;
+        match self {
+            Failure::OutOfFuel { .. } => Some(Limit::Fuel),
+            Failure::MemoryLimit { .. } => Some(Limit::Memory),
+            Failure::StackOverflow { .. } => Some(Limit::Stack),
+            Failure::Timeout { .. } => Some(Limit::WallTime),
+            Failure::OutputLimit { .. } => Some(Limit::Output),
+            _ => None,
+        }
+    }
+
     /// Whether another host could plausibly succeed where this one failed.
     ///
-    /// Guest faults (fuel, memory, traps, bad modules) would fail anywhere;
-    /// a crashed worker or host error might not.
+    /// Guest faults (fuel, memory, traps, bad modules) would fail anywhere
+    /// under the same limits; a crashed worker or host error might not. (A
+    /// requester that lowered a default limit to fit a host may still try a
+    /// host that grants more: `spare-node`'s requester.)
     pub fn is_retryable(&self) -> bool {
         matches!(self, Failure::WorkerCrashed(_) | Failure::Host(_))
     }

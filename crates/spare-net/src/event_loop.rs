@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::behaviour::{Behaviour, BehaviourEvent, IDENTIFY_PROTOCOL};
 use crate::codec::Incoming;
-use crate::peers::MAX_ADDRS_PER_PEER;
+use crate::peers::{MAX_ADDRS_PER_PEER, Scope};
 use crate::redial::Redial;
 use crate::{BlobResponder, Held, NetError, NetEvent, RequestError, Shared};
 
@@ -276,7 +276,10 @@ impl EventLoop {
                     self.bootstrap_warned.remove(&addr);
                 }
                 let remote = endpoint.get_remote_address();
-                self.shared.dial_scope.vouch(remote);
+                // Where we reached the peer, not the port it came from.
+                if endpoint.is_dialer() {
+                    self.shared.dial_scope.vouch(peer_id, remote);
+                }
                 let floor = {
                     let mut peers = self.write_peers();
                     peers.connected(peer_id, remote.clone());
@@ -370,7 +373,7 @@ impl EventLoop {
                     }
                 };
                 for addr in believable {
-                    self.shared.dial_scope.vouch(&addr);
+                    self.shared.dial_scope.vouch(peer_id, &addr);
                     self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
                 }
                 self.write_peers()
@@ -393,7 +396,11 @@ impl EventLoop {
             },
             BehaviourEvent::Mdns(mdns::Event::Discovered(found)) => {
                 for (peer, addr) in found {
-                    self.shared.dial_scope.vouch(&addr);
+                    // Heard on the LAN: believed as far as the LAN, not
+                    // for this machine's own loopback.
+                    if Scope::of(&addr) >= Scope::Private {
+                        self.shared.dial_scope.vouch(peer, &addr);
+                    }
                     self.swarm
                         .behaviour_mut()
                         .kad

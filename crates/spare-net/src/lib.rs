@@ -123,6 +123,12 @@ impl TaskResponder {
     pub async fn send(self, response: TaskResponse) {
         let _ = self.0.send(response);
     }
+
+    /// Resolves when the peer no longer waits for the answer: it closed
+    /// the stream, or broke the protocol on it, before the answer came.
+    pub async fn abandoned(&mut self) {
+        self.0.closed().await
+    }
 }
 
 /// The way back to a peer that asked for a blob chunk: through the event
@@ -193,10 +199,7 @@ pub async fn start(
         probe_tcp_port(addr)?;
     }
     let budget = codec::ReadBudget::new(codec::READ_BUDGET_BYTES);
-    let scope = dial_scope::DialScope::default();
-    for addr in &config.bootstrap {
-        scope.vouch(addr);
-    }
+    let scope = dial_scope::DialScope::new(&config.bootstrap);
     let mut swarm = behaviour::build_swarm(&config, &budget, &scope)?;
     let mut control = swarm.behaviour().streams.new_control();
     let incoming_tasks = control

@@ -48,33 +48,65 @@ pub(crate) enum Scope {
 }
 
 impl Scope {
+    /// How far `addr` reaches: the narrowest of its IP addresses (TCP dials
+    /// the last one, and a hostile peer may stack several), and
+    /// [`Scope::Loopback`] for an address without one (DNS names, which
+    /// this node does not resolve, and the memory transport).
     pub(crate) fn of(addr: &Multiaddr) -> Self {
         use libp2p::multiaddr::Protocol;
-        use std::net::Ipv4Addr;
-        fn of_v4(ip: Ipv4Addr) -> Scope {
-            // Dialling 0.0.0.0 reaches this machine.
-            if ip.is_loopback() || ip.is_unspecified() {
-                Scope::Loopback
-            } else if ip.is_private()
-                || ip.is_link_local()
-                || (ip.octets()[0] == 100 && ip.octets()[1] & 0xc0 == 64)
-            {
-                Scope::Private
-            } else {
-                Scope::Global
-            }
-        }
-        match addr.iter().next() {
-            Some(Protocol::Ip4(ip)) => of_v4(ip),
-            Some(Protocol::Ip6(ip)) => match ip.to_ipv4_mapped() {
-                Some(v4) => of_v4(v4),
-                None if ip.is_loopback() || ip.is_unspecified() => Scope::Loopback,
-                None if ip.is_unique_local() || ip.is_unicast_link_local() => Scope::Private,
-                None => Scope::Global,
-            },
-            Some(Protocol::Memory(_)) => Scope::Loopback,
-            _ => Scope::Global,
-        }
+        addr.iter()
+            .filter_map(|part| match part {
+                Protocol::Ip4(ip) => Some(of_v4(ip)),
+                Protocol::Ip6(ip) => Some(of_v6(ip)),
+                _ => None,
+            })
+            .min()
+            .unwrap_or(Scope::Loopback)
+    }
+}
+
+fn of_v4(ip: std::net::Ipv4Addr) -> Scope {
+    let [a, b, ..] = ip.octets();
+    // 0.0.0.0/8 ("this network"): dialling it reaches this machine.
+    if ip.is_loopback() || a == 0 {
+        Scope::Loopback
+    } else if ip.is_private()
+        || ip.is_link_local()
+        || (a == 100 && b & 0xc0 == 64) // shared address space (CGNAT)
+        || (a == 198 && b & 0xfe == 18) // benchmarking
+        || ip.is_multicast()
+        || a >= 240
+    // reserved, and broadcast
+    {
+        Scope::Private
+    } else {
+        Scope::Global
+    }
+}
+
+fn of_v6(ip: std::net::Ipv6Addr) -> Scope {
+    let segments = ip.segments();
+    if ip.is_loopback() || ip.is_unspecified() {
+        return Scope::Loopback;
+    }
+    // IPv4-mapped (::ffff:a.b.c.d), IPv4-compatible (::a.b.c.d) and NAT64
+    // (64:ff9b::a.b.c.d) addresses reach the IPv4 address they carry.
+    let embedded = segments[..5] == [0; 5] && (segments[5] == 0 || segments[5] == 0xffff)
+        || segments[..6] == [0x64, 0xff9b, 0, 0, 0, 0];
+    if embedded {
+        let [.., hi, lo] = segments;
+        return of_v4(std::net::Ipv4Addr::from(
+            (u32::from(hi) << 16) | u32::from(lo),
+        ));
+    }
+    if ip.is_unique_local()
+        || ip.is_unicast_link_local()
+        || segments[0] & 0xffc0 == 0xfec0 // site-local, deprecated
+        || ip.is_multicast()
+    {
+        Scope::Private
+    } else {
+        Scope::Global
     }
 }
 
@@ -216,6 +248,51 @@ mod tests {
         assert_eq!(table.narrowest_reach(), Some(Scope::Loopback));
         table.disconnected(&local);
         assert_eq!(table.narrowest_reach(), Some(Scope::Private));
+    }
+
+    #[test]
+    fn an_address_reaches_as_far_as_its_narrowest_ip() {
+        let scope = |s: &str| Scope::of(&s.parse().unwrap());
+        for loopback in [
+            "/ip4/127.0.0.1/tcp/1",
+            "/ip4/0.0.0.0/tcp/1",
+            "/ip4/0.1.2.3/tcp/1",
+            "/ip6/::1/tcp/1",
+            "/ip6/::/tcp/1",
+            "/ip6/::ffff:127.0.0.1/tcp/1",
+            "/ip6/::127.0.0.1/tcp/1",
+            "/ip6/64:ff9b::7f00:1/tcp/1",
+            // TCP dials the last IP of a stacked address.
+            "/ip4/198.51.100.7/ip4/127.0.0.1/tcp/22",
+            "/dns4/localhost/tcp/1",
+            "/memory/1",
+        ] {
+            assert_eq!(scope(loopback), Scope::Loopback, "{loopback}");
+        }
+        for private in [
+            "/ip4/10.0.0.5/tcp/1",
+            "/ip4/192.168.1.1/udp/1/quic-v1",
+            "/ip4/169.254.1.1/tcp/1",
+            "/ip4/100.64.0.1/tcp/1",
+            "/ip4/198.18.0.1/tcp/1",
+            "/ip4/255.255.255.255/tcp/1",
+            "/ip4/224.0.0.1/tcp/1",
+            "/ip6/fd00::1/tcp/1",
+            "/ip6/fe80::1/tcp/1",
+            "/ip6/fec0::1/tcp/1",
+            "/ip6/::ffff:10.0.0.1/tcp/1",
+            "/ip4/198.51.100.7/ip4/10.0.0.5/tcp/80",
+        ] {
+            assert_eq!(scope(private), Scope::Private, "{private}");
+        }
+        for global in [
+            "/ip4/198.51.100.7/tcp/1",
+            "/ip4/8.8.8.8/udp/1/quic-v1",
+            "/ip6/2001:db8::1/tcp/1",
+            "/ip6/::ffff:8.8.8.8/tcp/1",
+        ] {
+            assert_eq!(scope(global), Scope::Global, "{global}");
+        }
     }
 
     #[test]

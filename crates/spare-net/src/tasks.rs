@@ -62,7 +62,8 @@ const READ_SCRATCH: usize = 16 << 10;
 const MAX_IDLE_PER_PEER: usize = 64;
 /// Inbound task streams one peer may hold open on this node; more are
 /// dropped as they arrive. It bounds the tasks a peer can have in flight
-/// here, as the host's queue does again.
+/// here (a task whose stream closes before its answer is cancelled), as
+/// the host's queue does again.
 pub(crate) const MAX_STREAMS_PER_PEER: usize = 256;
 
 /// Why a frame could not be read.

@@ -35,23 +35,44 @@ pub(crate) async fn serve_task(
     node: Node,
     peer: PeerId,
     request: TaskRequest,
-    reply: TaskResponder,
+    mut reply: TaskResponder,
 ) {
     let response = match request {
-        TaskRequest::Run(spec) => run_for_peer(&node, peer, spec).await,
-        TaskRequest::Cancel(task) => {
-            let token = node
-                .lock(&node.inner.hosted)
-                .get(&(peer, task))
-                .map(|entry| entry.token.clone());
-            if let Some(token) = &token {
-                tracing::info!(%peer, %task, "cancelled by its requester");
-                token.cancel();
+        TaskRequest::Run(spec) => {
+            let task = spec.id;
+            let run = run_for_peer(&node, peer, spec);
+            tokio::pin!(run);
+            tokio::select! {
+                response = &mut run => response,
+                // A requester that closes the stream before its answer has
+                // given up on it: the task stops as if cancelled, and the
+                // peer cannot keep more tasks here than it has streams.
+                () = reply.abandoned() => {
+                    if cancel(&node, peer, task) {
+                        tracing::info!(%peer, %task, "cancelled: its requester stopped waiting");
+                    }
+                    run.await
+                }
             }
-            TaskResponse::Cancelled(token.is_some())
+        }
+        TaskRequest::Cancel(task) => {
+            let found = cancel(&node, peer, task);
+            if found {
+                tracing::info!(%peer, %task, "cancelled by its requester");
+            }
+            TaskResponse::Cancelled(found)
         }
     };
     reply.send(response).await;
+}
+
+/// Cancels `peer`'s hosted `task`, if it is here.
+fn cancel(node: &Node, peer: PeerId, task: spare_core::TaskId) -> bool {
+    let token = node
+        .lock(&node.inner.hosted)
+        .get(&(peer, task))
+        .map(|entry| entry.token.clone());
+    token.inspect(CancellationToken::cancel).is_some()
 }
 
 async fn run_for_peer(node: &Node, peer: PeerId, spec: TaskSpec) -> TaskResponse {

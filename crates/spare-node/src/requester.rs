@@ -12,7 +12,7 @@ use spare_core::{
     TaskSpec,
 };
 use spare_ledger::Ending;
-use spare_scheduler::{AttemptError, Candidate, RetryPolicy, rank};
+use spare_scheduler::{AttemptError, Candidate, RetryPolicy, grants_more, place};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -314,10 +314,14 @@ async fn run_remote(
                 if let Some(reason) = pinned_gives_nothing(node, &peer) {
                     let _ = events.send(TaskEvent::Waiting { reason }).await;
                 }
-                let granted = offer_of(node, &peer).map(|offer| offer.max_limits);
+                // Its offer says what it grants; it may follow the
+                // connection by a moment.
+                let granted = wait_for_offer(node, peer, token)
+                    .await
+                    .map(|offer| offer.max_limits);
                 (peer, granted.map_or(spec.limits, |max| limits.fitted(&max)))
             }
-            None => match choose(node, spec, limits, &tried, token, events).await {
+            None => match choose(node, limits, &tried, token, events).await {
                 Choice::Host(peer, fitted) => (peer, fitted),
                 Choice::Nowhere(why) if attempt == 0 => return Ended::failed(why),
                 Choice::Nowhere(why) => {
@@ -338,6 +342,7 @@ async fn run_remote(
             })
             .await;
         // The defaults lowered to what this host grants, if they were.
+        let wanted = spec.limits;
         let fitted_spec;
         let spec = if fitted == spec.limits {
             spec
@@ -353,6 +358,23 @@ async fn run_remote(
                 let receipt = verify_receipt(node, spec, host, &report)
                     .map(|verified| (verified, report.receipt.clone()));
                 let outcome = report.outcome;
+                // A guest that hit a limit lowered to fit this host may
+                // yet succeed on a host that grants more of it.
+                let lowered_hit = outcome.failure().and_then(|failure| {
+                    let limit = failure.limit()?;
+                    let ran_with = limit.of(&fitted);
+                    (ran_with < limit.of(&wanted)).then_some((failure, limit, ran_with))
+                });
+                if let Some((failure, limit, ran_with)) = lowered_hit
+                    && pinned.is_none()
+                    && policy.should_retry(attempt, AttemptError::Refused)
+                    && grants_more(&candidates(node).0, limits, &tried, limit, ran_with)
+                {
+                    last_failure = format!("{host}: the program {failure}");
+                    let reason = format!("the program {failure}, lowered to what that peer grants");
+                    retrying(events, attempt, host, &reason).await;
+                    continue;
+                }
                 let host_fault = outcome.failure().is_some_and(Failure::is_retryable);
                 if host_fault
                     && pinned.is_none()
@@ -565,7 +587,6 @@ enum Choice {
 /// the requester is told.
 async fn choose(
     node: &Node,
-    spec: &TaskSpec,
     limits: &LimitRequest,
     tried: &[PeerId],
     token: &CancellationToken,
@@ -574,40 +595,11 @@ async fn choose(
     let started = Instant::now();
     let mut told = false;
     loop {
-        let in_flight = node.in_flight();
-        let mut pauses: HashMap<PeerId, Option<Pause>> = HashMap::new();
-        let candidates: Vec<Candidate> = node
-            .net()
-            .peers()
-            .into_iter()
-            .filter_map(|p| {
-                let (offer, at) = p.offer?;
-                if at.elapsed() > OFFER_MAX_AGE {
-                    return None;
-                }
-                pauses.insert(p.peer, offer.paused);
-                Some(Candidate {
-                    peer: p.peer,
-                    cores: offer.cores,
-                    idle: offer.idle,
-                    queued: offer.queued,
-                    in_flight: in_flight.get(&p.peer).copied().unwrap_or(0),
-                    rtt: p.rtt,
-                    max_limits: offer.max_limits,
-                })
-            })
-            .collect();
-        // A host that grants the defaults is preferred; failing one, the
-        // best that grants what the user set, with the defaults lowered.
-        if let Some(best) = rank(&candidates, &spec.limits, tried).first() {
-            return Choice::Host(*best, spec.limits);
+        let (candidates, pauses) = candidates(node);
+        if let Some((host, fitted)) = place(&candidates, limits, tried) {
+            return Choice::Host(host, fitted);
         }
         let least = limits.least();
-        if let Some(best) = rank(&candidates, &least, tried).first()
-            && let Some(host) = candidates.iter().find(|c| c.peer == *best)
-        {
-            return Choice::Host(host.peer, limits.fitted(&host.max_limits));
-        }
         if token.is_cancelled() {
             return Choice::Nowhere("cancelled".into());
         }
@@ -694,6 +686,35 @@ fn pinned_gives_nothing(node: &Node, peer: &PeerId) -> Option<String> {
     })
 }
 
+/// The connected peers with a recent offer, as placement sees them, and
+/// why each that gives nothing now does not.
+fn candidates(node: &Node) -> (Vec<Candidate>, HashMap<PeerId, Option<Pause>>) {
+    let in_flight = node.in_flight();
+    let mut pauses = HashMap::new();
+    let candidates = node
+        .net()
+        .peers()
+        .into_iter()
+        .filter_map(|p| {
+            let (offer, at) = p.offer?;
+            if at.elapsed() > OFFER_MAX_AGE {
+                return None;
+            }
+            pauses.insert(p.peer, offer.paused);
+            Some(Candidate {
+                peer: p.peer,
+                cores: offer.cores,
+                idle: offer.idle,
+                queued: offer.queued,
+                in_flight: in_flight.get(&p.peer).copied().unwrap_or(0),
+                rtt: p.rtt,
+                max_limits: offer.max_limits,
+            })
+        })
+        .collect();
+    (candidates, pauses)
+}
+
 /// The latest offer of a connected `peer`, if it is recent enough to
 /// trust.
 fn offer_of(node: &Node, peer: &PeerId) -> Option<spare_core::wire::Offer> {
@@ -732,6 +753,22 @@ fn giving_nothing(pauses: &[Option<Pause>]) -> String {
 }
 
 /// Waits briefly for a pinned peer to connect.
+/// Waits up to [`PEER_WAIT`] for a connected `peer`'s offer.
+async fn wait_for_offer(
+    node: &Node,
+    peer: PeerId,
+    token: &CancellationToken,
+) -> Option<spare_core::wire::Offer> {
+    let give_up = Instant::now() + PEER_WAIT;
+    loop {
+        let offer = offer_of(node, &peer);
+        if offer.is_some() || Instant::now() >= give_up || token.is_cancelled() {
+            return offer;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 async fn wait_for_peer(node: &Node, peer: PeerId, token: &CancellationToken) -> bool {
     let give_up = Instant::now() + PEER_WAIT;
     while Instant::now() < give_up && !token.is_cancelled() {

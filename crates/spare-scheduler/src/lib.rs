@@ -10,7 +10,7 @@
 use std::cmp::Ordering;
 use std::time::Duration;
 
-use spare_core::{Limits, PeerId};
+use spare_core::{Limit, LimitRequest, Limits, PeerId};
 
 /// What the requester knows about one connected peer.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -63,6 +63,52 @@ pub fn rank(candidates: &[Candidate], limits: &Limits, exclude: &[PeerId]) -> Ve
         .collect();
     eligible.sort_by(|a, b| compare(a, b));
     eligible.into_iter().map(|c| c.peer).collect()
+}
+
+/// Where a task that asks for `request` goes, and the limits it runs with
+/// there: the best peer by [`rank`] that grants the limits wanted (the
+/// defaults where the user set none); failing any, a peer that grants
+/// what the user set, with the defaults lowered to what it grants. Of
+/// those, a peer with a free core goes first, then the one that lowers the
+/// defaults least, then [`rank`]'s order.
+pub fn place(
+    candidates: &[Candidate],
+    request: &LimitRequest,
+    exclude: &[PeerId],
+) -> Option<(PeerId, Limits)> {
+    let wanted = request.wanted();
+    if let Some(best) = rank(candidates, &wanted, exclude).first() {
+        return Some((*best, wanted));
+    }
+    let fitting: Vec<(&Candidate, Limits)> = rank(candidates, &request.least(), exclude)
+        .iter()
+        .filter_map(|peer| candidates.iter().find(|c| c.peer == *peer))
+        .map(|c| (c, request.fitted(&c.max_limits)))
+        .collect();
+    let free = fitting.iter().any(|(c, _)| c.spare_cores() > 0);
+    fitting
+        .iter()
+        .filter(|(c, _)| !free || c.spare_cores() > 0)
+        // The first of equals in rank order wins: `max_by` keeps the last.
+        .rev()
+        .max_by(|(_, a), (_, b)| request.kept(a).total_cmp(&request.kept(b)))
+        .map(|(c, limits)| (c.peer, *limits))
+}
+
+/// Whether a peer not in `exclude` would run a task that asks for
+/// `request` with more of `limit` than `than`: worth a retry after the task
+/// hit that limit where it had been lowered.
+pub fn grants_more(
+    candidates: &[Candidate],
+    request: &LimitRequest,
+    exclude: &[PeerId],
+    limit: Limit,
+    than: u64,
+) -> bool {
+    rank(candidates, &request.least(), exclude)
+        .iter()
+        .filter_map(|peer| candidates.iter().find(|c| c.peer == *peer))
+        .any(|c| limit.of(&request.fitted(&c.max_limits)) > than)
 }
 
 fn compare(a: &Candidate, b: &Candidate) -> Ordering {
@@ -191,6 +237,50 @@ mod tests {
         assert!(!policy.should_retry(1, AttemptError::TaskFault));
     }
 
+    #[test]
+    fn unset_limits_are_lowered_only_when_no_peer_grants_them() {
+        let mut small = cand(2, 0, 1);
+        small.max_limits.memory = 32 << 20;
+        let mut smaller = cand(2, 0, 1);
+        smaller.max_limits.memory = 16 << 20;
+        let busy_but_generous = cand(0, 3, 1);
+        let nothing_set = LimitRequest::default();
+        assert_eq!(
+            place(
+                &[small.clone(), busy_but_generous.clone()],
+                &nothing_set,
+                &[]
+            ),
+            Some((busy_but_generous.peer, Limits::DEFAULT)),
+            "a peer that grants the defaults is worth a wait in its queue"
+        );
+        let (peer, limits) = place(&[smaller.clone(), small.clone()], &nothing_set, &[]).unwrap();
+        assert_eq!(
+            (peer, limits.memory),
+            (small.peer, 32 << 20),
+            "lowered least"
+        );
+        let set = LimitRequest {
+            memory: Some(64 << 20),
+            ..LimitRequest::default()
+        };
+        assert_eq!(place(&[small.clone(), smaller.clone()], &set, &[]), None);
+        assert!(grants_more(
+            &[small.clone(), smaller.clone()],
+            &nothing_set,
+            &[small.peer],
+            Limit::Memory,
+            8 << 20
+        ));
+        assert!(!grants_more(
+            &[small.clone(), smaller],
+            &nothing_set,
+            &[small.peer],
+            Limit::Memory,
+            16 << 20
+        ));
+    }
+
     fn arb_candidate() -> impl Strategy<Value = Candidate> {
         (
             0u16..8,
@@ -213,7 +303,40 @@ mod tests {
             )
     }
 
+    fn arb_request() -> impl Strategy<Value = LimitRequest> {
+        (
+            proptest::option::of(1u64..Limits::MAX.fuel),
+            proptest::option::of(0u64..Limits::MAX.memory),
+        )
+            .prop_map(|(fuel, memory)| LimitRequest {
+                fuel,
+                memory,
+                ..LimitRequest::default()
+            })
+    }
+
     proptest! {
+        #[test]
+        fn a_placement_is_granted_and_keeps_what_the_user_set(
+            cands in prop::collection::vec(arb_candidate(), 0..12),
+            request in arb_request(),
+        ) {
+            if let Some((peer, limits)) = place(&cands, &request, &[]) {
+                let c = cands.iter().find(|c| c.peer == peer).unwrap();
+                prop_assert!(c.cores > 0);
+                prop_assert_eq!(limits.check_within(&c.max_limits), Ok(()));
+                for limit in Limit::ALL {
+                    if request.is_set(limit) {
+                        prop_assert_eq!(limit.of(&limits), limit.of(&request.wanted()));
+                    }
+                    prop_assert!(limit.of(&limits) <= limit.of(&request.wanted()));
+                }
+            } else {
+                // Nobody grants even what the user set.
+                prop_assert!(rank(&cands, &request.least(), &[]).is_empty());
+            }
+        }
+
         #[test]
         fn rank_is_a_filtered_permutation(cands in prop::collection::vec(arb_candidate(), 0..12), n_excluded in 0usize..4) {
             let exclude: Vec<PeerId> = cands.iter().take(n_excluded).map(|c| c.peer).collect();

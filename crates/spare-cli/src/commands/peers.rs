@@ -24,7 +24,8 @@ pub(crate) async fn execute(context: &Context, args: Args) -> Result<ExitCode> {
     if peers.is_empty() {
         writeln!(
             std::io::stdout(),
-            "no peers connected (join a swarm with `spare up --bootstrap <addr>`, or wait for mDNS)"
+            "no peers connected (join a swarm with `spare up --bootstrap <addr>`; nodes on one \
+             LAN also find each other with mDNS, unless started with --no-mdns)"
         )?;
         return Ok(ExitCode::SUCCESS);
     }
@@ -61,6 +62,9 @@ fn rows(peers: &[PeerView]) -> Vec<Vec<String>> {
     ]];
     for p in peers {
         let (state, cores, queued) = match &p.offer {
+            // A paused peer offers no cores now: "0/0" would read as a
+            // peer with none at all.
+            Some(o) if o.cores == 0 => (offer_state(o), "-".to_owned(), o.queued.to_string()),
             Some(o) => (
                 offer_state(o),
                 format!("{}/{}", o.idle, o.cores),
@@ -126,8 +130,8 @@ mod tests {
         assert_eq!(
             states,
             [
-                ("paused", "paused", "0/0"),
-                ("away", "paused (owner active)", "0/0"),
+                ("paused", "paused", "-"),
+                ("away", "paused (owner active)", "-"),
                 ("busy", "busy", "0/2"),
                 ("giving", "giving", "1/2"),
                 ("silent", "-", "-"),

@@ -12,12 +12,13 @@ use std::time::Duration;
 use anyhow::{Context as _, Result, anyhow, bail};
 use bytes::Bytes;
 use serde::Serialize;
-use spare_core::limits::{MAX_MODULE_BYTES, MAX_STDIN_BYTES};
+use spare_core::limits::{MAX_MODULE_BYTES, MAX_STDIN_BYTES, WASM_PAGE_BYTES};
 use spare_core::task::MAX_INLINE_STDIN;
 use spare_core::units::{format_bytes, format_duration, parse_bytes, parse_count, parse_duration};
 use spare_core::{BlobRef, LimitRequest, Limits, PeerId};
 use spare_node::api::types::{
-    CancelReply, FailureKind, Placement, Submission, SubmitStdin, TaskEvent, TaskResult, encode_b64,
+    CancelReply, FailureKind, PeerView, Placement, Submission, SubmitStdin, TaskEvent, TaskResult,
+    encode_b64,
 };
 
 use crate::output::{
@@ -30,29 +31,34 @@ use spare_node::api::client::Client;
 pub(crate) struct Args {
     /// The program: a WASI preview 1 module or preview 2 component.
     module: PathBuf,
-    /// Arguments for the program (after `--`).
-    #[arg(last = true)]
+    /// Arguments for the program: everything after it (spare's own options
+    /// go before it; `--` ends them too).
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     args: Vec<String>,
     /// Set an environment variable for the program (repeatable). `NAME`
     /// alone passes this shell's value. The program sees nothing else.
     #[arg(long = "env", short = 'e', value_name = "NAME=VALUE")]
     env: Vec<String>,
-    /// Run on this peer only.
-    #[arg(long, value_name = "PEER_ID", conflicts_with = "local")]
+    /// Run on this peer only: its id, an address ending in `/p2p/<id>` (as
+    /// `spare id` prints), or the end of a connected peer's id (as `spare
+    /// tasks` shows it, `…9sVv1Lpy`).
+    #[arg(long, value_name = "PEER", conflicts_with = "local")]
     on: Option<String>,
     /// Run on this node instead of a remote peer.
     #[arg(long)]
     local: bool,
     // The limits' help shows their defaults, read from `Limits::DEFAULT`.
-    #[arg(long, value_name = "DURATION", help = limit_help("Wall-time limit, e.g. 5s, 2m", Limit::Timeout))]
+    // Values may start with `-`, so that `--timeout -5s` is refused as a
+    // negative value rather than as an unknown flag.
+    #[arg(long, value_name = "DURATION", allow_hyphen_values = true, help = limit_help("Wall-time limit, e.g. 5s, 2m", Limit::Timeout))]
     timeout: Option<String>,
-    #[arg(long, value_name = "BYTES", help = limit_help("Memory limit, e.g. 64MiB (a bare number is bytes)", Limit::Memory))]
+    #[arg(long, value_name = "BYTES", allow_hyphen_values = true, help = limit_help("Memory limit, e.g. 64MiB (a bare number is bytes)", Limit::Memory))]
     memory: Option<String>,
-    #[arg(long, value_name = "COUNT", help = limit_help("Fuel limit (about one unit per instruction), e.g. 1e9", Limit::Fuel))]
+    #[arg(long, value_name = "COUNT", allow_hyphen_values = true, help = limit_help("Fuel limit (about one unit per instruction), e.g. 1e9", Limit::Fuel))]
     fuel: Option<String>,
-    #[arg(long, value_name = "BYTES", help = limit_help("Limit on each of stdout and stderr, e.g. 1MiB", Limit::Output))]
+    #[arg(long, value_name = "BYTES", allow_hyphen_values = true, help = limit_help("Limit on each of stdout and stderr, e.g. 1MiB", Limit::Output))]
     output: Option<String>,
-    #[arg(long, value_name = "BYTES", help = limit_help("Native stack limit, e.g. 512KiB", Limit::Stack))]
+    #[arg(long, value_name = "BYTES", allow_hyphen_values = true, help = limit_help("Native stack limit, e.g. 512KiB", Limit::Stack))]
     stack: Option<String>,
     /// Print the result as JSON instead of the program's output.
     #[arg(long)]
@@ -103,19 +109,14 @@ pub(crate) async fn execute(context: &Context, args: Args) -> Result<ExitCode> {
 async fn submit(context: &Context, args: Args) -> Result<ExitCode> {
     let limits = limits(&args)?;
     let env = environment(&args.env, |name| std::env::var(name))?;
+    let client = context.client();
     let placement = match (&args.on, args.local) {
-        (Some(peer), _) => {
-            peer.parse::<PeerId>().map_err(|_| {
-                anyhow!("--on `{peer}` is not a peer id (`spare peers` lists them)")
-            })?;
-            Placement::On(peer.clone())
-        }
+        (Some(peer), _) => Placement::On(peer_named(&client, peer).await?),
         (None, true) => Placement::Local,
         (None, false) => Placement::Auto,
     };
     let module = read_module(&args.module)?;
     let stdin = read_stdin().await?;
-    let client = context.client();
 
     let module_ref = BlobRef::of(&module);
     upload(&client, &module_ref, module).await?;
@@ -325,9 +326,37 @@ fn count_text(n: u64) -> String {
     }
 }
 
-/// A WebAssembly page: the least memory a guest with a memory has, and the
-/// step it grows by.
-const WASM_PAGE: u64 = 64 << 10;
+/// The peer id `--on` names: a peer id, an address that ends in one, or
+/// the end of exactly one connected peer's id (with or without the `…`
+/// that short forms start with).
+async fn peer_named(client: &Client, text: &str) -> Result<String> {
+    let text = text.trim();
+    if let Ok(peer) = text.parse::<PeerId>() {
+        return Ok(peer.to_string());
+    }
+    if let Some((_, last)) = text.rsplit_once("/p2p/")
+        && let Ok(peer) = last.parse::<PeerId>()
+    {
+        return Ok(peer.to_string());
+    }
+    let end = text.trim_start_matches('…').trim_start_matches("...");
+    if end.len() < 4 || text.contains('/') {
+        bail!("--on `{text}` is not a peer id (`spare peers` lists them)");
+    }
+    let peers: Vec<PeerView> = client.get("/v1/peers").await?;
+    let matching: Vec<&PeerView> = peers.iter().filter(|p| p.peer_id.ends_with(end)).collect();
+    match matching.as_slice() {
+        [one] => Ok(one.peer_id.clone()),
+        [] => bail!(
+            "--on `{text}` is not a peer id, and no connected peer's id ends with `{end}` \
+             (`spare peers` lists them)"
+        ),
+        _ => bail!(
+            "--on `{text}` could be any of {} connected peers; give more of its id",
+            matching.len()
+        ),
+    }
+}
 
 /// The limits the flags set; the daemon fills the rest with the defaults,
 /// lowered where a host grants less.
@@ -339,7 +368,7 @@ fn limits(args: &Args) -> Result<LimitRequest> {
     }
     if let Some(m) = &args.memory {
         let memory = parse_bytes(m).map_err(|e| anyhow!("--memory: {e}"))?;
-        if memory < WASM_PAGE {
+        if memory < WASM_PAGE_BYTES {
             bail!("{}", memory_too_small(m, memory));
         }
         limits.memory = Some(memory);
@@ -372,9 +401,9 @@ fn limits(args: &Args) -> Result<LimitRequest> {
 fn memory_too_small(text: &str, bytes: u64) -> String {
     let text = text.trim();
     let mut message = format!(
-        "--memory {text} is {}, less than one WebAssembly page ({}), the least a guest runs in",
+        "--memory: `{text}` is {}, less than one WebAssembly page ({}), the least a guest runs in",
         format_bytes(bytes),
-        format_bytes(WASM_PAGE)
+        format_bytes(WASM_PAGE_BYTES)
     );
     let bare = !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit());
     if bare && bytes >= 1 && bytes.saturating_mul(1 << 20) <= Limits::MAX.memory {
@@ -519,6 +548,29 @@ mod tests {
             .args
     }
 
+    fn parse(argv: &[&str]) -> Result<Args, clap::Error> {
+        #[derive(Debug, clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: Args,
+        }
+        <Cli as clap::Parser>::try_parse_from(std::iter::once(&"run").chain(argv)).map(|c| c.args)
+    }
+
+    #[test]
+    fn everything_after_the_program_is_the_programs() {
+        let run = parse(&["--json", "echo.wasm", "a", "-b", "--json", "--"]).unwrap();
+        assert!(run.json);
+        assert_eq!(run.module, PathBuf::from("echo.wasm"));
+        assert_eq!(run.args, ["a", "-b", "--json", "--"]);
+        let run = parse(&["echo.wasm", "--", "-x"]).unwrap();
+        assert_eq!(run.args, ["-x"]);
+        // A negative value is the value's fault, not an unknown flag.
+        let run = parse(&["--timeout", "-5s", "echo.wasm"]).unwrap();
+        let err = limits(&run).unwrap_err().to_string();
+        assert!(err.starts_with("--timeout: "), "{err}");
+    }
+
     fn exit_code(err: &anyhow::Error) -> Option<u8> {
         err.downcast_ref::<output::Exit>().map(|e| e.code)
     }
@@ -528,7 +580,7 @@ mod tests {
         for (flag, hint) in [("0", false), ("1", true), ("64", true), ("4096", true)] {
             let err = limits(&args(&["--memory", flag])).unwrap_err().to_string();
             assert!(
-                err.starts_with(&format!("--memory {flag} is ")),
+                err.starts_with(&format!("--memory: `{flag}` is ")),
                 "{flag}: {err}"
             );
             assert!(
