@@ -121,6 +121,24 @@ fn a_task_runs_on_a_remote_peer_like_a_local_program() {
         b"",
     );
     assert_eq!(json(&out)["host"], c);
+    // ... also by the end of its id, as `spare tasks` shows it, or by its
+    // address, as `spare id` prints it.
+    let short = format!("…{}", &c[c.len() - 8..]);
+    for named in [short.as_str(), swarm.nodes[2].addr()] {
+        let out = spare(
+            a,
+            &["run", "--json", "--on", named, &example("hello.wasm")],
+            b"",
+        );
+        assert_eq!(json(&out)["host"], c, "--on {named}");
+    }
+    // Everything after the program is the program's, `--` or not.
+    let out = spare(a, &["run", &example("echo.wasm"), "x", "-y"], b"");
+    assert!(
+        text(&out.stdout).starts_with("arg[1]=x\narg[2]=-y\n"),
+        "{}",
+        text(&out.stdout)
+    );
     let out = spare(
         a,
         &["run", "--json", "--local", &example("hello.wasm")],
@@ -138,7 +156,7 @@ fn a_task_runs_on_a_remote_peer_like_a_local_program() {
     let out = spare(a, &["tasks", "--json"], b"");
     let tasks = json(&out);
     let tasks = tasks.as_array().expect("list");
-    assert_eq!(tasks.len(), 7);
+    assert_eq!(tasks.len(), 10);
     assert!(tasks.iter().all(|t| t["state"] == "exited"));
     assert!(tasks.iter().any(|t| t["host"] == c));
     let out = spare(a, &["tasks"], b"");

@@ -372,6 +372,166 @@ async fn unset_limits_fit_a_host_that_grants_less() {
     shutdown.cancel();
 }
 
+/// A task that hits a limit lowered to fit its host is tried again on a
+/// host that grants more of it, even one that must queue it.
+#[tokio::test]
+async fn a_task_that_hits_a_lowered_limit_tries_a_host_that_grants_more() {
+    let dir = tempfile::tempdir().unwrap();
+    let shutdown = CancellationToken::new();
+    let grants = |memory: u64| move |config: &mut Config| config.max_limits.memory = memory;
+    let small = node_with(
+        &dir.path().join("small"),
+        vec![],
+        &shutdown,
+        grants(16 << 20),
+    )
+    .await;
+    let larger = node_with(
+        &dir.path().join("larger"),
+        small.net().listen_addrs(),
+        &shutdown,
+        grants(64 << 20),
+    )
+    .await;
+    let requester = node(
+        &dir.path().join("req"),
+        small.net().listen_addrs(),
+        &shutdown,
+    )
+    .await;
+    while requester
+        .net()
+        .peers()
+        .iter()
+        .filter(|p| p.offer.is_some())
+        .count()
+        < 2
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let submit = |name: &str, limits: LimitRequest, placement: Placement| {
+        let bytes = example(name);
+        requester.blobs().put(&bytes).unwrap();
+        let submission = Submission {
+            name: name.into(),
+            module: BlobRef::of(&bytes),
+            args: vec![],
+            env: vec![],
+            stdin: SubmitStdin::None,
+            limits,
+            placement,
+        };
+        let requester = requester.clone();
+        async move {
+            let task = spare_node::requester::prepare(&requester, &submission)
+                .await
+                .unwrap();
+            spare_node::requester::start(&requester, task)
+        }
+    };
+    // The larger host's one core is taken: the small one has a free core,
+    // and goes first.
+    let briefly = LimitRequest {
+        wall_ms: Some(3_000),
+        ..LimitRequest::default()
+    };
+    let on_larger = Placement::On(larger.peer_id().to_string());
+    let _busy = submit("hostile/loop.wasm", briefly, on_larger).await;
+    while larger.running_hosted().is_empty() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut events = submit(
+        "hostile/alloc.wasm",
+        LimitRequest::default(),
+        Placement::Auto,
+    )
+    .await;
+    let mut retried = Vec::new();
+    let result = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            match events.recv().await.expect("events until the end") {
+                TaskEvent::Retrying { host, reason, .. } => retried.push((host, reason)),
+                TaskEvent::Finished { result } => return result,
+                TaskEvent::Failed { error } => panic!("{error}"),
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("the task ends within a minute");
+    assert_eq!(
+        retried,
+        [(
+            small.peer_id().to_string(),
+            "the program exceeded its memory limit of 16 MiB, lowered to what that peer grants"
+                .to_owned()
+        )]
+    );
+    assert_eq!(result.attempts, 2);
+    assert_eq!(result.host, larger.peer_id().to_string());
+    assert_eq!(
+        result.failure.as_deref(),
+        Some("exceeded its memory limit of 64 MiB"),
+        "alloc.wasm takes whatever it is given; no third try, no host grants more"
+    );
+    shutdown.cancel();
+}
+
+/// A host stops a task whose requester closed the task's stream before
+/// the answer: nobody waits for it any more.
+#[tokio::test]
+async fn a_host_cancels_a_task_whose_stream_closes_early() {
+    let dir = tempfile::tempdir().unwrap();
+    let shutdown = CancellationToken::new();
+    let host = node(&dir.path().join("host"), vec![], &shutdown).await;
+    let requester = node(
+        &dir.path().join("req"),
+        host.net().listen_addrs(),
+        &shutdown,
+    )
+    .await;
+    let endless = example("hostile/loop.wasm");
+    // Already in the host's store: nothing to fetch.
+    host.blobs().put(&endless).unwrap();
+    let spec = spare_core::TaskSpec {
+        id: TaskId::random(),
+        name: "loop.wasm".into(),
+        module: BlobRef::of(&endless),
+        args: vec![],
+        env: vec![],
+        stdin: spare_core::Stdin::for_bytes(b""),
+        limits: Limits {
+            wall_ms: 60_000,
+            ..Limits::DEFAULT
+        },
+    };
+    while !requester.net().is_connected(&host.peer_id()) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let request = requester
+        .net()
+        .send_task(host.peer_id(), spare_core::wire::TaskRequest::Run(spec));
+    tokio::select! {
+        answer = request => panic!("answered early: {answer:?}"),
+        () = async {
+            while host.running_hosted().is_empty() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        } => {}
+    }
+    // The request, and with it its stream, is gone; the peer is still
+    // connected, so only the stream's end can tell the host.
+    assert!(requester.net().is_connected(&host.peer_id()));
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while !host.running_hosted().is_empty() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the host stops the task within seconds, not at its minute's end");
+    shutdown.cancel();
+}
+
 /// How a started task ends: its result, or the error it failed with.
 async fn ending(
     events: &mut tokio::sync::mpsc::Receiver<TaskEvent>,
