@@ -18,6 +18,15 @@ pub enum UnitError {
         unit: String,
         expected: &'static str,
     },
+    #[error("`{text}` needs a unit (one of {expected})")]
+    NoUnit {
+        text: String,
+        expected: &'static str,
+    },
+    #[error(
+        "`{text}`: `{unit}` could mean {unit}B (powers of 1000) or {unit}iB (powers of 1024); write one of them"
+    )]
+    Ambiguous { text: String, unit: String },
     #[error("`{0}` is negative")]
     Negative(String),
     #[error("`{0}` is too large")]
@@ -26,8 +35,9 @@ pub enum UnitError {
     Fractional(String),
 }
 
-const BYTE_UNITS: &str = "B, KB, MB, GB, TB, PB, KiB, MiB, GiB, TiB, PiB";
-const DURATION_UNITS: &str = "ms, s, m, h, d";
+const BYTE_UNITS: &str =
+    "B, KB, MB, GB, TB, PB (powers of 1000), KiB, MiB, GiB, TiB, PiB (powers of 1024)";
+const DURATION_UNITS: &str = "ms, s, m, h, d; a bare number is seconds";
 
 /// Splits `12.5MiB` into (`12.5`, `MiB`).
 fn split_unit(text: &str) -> (&str, &str) {
@@ -85,11 +95,18 @@ pub fn parse_bytes(text: &str) -> Result<u64, UnitError> {
     let value = parse_number(text, number)?;
     let scale: f64 = match unit {
         "" | "B" | "b" => 1.0,
-        "K" | "k" | "KB" | "kB" => 1e3,
-        "M" | "MB" => 1e6,
-        "G" | "GB" => 1e9,
-        "T" | "TB" => 1e12,
-        "P" | "PB" => 1e15,
+        "KB" | "kB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        "TB" => 1e12,
+        "PB" => 1e15,
+        // Docker's `64M` is 64 MiB, SI's is 64 MB: ask.
+        "K" | "k" | "M" | "G" | "T" | "P" => {
+            return Err(UnitError::Ambiguous {
+                text: text.to_owned(),
+                unit: unit.to_uppercase(),
+            });
+        }
         "Ki" | "KiB" => 1024.0,
         "Mi" | "MiB" => 1024.0 * 1024.0,
         "Gi" | "GiB" => 1024.0 * 1024.0 * 1024.0,
@@ -166,6 +183,12 @@ pub fn parse_percent(text: &str) -> Result<u32, UnitError> {
         return Err(UnitError::Empty(text.to_owned()));
     }
     let (number, unit) = split_unit(trimmed);
+    if unit.is_empty() {
+        return Err(UnitError::NoUnit {
+            text: text.to_owned(),
+            expected: "%",
+        });
+    }
     if unit != "%" {
         return Err(UnitError::UnknownUnit {
             text: text.to_owned(),
@@ -205,6 +228,8 @@ pub fn parse_rate(text: &str) -> Result<Option<u64>, UnitError> {
         UnitError::Negative(_) => UnitError::Negative(text),
         UnitError::Overflow(_) => UnitError::Overflow(text),
         UnitError::Fractional(_) => UnitError::Fractional(text),
+        UnitError::Ambiguous { unit, .. } => UnitError::Ambiguous { text, unit },
+        UnitError::NoUnit { expected, .. } => UnitError::NoUnit { text, expected },
     })
 }
 
@@ -260,10 +285,10 @@ mod tests {
     fn percentages_and_rates() {
         assert_eq!(parse_percent("50%"), Ok(500));
         assert_eq!(parse_percent(" 12.5 %"), Ok(125));
-        assert!(matches!(
-            parse_percent("50"),
-            Err(UnitError::UnknownUnit { .. })
-        ));
+        assert_eq!(
+            parse_percent("50").unwrap_err().to_string(),
+            "`50` needs a unit (one of %)"
+        );
         assert!(matches!(parse_percent("-5%"), Err(UnitError::Negative(_))));
         assert_eq!(parse_rate("1MiB/s"), Ok(Some(1 << 20)));
         assert_eq!(parse_rate("500KB"), Ok(Some(500_000)));
@@ -310,6 +335,11 @@ mod tests {
             Err(UnitError::Overflow(_))
         ));
         assert!(matches!(parse_bytes("0.3"), Err(UnitError::Fractional(_))));
+        assert_eq!(
+            parse_bytes("64M").unwrap_err().to_string(),
+            "`64M`: `M` could mean MB (powers of 1000) or MiB (powers of 1024); write one of them"
+        );
+        assert!(matches!(parse_bytes("2k"), Err(UnitError::Ambiguous { unit, .. }) if unit == "K"));
     }
 
     #[test]

@@ -135,13 +135,20 @@ pub struct RawConfig {
     pub listen: Option<Vec<String>>,
     pub bootstrap: Option<Vec<String>>,
     pub mdns: Option<bool>,
+    #[serde(default, deserialize_with = "whole")]
     pub cores: Option<i64>,
+    #[serde(default, deserialize_with = "text")]
     pub cpu: Option<String>,
+    #[serde(default, deserialize_with = "text")]
     pub memory: Option<String>,
+    #[serde(default, deserialize_with = "text")]
     pub disk: Option<String>,
+    #[serde(default, deserialize_with = "text")]
     pub upload: Option<String>,
+    #[serde(default, deserialize_with = "text")]
     pub download: Option<String>,
     pub enforcement: Option<String>,
+    #[serde(default, deserialize_with = "whole")]
     pub queue: Option<i64>,
     pub when: Option<RawWhen>,
     pub max_limits: Option<RawLimits>,
@@ -151,21 +158,79 @@ pub struct RawConfig {
 #[serde(deny_unknown_fields)]
 pub struct RawWhen {
     pub idle_only: Option<bool>,
+    #[serde(default, deserialize_with = "text")]
     pub owner_threshold: Option<String>,
+    #[serde(default, deserialize_with = "text")]
     pub cool_down: Option<String>,
     pub windows: Option<Vec<String>>,
     pub on_battery: Option<bool>,
+    #[serde(default, deserialize_with = "text")]
     pub hand_back_after: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawLimits {
+    #[serde(default, deserialize_with = "text")]
     fuel: Option<String>,
+    #[serde(default, deserialize_with = "text")]
     memory: Option<String>,
+    #[serde(default, deserialize_with = "text")]
     wall_time: Option<String>,
+    #[serde(default, deserialize_with = "text")]
     output: Option<String>,
+    #[serde(default, deserialize_with = "text")]
     stack: Option<String>,
+}
+
+/// A setting with a unit, written as a string (`memory = "4GiB"`) or as a
+/// bare number (`memory = 4294967296`, `fuel = 1e9`): its text either way,
+/// for the setting's own parser, which says what a bare number means.
+fn text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    struct Text;
+    impl serde::de::Visitor<'_> for Text {
+        type Value = String;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a string such as \"4GiB\", \"50%\" or \"30s\", or a number")
+        }
+        fn visit_str<E>(self, v: &str) -> Result<String, E> {
+            Ok(v.to_owned())
+        }
+        fn visit_i64<E>(self, v: i64) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+        fn visit_u64<E>(self, v: u64) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+        fn visit_f64<E>(self, v: f64) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+    }
+    d.deserialize_any(Text).map(Some)
+}
+
+/// A whole number, written as one (`cores = 2`) or as a string of one
+/// (`cores = "2"`).
+fn whole<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+    struct Whole;
+    impl serde::de::Visitor<'_> for Whole {
+        type Value = i64;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a whole number, such as 2")
+        }
+        fn visit_i64<E>(self, v: i64) -> Result<i64, E> {
+            Ok(v)
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<i64, E> {
+            i64::try_from(v).map_err(|_| E::custom(format!("{v} is too large")))
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<i64, E> {
+            v.trim()
+                .parse()
+                .map_err(|_| E::custom(format!("`{v}` is not a whole number, such as 2")))
+        }
+    }
+    d.deserialize_any(Whole).map(Some)
 }
 
 /// A configuration error, located in its file (or naming its flag).
@@ -184,7 +249,8 @@ pub const TEMPLATE: &str = r#"# spare node configuration. Flags of `spare up` ov
 #
 # Sizes take B, KB, MB, GB, TB, PB (powers of 1000) or KiB, MiB, GiB, TiB,
 # PiB (powers of 1024); rates are sizes per second ("2MiB/s"); durations
-# take the units ms, s, m, h, d; shares are percentages ("12.5%").
+# take the units ms, s, m, h, d; shares are percentages ("12.5%"). A bare
+# number is bytes, bytes per second, or seconds (`memory = 1073741824`).
 
 # Addresses to listen on (TCP and QUIC), as multiaddresses.
 # listen = ["/ip4/0.0.0.0/tcp/4117", "/ip4/0.0.0.0/udp/4117/quic-v1"]
@@ -864,6 +930,32 @@ mod tests {
     }
 
     #[test]
+    fn bare_numbers_are_read_as_the_settings_own_units_say() {
+        let config = parse(
+            "cores = \"1\"\nmemory = 2147483648\n[when]\ncool_down = 3\n[max_limits]\nfuel = 1e9\nmemory = 1073741824\n",
+        )
+        .unwrap();
+        assert_eq!(config.policy.cores, 1);
+        assert_eq!(config.policy.memory, 2 << 30);
+        assert_eq!(config.policy.when.cool_down, Duration::from_secs(3));
+        assert_eq!(config.max_limits.fuel, 1_000_000_000);
+        assert_eq!(config.max_limits.memory, 1 << 30);
+        for (text, needle) in [
+            ("cpu = 50\n", "`50` needs a unit (one of %)"),
+            ("cores = \"two\"\n", "`two` is not a whole number"),
+            ("memory = true\n", "expected a string such as \"4GiB\""),
+            (
+                "memory = \"4G\"\n",
+                "`G` could mean GB (powers of 1000) or GiB",
+            ),
+        ] {
+            let err = parse(text).unwrap_err().to_string();
+            assert!(err.contains(needle), "{text}: {err}");
+            assert!(err.starts_with("c.toml:1"), "{text}: {err}");
+        }
+    }
+
+    #[test]
     fn errors_name_the_line_and_cause() {
         for (text, line, needle) in [
             ("mdns = true\ncores = -1\n", 2, "cores = -1 is not in 1..=2"),
@@ -871,7 +963,7 @@ mod tests {
             ("cpu = \"150%\"\n", 1, "over 100%"),
             ("cpu = \"-5%\"\n", 1, "negative"),
             ("cpu = \"0%\"\n", 1, "gives nothing"),
-            ("cpu = \"50\"\n", 1, "unknown unit"),
+            ("cpu = \"50\"\n", 1, "`50` needs a unit (one of %)"),
             (
                 "\nmemory = \"64GiB\"\n",
                 2,
