@@ -182,7 +182,8 @@ impl<T: libp2p::Transport + Unpin> libp2p::Transport for ScopedTransport<T> {
         if !self.scope.allows(&addr) {
             tracing::debug!(
                 %addr,
-                "not dialling an address a peer gave, nearer than any connection here"
+                "not dialling: not an address this node dials, or one nearer than any \
+                 connection here and not known first-hand"
             );
             return Err(TransportError::MultiaddrNotSupported(addr));
         }

@@ -249,8 +249,9 @@ pub const TEMPLATE: &str = r#"# spare node configuration. Flags of `spare up` ov
 #
 # Sizes take B, KB, MB, GB, TB, PB (powers of 1000) or KiB, MiB, GiB, TiB,
 # PiB (powers of 1024); rates are sizes per second ("2MiB/s"); durations
-# take the units ms, s, m, h, d; shares are percentages ("12.5%"). A bare
-# number is bytes, bytes per second, or seconds (`memory = 1073741824`).
+# take the units ms, s, m, h, d; shares are percentages ("12.5%"); counts
+# (fuel) are bare numbers. A bare number is also read as bytes, bytes per
+# second or seconds (`memory = 1073741824`); a share needs its `%`.
 
 # Addresses to listen on (TCP and QUIC), as multiaddresses.
 # listen = ["/ip4/0.0.0.0/tcp/4117", "/ip4/0.0.0.0/udp/4117/quic-v1"]

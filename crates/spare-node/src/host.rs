@@ -38,23 +38,30 @@ pub(crate) async fn serve_task(
     mut reply: TaskResponder,
 ) {
     let response = match request {
-        TaskRequest::Run(spec) => {
-            let task = spec.id;
-            let run = run_for_peer(&node, peer, spec);
-            tokio::pin!(run);
-            tokio::select! {
-                response = &mut run => response,
-                // A requester that closes the stream before its answer has
-                // given up on it: the task stops as if cancelled, and the
-                // peer cannot keep more tasks here than it has streams.
-                () = reply.abandoned() => {
-                    if cancel(&node, peer, task) {
+        // Cancelled when the requester disconnects (it could no longer
+        // receive the result), when it sends a cancel, when it closes this
+        // request's stream before the answer (it gave up waiting: the peer
+        // cannot keep more tasks here than it has streams), or when this
+        // node shuts down.
+        TaskRequest::Run(spec) => match node.net().connection_token(&peer) {
+            None => TaskResponse::Refused(Refusal::Unavailable(
+                "the requester is not connected".into(),
+            )),
+            Some(connection) => {
+                let token = connection.child_token();
+                let (task, stop) = (spec.id, token.clone());
+                let run = run_for_peer(&node, peer, spec, token);
+                tokio::pin!(run);
+                tokio::select! {
+                    response = &mut run => response,
+                    () = reply.abandoned() => {
                         tracing::info!(%peer, %task, "cancelled: its requester stopped waiting");
+                        stop.cancel();
+                        run.await
                     }
-                    run.await
                 }
             }
-        }
+        },
         TaskRequest::Cancel(task) => {
             let found = cancel(&node, peer, task);
             if found {
@@ -75,20 +82,18 @@ fn cancel(node: &Node, peer: PeerId, task: spare_core::TaskId) -> bool {
     token.inspect(CancellationToken::cancel).is_some()
 }
 
-async fn run_for_peer(node: &Node, peer: PeerId, spec: TaskSpec) -> TaskResponse {
+/// Runs `peer`'s task unless it is refused; `token` stops it.
+async fn run_for_peer(
+    node: &Node,
+    peer: PeerId,
+    spec: TaskSpec,
+    token: CancellationToken,
+) -> TaskResponse {
     // `wire::decode` validated the spec; the host's own maximum is checked
     // here.
     if let Err(e) = spec.limits.check_within(&node.config().max_limits) {
         return TaskResponse::Refused(Refusal::Unavailable(format!("it grants less: {e}")));
     }
-    // Cancelled when the requester disconnects (it could no longer receive
-    // the result), when it sends a cancel, or when this node shuts down.
-    let Some(connection) = node.net().connection_token(&peer) else {
-        return TaskResponse::Refused(Refusal::Unavailable(
-            "the requester is not connected".into(),
-        ));
-    };
-    let token = connection.child_token();
     // Inline stdin came with the request: counted, and paid for from the
     // download bucket like the blobs this node fetches.
     if let Stdin::Inline(bytes) = &spec.stdin {

@@ -8,8 +8,8 @@ use libp2p::PeerId;
 use spare_core::limits::LimitError;
 use spare_core::wire::{Pause, Report, TaskRequest, TaskResponse};
 use spare_core::{
-    BlobId, BlobRef, Failure, LimitRequest, Limits, Outcome, Receipt, SignedReceipt, Stdin, TaskId,
-    TaskSpec,
+    BlobId, BlobRef, Failure, Limit, LimitRequest, Limits, Outcome, Receipt, SignedReceipt, Stdin,
+    TaskId, TaskSpec,
 };
 use spare_ledger::Ending;
 use spare_scheduler::{AttemptError, Candidate, RetryPolicy, grants_more, place};
@@ -298,6 +298,11 @@ async fn run_remote(
     let mut tried: Vec<PeerId> = Vec::new();
     let mut attempt = 0u32;
     let mut last_failure = String::new();
+    // After a guest hit a default limit lowered to fit its host: that
+    // limit, the value it ran with, and how it ended, which stands if no
+    // host that grants more can run it.
+    let mut more: Option<(Limit, u64)> = None;
+    let mut hit_lowered: Option<Ended> = None;
     loop {
         let (host, fitted) = match pinned {
             Some(peer) if peer == node.net().local_peer_id() => {
@@ -311,23 +316,25 @@ async fn run_remote(
                         "peer {peer} is not connected (`spare peers` lists the connected ones)"
                     ));
                 }
-                if let Some(reason) = pinned_gives_nothing(node, &peer) {
-                    let _ = events.send(TaskEvent::Waiting { reason }).await;
-                }
                 // Its offer says what it grants; it may follow the
                 // connection by a moment.
                 let granted = wait_for_offer(node, peer, token)
                     .await
                     .map(|offer| offer.max_limits);
+                if let Some(reason) = pinned_gives_nothing(node, &peer) {
+                    let _ = events.send(TaskEvent::Waiting { reason }).await;
+                }
                 (peer, granted.map_or(spec.limits, |max| limits.fitted(&max)))
             }
-            None => match choose(node, limits, &tried, token, events).await {
+            None => match choose(node, limits, &tried, more, token, events).await {
                 Choice::Host(peer, fitted) => (peer, fitted),
                 Choice::Nowhere(why) if attempt == 0 => return Ended::failed(why),
                 Choice::Nowhere(why) => {
-                    return Ended::failed(format!(
-                        "gave up after {attempt} attempt(s): {why} (last failure: {last_failure})"
-                    ));
+                    return hit_lowered.unwrap_or_else(|| {
+                        Ended::failed(format!(
+                            "gave up after {attempt} attempt(s): {why} (last failure: {last_failure})"
+                        ))
+                    });
                 }
             },
         };
@@ -373,6 +380,8 @@ async fn run_remote(
                     last_failure = format!("{host}: the program {failure}");
                     let reason = format!("the program {failure}, lowered to what that peer grants");
                     retrying(events, attempt, host, &reason).await;
+                    more = Some((limit, ran_with));
+                    hit_lowered = Some(Ended::finished(spec, host, attempt, &outcome, receipt));
                     continue;
                 }
                 let host_fault = outcome.failure().is_some_and(Failure::is_retryable);
@@ -397,6 +406,9 @@ async fn run_remote(
                 tracing::info!(task = %spec.id, %host, "attempt {attempt} failed: {reason}");
                 last_failure = format!("{host}: {reason}");
                 if pinned.is_some() || !policy.should_retry(attempt, error) {
+                    if let Some(ended) = hit_lowered {
+                        return ended;
+                    }
                     let outcome = Outcome::failed(Failure::Host(reason));
                     return if error == AttemptError::TaskFault {
                         Ended::finished(spec, host, attempt, &outcome, None)
@@ -589,13 +601,18 @@ async fn choose(
     node: &Node,
     limits: &LimitRequest,
     tried: &[PeerId],
+    more: Option<(Limit, u64)>,
     token: &CancellationToken,
     events: &mpsc::Sender<TaskEvent>,
 ) -> Choice {
     let started = Instant::now();
     let mut told = false;
     loop {
-        let (candidates, pauses) = candidates(node);
+        let (mut candidates, pauses) = candidates(node);
+        // Only a host that grants more of a limit the guest already hit.
+        if let Some((limit, than)) = more {
+            candidates.retain(|c| limit.of(&limits.fitted(&c.max_limits)) > than);
+        }
         if let Some((host, fitted)) = place(&candidates, limits, tried) {
             return Choice::Host(host, fitted);
         }
@@ -752,7 +769,6 @@ fn giving_nothing(pauses: &[Option<Pause>]) -> String {
     )
 }
 
-/// Waits briefly for a pinned peer to connect.
 /// Waits up to [`PEER_WAIT`] for a connected `peer`'s offer.
 async fn wait_for_offer(
     node: &Node,
@@ -769,6 +785,7 @@ async fn wait_for_offer(
     }
 }
 
+/// Waits briefly for a pinned peer to connect.
 async fn wait_for_peer(node: &Node, peer: PeerId, token: &CancellationToken) -> bool {
     let give_up = Instant::now() + PEER_WAIT;
     while Instant::now() < give_up && !token.is_cancelled() {

@@ -29,19 +29,25 @@ use spare_node::api::client::Client;
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct Args {
-    /// The program: a WASI preview 1 module or preview 2 component.
-    module: PathBuf,
-    /// Arguments for the program: everything after it (spare's own options
-    /// go before it; `--` ends them too).
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-    args: Vec<String>,
+    /// The program (a WASI preview 1 module or preview 2 component), then
+    /// its arguments: everything after the program is the program's, so
+    /// spare's own options go before it.
+    #[arg(
+        value_name = "PROGRAM [ARGS]",
+        required = true,
+        num_args = 1..,
+        trailing_var_arg = true,
+        allow_hyphen_values = true
+    )]
+    argv: Vec<std::ffi::OsString>,
     /// Set an environment variable for the program (repeatable). `NAME`
     /// alone passes this shell's value. The program sees nothing else.
     #[arg(long = "env", short = 'e', value_name = "NAME=VALUE")]
     env: Vec<String>,
     /// Run on this peer only: its id, an address ending in `/p2p/<id>` (as
-    /// `spare id` prints), or the end of a connected peer's id (as `spare
-    /// tasks` shows it, `…9sVv1Lpy`).
+    /// `spare id` prints; only the id is used, the peer must be connected),
+    /// or the end of a connected peer's id (as `spare tasks` shows it,
+    /// `…9sVv1Lpy`).
     #[arg(long, value_name = "PEER", conflicts_with = "local")]
     on: Option<String>,
     /// Run on this node instead of a remote peer.
@@ -106,6 +112,31 @@ pub(crate) async fn execute(context: &Context, args: Args) -> Result<ExitCode> {
     }
 }
 
+impl Args {
+    /// The program's path and its arguments (which a guest takes as text).
+    /// A `--` right after the program is dropped, as most commands do:
+    /// `spare run primes.wasm -- 100000`.
+    fn program(&self) -> Result<(PathBuf, Vec<String>)> {
+        let (program, rest) = self
+            .argv
+            .split_first()
+            .ok_or_else(|| anyhow!("no program to run"))?;
+        let rest = match rest.split_first() {
+            Some((first, tail)) if first == "--" => tail,
+            _ => rest,
+        };
+        let args = rest
+            .iter()
+            .map(|arg| {
+                arg.clone()
+                    .into_string()
+                    .map_err(|arg| anyhow!("the program argument {arg:?} is not UTF-8"))
+            })
+            .collect::<Result<_>>()?;
+        Ok((PathBuf::from(program), args))
+    }
+}
+
 async fn submit(context: &Context, args: Args) -> Result<ExitCode> {
     let limits = limits(&args)?;
     let env = environment(&args.env, |name| std::env::var(name))?;
@@ -115,7 +146,8 @@ async fn submit(context: &Context, args: Args) -> Result<ExitCode> {
         (None, true) => Placement::Local,
         (None, false) => Placement::Auto,
     };
-    let module = read_module(&args.module)?;
+    let (module_path, program_args) = args.program()?;
+    let module = read_module(&module_path)?;
     let stdin = read_stdin().await?;
 
     let module_ref = BlobRef::of(&module);
@@ -129,15 +161,14 @@ async fn submit(context: &Context, args: Args) -> Result<ExitCode> {
         upload(&client, &blob, stdin).await?;
         SubmitStdin::Blob(blob)
     };
-    let name = args
-        .module
+    let name = module_path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "task.wasm".into());
     let submission = Submission {
         name,
         module: module_ref,
-        args: args.args.clone(),
+        args: program_args,
         env,
         stdin,
         limits,
@@ -559,12 +590,27 @@ mod tests {
 
     #[test]
     fn everything_after_the_program_is_the_programs() {
+        let program = |argv: &[&str]| parse(argv).unwrap().program().unwrap();
         let run = parse(&["--json", "echo.wasm", "a", "-b", "--json", "--"]).unwrap();
         assert!(run.json);
-        assert_eq!(run.module, PathBuf::from("echo.wasm"));
-        assert_eq!(run.args, ["a", "-b", "--json", "--"]);
-        let run = parse(&["echo.wasm", "--", "-x"]).unwrap();
-        assert_eq!(run.args, ["-x"]);
+        assert_eq!(
+            run.program().unwrap(),
+            (
+                PathBuf::from("echo.wasm"),
+                vec!["a".into(), "-b".into(), "--json".into(), "--".into()]
+            )
+        );
+        // Even the program's first argument, when spare has an option of
+        // that name.
+        for first in ["--json", "-h", "--timeout", "-e"] {
+            let (_, args) = program(&["grep.wasm", first, "x"]);
+            assert_eq!(args, [first, "x"]);
+        }
+        assert!(!parse(&["echo.wasm", "--json"]).unwrap().json);
+        assert_eq!(program(&["primes.wasm", "--", "100"]).1, ["100"]);
+        assert_eq!(program(&["echo.wasm", "--", "--", "x"]).1, ["--", "x"]);
+        assert_eq!(program(&["--", "echo.wasm", "x"]).1, ["x"]);
+        assert!(parse(&["--json"]).is_err(), "no program");
         // A negative value is the value's fault, not an unknown flag.
         let run = parse(&["--timeout", "-5s", "echo.wasm"]).unwrap();
         let err = limits(&run).unwrap_err().to_string();
