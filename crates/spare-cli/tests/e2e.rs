@@ -820,7 +820,7 @@ fn a_task_waits_while_every_peer_gives_nothing_and_says_why() {
 
     // Within the limits: the task waits for the host, saying why; so does
     // one pinned to it. Ctrl-C ends each wait.
-    let waiting = |args: &[&str]| {
+    let waiting = |args: &[&str], expected: &str| {
         let mut child = requester
             .cli()
             .args(args)
@@ -844,21 +844,34 @@ fn a_task_waits_while_every_peer_gives_nothing_and_says_why() {
         let line = seen
             .recv_timeout(Duration::from_secs(20))
             .expect("a line on stderr");
+        // `spare tasks` tells a task no host has yet from one on its host.
+        let newest = || {
+            let tasks = json(&spare(&requester, &["tasks", "--json"], b""));
+            tasks[0]["state"].as_str().unwrap_or_default().to_owned()
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut state = newest();
+        while state != expected && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+            state = newest();
+        }
         // SAFETY: kill only takes integers.
         unsafe {
             libc::kill(child.id() as libc::pid_t, libc::SIGINT);
         }
         assert_eq!(child.wait().unwrap().code(), Some(130), "{line}");
         assert!(line.starts_with("spare: waiting:"), "{line}");
-        line
+        (line, state)
     };
-    let line = waiting(&["run", "--memory", "32MiB"]);
+    let (line, state) = waiting(&["run", "--memory", "32MiB"], "waiting");
+    assert_eq!(state, "waiting");
     assert!(
         line.contains("1 connected peer gives nothing right now (outside its time windows) ("),
         "{line}"
     );
     let host_id = host.peer_id().to_string();
-    let line = waiting(&["run", "--on", &host_id, "--memory", "32MiB"]);
+    let (line, state) = waiting(&["run", "--on", &host_id, "--memory", "32MiB"], "running");
+    assert_eq!(state, "running", "in its host's queue");
     assert!(
         line.contains(&format!(
             "peer {host_id} gives nothing right now (outside its time windows); \
@@ -892,7 +905,7 @@ fn a_task_waits_while_every_peer_gives_nothing_and_says_why() {
     requester
         .wait_for_peers(2, Duration::from_secs(20))
         .expect("the three connect");
-    let line = waiting(&["run", "--memory", "32MiB"]);
+    let (line, _) = waiting(&["run", "--memory", "32MiB"], "waiting");
     assert!(
         line.contains(&format!(
             "1 connected peer gives nothing right now (outside its time windows); \

@@ -107,6 +107,9 @@ const AUTOCHECKPOINT_PAGES: i64 = 20_000;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TaskState {
+    /// No host has it yet: the requester waits for a peer that can take it.
+    Waiting,
+    /// Sent to its host, which runs it or queues it.
     Running,
     /// The guest exited (with any code).
     Exited,
@@ -120,6 +123,7 @@ pub enum TaskState {
 impl TaskState {
     pub(crate) fn as_str(self) -> &'static str {
         match self {
+            TaskState::Waiting => "waiting",
             TaskState::Running => "running",
             TaskState::Exited => "exited",
             TaskState::Failed => "failed",
@@ -130,6 +134,7 @@ impl TaskState {
 
     fn parse(text: &str) -> Self {
         match text {
+            "waiting" => TaskState::Waiting,
             "running" => TaskState::Running,
             "exited" => TaskState::Exited,
             "cancelled" => TaskState::Cancelled,
@@ -281,7 +286,8 @@ impl Ledger {
         migrate(&writer)?;
         let now = spare_core::now_ms() as i64;
         writer.execute(
-            "UPDATE requested SET state = 'interrupted', finished_ms = ?1 WHERE state = 'running'",
+            "UPDATE requested SET state = 'interrupted', finished_ms = ?1
+             WHERE state IN ('waiting', 'running')",
             params![now],
         )?;
         Ok(Self {
@@ -600,7 +606,10 @@ mod tests {
             .task_submitted(&task, "primes.wasm", "abc")
             .await
             .unwrap();
+        let state = |t: &TaskId| ledger.requested_task(t).unwrap().unwrap().state;
+        assert_eq!(state(&task), TaskState::Waiting, "no host has it yet");
         ledger.task_attempt(&task, &host).await.unwrap();
+        assert_eq!(state(&task), TaskState::Running);
         ledger
             .task_finished(&task, &Ending::of(&outcome(3)), None)
             .await
@@ -633,10 +642,15 @@ mod tests {
     async fn a_restart_marks_running_tasks_interrupted_and_keeps_the_rest() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.db");
-        let (running, done) = (TaskId::random(), TaskId::random());
+        let (running, waiting, done) = (TaskId::random(), TaskId::random(), TaskId::random());
         {
             let ledger = Ledger::open(&path).unwrap();
             ledger.task_submitted(&running, "a", "m").await.unwrap();
+            ledger
+                .task_attempt(&running, &PeerId::random())
+                .await
+                .unwrap();
+            ledger.task_submitted(&waiting, "c", "m").await.unwrap();
             ledger.task_submitted(&done, "b", "m").await.unwrap();
             ledger
                 .task_finished(&done, &Ending::of(&outcome(0)), None)
@@ -646,6 +660,7 @@ mod tests {
         let ledger = Ledger::open(&path).unwrap();
         let state = |t: &TaskId| ledger.requested_task(t).unwrap().unwrap().state;
         assert_eq!(state(&running), TaskState::Interrupted);
+        assert_eq!(state(&waiting), TaskState::Interrupted);
         assert_eq!(state(&done), TaskState::Exited);
     }
 

@@ -190,13 +190,14 @@ fn apply(conn: &Connection, write: &Write) -> rusqlite::Result<()> {
         } => {
             conn.prepare_cached(
                 "INSERT INTO requested (task, name, module, submitted_ms, state, attempts)
-                 VALUES (?1, ?2, ?3, ?4, 'running', 0)",
+                 VALUES (?1, ?2, ?3, ?4, 'waiting', 0)",
             )?
             .execute(params![task, name, module, *at_ms as i64])?;
         }
         Write::TaskAttempt { task, host } => {
             conn.prepare_cached(
-                "UPDATE requested SET attempts = attempts + 1, host = ?2 WHERE task = ?1",
+                "UPDATE requested SET attempts = attempts + 1, host = ?2, state = 'running'
+                 WHERE task = ?1",
             )?
             .execute(params![task, host])?;
         }
