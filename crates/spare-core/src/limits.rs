@@ -1,8 +1,10 @@
 //! The limits a guest runs under.
 //!
 //! Every resource a guest controls is bounded by one of these fields or by one
-//! of the fixed constants below. A requester picks limits within
-//! [`Limits::MAX`]; a host refuses anything above it, naming the field.
+//! of the fixed constants below. A user sets limits within [`Limits::MAX`]
+//! ([`LimitRequest`]: the defaults for the rest, which a requester may lower
+//! to fit a host); a host refuses anything above its own maximum, naming
+//! the field.
 
 use std::fmt;
 

@@ -12,13 +12,15 @@
 //!   address such as `/ip4/198.51.100.7/ip4/127.0.0.1/tcp/22`, which TCP
 //!   would dial at its last IP, is refused;
 //! - an address of the internet's scope is dialled;
-//! - so is an address this node has first-hand: one of the owner's
-//!   bootstrap addresses, or one that a peer was found at (by mDNS, on a
-//!   LAN), that it claimed for itself and was believed, or that this node
-//!   dialled it at. These are [vouched](DialScope::vouch) for that peer
-//!   only: another peer naming them is not believed;
+//! - so is one of the owner's bootstrap addresses, whichever peer answers
+//!   there, and an address this node has first-hand for a peer: one that
+//!   the peer was found at (by mDNS, on a LAN), that it claimed for itself
+//!   and was believed, or that this node dialled it at. These are
+//!   [vouched](DialScope::vouch) for that peer only (at most
+//!   [`MAX_VOUCHED`]): another peer naming them is not believed;
 //! - any other address only if it reaches at least as far as the
-//!   narrowest connection this node has: a node on a LAN hears of LAN
+//!   narrowest of the connected peers' reaches (each peer's widest
+//!   connection): a node on a LAN hears of LAN
 //!   peers from LAN peers, a swarm on one machine of loopback peers from
 //!   loopback peers, and a node whose peers are all on the internet dials
 //!   nothing nearer than the internet on anyone's word.

@@ -244,8 +244,9 @@ pub struct ConfigError {
 
 /// What `spare init` writes: every setting, commented out at its default.
 pub const TEMPLATE: &str = r#"# spare node configuration. Flags of `spare up` override these settings
-# (each has a flag of the same name, e.g. `--cool-down 30s`); `spare status`
-# shows what is in force and what the node gives right now.
+# (most have a flag of the same name, e.g. `--cool-down 30s`; `mdns` has
+# `--no-mdns`, `[max_limits]` none); `spare status` shows what is in force
+# and what the node gives right now.
 #
 # Sizes take B, KB, MB, GB, TB, PB (powers of 1000) or KiB, MiB, GiB, TiB,
 # PiB (powers of 1024); rates are sizes per second ("2MiB/s"); durations

@@ -5,7 +5,8 @@
 //! is full, or would give one requester more than half of this host.
 //! Otherwise the host fetches the blobs it lacks from the requester, runs
 //! the job in a worker, signs a receipt and answers with the outcome. A
-//! hosted task is cancelled when its requester cancels it or disconnects.
+//! hosted task is cancelled when its requester cancels it, disconnects, or
+//! closes (or writes on) the task's stream before the answer.
 //!
 //! While the owner needs the machine the governor pauses the workers and
 //! the offer says so; a task that arrives anyway (pinned to this host)

@@ -3,8 +3,10 @@
 //! property-tested.
 //!
 //! The daemon gathers [`Candidate`]s from what it knows (offers heard on
-//! gossipsub, ping round-trip times, its own in-flight tasks), asks [`rank`]
-//! for an order, and consults [`RetryPolicy`] after each failed attempt.
+//! gossipsub, ping round-trip times, its own in-flight tasks), asks
+//! [`place`] for a peer and the limits to run with there (by [`rank`]'s
+//! order), and [`grants_more`] whether a limit lowered to fit one host is
+//! worth another, and consults [`RetryPolicy`] after each failed attempt.
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 use std::cmp::Ordering;

@@ -36,8 +36,7 @@ pub(crate) struct Args {
         value_name = "PROGRAM [ARGS]",
         required = true,
         num_args = 1..,
-        trailing_var_arg = true,
-        allow_hyphen_values = true
+        trailing_var_arg = true
     )]
     argv: Vec<std::ffi::OsString>,
     /// Set an environment variable for the program (repeatable). `NAME`
@@ -611,6 +610,8 @@ mod tests {
         assert_eq!(program(&["echo.wasm", "--", "--", "x"]).1, ["--", "x"]);
         assert_eq!(program(&["--", "echo.wasm", "x"]).1, ["x"]);
         assert!(parse(&["--json"]).is_err(), "no program");
+        // A mistyped option before the program is not taken for it.
+        assert!(parse(&["--jsn", "echo.wasm"]).is_err());
         // A negative value is the value's fault, not an unknown flag.
         let run = parse(&["--timeout", "-5s", "echo.wasm"]).unwrap();
         let err = limits(&run).unwrap_err().to_string();
