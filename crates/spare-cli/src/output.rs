@@ -38,7 +38,7 @@ impl std::error::Error for Exit {}
 ///
 /// This is the one place errors are reported: an error caused by a reader
 /// of stdout that went away (`spare id | head -1`) is not one, as for
-/// [`line`]: `spare` ends quietly, with success.
+/// [`line`](fn@line): `spare` ends quietly, with success.
 pub(crate) fn fail(err: &anyhow::Error) -> ExitCode {
     if is_broken_pipe(err) && stdout_is_closed() {
         return ExitCode::SUCCESS;

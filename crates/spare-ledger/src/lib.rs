@@ -6,7 +6,7 @@
 //! loses nothing that was committed (only an OS crash may lose the last few
 //! transactions).
 //!
-//! Writes go to one writer thread ([`writer`]) that commits whatever has
+//! Writes go to one writer thread (`writer.rs`) that commits whatever has
 //! queued up in one transaction (group commit) and then answers each
 //! caller; an `await`ed write is durable. Under load, hundreds of task
 //! records share one commit, and SQLite never runs on the async runtime's

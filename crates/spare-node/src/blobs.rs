@@ -364,7 +364,7 @@ impl BlobStore {
     /// `bucket` for each chunk once it arrived, asks again after a pause a
     /// peer that is busy, and verifies size and hash before the blob
     /// becomes visible. Gives up on a peer that sends it slower than
-    /// [`MIN_FETCH_RATE`].
+    /// `MIN_FETCH_RATE`.
     pub async fn fetch(
         &self,
         net: &NetHandle,

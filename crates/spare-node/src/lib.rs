@@ -5,7 +5,7 @@
 //! [`spare_scheduler`] for placement. [`daemon::run`] is `spare up`; the
 //! [`api`] is how the CLI talks to it.
 //!
-//! Module map: [`host`] serves tasks for peers; [`requester`] places our
+//! Module map: `host` serves tasks for peers; [`requester`] places our
 //! own tasks and retries them; [`blobs`] stores and fetches content;
 //! [`config`], [`paths`] and [`identity`] are the node's files.
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]

@@ -3,7 +3,7 @@
 //!
 //! [`Node::start`] opens the ledger and blob store, starts the worker pool and
 //! the network, and spawns two background tasks: one that dispatches network
-//! events ([`host`](crate::host) serves inbound tasks and blob chunks), one
+//! events (`host` serves inbound tasks and blob chunks), one
 //! that publishes this node's offer when its load changes. All of them stop
 //! when the node's shutdown token fires.
 
@@ -251,7 +251,7 @@ impl Node {
     /// Stops the node: hosted tasks first, which answer their requesters
     /// that this host is shutting down (so they go elsewhere at once rather
     /// than see a broken connection), then, once those answers have left or
-    /// after [`DRAIN`], the background tasks and the network.
+    /// after `DRAIN`, the background tasks and the network.
     pub async fn shutdown(&self) {
         self.inner.shutdown.cancel();
         self.inner.governor.stop();

@@ -16,7 +16,7 @@
 //!   family, so no UDP, raw, netlink or Unix socket either (so not the
 //!   daemon's API socket); so does io_uring, which could open one without
 //!   passing through seccomp, and a few more calls that reach beyond the
-//!   process ([`DENIED`]).
+//!   process (`DENIED`).
 //!
 //! The daemon still controls the worker from outside: it signals it,
 //! stops and resumes it, and reads its `/proc` entries. A kernel without
@@ -56,7 +56,7 @@ pub struct ConfineReport {
     pub tcp: bool,
     /// Signals to processes outside the worker are refused.
     pub signals: bool,
-    /// `socket(2)`, io_uring and the other [`DENIED`] calls are refused.
+    /// `socket(2)`, io_uring and the other `DENIED` calls are refused.
     pub sockets: bool,
     /// What could not be done, and why.
     pub notes: Vec<String>,

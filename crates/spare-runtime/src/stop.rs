@@ -122,7 +122,7 @@ pub(crate) fn cancel(pid: u32, job: u64) {
     }
 }
 
-/// Installs the [`CANCEL_SIGNAL`] handler. Called once by the worker at
+/// Installs the `CANCEL_SIGNAL` handler. Called once by the worker at
 /// start.
 pub fn install_cancel_handler() -> std::io::Result<()> {
     // SAFETY: a zeroed sigaction is a valid "no flags, empty mask" value,

@@ -1,12 +1,12 @@
 //! The benchmarks of "the owner never notices": what the guests cost the
 //! owner of the machine, and what the swarm gets from it.
 //!
-//! - [`interference`]: a CPU-bound and a memory-bound native program, alone
+//! - [`interference`](mod@interference): a CPU-bound and a memory-bound native program, alone
 //!   and with guests on every core (paused by `--idle-only`, or only
 //!   deprioritised by `--always`);
-//! - [`responsiveness`]: how late a thread sleeping 1 ms wakes up, alone
+//! - [`responsiveness`](mod@responsiveness): how late a thread sleeping 1 ms wakes up, alone
 //!   and with guests on every core;
-//! - [`harvest`]: the share of the contributed core-time that guests get
+//! - [`harvest`](mod@harvest): the share of the contributed core-time that guests get
 //!   while the owner is away, against native `SCHED_IDLE` spin loops;
 //! - [`pause_latency`]: from the owner starting a busy program to every
 //!   guest stopped, against the same observation of a direct `SIGSTOP`.
