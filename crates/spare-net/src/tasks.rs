@@ -19,7 +19,8 @@
 //! [`MAX_WAITING_PER_PEER`](crate::codec::MAX_WAITING_PER_PEER) of a
 //! peer's requests waiting for their turn; a peer may hold at most
 //! [`MAX_STREAMS_PER_PEER`] task streams open on this node; a stream is
-//! read while its task runs, and a byte then closes it.
+//! read while its task runs, and a byte then closes it; an answer must be
+//! taken within its deadline ([`ANSWER_GRACE`], [`ANSWER_MIN_RATE`]).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -58,6 +59,12 @@ const TASK_REQUEST_TIMEOUT: Duration = Duration::from_millis(Limits::MAX.wall_ms
 /// A request's body is read through a buffer of this size, so a stream
 /// whose header announced a large request holds no more until bytes come.
 const READ_SCRATCH: usize = 16 << 10;
+/// A requester must take an answer within [`ANSWER_GRACE`] and a second
+/// for each [`ANSWER_MIN_RATE`] bytes of it (64 KiB/s: half the lowest
+/// bandwidth limit, as for blob fetches), or the host drops the stream
+/// and the answer with it.
+const ANSWER_GRACE: Duration = Duration::from_secs(30);
+const ANSWER_MIN_RATE: usize = 64 << 10;
 /// Idle streams a requester keeps per host; more are closed when done.
 const MAX_IDLE_PER_PEER: usize = 64;
 /// Inbound task streams one peer may hold open on this node; more are
@@ -490,11 +497,26 @@ async fn serve_stream<T: AsyncRead + AsyncWrite + Unpin>(
                 return;
             }
         };
-        if let Err(e) = write_frame(&mut stream, &frame).await {
-            tracing::debug!(%peer, "cannot answer on the task stream: {e}");
-            return;
+        let deadline = answer_deadline(frame.len());
+        match tokio::time::timeout(deadline, write_frame(&mut stream, &frame)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, "cannot answer on the task stream: {e}");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(%peer, "the requester did not take its answer in {deadline:?}");
+                return;
+            }
         }
     }
+}
+
+/// How long a requester has to take an answer of `len` bytes: a requester
+/// that does not read cannot make the host hold it (up to twice a task's
+/// output limit) for longer than this.
+fn answer_deadline(len: usize) -> Duration {
+    ANSWER_GRACE + Duration::from_secs((len / ANSWER_MIN_RATE) as u64)
 }
 
 /// The daemon's answer, or `None` if it dropped the request or the peer
@@ -732,6 +754,39 @@ mod tests {
         let mut rest = Vec::new();
         theirs.read_to_end(&mut rest).await.unwrap();
         assert!(rest.is_empty(), "no answer follows: {rest:?}");
+    }
+
+    /// A requester that never reads its answer holds it on the host only
+    /// until the answer's deadline.
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_nobody_reads_is_given_up() {
+        use tokio_util::compat::TokioAsyncReadCompatExt;
+        let (events, mut requests) = mpsc::channel(4);
+        // Room for the request, not for the answer.
+        let (ours, theirs) = tokio::io::duplex(1024);
+        let open: Arc<Mutex<HashMap<PeerId, PeerStreams>>> = Arc::default();
+        let peer = PeerId::random();
+        let slot = StreamSlot::take(&open, peer, &ReadBudget::new(READ_BUDGET_BYTES)).unwrap();
+        let served = tokio::spawn(serve_stream(peer, ours.compat(), events, slot));
+        let mut theirs = theirs.compat();
+        let mut accepted = [0u8; 1];
+        theirs.read_exact(&mut accepted).await.unwrap();
+        let request = encode_frame(&TaskRequest::Cancel(TaskId::random())).unwrap();
+        write_frame(&mut theirs, &request).await.unwrap();
+        let Some(NetEvent::TaskRequest { reply, .. }) = requests.recv().await else {
+            panic!("the request reaches the daemon");
+        };
+        let big = spare_core::wire::Refusal::Invalid("x".repeat(50_000));
+        reply.send(TaskResponse::Refused(big)).await;
+        let started = tokio::time::Instant::now();
+        served.await.unwrap();
+        let waited = started.elapsed();
+        assert!(
+            waited >= ANSWER_GRACE && waited <= answer_deadline(64 << 10),
+            "{waited:?}"
+        );
+        assert!(open.lock().unwrap().is_empty(), "its slot is given back");
+        drop(theirs);
     }
 
     #[test]
