@@ -255,22 +255,14 @@ async fn a_stopping_host_tells_its_requesters() {
     let (host_stop, stop) = (CancellationToken::new(), CancellationToken::new());
     let host = node(&dir.path().join("host"), vec![], &host_stop).await;
     let requester = node(&dir.path().join("req"), host.net().listen_addrs(), &stop).await;
-    let endless = example("hostile/loop.wasm");
-    let module = BlobRef::of(&endless);
-    requester.blobs().put(&endless).unwrap();
-    let submission = Submission {
-        name: "loop.wasm".into(),
-        module,
-        args: vec![],
-        env: vec![],
-        stdin: SubmitStdin::None,
-        limits: LimitRequest::default(),
-        placement: Placement::On(host.peer_id().to_string()),
-    };
-    let task = spare_node::requester::prepare(&requester, &submission)
-        .await
-        .unwrap();
-    let mut rx = spare_node::requester::start(&requester, task);
+    let on_host = Placement::On(host.peer_id().to_string());
+    let mut rx = start_example(
+        &requester,
+        "hostile/loop.wasm",
+        LimitRequest::default(),
+        on_host,
+    )
+    .await;
     tokio::time::timeout(Duration::from_secs(30), async {
         while host.running_hosted().is_empty() {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -305,42 +297,18 @@ async fn unset_limits_fit_a_host_that_grants_less() {
         &shutdown,
     )
     .await;
-    while requester.net().peers().iter().all(|p| p.offer.is_none()) {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let submit = |name: &str, limits: LimitRequest| {
-        let bytes = example(name);
-        requester.blobs().put(&bytes).unwrap();
-        let submission = Submission {
-            name: name.into(),
-            module: BlobRef::of(&bytes),
-            args: vec![],
-            env: vec![],
-            stdin: SubmitStdin::None,
-            limits,
-            placement: Placement::Auto,
-        };
+    wait_for_offers(&requester, 1).await;
+    // What was lowered on the (last) host the task was placed on.
+    let submit = |name: &'static str, limits: LimitRequest| {
         let requester = requester.clone();
         async move {
-            let task = spare_node::requester::prepare(&requester, &submission)
-                .await
-                .unwrap();
-            assert_eq!(task.spec.limits, Limits::DEFAULT, "the defaults are wanted");
-            let mut events = spare_node::requester::start(&requester, task);
-            let mut lowered = None;
-            let ended = tokio::time::timeout(Duration::from_secs(60), async {
-                loop {
-                    match events.recv().await.expect("events until the end") {
-                        TaskEvent::Placed { lowered: l, .. } => lowered = l,
-                        TaskEvent::Finished { result } => return Ok(result),
-                        TaskEvent::Failed { error } => return Err(error),
-                        _ => {}
-                    }
-                }
-            })
-            .await
-            .expect("the task ends within a minute");
-            (lowered, ended)
+            let mut events = start_example(&requester, name, limits, Placement::Auto).await;
+            let (seen, ended) = events_to_the_end(&mut events).await;
+            let lowered = seen.into_iter().rev().find_map(|event| match event {
+                TaskEvent::Placed { lowered, .. } => Some(lowered),
+                _ => None,
+            });
+            (lowered.flatten(), ended)
         }
     };
 
@@ -399,36 +367,7 @@ async fn a_task_that_hits_a_lowered_limit_tries_a_host_that_grants_more() {
         &shutdown,
     )
     .await;
-    while requester
-        .net()
-        .peers()
-        .iter()
-        .filter(|p| p.offer.is_some())
-        .count()
-        < 2
-    {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let submit = |name: &str, limits: LimitRequest, placement: Placement| {
-        let bytes = example(name);
-        requester.blobs().put(&bytes).unwrap();
-        let submission = Submission {
-            name: name.into(),
-            module: BlobRef::of(&bytes),
-            args: vec![],
-            env: vec![],
-            stdin: SubmitStdin::None,
-            limits,
-            placement,
-        };
-        let requester = requester.clone();
-        async move {
-            let task = spare_node::requester::prepare(&requester, &submission)
-                .await
-                .unwrap();
-            spare_node::requester::start(&requester, task)
-        }
-    };
+    wait_for_offers(&requester, 2).await;
     // The larger host's one core is taken: the small one has a free core,
     // and goes first.
     let briefly = LimitRequest {
@@ -436,29 +375,26 @@ async fn a_task_that_hits_a_lowered_limit_tries_a_host_that_grants_more() {
         ..LimitRequest::default()
     };
     let on_larger = Placement::On(larger.peer_id().to_string());
-    let _busy = submit("hostile/loop.wasm", briefly, on_larger).await;
+    let _busy = start_example(&requester, "hostile/loop.wasm", briefly, on_larger).await;
     while larger.running_hosted().is_empty() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let mut events = submit(
+    let mut events = start_example(
+        &requester,
         "hostile/alloc.wasm",
         LimitRequest::default(),
         Placement::Auto,
     )
     .await;
-    let mut retried = Vec::new();
-    let result = tokio::time::timeout(Duration::from_secs(60), async {
-        loop {
-            match events.recv().await.expect("events until the end") {
-                TaskEvent::Retrying { host, reason, .. } => retried.push((host, reason)),
-                TaskEvent::Finished { result } => return result,
-                TaskEvent::Failed { error } => panic!("{error}"),
-                _ => {}
-            }
-        }
-    })
-    .await
-    .expect("the task ends within a minute");
+    let (seen, ended) = events_to_the_end(&mut events).await;
+    let result = ended.unwrap_or_else(|error| panic!("{error}"));
+    let retried: Vec<(String, String)> = seen
+        .into_iter()
+        .filter_map(|event| match event {
+            TaskEvent::Retrying { host, reason, .. } => Some((host, reason)),
+            _ => None,
+        })
+        .collect();
     assert_eq!(
         retried,
         [(
@@ -532,16 +468,67 @@ async fn a_host_cancels_a_task_whose_stream_closes_early() {
     shutdown.cancel();
 }
 
+/// Puts `examples/<name>` in `requester`'s store and starts it there, with
+/// no input, under `limits`, at `placement`.
+async fn start_example(
+    requester: &Node,
+    name: &str,
+    limits: LimitRequest,
+    placement: Placement,
+) -> tokio::sync::mpsc::Receiver<TaskEvent> {
+    let bytes = example(name);
+    requester.blobs().put(&bytes).unwrap();
+    let submission = Submission {
+        name: name.into(),
+        module: BlobRef::of(&bytes),
+        args: vec![],
+        env: vec![],
+        stdin: SubmitStdin::None,
+        limits,
+        placement,
+    };
+    let task = spare_node::requester::prepare(requester, &submission)
+        .await
+        .unwrap();
+    assert_eq!(task.spec.limits, limits.wanted(), "defaults where unset");
+    spare_node::requester::start(requester, task)
+}
+
+/// Waits until `node` has offers from `n` peers.
+async fn wait_for_offers(node: &Node, n: usize) {
+    while node
+        .net()
+        .peers()
+        .iter()
+        .filter(|p| p.offer.is_some())
+        .count()
+        < n
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// How a started task ends: its result, or the error it failed with.
 async fn ending(
     events: &mut tokio::sync::mpsc::Receiver<TaskEvent>,
 ) -> Result<spare_node::api::types::TaskResult, String> {
+    events_to_the_end(events).await.1
+}
+
+/// The events of a started task before its end, and how it ended.
+async fn events_to_the_end(
+    events: &mut tokio::sync::mpsc::Receiver<TaskEvent>,
+) -> (
+    Vec<TaskEvent>,
+    Result<spare_node::api::types::TaskResult, String>,
+) {
+    let mut seen = Vec::new();
     tokio::time::timeout(Duration::from_secs(60), async {
         loop {
             match events.recv().await.expect("events until the end") {
-                TaskEvent::Finished { result } => return Ok(result),
-                TaskEvent::Failed { error } => return Err(error),
-                _ => {}
+                TaskEvent::Finished { result } => return (seen, Ok(result)),
+                TaskEvent::Failed { error } => return (seen, Err(error)),
+                event => seen.push(event),
             }
         }
     })

@@ -726,15 +726,26 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_peer_that_writes_while_its_task_runs_loses_the_stream() {
+    /// A stream being served, as its requester sees it, with a request in
+    /// flight: the host's task serving it, the requester's end, the
+    /// daemon's way to answer, and the host's open-stream table.
+    struct Served {
+        task: tokio::task::JoinHandle<()>,
+        theirs: tokio_util::compat::Compat<tokio::io::DuplexStream>,
+        reply: TaskResponder,
+        open: Arc<Mutex<HashMap<PeerId, PeerStreams>>>,
+    }
+
+    /// Serves one stream of `buffer` bytes each way, and sends a request
+    /// on it that reaches the daemon.
+    async fn serving_a_request(buffer: usize) -> Served {
         use tokio_util::compat::TokioAsyncReadCompatExt;
         let (events, mut requests) = mpsc::channel(4);
-        let (ours, theirs) = tokio::io::duplex(64 << 10);
+        let (ours, theirs) = tokio::io::duplex(buffer);
         let open: Arc<Mutex<HashMap<PeerId, PeerStreams>>> = Arc::default();
         let peer = PeerId::random();
         let slot = StreamSlot::take(&open, peer, &ReadBudget::new(READ_BUDGET_BYTES)).unwrap();
-        let served = tokio::spawn(serve_stream(peer, ours.compat(), events, slot));
+        let task = tokio::spawn(serve_stream(peer, ours.compat(), events, slot));
         let mut theirs = theirs.compat();
         let mut accepted = [0u8; 1];
         theirs.read_exact(&mut accepted).await.unwrap();
@@ -743,9 +754,25 @@ mod tests {
         let Some(NetEvent::TaskRequest { reply, .. }) = requests.recv().await else {
             panic!("the request reaches the daemon");
         };
+        Served {
+            task,
+            theirs,
+            reply,
+            open,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_writes_while_its_task_runs_loses_the_stream() {
+        let Served {
+            task,
+            mut theirs,
+            reply,
+            open,
+        } = serving_a_request(64 << 10).await;
         // Bytes that are not a request in turn, while the answer is due.
         write_frame(&mut theirs, &[0xee; 1024]).await.unwrap();
-        tokio::time::timeout(Duration::from_secs(5), served)
+        tokio::time::timeout(Duration::from_secs(5), task)
             .await
             .expect("the stream is given up at once")
             .unwrap();
@@ -760,33 +787,21 @@ mod tests {
     /// until the answer's deadline.
     #[tokio::test(start_paused = true)]
     async fn an_answer_nobody_reads_is_given_up() {
-        use tokio_util::compat::TokioAsyncReadCompatExt;
-        let (events, mut requests) = mpsc::channel(4);
         // Room for the request, not for the answer.
-        let (ours, theirs) = tokio::io::duplex(1024);
-        let open: Arc<Mutex<HashMap<PeerId, PeerStreams>>> = Arc::default();
-        let peer = PeerId::random();
-        let slot = StreamSlot::take(&open, peer, &ReadBudget::new(READ_BUDGET_BYTES)).unwrap();
-        let served = tokio::spawn(serve_stream(peer, ours.compat(), events, slot));
-        let mut theirs = theirs.compat();
-        let mut accepted = [0u8; 1];
-        theirs.read_exact(&mut accepted).await.unwrap();
-        let request = encode_frame(&TaskRequest::Cancel(TaskId::random())).unwrap();
-        write_frame(&mut theirs, &request).await.unwrap();
-        let Some(NetEvent::TaskRequest { reply, .. }) = requests.recv().await else {
-            panic!("the request reaches the daemon");
-        };
+        let served = serving_a_request(1024).await;
         let big = spare_core::wire::Refusal::Invalid("x".repeat(50_000));
-        reply.send(TaskResponse::Refused(big)).await;
+        served.reply.send(TaskResponse::Refused(big)).await;
         let started = tokio::time::Instant::now();
-        served.await.unwrap();
+        served.task.await.unwrap();
         let waited = started.elapsed();
         assert!(
             waited >= ANSWER_GRACE && waited <= answer_deadline(64 << 10),
             "{waited:?}"
         );
-        assert!(open.lock().unwrap().is_empty(), "its slot is given back");
-        drop(theirs);
+        assert!(
+            served.open.lock().unwrap().is_empty(),
+            "its slot is given back"
+        );
     }
 
     #[test]
