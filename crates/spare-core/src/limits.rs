@@ -90,54 +90,41 @@ impl Limits {
 
     /// Checks every field against [`Limits::MIN`] and `max`.
     pub fn check_within(&self, max: &Limits) -> Result<(), LimitError> {
-        let (bytes, millis, count) = (format_bytes as Show, millis as Show, count as Show);
-        let fields: [(&'static str, u64, u64, u64, Show); 5] = [
-            ("fuel", self.fuel, Self::MIN.fuel, max.fuel, count),
-            ("memory", self.memory, Self::MIN.memory, max.memory, bytes),
-            (
-                "wall time",
-                self.wall_ms,
-                Self::MIN.wall_ms,
-                max.wall_ms,
-                millis,
-            ),
-            ("output", self.output, Self::MIN.output, max.output, bytes),
-            ("stack", self.stack, Self::MIN.stack, max.stack, bytes),
-        ];
-        for (name, value, min, max, show) in fields {
+        for limit in Limit::ALL {
+            let (value, min, max) = (limit.of(self), limit.of(&Self::MIN), limit.of(max));
             if value < min {
                 return Err(LimitError::TooLow {
-                    name,
-                    value: show(value),
-                    min: show(min),
+                    name: limit.name(),
+                    value: limit.show(value),
+                    min: limit.show(min),
                 });
             }
             if value > max {
                 return Err(LimitError::TooHigh {
-                    name,
-                    value: show(value),
-                    max: show(max),
+                    name: limit.name(),
+                    value: limit.show(value),
+                    max: limit.show(max),
                 });
             }
         }
         Ok(())
     }
 
+    /// Limits with each field from `value`.
+    fn from_fn(value: impl Fn(Limit) -> u64) -> Limits {
+        Limits {
+            fuel: value(Limit::Fuel),
+            memory: value(Limit::Memory),
+            wall_ms: value(Limit::WallTime),
+            output: value(Limit::Output),
+            stack: value(Limit::Stack),
+        }
+    }
+
     /// Checks every field against [`Limits::MIN`] and [`Limits::MAX`].
     pub fn validate(&self) -> Result<(), LimitError> {
         self.check_within(&Self::MAX)
     }
-}
-
-/// How a limit's value is shown.
-type Show = fn(u64) -> String;
-
-fn millis(v: u64) -> String {
-    format_duration(std::time::Duration::from_millis(v))
-}
-
-fn count(v: u64) -> String {
-    v.to_string()
 }
 
 impl Default for Limits {
@@ -193,26 +180,25 @@ impl LimitRequest {
         }
     }
 
-    /// What is asked for with `fill` where nothing was set.
-    fn with(&self, fill: &Limits) -> Limits {
-        Limits {
-            fuel: self.fuel.unwrap_or(fill.fuel),
-            memory: self.memory.unwrap_or(fill.memory),
-            wall_ms: self.wall_ms.unwrap_or(fill.wall_ms),
-            output: self.output.unwrap_or(fill.output),
-            stack: self.stack.unwrap_or(fill.stack),
+    /// What the user set of `limit`, if anything.
+    pub fn get(&self, limit: Limit) -> Option<u64> {
+        match limit {
+            Limit::Fuel => self.fuel,
+            Limit::Memory => self.memory,
+            Limit::WallTime => self.wall_ms,
+            Limit::Output => self.output,
+            Limit::Stack => self.stack,
         }
     }
 
     /// Whether the user set `limit`.
     pub fn is_set(&self, limit: Limit) -> bool {
-        match limit {
-            Limit::Fuel => self.fuel.is_some(),
-            Limit::Memory => self.memory.is_some(),
-            Limit::WallTime => self.wall_ms.is_some(),
-            Limit::Output => self.output.is_some(),
-            Limit::Stack => self.stack.is_some(),
-        }
+        self.get(limit).is_some()
+    }
+
+    /// What is asked for, with `fill` where nothing was set.
+    fn with(&self, fill: impl Fn(Limit) -> u64) -> Limits {
+        Limits::from_fn(|limit| self.get(limit).unwrap_or_else(|| fill(limit)))
     }
 
     /// How much of the wanted limits `fitted` keeps, summed over the
@@ -228,31 +214,25 @@ impl LimitRequest {
 
     /// The limits wanted: the defaults where nothing was set.
     pub fn wanted(&self) -> Limits {
-        self.with(&Limits::DEFAULT)
+        self.with(|limit| limit.of(&Limits::DEFAULT))
     }
 
     /// The least the request accepts: what was set, and [`Limits::MIN`]
     /// for the rest (one page of memory). A host that grants this can run
     /// the task, with [`fitted`](Self::fitted) limits.
     pub fn least(&self) -> Limits {
-        self.with(&Limits {
-            memory: WASM_PAGE_BYTES,
-            ..Limits::MIN
-        })
+        self.with(Limit::least)
     }
 
     /// The limits for a host that grants at most `max`: what was set, and
     /// each default lowered to `max` where it is above (never below
     /// [`Limits::MIN`], nor memory below one page).
     pub fn fitted(&self, max: &Limits) -> Limits {
-        let default = Limits::DEFAULT;
-        let fit = |default: u64, max: u64, min: u64| default.min(max).max(min);
-        self.with(&Limits {
-            fuel: fit(default.fuel, max.fuel, Limits::MIN.fuel),
-            memory: fit(default.memory, max.memory, WASM_PAGE_BYTES),
-            wall_ms: fit(default.wall_ms, max.wall_ms, Limits::MIN.wall_ms),
-            output: fit(default.output, max.output, Limits::MIN.output),
-            stack: fit(default.stack, max.stack, Limits::MIN.stack),
+        self.with(|limit| {
+            limit
+                .of(&Limits::DEFAULT)
+                .min(limit.of(max))
+                .max(limit.least())
         })
     }
 
@@ -260,17 +240,10 @@ impl LimitRequest {
     /// `memory 128 MiB, wall time 30 s`; `None` if none was.
     pub fn lowered(&self, fitted: &Limits) -> Option<String> {
         let wanted = self.wanted();
-        let fields: [(&str, u64, u64, Show); 5] = [
-            ("fuel", wanted.fuel, fitted.fuel, count),
-            ("memory", wanted.memory, fitted.memory, format_bytes),
-            ("wall time", wanted.wall_ms, fitted.wall_ms, millis),
-            ("output", wanted.output, fitted.output, format_bytes),
-            ("stack", wanted.stack, fitted.stack, format_bytes),
-        ];
-        let lowered: Vec<String> = fields
+        let lowered: Vec<String> = Limit::ALL
             .iter()
-            .filter(|(_, wanted, fitted, _)| fitted < wanted)
-            .map(|(name, _, fitted, show)| format!("{name} {}", show(*fitted)))
+            .filter(|limit| limit.of(fitted) < limit.of(&wanted))
+            .map(|limit| format!("{} {}", limit.name(), limit.show(limit.of(fitted))))
             .collect();
         (!lowered.is_empty()).then(|| lowered.join(", "))
     }
@@ -294,6 +267,36 @@ impl Limit {
         Limit::Output,
         Limit::Stack,
     ];
+
+    /// Its name in messages: `fuel`, `memory`, `wall time`, `output`,
+    /// `stack`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Limit::Fuel => "fuel",
+            Limit::Memory => "memory",
+            Limit::WallTime => "wall time",
+            Limit::Output => "output",
+            Limit::Stack => "stack",
+        }
+    }
+
+    /// A value of this limit in its unit: `1000`, `64 MiB`, `2 min`.
+    pub fn show(self, value: u64) -> String {
+        match self {
+            Limit::Fuel => value.to_string(),
+            Limit::WallTime => format_duration(std::time::Duration::from_millis(value)),
+            Limit::Memory | Limit::Output | Limit::Stack => format_bytes(value),
+        }
+    }
+
+    /// The least of it a request without a value accepts:
+    /// [`Limits::MIN`], and one page of memory.
+    fn least(self) -> u64 {
+        match self {
+            Limit::Memory => WASM_PAGE_BYTES,
+            other => other.of(&Limits::MIN),
+        }
+    }
 
     /// This limit's value in `limits`.
     pub fn of(self, limits: &Limits) -> u64 {
