@@ -2,6 +2,9 @@
 //! with real worker processes, driven through the API router in-process
 //! (`oneshot`, no socket) and through the requester directly.
 
+#[path = "../../spare-net/tests/support/rogue.rs"]
+mod rogue;
+
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -465,6 +468,89 @@ async fn a_host_cancels_a_task_whose_stream_closes_early() {
     })
     .await
     .expect("the host stops the task within seconds, not at its minute's end");
+    shutdown.cancel();
+}
+
+/// A requester that leaves its answers unread holds up its own next tasks
+/// on the host, not other requesters' ones: the host reserves room for a
+/// task's largest answer in the requester's share of its answer budget
+/// before it runs the task, and the room of an answer is given back only
+/// once the answer is read.
+#[tokio::test]
+async fn unread_answers_hold_up_their_requesters_tasks_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let shutdown = CancellationToken::new();
+    // One slot: a share of 128 MiB, short of two of the largest answers.
+    let host = node(&dir.path().join("host"), vec![], &shutdown).await;
+    let honest = node(
+        &dir.path().join("honest"),
+        host.net().listen_addrs(),
+        &shutdown,
+    )
+    .await;
+    let flood = example("hostile/flood.wasm");
+    host.blobs().put(&flood).unwrap();
+    let run = || {
+        let spec = spare_core::TaskSpec {
+            id: TaskId::random(),
+            name: "flood.wasm".into(),
+            module: BlobRef::of(&flood),
+            args: vec![],
+            env: vec![],
+            stdin: spare_core::Stdin::for_bytes(b""),
+            limits: Limits {
+                output: Limits::MAX.output,
+                ..Limits::DEFAULT
+            },
+        };
+        let request = spare_core::wire::TaskRequest::Run(spec);
+        rogue::frame(&spare_core::wire::encode(&request).unwrap())
+    };
+    let (addr, id) = (host.net().listen_addrs()[0].clone(), host.peer_id());
+    let mut rogue = rogue::connect(addr, id).await;
+
+    // The first task's answer is left unread after its length, which
+    // tells the task is done and its answer is being written.
+    let mut unread = rogue::task_stream(&mut rogue, id).await;
+    rogue::send(&mut unread, &run()).await.unwrap();
+    let mut header = [0u8; 4];
+    futures::AsyncReadExt::read_exact(&mut unread, &mut header)
+        .await
+        .unwrap();
+    let len = u32::from_be_bytes(header) as usize;
+    assert!(len > 32 << 20, "a whole output limit of flood: {len} bytes");
+
+    // Its second task waits for room...
+    let mut next = rogue::task_stream(&mut rogue, id).await;
+    rogue::send(&mut next, &run()).await.unwrap();
+    // ...while an honest requester's task runs.
+    wait_for_offers(&honest, 1).await;
+    let mut events = start_example(
+        &honest,
+        "hello.wasm",
+        LimitRequest::default(),
+        Placement::On(id.to_string()),
+    )
+    .await;
+    let result = ending(&mut events).await.unwrap();
+    assert_eq!(result.exit_code, Some(0));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(host.running_hosted().len(), 1, "the second is registered");
+    assert_eq!(host.pool().stats().running, 0, "and does not run");
+
+    // Once the first answer is read, the second task runs and is answered.
+    let mut rest = vec![0u8; len];
+    futures::AsyncReadExt::read_exact(&mut unread, &mut rest)
+        .await
+        .unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(60), rogue::answer(&mut next))
+        .await
+        .expect("the second task is answered once the first answer is read")
+        .unwrap();
+    let spare_core::wire::TaskResponse::Done(report) = answer else {
+        panic!("the second task ran: {answer:?}");
+    };
+    assert_eq!(report.outcome.stdout.len() as u64, Limits::MAX.output);
     shutdown.cancel();
 }
 

@@ -140,9 +140,30 @@ impl Message for TaskRequest {
     }
 }
 
+/// Room in an answer for everything but the task's output: the receipt,
+/// the outcome's other fields, a refusal's detail, the framing.
+const ANSWER_ROOM: usize = 64 << 10;
+
+impl TaskResponse {
+    /// The largest answer a task run within `limits` can honestly get: its
+    /// two output streams at its own output limit, and room for the rest.
+    /// A requester reads no more; a host reserves this much before it runs
+    /// the task.
+    pub fn bound_for(limits: &Limits) -> usize {
+        usize::try_from(limits.output)
+            .unwrap_or(usize::MAX)
+            .saturating_mul(2)
+            .saturating_add(ANSWER_ROOM)
+            .min(Self::MAX_BYTES)
+    }
+
+    /// The largest answer to a cancel (or any refusal): no output.
+    pub const SMALL_BYTES: usize = ANSWER_ROOM;
+}
+
 impl Message for TaskResponse {
     /// Two output streams at the largest limit, plus room for the rest.
-    const MAX_BYTES: usize = 2 * Limits::MAX.output as usize + (64 << 10);
+    const MAX_BYTES: usize = 2 * Limits::MAX.output as usize + ANSWER_ROOM;
 
     fn validate(&self) -> Result<(), String> {
         match self {

@@ -16,6 +16,7 @@
 //! moves [`spare_core::wire`] messages and never looks inside a task.
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+pub mod answers;
 mod behaviour;
 mod codec;
 mod dial_scope;
@@ -34,6 +35,7 @@ use spare_core::wire::{BlobRequest, BlobResponse, Offer, TaskRequest, TaskRespon
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+pub use answers::{AnswerRoom, Reserved, answer_budget};
 pub use libp2p::{Multiaddr, identity};
 pub use peers::PeerInfo;
 
@@ -63,6 +65,9 @@ pub struct NetConfig {
     /// Discover peers on the local network with mDNS.
     pub mdns: bool,
     pub transport: Transport,
+    /// Bytes of task answers this node may hold for its requesters at
+    /// once ([`answer_budget`] for its slots).
+    pub answer_budget: usize,
 }
 
 /// Why the network could not start.
@@ -117,17 +122,32 @@ pub enum NetEvent {
 /// without replying closes that stream, which the peer sees as a failed
 /// request.
 #[derive(Debug)]
-pub struct TaskResponder(oneshot::Sender<TaskResponse>);
+pub struct TaskResponder {
+    answer: oneshot::Sender<(TaskResponse, Option<Reserved>)>,
+    room: AnswerRoom,
+}
 
 impl TaskResponder {
     pub async fn send(self, response: TaskResponse) {
-        let _ = self.0.send(response);
+        self.send_reserved(response, None).await;
+    }
+
+    /// Sends `response` with the room reserved for it, which is held
+    /// until the answer has been written (or given up).
+    pub async fn send_reserved(self, response: TaskResponse, reserved: Option<Reserved>) {
+        let _ = self.answer.send((response, reserved));
+    }
+
+    /// The requester's share of the node's answer budget, where a task's
+    /// answer is reserved before the task runs ([`answers`]).
+    pub fn room(&self) -> AnswerRoom {
+        self.room.clone()
     }
 
     /// Resolves when the peer no longer waits for the answer: it closed
     /// the stream, or broke the protocol on it, before the answer came.
     pub async fn abandoned(&mut self) {
-        self.0.closed().await
+        self.answer.closed().await
     }
 }
 
@@ -245,7 +265,8 @@ pub async fn start(
     ));
     event_loop.wait_for_listeners(&listeners).await?;
     event_loop.dial_bootstrap();
-    let serve_tasks = tasks::serve(incoming_tasks, event_tx, budget);
+    let answers = answers::AnswerBudget::new(config.answer_budget);
+    let serve_tasks = tasks::serve(incoming_tasks, event_tx, budget, answers);
     let stop_serving = shutdown.clone();
     tokio::spawn(async move {
         tokio::select! {

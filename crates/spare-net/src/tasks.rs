@@ -20,7 +20,9 @@
 //! peer's requests waiting for their turn; a peer may hold at most
 //! [`MAX_STREAMS_PER_PEER`] task streams open on this node; a stream is
 //! read while its task runs, and a byte then closes it; an answer must be
-//! taken within its deadline ([`ANSWER_GRACE`], [`ANSWER_MIN_RATE`]).
+//! taken within its deadline ([`ANSWER_GRACE`], [`ANSWER_MIN_RATE`]), and
+//! holds the room the daemon reserved for it in the node's answer budget
+//! ([`crate::answers`]) until it is written.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -36,6 +38,7 @@ use spare_core::wire::{self, Message, Refusal, TaskRequest, TaskResponse, WireEr
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use crate::answers::{AnswerBudget, AnswerRoom};
 use crate::codec::{PeerBudget, REQUEST_READ_TIMEOUT, ReadBudget};
 use crate::{NetEvent, RequestError, TaskResponder};
 
@@ -132,18 +135,13 @@ async fn read_frame<T: AsyncRead + Unpin>(io: &mut T, max: usize) -> Result<Vec<
     Ok(body)
 }
 
-/// The largest answer `request` can honestly get: a task's two output
-/// streams at its own output limit and room for the rest, or a cancel's
-/// acknowledgement. A host cannot make us read more than we asked for.
+/// The largest answer `request` can honestly get: what its task can
+/// produce, or a cancel's acknowledgement. A host cannot make us read more
+/// than we asked for.
 fn answer_bound(request: &TaskRequest) -> usize {
-    const ROOM: usize = 64 << 10;
     match request {
-        TaskRequest::Run(spec) => usize::try_from(spec.limits.output)
-            .unwrap_or(usize::MAX)
-            .saturating_mul(2)
-            .saturating_add(ROOM)
-            .min(TaskResponse::MAX_BYTES),
-        TaskRequest::Cancel(_) => ROOM,
+        TaskRequest::Run(spec) => TaskResponse::bound_for(&spec.limits),
+        TaskRequest::Cancel(_) => TaskResponse::SMALL_BYTES,
     }
 }
 
@@ -379,10 +377,11 @@ pub(crate) async fn serve(
     mut incoming: IncomingStreams,
     events: mpsc::Sender<NetEvent>,
     budget: ReadBudget,
+    answers: AnswerBudget,
 ) {
     let open: Arc<Mutex<HashMap<PeerId, PeerStreams>>> = Arc::default();
     while let Some((peer, stream)) = incoming.next().await {
-        let Some(slot) = StreamSlot::take(&open, peer, &budget) else {
+        let Some(slot) = StreamSlot::take(&open, peer, &budget, &answers) else {
             tracing::debug!(%peer, "too many task streams from this peer; dropping one");
             continue;
         };
@@ -390,11 +389,12 @@ pub(crate) async fn serve(
     }
 }
 
-/// A peer's inbound task streams: how many are open, and the share of the
-/// read budget they draw on together.
+/// A peer's inbound task streams: how many are open, and the shares of
+/// the read budget and of the answer budget they draw on together.
 struct PeerStreams {
     open: usize,
     budget: PeerBudget,
+    answers: AnswerRoom,
 }
 
 /// One of a peer's [`MAX_STREAMS_PER_PEER`], given back on drop.
@@ -402,6 +402,7 @@ struct StreamSlot {
     open: Arc<Mutex<HashMap<PeerId, PeerStreams>>>,
     peer: PeerId,
     budget: PeerBudget,
+    answers: AnswerRoom,
 }
 
 impl StreamSlot {
@@ -409,11 +410,13 @@ impl StreamSlot {
         open: &Arc<Mutex<HashMap<PeerId, PeerStreams>>>,
         peer: PeerId,
         budget: &ReadBudget,
+        answers: &AnswerBudget,
     ) -> Option<Self> {
         let mut peers = open.lock().unwrap_or_else(|p| p.into_inner());
         let streams = peers.entry(peer).or_insert_with(|| PeerStreams {
             open: 0,
             budget: budget.for_peer(),
+            answers: answers.for_peer(),
         });
         if streams.open >= MAX_STREAMS_PER_PEER {
             return None;
@@ -423,6 +426,7 @@ impl StreamSlot {
             open: Arc::clone(open),
             peer,
             budget: streams.budget.clone(),
+            answers: streams.answers.clone(),
         })
     }
 }
@@ -452,7 +456,9 @@ async fn serve_stream<T: AsyncRead + AsyncWrite + Unpin>(
         return;
     }
     loop {
-        let response = match next_request(&mut stream, &slot.budget).await {
+        // The room reserved for the answer, if any, is held until it has
+        // been written or given up.
+        let (response, _reserved) = match next_request(&mut stream, &slot.budget).await {
             Ok(None) => return,
             Err(e) => {
                 tracing::debug!(%peer, "task stream closed: {e}");
@@ -460,16 +466,18 @@ async fn serve_stream<T: AsyncRead + AsyncWrite + Unpin>(
             }
             Ok(Some(Err(why))) => {
                 tracing::debug!(%peer, "malformed task request: {why}");
-                TaskResponse::Refused(Refusal::Invalid(spare_core::outcome::clip_detail(
-                    why.to_string(),
-                )))
+                let why = spare_core::outcome::clip_detail(why.to_string());
+                (TaskResponse::Refused(Refusal::Invalid(why)), None)
             }
             Ok(Some(Ok(request))) => {
                 let (tx, rx) = oneshot::channel();
                 let event = NetEvent::TaskRequest {
                     peer,
                     request,
-                    reply: TaskResponder(tx),
+                    reply: TaskResponder {
+                        answer: tx,
+                        room: slot.answers.clone(),
+                    },
                 };
                 match events.try_send(event) {
                     // Dropped without an answer: close the stream, which
@@ -484,7 +492,7 @@ async fn serve_stream<T: AsyncRead + AsyncWrite + Unpin>(
                     // The daemon is saturated: refuse now rather than queue
                     // without bound.
                     Err(mpsc::error::TrySendError::Full(_)) => {
-                        TaskResponse::Refused(Refusal::Overloaded)
+                        (TaskResponse::Refused(Refusal::Overloaded), None)
                     }
                     Err(mpsc::error::TrySendError::Closed(_)) => return,
                 }
@@ -497,6 +505,8 @@ async fn serve_stream<T: AsyncRead + AsyncWrite + Unpin>(
                 return;
             }
         };
+        // Only the frame is held while the requester takes it.
+        drop(response);
         let deadline = answer_deadline(frame.len());
         match tokio::time::timeout(deadline, write_frame(&mut stream, &frame)).await {
             Ok(Ok(())) => {}
@@ -524,10 +534,10 @@ fn answer_deadline(len: usize) -> Duration {
 /// nothing while it waits, so the stream is read meanwhile: bytes a peer
 /// pushes then are not left in yamux's buffer (up to a stream's window)
 /// while the task runs, they close the stream.
-async fn answer_or_break<T: AsyncRead + Unpin>(
+async fn answer_or_break<T: AsyncRead + Unpin, A>(
     stream: &mut T,
-    answer: oneshot::Receiver<TaskResponse>,
-) -> Option<TaskResponse> {
+    answer: oneshot::Receiver<A>,
+) -> Option<A> {
     let mut byte = [0u8; 1];
     tokio::select! {
         answer = answer => answer.ok(),
@@ -734,6 +744,7 @@ mod tests {
         theirs: tokio_util::compat::Compat<tokio::io::DuplexStream>,
         reply: TaskResponder,
         open: Arc<Mutex<HashMap<PeerId, PeerStreams>>>,
+        answers: AnswerBudget,
     }
 
     /// Serves one stream of `buffer` bytes each way, and sends a request
@@ -744,7 +755,9 @@ mod tests {
         let (ours, theirs) = tokio::io::duplex(buffer);
         let open: Arc<Mutex<HashMap<PeerId, PeerStreams>>> = Arc::default();
         let peer = PeerId::random();
-        let slot = StreamSlot::take(&open, peer, &ReadBudget::new(READ_BUDGET_BYTES)).unwrap();
+        let answers = AnswerBudget::new(crate::answer_budget(1));
+        let budget = ReadBudget::new(READ_BUDGET_BYTES);
+        let slot = StreamSlot::take(&open, peer, &budget, &answers).unwrap();
         let task = tokio::spawn(serve_stream(peer, ours.compat(), events, slot));
         let mut theirs = theirs.compat();
         let mut accepted = [0u8; 1];
@@ -759,6 +772,7 @@ mod tests {
             theirs,
             reply,
             open,
+            answers,
         }
     }
 
@@ -769,6 +783,7 @@ mod tests {
             mut theirs,
             reply,
             open,
+            ..
         } = serving_a_request(64 << 10).await;
         // Bytes that are not a request in turn, while the answer is due.
         write_frame(&mut theirs, &[0xee; 1024]).await.unwrap();
@@ -783,15 +798,22 @@ mod tests {
         assert!(rest.is_empty(), "no answer follows: {rest:?}");
     }
 
-    /// A requester that never reads its answer holds it on the host only
-    /// until the answer's deadline.
+    /// A requester that never reads its answer holds it, and the room
+    /// reserved for it, on the host only until the answer's deadline.
     #[tokio::test(start_paused = true)]
     async fn an_answer_nobody_reads_is_given_up() {
         // Room for the request, not for the answer.
         let served = serving_a_request(1024).await;
+        let total = served.answers.available();
+        let reserved = served.reply.room().reserve(100_000).await;
         let big = spare_core::wire::Refusal::Invalid("x".repeat(50_000));
-        served.reply.send(TaskResponse::Refused(big)).await;
+        served
+            .reply
+            .send_reserved(TaskResponse::Refused(big), Some(reserved))
+            .await;
         let started = tokio::time::Instant::now();
+        tokio::time::sleep(ANSWER_GRACE / 2).await;
+        assert_eq!(served.answers.available(), total - 100_000, "held");
         served.task.await.unwrap();
         let waited = started.elapsed();
         assert!(
@@ -802,20 +824,50 @@ mod tests {
             served.open.lock().unwrap().is_empty(),
             "its slot is given back"
         );
+        assert_eq!(served.answers.available(), total, "and the room");
+    }
+
+    /// The room reserved for an answer is given back once it is read.
+    #[tokio::test]
+    async fn a_read_answer_gives_back_its_room() {
+        let mut served = serving_a_request(1024).await;
+        let total = served.answers.available();
+        let reserved = served.reply.room().reserve(200_000).await;
+        let answer = TaskResponse::Refused(Refusal::Invalid("y".repeat(4000)));
+        served
+            .reply
+            .send_reserved(answer.clone(), Some(reserved))
+            .await;
+        tokio::task::yield_now().await;
+        assert_eq!(served.answers.available(), total - 200_000, "held");
+        let frame = read_frame(&mut served.theirs, TaskResponse::MAX_BYTES)
+            .await
+            .unwrap();
+        assert_eq!(wire::decode::<TaskResponse>(&frame).unwrap(), answer);
+        // The host goes back to reading the stream: the room is free.
+        for _ in 0..100 {
+            if served.answers.available() == total {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+        panic!("the room is still held");
     }
 
     #[test]
     fn a_peer_holds_at_most_its_share_of_streams() {
         let open: Arc<Mutex<HashMap<PeerId, PeerStreams>>> = Arc::default();
         let budget = ReadBudget::new(READ_BUDGET_BYTES);
+        let answers = AnswerBudget::new(crate::answer_budget(1));
+        let take = |peer| StreamSlot::take(&open, peer, &budget, &answers);
         let peer = PeerId::random();
         let slots: Vec<_> = (0..MAX_STREAMS_PER_PEER)
-            .map(|_| StreamSlot::take(&open, peer, &budget).unwrap())
+            .map(|_| take(peer).unwrap())
             .collect();
-        assert!(StreamSlot::take(&open, peer, &budget).is_none());
-        assert!(StreamSlot::take(&open, PeerId::random(), &budget).is_some());
+        assert!(take(peer).is_none());
+        assert!(take(PeerId::random()).is_some());
         drop(slots);
-        assert!(StreamSlot::take(&open, peer, &budget).is_some());
+        assert!(take(peer).is_some());
     }
 
     /// Headers announcing the largest request, then silence, on many

@@ -20,10 +20,11 @@
 //! beyond it is answered `Busy` at once, and the fetcher asks again.
 
 use libp2p::PeerId;
+use spare_core::outcome::Failure;
 use spare_core::wire::{BlobRequest, BlobResponse, Refusal, Report, TaskRequest, TaskResponse};
-use spare_core::{Receipt, SignedReceipt, Stdin, TaskSpec};
+use spare_core::{Outcome, Receipt, SignedReceipt, Stdin, TaskSpec};
 use spare_ledger::{Ending, Hosted};
-use spare_net::{BlobResponder, TaskResponder};
+use spare_net::{AnswerRoom, BlobResponder, Reserved, TaskResponder};
 use spare_policy::TokenBucket;
 use spare_runtime::{Job, JobStdin};
 use tokio_util::sync::CancellationToken;
@@ -38,20 +39,23 @@ pub(crate) async fn serve_task(
     request: TaskRequest,
     mut reply: TaskResponder,
 ) {
-    let response = match request {
+    let (response, reserved) = match request {
         // Cancelled when the requester disconnects (it could no longer
         // receive the result), when it sends a cancel, when it closes this
         // request's stream before the answer (it gave up waiting: the peer
         // cannot keep more tasks here than it has streams), or when this
         // node shuts down.
         TaskRequest::Run(spec) => match node.net().connection_token(&peer) {
-            None => TaskResponse::Refused(Refusal::Unavailable(
-                "the requester is not connected".into(),
-            )),
+            None => (
+                TaskResponse::Refused(Refusal::Unavailable(
+                    "the requester is not connected".into(),
+                )),
+                None,
+            ),
             Some(connection) => {
                 let token = connection.child_token();
                 let (task, stop) = (spec.id, token.clone());
-                let run = run_for_peer(&node, peer, spec, token);
+                let run = run_for_peer(&node, peer, spec, token, reply.room());
                 tokio::pin!(run);
                 tokio::select! {
                     response = &mut run => response,
@@ -68,10 +72,10 @@ pub(crate) async fn serve_task(
             if found {
                 tracing::info!(%peer, %task, "cancelled by its requester");
             }
-            TaskResponse::Cancelled(found)
+            (TaskResponse::Cancelled(found), None)
         }
     };
-    reply.send(response).await;
+    reply.send_reserved(response, reserved).await;
 }
 
 /// Cancels `peer`'s hosted `task`, if it is here.
@@ -83,17 +87,21 @@ fn cancel(node: &Node, peer: PeerId, task: spare_core::TaskId) -> bool {
     token.inspect(CancellationToken::cancel).is_some()
 }
 
-/// Runs `peer`'s task unless it is refused; `token` stops it.
+/// Runs `peer`'s task unless it is refused; `token` stops it. The answer
+/// comes with the room reserved for it in `room`, the requester's share of
+/// the node's answer budget.
 async fn run_for_peer(
     node: &Node,
     peer: PeerId,
     spec: TaskSpec,
     token: CancellationToken,
-) -> TaskResponse {
+    room: AnswerRoom,
+) -> (TaskResponse, Option<Reserved>) {
     // `wire::decode` validated the spec; the host's own maximum is checked
     // here.
     if let Err(e) = spec.limits.check_within(&node.config().max_limits) {
-        return TaskResponse::Refused(Refusal::Unavailable(format!("it grants less: {e}")));
+        let refusal = Refusal::Unavailable(format!("it grants less: {e}"));
+        return (TaskResponse::Refused(refusal), None);
     }
     // Inline stdin came with the request: counted, and paid for from the
     // download bucket like the blobs this node fetches.
@@ -107,7 +115,7 @@ async fn run_for_peer(
         started_ms: spare_core::now_ms(),
     };
     if let Err(refusal) = admit(node, &record, &token) {
-        return TaskResponse::Refused(refusal);
+        return (TaskResponse::Refused(refusal), None);
     }
     let _registered = Registered {
         node,
@@ -128,16 +136,27 @@ async fn run_for_peer(
                     .hosted_finished(&record, &Ending::failed(refusal.to_string()), None)
                     .await,
             );
-            return TaskResponse::Refused(refusal);
+            return (TaskResponse::Refused(refusal), None);
         }
     };
-    tracing::debug!(%peer, task = %spec.id, "running");
     let hand_back = node.config().policy.when.hand_back_after;
-    let outcome = tokio::select! {
-        outcome = node.pool().run(job, token.clone()) => outcome,
+    let run = async {
+        // Room for the task's largest answer first, so that the answers
+        // this node holds for requesters that do not read them, and the
+        // outputs of the tasks it runs, stay within its answer budget. A
+        // requester's tasks wait here while its share is held.
+        let reserved = tokio::select! {
+            reserved = room.reserve(TaskResponse::bound_for(&spec.limits)) => reserved,
+            () = token.cancelled() => return (Outcome::failed(Failure::Cancelled), None),
+        };
+        tracing::debug!(%peer, task = %spec.id, "running");
+        (node.pool().run(job, token.clone()).await, Some(reserved))
+    };
+    let (outcome, reserved) = tokio::select! {
+        ran = run => ran,
         () = node.inner.shutdown.cancelled() => {
             token.cancel();
-            return TaskResponse::Refused(Refusal::ShuttingDown);
+            return (TaskResponse::Refused(Refusal::ShuttingDown), None);
         }
         // The owner has needed the machine for long enough: the requester
         // is better served elsewhere. Dropping the run kills the worker.
@@ -154,7 +173,7 @@ async fn run_for_peer(
                     .hosted_finished(&record, &Ending::failed(why.clone()), None)
                     .await,
             );
-            return TaskResponse::Refused(Refusal::Unavailable(why));
+            return (TaskResponse::Refused(Refusal::Unavailable(why)), None);
         }
     };
     let receipt = Receipt {
@@ -169,7 +188,10 @@ async fn run_for_peer(
     };
     let signed = match SignedReceipt::sign(&receipt, &node.inner.key) {
         Ok(signed) => signed,
-        Err(e) => return TaskResponse::Refused(Refusal::Unavailable(e.to_string())),
+        Err(e) => {
+            let refusal = Refusal::Unavailable(e.to_string());
+            return (TaskResponse::Refused(refusal), None);
+        }
     };
     // Durable before the requester hears of it.
     log_err(
@@ -186,11 +208,12 @@ async fn run_for_peer(
     // paced by the upload bucket like the blob chunks this node serves.
     let output = outcome.stdout.len().saturating_add(outcome.stderr.len());
     node.upload().take(output as u64).await;
-    TaskResponse::Done(Report {
+    let report = Report {
         task: spec.id,
         outcome,
         receipt: signed,
-    })
+    };
+    (TaskResponse::Done(report), reserved)
 }
 
 /// Registers a task to host, or says why not: the host's queue is full, the

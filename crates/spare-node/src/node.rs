@@ -170,6 +170,7 @@ impl Node {
                 bootstrap: config.bootstrap.clone(),
                 mdns: config.mdns,
                 transport,
+                answer_budget: spare_net::answer_budget(pool.stats().slots),
             },
             shutdown.child_token(),
         ))
