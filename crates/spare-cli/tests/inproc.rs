@@ -201,13 +201,7 @@ async fn the_api_refuses_bad_input_with_a_reason() {
 async fn a_task_crosses_a_memory_swarm_with_its_receipt() {
     let dir = tempfile::tempdir().unwrap();
     let shutdown = CancellationToken::new();
-    let host = node(&dir.path().join("host"), vec![], &shutdown).await;
-    let requester = node(
-        &dir.path().join("req"),
-        host.net().listen_addrs(),
-        &shutdown,
-    )
-    .await;
+    let (host, requester) = host_and_requester(dir.path(), &shutdown).await;
 
     let echo = example("echo.wasm");
     let module = BlobRef::of(&echo);
@@ -422,28 +416,15 @@ async fn a_task_that_hits_a_lowered_limit_tries_a_host_that_grants_more() {
 async fn a_host_cancels_a_task_whose_stream_closes_early() {
     let dir = tempfile::tempdir().unwrap();
     let shutdown = CancellationToken::new();
-    let host = node(&dir.path().join("host"), vec![], &shutdown).await;
-    let requester = node(
-        &dir.path().join("req"),
-        host.net().listen_addrs(),
-        &shutdown,
-    )
-    .await;
-    let endless = example("hostile/loop.wasm");
-    // Already in the host's store: nothing to fetch.
-    host.blobs().put(&endless).unwrap();
-    let spec = spare_core::TaskSpec {
-        id: TaskId::random(),
-        name: "loop.wasm".into(),
-        module: BlobRef::of(&endless),
-        args: vec![],
-        env: vec![],
-        stdin: spare_core::Stdin::for_bytes(b""),
-        limits: Limits {
+    let (host, requester) = host_and_requester(dir.path(), &shutdown).await;
+    let spec = already_on(
+        &host,
+        "hostile/loop.wasm",
+        Limits {
             wall_ms: 60_000,
             ..Limits::DEFAULT
         },
-    };
+    );
     while !requester.net().is_connected(&host.peer_id()) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -481,28 +462,13 @@ async fn unread_answers_hold_up_their_requesters_tasks_only() {
     let dir = tempfile::tempdir().unwrap();
     let shutdown = CancellationToken::new();
     // One slot: a share of 128 MiB, short of two of the largest answers.
-    let host = node(&dir.path().join("host"), vec![], &shutdown).await;
-    let honest = node(
-        &dir.path().join("honest"),
-        host.net().listen_addrs(),
-        &shutdown,
-    )
-    .await;
-    let flood = example("hostile/flood.wasm");
-    host.blobs().put(&flood).unwrap();
+    let (host, honest) = host_and_requester(dir.path(), &shutdown).await;
     let run = || {
-        let spec = spare_core::TaskSpec {
-            id: TaskId::random(),
-            name: "flood.wasm".into(),
-            module: BlobRef::of(&flood),
-            args: vec![],
-            env: vec![],
-            stdin: spare_core::Stdin::for_bytes(b""),
-            limits: Limits {
-                output: Limits::MAX.output,
-                ..Limits::DEFAULT
-            },
+        let limits = Limits {
+            output: Limits::MAX.output,
+            ..Limits::DEFAULT
         };
+        let spec = already_on(&host, "hostile/flood.wasm", limits);
         let request = spare_core::wire::TaskRequest::Run(spec);
         rogue::frame(&spare_core::wire::encode(&request).unwrap())
     };
@@ -552,6 +518,29 @@ async fn unread_answers_hold_up_their_requesters_tasks_only() {
     };
     assert_eq!(report.outcome.stdout.len() as u64, Limits::MAX.output);
     shutdown.cancel();
+}
+
+/// A host, and a requester bootstrapped from it, in `dir`.
+async fn host_and_requester(dir: &std::path::Path, shutdown: &CancellationToken) -> (Node, Node) {
+    let host = node(&dir.join("host"), vec![], shutdown).await;
+    let requester = node(&dir.join("req"), host.net().listen_addrs(), shutdown).await;
+    (host, requester)
+}
+
+/// A task of `examples/<name>` with no input under `limits`, its module
+/// put in `host`'s store already, so the host fetches nothing for it.
+fn already_on(host: &Node, name: &str, limits: Limits) -> spare_core::TaskSpec {
+    let module = example(name);
+    host.blobs().put(&module).unwrap();
+    spare_core::TaskSpec {
+        id: TaskId::random(),
+        name: name.into(),
+        module: BlobRef::of(&module),
+        args: vec![],
+        env: vec![],
+        stdin: spare_core::Stdin::for_bytes(b""),
+        limits,
+    }
 }
 
 /// Puts `examples/<name>` in `requester`'s store and starts it there, with
