@@ -455,13 +455,14 @@ async fn a_host_cancels_a_task_whose_stream_closes_early() {
 /// A requester that leaves its answers unread holds up its own next tasks
 /// on the host, not other requesters' ones: the host reserves room for a
 /// task's largest answer in the requester's share of its answer budget
-/// before it runs the task, and the room of an answer is given back only
-/// once the answer is read.
+/// before it runs the task, keeps what the answer takes once the task has
+/// ended, and gives that back only once the answer is read.
 #[tokio::test]
 async fn unread_answers_hold_up_their_requesters_tasks_only() {
     let dir = tempfile::tempdir().unwrap();
     let shutdown = CancellationToken::new();
-    // One slot: a share of 128 MiB, short of two of the largest answers.
+    // One slot: a share of 128 MiB. A task at the largest output limit
+    // reserves 64 MiB and its answer, of flood's 32 MiB, keeps 32 MiB.
     let (host, honest) = host_and_requester(dir.path(), &shutdown).await;
     let run = || {
         let limits = Limits {
@@ -475,18 +476,24 @@ async fn unread_answers_hold_up_their_requesters_tasks_only() {
     let (addr, id) = (host.net().listen_addrs()[0].clone(), host.peer_id());
     let mut rogue = rogue::connect(addr, id).await;
 
-    // The first task's answer is left unread after its length, which
-    // tells the task is done and its answer is being written.
-    let mut unread = rogue::task_stream(&mut rogue, id).await;
-    rogue::send(&mut unread, &run()).await.unwrap();
-    let mut header = [0u8; 4];
-    futures::AsyncReadExt::read_exact(&mut unread, &mut header)
-        .await
-        .unwrap();
-    let len = u32::from_be_bytes(header) as usize;
-    assert!(len > 32 << 20, "a whole output limit of flood: {len} bytes");
+    // Two answers are left unread after their length, which tells the
+    // task is done and its answer is being written.
+    let mut unread = Vec::new();
+    for _ in 0..2 {
+        let mut stream = rogue::task_stream(&mut rogue, id).await;
+        rogue::send(&mut stream, &run()).await.unwrap();
+        let mut header = [0u8; 4];
+        let answered = futures::AsyncReadExt::read_exact(&mut stream, &mut header);
+        tokio::time::timeout(Duration::from_secs(60), answered)
+            .await
+            .expect("room for two: an ended task keeps what its answer takes")
+            .unwrap();
+        let len = u32::from_be_bytes(header) as usize;
+        assert!(len > 32 << 20, "a whole output limit of flood: {len} bytes");
+        unread.push((stream, len));
+    }
 
-    // Its second task waits for room...
+    // The third task waits for room...
     let mut next = rogue::task_stream(&mut rogue, id).await;
     rogue::send(&mut next, &run()).await.unwrap();
     // ...while an honest requester's task runs.
@@ -501,20 +508,21 @@ async fn unread_answers_hold_up_their_requesters_tasks_only() {
     let result = ending(&mut events).await.unwrap();
     assert_eq!(result.exit_code, Some(0));
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(host.running_hosted().len(), 1, "the second is registered");
+    assert_eq!(host.running_hosted().len(), 1, "the third is registered");
     assert_eq!(host.pool().stats().running, 0, "and does not run");
 
-    // Once the first answer is read, the second task runs and is answered.
+    // Once one answer is read, the third task runs and is answered.
+    let (mut stream, len) = unread.remove(0);
     let mut rest = vec![0u8; len];
-    futures::AsyncReadExt::read_exact(&mut unread, &mut rest)
+    futures::AsyncReadExt::read_exact(&mut stream, &mut rest)
         .await
         .unwrap();
     let answer = tokio::time::timeout(Duration::from_secs(60), rogue::answer(&mut next))
         .await
-        .expect("the second task is answered once the first answer is read")
+        .expect("the third task is answered once an answer is read")
         .unwrap();
     let spare_core::wire::TaskResponse::Done(report) = answer else {
-        panic!("the second task ran: {answer:?}");
+        panic!("the third task ran: {answer:?}");
     };
     assert_eq!(report.outcome.stdout.len() as u64, Limits::MAX.output);
     shutdown.cancel();

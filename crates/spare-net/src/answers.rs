@@ -91,7 +91,8 @@ impl AnswerRoom {
         let own = Arc::clone(&self.own).acquire_many_owned(units).await;
         let all = Arc::clone(&self.all).acquire_many_owned(units).await;
         Reserved {
-            _permits: own.into_iter().chain(all).collect(),
+            own: own.ok(),
+            all: all.ok(),
         }
     }
 }
@@ -99,7 +100,20 @@ impl AnswerRoom {
 /// Room reserved for one answer; given back when dropped.
 #[derive(Debug)]
 pub struct Reserved {
-    _permits: Vec<OwnedSemaphorePermit>,
+    own: Option<OwnedSemaphorePermit>,
+    all: Option<OwnedSemaphorePermit>,
+}
+
+impl Reserved {
+    /// Gives back all of the room but `bytes`: once a task has ended, its
+    /// answer needs only what its output and the rest take, and the room
+    /// it does not need serves the requester's next task at once.
+    pub fn keep(&mut self, bytes: usize) {
+        for permit in [&mut self.own, &mut self.all].into_iter().flatten() {
+            let extra = permit.num_permits().saturating_sub(bytes);
+            drop(permit.split(extra));
+        }
+    }
 }
 
 #[cfg(test)]
@@ -151,6 +165,24 @@ mod tests {
             .expect("room given back is taken")
             .unwrap();
         drop((second, theirs));
+        assert_eq!(budget.available(), total);
+    }
+
+    #[tokio::test]
+    async fn room_an_answer_does_not_need_is_given_back_at_once() {
+        let budget = AnswerBudget::new(answer_budget(1));
+        let total = budget.available();
+        let room = budget.for_peer();
+        let mut reserved = room.reserve(10 << 20).await;
+        reserved.keep(1 << 20);
+        assert_eq!(budget.available(), total - (1 << 20));
+        // Keeping more than was reserved keeps what was.
+        reserved.keep(20 << 20);
+        assert_eq!(budget.available(), total - (1 << 20));
+        // The peer's share is given back too.
+        assert_eq!(room.own.available_permits(), total / 2 - (1 << 20));
+        drop(reserved);
+        assert_eq!(room.own.available_permits(), total / 2);
         assert_eq!(budget.available(), total);
     }
 

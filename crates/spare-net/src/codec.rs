@@ -31,6 +31,11 @@ pub(crate) const PEER_READ_BYTES: usize = 4 * TaskRequest::MAX_BYTES;
 /// is not read, so yamux may hold up to a stream's window (256 KiB) of it:
 /// this keeps that to 4 MiB per peer.
 pub(crate) const MAX_WAITING_PER_PEER: usize = 16;
+/// Requests of all peers that may wait at once, unread, for their turn at
+/// a peer's share or for the node's budget; the next one is refused. It
+/// keeps what yamux may hold for streams the node does not read (a window,
+/// 256 KiB, each) to 64 MiB in all.
+pub(crate) const MAX_WAITING: usize = 256;
 /// How long a peer may take to send one whole request.
 pub(crate) const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Inbound requests are read in pieces of this size, each holding a permit.
@@ -39,32 +44,53 @@ const READ_PIECE: usize = 64 << 10;
 const _: () = assert!(PEER_READ_BYTES <= READ_BUDGET_BYTES / 8);
 
 /// The node-wide budget of bytes of inbound requests being read: one permit
-/// per byte.
+/// per byte; and the turns to wait for it, or for a peer's share of it.
 #[derive(Clone, Debug)]
-pub(crate) struct ReadBudget(Arc<Semaphore>);
+pub(crate) struct ReadBudget {
+    bytes: Arc<Semaphore>,
+    waiting: Arc<Semaphore>,
+}
 
 impl ReadBudget {
     pub(crate) fn new(bytes: usize) -> Self {
-        Self(Arc::new(Semaphore::new(bytes)))
+        Self {
+            bytes: Arc::new(Semaphore::new(bytes)),
+            waiting: Arc::new(Semaphore::new(MAX_WAITING)),
+        }
     }
 
-    /// Waits for the permits for `bytes` (a piece of a message, far less
-    /// than the whole budget) and holds them until dropped.
+    /// The permits for `bytes` (a piece of a message, far less than the
+    /// whole budget), waiting for them if they are not free, and held until
+    /// dropped. At most [`MAX_WAITING`] requests wait; one more is refused.
     pub(crate) async fn acquire(&self, bytes: usize) -> io::Result<OwnedSemaphorePermit> {
-        acquire(&self.0, bytes).await
+        if let Ok(permit) = self.try_acquire(bytes) {
+            return Ok(permit);
+        }
+        let _turn = self.turn_to_wait()?;
+        acquire(&self.bytes, bytes).await
+    }
+
+    /// One of the node's [`MAX_WAITING`] turns to wait, or an error saying
+    /// they are all taken.
+    fn turn_to_wait(&self) -> io::Result<OwnedSemaphorePermit> {
+        Arc::clone(&self.waiting).try_acquire_owned().map_err(|_| {
+            io::Error::other(format!(
+                "{MAX_WAITING} requests already wait for the node's read budget"
+            ))
+        })
     }
 
     /// Bytes not held now.
     #[cfg(test)]
     pub(crate) fn available(&self) -> usize {
-        self.0.available_permits()
+        self.bytes.available_permits()
     }
 
     /// The permits for `bytes` if they are free now; an error saying the
     /// budget is spent otherwise.
     pub(crate) fn try_acquire(&self, bytes: usize) -> io::Result<OwnedSemaphorePermit> {
         let units = units(bytes)?;
-        Arc::clone(&self.0)
+        Arc::clone(&self.bytes)
             .try_acquire_many_owned(units)
             .map_err(|_| {
                 io::Error::new(
@@ -99,8 +125,8 @@ impl PeerBudget {
     /// Waits until the peer's share has room for a whole request of
     /// `bytes`, and holds it until dropped: a peer's requests are admitted
     /// in turn, each with all the room it can need, so they never wait on
-    /// one another half read. At most [`MAX_WAITING_PER_PEER`] wait; one
-    /// more is refused at once.
+    /// one another half read. At most [`MAX_WAITING_PER_PEER`] wait, and
+    /// [`MAX_WAITING`] of all peers; one more is refused at once.
     pub(crate) async fn admit(&self, bytes: usize) -> io::Result<OwnedSemaphorePermit> {
         let units = units(bytes)?;
         if let Ok(admitted) = Arc::clone(&self.own).try_acquire_many_owned(units) {
@@ -111,6 +137,7 @@ impl PeerBudget {
                 "{MAX_WAITING_PER_PEER} of this peer's requests already wait for their turn"
             ))
         })?;
+        let _node_turn = self.all.turn_to_wait()?;
         acquire(&self.own, bytes).await
     }
 
@@ -306,6 +333,47 @@ mod tests {
         StreamProtocol::new(spare_core::wire::BLOB_PROTOCOL)
     }
 
+    /// Requests of all peers wait for the node's budget, or a peer's
+    /// share, unread, but only so many: one more is refused at once.
+    #[tokio::test]
+    async fn only_so_many_requests_wait_on_the_node() {
+        let node = ReadBudget::new(READ_BUDGET_BYTES);
+        let all = node.acquire(READ_BUDGET_BYTES).await.unwrap();
+        let (mut waiting, mut shares) = (Vec::new(), Vec::new());
+        for i in 0..MAX_WAITING {
+            let node = node.clone();
+            // Half wait for the node's bytes, half for their peer's turn.
+            if i % 2 == 0 {
+                waiting.push(tokio::spawn(async move { node.acquire(1).await.is_ok() }));
+            } else {
+                let peer = node.for_peer();
+                shares.push(peer.admit(PEER_READ_BYTES).await.unwrap());
+                waiting.push(tokio::spawn(async move { peer.admit(1).await.is_ok() }));
+            }
+        }
+        while node.waiting.available_permits() > 0 {
+            tokio::task::yield_now().await;
+        }
+        let refused = tokio::time::timeout(Duration::from_secs(5), node.acquire(1))
+            .await
+            .expect("refused at once, not made to wait");
+        assert!(
+            refused
+                .unwrap_err()
+                .to_string()
+                .contains("requests already wait for the node's read budget"),
+            "one too many"
+        );
+        let other = node.for_peer();
+        let _share = other.admit(PEER_READ_BYTES).await.unwrap();
+        assert!(other.admit(1).await.is_err(), "a peer's turn too");
+        drop((all, shares));
+        for waited in waiting {
+            assert!(waited.await.unwrap(), "the waiting ones get their turn");
+        }
+        assert_eq!(node.waiting.available_permits(), MAX_WAITING);
+    }
+
     /// Requests beyond the peer's share wait their turn unread, but only
     /// so many: one more is refused at once, and turns come back.
     #[tokio::test]
@@ -376,7 +444,7 @@ mod tests {
         let err = codec.read_request(&protocol(), &mut io).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
         assert!(io.position() <= BlobRequest::MAX_BYTES as u64 + 1);
-        assert_eq!(budget.0.available_permits(), 4 << 20);
+        assert_eq!(budget.available(), 4 << 20);
     }
 
     #[tokio::test(start_paused = true)]

@@ -17,9 +17,11 @@
 //! node-wide read budget while it arrives and must arrive within
 //! [`REQUEST_READ_TIMEOUT`](crate::codec::REQUEST_READ_TIMEOUT), at most
 //! [`MAX_WAITING_PER_PEER`](crate::codec::MAX_WAITING_PER_PEER) of a
-//! peer's requests waiting for their turn; a peer may hold at most
+//! peer's requests, and [`MAX_WAITING`](crate::codec::MAX_WAITING) of all
+//! peers', waiting for their turn; a peer may hold at most
 //! [`MAX_STREAMS_PER_PEER`] task streams open on this node; a stream is
-//! read while its task runs, and a byte then closes it; an answer must be
+//! read while its task runs and while its answer is written, and a byte
+//! then closes it; an answer must be
 //! taken within its deadline ([`ANSWER_GRACE`], [`ANSWER_MIN_RATE`]), and
 //! holds the room the daemon reserved for it in the node's answer budget
 //! ([`crate::answers`]) until it is written.
@@ -60,8 +62,11 @@ const OPEN_PAUSE_MAX: Duration = Duration::from_millis(200);
 /// per-task deadline on top.
 const TASK_REQUEST_TIMEOUT: Duration = Duration::from_millis(Limits::MAX.wall_ms + 10 * 60 * 1000);
 /// A request's body is read through a buffer of this size, so a stream
-/// whose header announced a large request holds no more until bytes come.
+/// whose header announced a large request holds no more until bytes come;
+/// its first read, before the request is admitted, goes to a buffer of
+/// [`FIRST_READ`] bytes on the stack (all of a typical request).
 const READ_SCRATCH: usize = 16 << 10;
+const FIRST_READ: usize = 512;
 /// A requester must take an answer within [`ANSWER_GRACE`] and a second
 /// for each [`ANSWER_MIN_RATE`] bytes of it (64 KiB/s: half the lowest
 /// bandwidth limit, as for blob fetches), or the host drops the stream
@@ -152,7 +157,7 @@ fn answer_bound(request: &TaskRequest) -> usize {
 /// the peer's share, waiting its turn behind the peer's other requests;
 /// the memory its body then takes, as bytes arrive, comes from the node's
 /// budget. A header alone, or a trickle, holds next to nothing of the
-/// node's (and the [`READ_SCRATCH`] buffer), so a peer must really send
+/// node's (and, once admitted, the [`READ_SCRATCH`] buffer), so a peer must really send
 /// what it would have the node hold. The body's first piece may wait for
 /// the node's budget; a body that holds some and needs more than is free
 /// is refused at once, so requests holding parts of the budget never wait
@@ -163,15 +168,29 @@ async fn read_request_body<T: AsyncRead + Unpin>(
     budget: &PeerBudget,
 ) -> io::Result<Vec<u8>> {
     let read = async {
-        let mut scratch = vec![0u8; READ_SCRATCH.min(len)];
+        // The first bytes land in a small buffer of the stream's own: one
+        // that announced a request and sent nothing more holds no other.
+        let mut first = [0u8; FIRST_READ];
+        let mut scratch = Vec::new();
         let mut body: Vec<u8> = Vec::new();
         let mut admitted: Option<OwnedSemaphorePermit> = None;
-        // One permit, grown with the body's memory: a trickle of single
+        // One permit for the memory the request takes (its body, and the
+        // buffer it is read through), grown with it: a trickle of single
         // bytes costs no more to track than one large read.
         let mut held: Option<OwnedSemaphorePermit> = None;
         while body.len() < len {
-            let want = scratch.len().min(len - body.len());
-            let n = io.read(&mut scratch[..want]).await?;
+            let into: &mut [u8] = if admitted.is_none() {
+                &mut first
+            } else {
+                if scratch.is_empty() {
+                    let size = READ_SCRATCH.min(len - body.len());
+                    hold_more(budget, &mut held, size).await?;
+                    scratch = vec![0u8; size];
+                }
+                &mut scratch
+            };
+            let want = into.len().min(len - body.len());
+            let n = io.read(&mut into[..want]).await?;
             if n == 0 {
                 return Err(io::ErrorKind::UnexpectedEof.into());
             }
@@ -183,20 +202,31 @@ async fn read_request_body<T: AsyncRead + Unpin>(
                     .max(body.len() + n)
                     .max(READ_SCRATCH)
                     .min(len);
-                let more = grown - body.capacity();
-                match &mut held {
-                    Some(held) => held.merge(budget.node().try_acquire(more)?),
-                    None => held = Some(budget.node().acquire(more).await?),
-                }
+                hold_more(budget, &mut held, grown - body.capacity()).await?;
                 body.reserve_exact(grown - body.len());
             }
-            body.extend_from_slice(&scratch[..n]);
+            body.extend_from_slice(&into[..n]);
         }
         Ok(body)
     };
     tokio::time::timeout(REQUEST_READ_TIMEOUT, read)
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "request not received in time"))?
+}
+
+/// Adds `bytes` of the node's read budget to what a request holds: its
+/// first piece may wait; more is taken only if free now, so requests that
+/// hold parts of the budget never wait on one another.
+async fn hold_more(
+    budget: &PeerBudget,
+    held: &mut Option<OwnedSemaphorePermit>,
+    bytes: usize,
+) -> io::Result<()> {
+    match held {
+        Some(held) => held.merge(budget.node().try_acquire(bytes)?),
+        None => *held = Some(budget.node().acquire(bytes).await?),
+    }
+    Ok(())
 }
 
 async fn write_frame<T: AsyncWrite + Unpin>(io: &mut T, frame: &[u8]) -> io::Result<()> {
@@ -447,18 +477,21 @@ impl Drop for StreamSlot {
 /// or breaks the protocol.
 async fn serve_stream<T: AsyncRead + AsyncWrite + Unpin>(
     peer: PeerId,
-    mut stream: T,
+    stream: T,
     events: mpsc::Sender<NetEvent>,
     slot: StreamSlot,
 ) {
-    if let Err(e) = write_frame(&mut stream, &[ACCEPTED]).await {
+    // The stream is read even while an answer is written (see
+    // `write_answer`), so it is served as two halves.
+    let (mut reader, mut writer) = stream.split();
+    if let Err(e) = write_frame(&mut writer, &[ACCEPTED]).await {
         tracing::debug!(%peer, "task stream closed at once: {e}");
         return;
     }
     loop {
         // The room reserved for the answer, if any, is held until it has
         // been written or given up.
-        let (response, _reserved) = match next_request(&mut stream, &slot.budget).await {
+        let (response, _reserved) = match next_request(&mut reader, &slot.budget).await {
             Ok(None) => return,
             Err(e) => {
                 tracing::debug!(%peer, "task stream closed: {e}");
@@ -482,7 +515,7 @@ async fn serve_stream<T: AsyncRead + AsyncWrite + Unpin>(
                 match events.try_send(event) {
                     // Dropped without an answer: close the stream, which
                     // the requester sees as a failed request.
-                    Ok(()) => match answer_or_break(&mut stream, rx).await {
+                    Ok(()) => match answer_or_break(&mut reader, rx).await {
                         Some(response) => response,
                         None => {
                             tracing::debug!(%peer, "task stream closed before its answer");
@@ -507,18 +540,35 @@ async fn serve_stream<T: AsyncRead + AsyncWrite + Unpin>(
         };
         // Only the frame is held while the requester takes it.
         drop(response);
-        let deadline = answer_deadline(frame.len());
-        match tokio::time::timeout(deadline, write_frame(&mut stream, &frame)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                tracing::debug!(%peer, "cannot answer on the task stream: {e}");
-                return;
-            }
-            Err(_) => {
-                tracing::debug!(%peer, "the requester did not take its answer in {deadline:?}");
-                return;
-            }
+        if let Err(why) = write_answer(&mut reader, &mut writer, &frame).await {
+            tracing::debug!(%peer, "task stream closed: {why}");
+            return;
         }
+    }
+}
+
+/// Writes an answer `frame`, which the requester must take within its
+/// deadline. A requester sends nothing until it has the whole answer, so
+/// the stream is read meanwhile, as while the task ran: bytes it pushes
+/// (or its close) end the stream rather than wait in yamux's buffer.
+async fn write_answer<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    reader: &mut R,
+    writer: &mut W,
+    frame: &[u8],
+) -> Result<(), String> {
+    let deadline = answer_deadline(frame.len());
+    let mut byte = [0u8; 1];
+    tokio::select! {
+        // The write first: once the requester has the whole answer it may
+        // send its next request at once, and that must not count as
+        // writing early.
+        biased;
+        written = tokio::time::timeout(deadline, write_frame(writer, frame)) => match written {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(format!("cannot write the answer: {e}")),
+            Err(_) => Err(format!("the requester did not take its answer in {deadline:?}")),
+        },
+        _ = reader.read(&mut byte) => Err("the requester wrote before it had its answer".into()),
     }
 }
 
@@ -827,6 +877,28 @@ mod tests {
         assert_eq!(served.answers.available(), total, "and the room");
     }
 
+    /// Bytes a requester pushes while its answer is being written end the
+    /// stream at once: they are not left in yamux's buffer for the
+    /// answer's deadline.
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_that_writes_while_its_answer_is_written_loses_the_stream() {
+        // Room for the request, not for the answer.
+        let mut served = serving_a_request(1024).await;
+        let answer = TaskResponse::Refused(Refusal::Invalid("z".repeat(4000)));
+        served.reply.send(answer).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(!served.task.is_finished(), "the answer waits to be read");
+        served.theirs.write_all(&[0xee; 64]).await.unwrap();
+        served.theirs.flush().await.unwrap();
+        let started = tokio::time::Instant::now();
+        served.task.await.unwrap();
+        assert!(started.elapsed() < Duration::from_secs(1), "at once");
+        assert!(
+            served.open.lock().unwrap().is_empty(),
+            "its slot is given back"
+        );
+    }
+
     /// The room reserved for an answer is given back once it is read.
     #[tokio::test]
     async fn a_read_answer_gives_back_its_room() {
@@ -931,8 +1003,10 @@ mod tests {
             });
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
+        // Their bodies, and the buffer each is read through.
         let held = READ_BUDGET_BYTES - node.available();
-        assert!(held <= PEER_READ_BYTES, "one peer holds {held} bytes");
+        let share = PEER_READ_BYTES + PEER_READ_BYTES / len * READ_SCRATCH;
+        assert!(held <= share, "one peer holds {held} bytes");
         assert!(held > 0, "the stalled requests hold what they were sent");
 
         let request = TaskRequest::Cancel(TaskId::random());

@@ -152,7 +152,7 @@ async fn run_for_peer(
         tracing::debug!(%peer, task = %spec.id, "running");
         (node.pool().run(job, token.clone()).await, Some(reserved))
     };
-    let (outcome, reserved) = tokio::select! {
+    let (outcome, mut reserved) = tokio::select! {
         ran = run => ran,
         () = node.inner.shutdown.cancelled() => {
             token.cancel();
@@ -176,6 +176,11 @@ async fn run_for_peer(
             return (TaskResponse::Refused(Refusal::Unavailable(why)), None);
         }
     };
+    // The answer needs room for this output, not for the most it could be.
+    let output = outcome.stdout.len().saturating_add(outcome.stderr.len());
+    if let Some(reserved) = &mut reserved {
+        reserved.keep(output.saturating_add(TaskResponse::SMALL_BYTES));
+    }
     let receipt = Receipt {
         task: spec.id,
         requester: peer,
@@ -206,7 +211,6 @@ async fn run_for_peer(
     tracing::debug!(%peer, task = %spec.id, status = ?outcome.status, fuel = outcome.fuel, "hosted task finished");
     // The output goes back to the requester: bytes moved for the swarm,
     // paced by the upload bucket like the blob chunks this node serves.
-    let output = outcome.stdout.len().saturating_add(outcome.stderr.len());
     node.upload().take(output as u64).await;
     let report = Report {
         task: spec.id,
