@@ -333,6 +333,25 @@ mod tests {
         StreamProtocol::new(spare_core::wire::BLOB_PROTOCOL)
     }
 
+    /// Waits until every turn of `waiting` is taken.
+    async fn all_turns_taken(waiting: &Semaphore) {
+        while waiting.available_permits() > 0 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    /// Checks that one more request is refused at once, saying `why`.
+    async fn refused_at_once<T: std::fmt::Debug>(
+        asked: impl std::future::Future<Output = io::Result<T>>,
+        why: &str,
+    ) {
+        let refused = tokio::time::timeout(Duration::from_secs(5), asked)
+            .await
+            .expect("refused at once, not made to wait");
+        let error = refused.expect_err("one too many").to_string();
+        assert!(error.contains(why), "{error}");
+    }
+
     /// Requests of all peers wait for the node's budget, or a peer's
     /// share, unread, but only so many: one more is refused at once.
     #[tokio::test]
@@ -351,19 +370,12 @@ mod tests {
                 waiting.push(tokio::spawn(async move { peer.admit(1).await.is_ok() }));
             }
         }
-        while node.waiting.available_permits() > 0 {
-            tokio::task::yield_now().await;
-        }
-        let refused = tokio::time::timeout(Duration::from_secs(5), node.acquire(1))
-            .await
-            .expect("refused at once, not made to wait");
-        assert!(
-            refused
-                .unwrap_err()
-                .to_string()
-                .contains("requests already wait for the node's read budget"),
-            "one too many"
-        );
+        all_turns_taken(&node.waiting).await;
+        refused_at_once(
+            node.acquire(1),
+            "requests already wait for the node's read budget",
+        )
+        .await;
         let other = node.for_peer();
         let _share = other.admit(PEER_READ_BYTES).await.unwrap();
         assert!(other.admit(1).await.is_err(), "a peer's turn too");
@@ -385,19 +397,8 @@ mod tests {
             let peer = peer.clone();
             waiting.push(tokio::spawn(async move { peer.admit(1).await.is_ok() }));
         }
-        while peer.waiting.available_permits() > 0 {
-            tokio::task::yield_now().await;
-        }
-        let refused = tokio::time::timeout(Duration::from_secs(5), peer.admit(1))
-            .await
-            .expect("refused at once, not made to wait");
-        assert!(
-            refused
-                .unwrap_err()
-                .to_string()
-                .contains("wait for their turn"),
-            "one too many"
-        );
+        all_turns_taken(&peer.waiting).await;
+        refused_at_once(peer.admit(1), "wait for their turn").await;
         drop(held);
         for admitted in waiting {
             assert!(admitted.await.unwrap(), "the waiting ones get their turn");
