@@ -153,6 +153,22 @@ pub(crate) fn build_swarm(
 
 type BoxedError = Box<dyn std::error::Error + Send + Sync>;
 
+/// What a QUIC peer may have this node buffer for one stream it does not
+/// read, and for all of a connection's streams together. libp2p's
+/// defaults (10 MB and 15 MB) would let each of the requests that wait
+/// unread for their turn hold megabytes; these match what yamux gives a
+/// stream to start (256 KiB), twice over, which still moves a blob chunk
+/// in a few round trips.
+const QUIC_STREAM_WINDOW: u32 = 512 << 10;
+const QUIC_CONNECTION_WINDOW: u32 = 8 << 20;
+
+fn quic_config(key: &Keypair) -> quic::Config {
+    let mut config = quic::Config::new(key);
+    config.max_stream_data = QUIC_STREAM_WINDOW;
+    config.max_connection_data = QUIC_CONNECTION_WINDOW;
+    config
+}
+
 /// The transports `SwarmBuilder::with_tcp` and `with_quic` would make (or,
 /// in tests, a memory transport), wrapped in the dial policy.
 fn transport(
@@ -167,7 +183,7 @@ fn transport(
                 .authenticate(noise::Config::new(key)?)
                 .multiplex(yamux::Config::default())
                 .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)));
-            let quic = quic::tokio::Transport::new(quic::Config::new(key))
+            let quic = quic::tokio::Transport::new(quic_config(key))
                 .map(|(peer, connection), _| (peer, StreamMuxerBox::new(connection)));
             tcp.or_transport(quic)
                 .map(|either, _| either.into_inner())

@@ -28,13 +28,15 @@ pub(crate) const READ_BUDGET_BYTES: usize = 64 << 20;
 pub(crate) const PEER_READ_BYTES: usize = 4 * TaskRequest::MAX_BYTES;
 /// A peer's task requests that may wait at once for their turn at its
 /// share; the next one is refused and its stream closed. A waiting stream
-/// is not read, so yamux may hold up to a stream's window (256 KiB) of it:
-/// this keeps that to 4 MiB per peer.
+/// is not read, so the muxer may hold up to a stream's window of it (256
+/// KiB to start with yamux, 512 KiB with QUIC): this keeps that to 4 MiB
+/// (8 MiB) per peer.
 pub(crate) const MAX_WAITING_PER_PEER: usize = 16;
 /// Requests of all peers that may wait at once, unread, for their turn at
 /// a peer's share or for the node's budget; the next one is refused. It
-/// keeps what yamux may hold for streams the node does not read (a window,
-/// 256 KiB, each) to 64 MiB in all.
+/// keeps what the muxers may hold for streams the node does not read to
+/// 256 windows: 64 MiB at yamux's first window (more where yamux has grown
+/// a stream's window for a fast reader), 128 MiB with QUIC.
 pub(crate) const MAX_WAITING: usize = 256;
 /// How long a peer may take to send one whole request.
 pub(crate) const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(10);

@@ -66,7 +66,8 @@ pub struct NetConfig {
     pub mdns: bool,
     pub transport: Transport,
     /// Bytes of task answers this node may hold for its requesters at
-    /// once ([`answer_budget`] for its slots).
+    /// once ([`answer_budget`] for its slots and the largest answer it
+    /// grants).
     pub answer_budget: usize,
 }
 

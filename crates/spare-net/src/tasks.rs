@@ -73,8 +73,11 @@ const FIRST_READ: usize = 512;
 /// and the answer with it.
 const ANSWER_GRACE: Duration = Duration::from_secs(30);
 const ANSWER_MIN_RATE: usize = 64 << 10;
-/// Idle streams a requester keeps per host; more are closed when done.
+/// Idle streams a requester keeps per host, and over all hosts; more are
+/// closed when done. An idle stream is not read, so a host could fill its
+/// window (256 KiB to start): the second bound keeps that node-wide.
 const MAX_IDLE_PER_PEER: usize = 64;
+const MAX_IDLE: usize = 256;
 /// Inbound task streams one peer may hold open on this node; more are
 /// dropped as they arrive. It bounds the tasks a peer can have in flight
 /// here (a task whose stream closes before its answer is cancelled), as
@@ -179,16 +182,8 @@ async fn read_request_body<T: AsyncRead + Unpin>(
         // bytes costs no more to track than one large read.
         let mut held: Option<OwnedSemaphorePermit> = None;
         while body.len() < len {
-            let into: &mut [u8] = if admitted.is_none() {
-                &mut first
-            } else {
-                if scratch.is_empty() {
-                    let size = READ_SCRATCH.min(len - body.len());
-                    hold_more(budget, &mut held, size).await?;
-                    scratch = vec![0u8; size];
-                }
-                &mut scratch
-            };
+            let unbuffered = scratch.is_empty();
+            let into: &mut [u8] = if unbuffered { &mut first } else { &mut scratch };
             let want = into.len().min(len - body.len());
             let n = io.read(&mut into[..want]).await?;
             if n == 0 {
@@ -197,15 +192,29 @@ async fn read_request_body<T: AsyncRead + Unpin>(
             if admitted.is_none() {
                 admitted = Some(budget.admit(len).await?);
             }
-            if body.len() + n > body.capacity() {
-                let grown = (body.capacity() * 2)
-                    .max(body.len() + n)
-                    .max(READ_SCRATCH)
-                    .min(len);
-                hold_more(budget, &mut held, grown - body.capacity()).await?;
-                body.reserve_exact(grown - body.len());
+            // The body's memory, and (while more is to come) the buffer it
+            // is read through, charged together: the first charge, which
+            // may wait, covers both.
+            let filled = body.len() + n;
+            let grown = if filled > body.capacity() {
+                (body.capacity() * 2).max(filled).max(READ_SCRATCH).min(len)
+            } else {
+                body.capacity()
+            };
+            let buffer = if unbuffered && filled < len {
+                READ_SCRATCH.min(len - filled)
+            } else {
+                0
+            };
+            let more = grown - body.capacity() + buffer;
+            if more > 0 {
+                hold_more(budget, &mut held, more).await?;
             }
+            body.reserve_exact(grown - body.len());
             body.extend_from_slice(&into[..n]);
+            if buffer > 0 {
+                scratch = vec![0u8; buffer];
+            }
         }
         Ok(body)
     };
@@ -364,8 +373,9 @@ impl TaskStreams {
 
     fn give_back(&self, peer: PeerId, stream: Stream) {
         let mut idle = self.lock();
+        let total: usize = idle.values().map(Vec::len).sum();
         let streams = idle.entry(peer).or_default();
-        if streams.len() < MAX_IDLE_PER_PEER {
+        if streams.len() < MAX_IDLE_PER_PEER && total < MAX_IDLE {
             streams.push(stream);
         }
     }
@@ -446,7 +456,7 @@ impl StreamSlot {
         let streams = peers.entry(peer).or_insert_with(|| PeerStreams {
             open: 0,
             budget: budget.for_peer(),
-            answers: answers.for_peer(),
+            answers: answers.for_peer(peer),
         });
         if streams.open >= MAX_STREAMS_PER_PEER {
             return None;
@@ -805,7 +815,7 @@ mod tests {
         let (ours, theirs) = tokio::io::duplex(buffer);
         let open: Arc<Mutex<HashMap<PeerId, PeerStreams>>> = Arc::default();
         let peer = PeerId::random();
-        let answers = AnswerBudget::new(crate::answer_budget(1));
+        let answers = AnswerBudget::new(crate::answer_budget(1, TaskResponse::MAX_BYTES));
         let budget = ReadBudget::new(READ_BUDGET_BYTES);
         let slot = StreamSlot::take(&open, peer, &budget, &answers).unwrap();
         let task = tokio::spawn(serve_stream(peer, ours.compat(), events, slot));
@@ -930,7 +940,7 @@ mod tests {
     fn a_peer_holds_at_most_its_share_of_streams() {
         let open: Arc<Mutex<HashMap<PeerId, PeerStreams>>> = Arc::default();
         let budget = ReadBudget::new(READ_BUDGET_BYTES);
-        let answers = AnswerBudget::new(crate::answer_budget(1));
+        let answers = AnswerBudget::new(crate::answer_budget(1, TaskResponse::MAX_BYTES));
         let take = |peer| StreamSlot::take(&open, peer, &budget, &answers);
         let peer = PeerId::random();
         let slots: Vec<_> = (0..MAX_STREAMS_PER_PEER)

@@ -33,7 +33,7 @@ async fn malformed_and_oversized_requests_are_refused_and_the_node_keeps_serving
             bootstrap: vec![],
             mdns: false,
             transport: Transport::Memory,
-            answer_budget: spare_net::answer_budget(1),
+            answer_budget: spare_net::answer_budget(1, 64 << 20),
         },
         shutdown.clone(),
     )

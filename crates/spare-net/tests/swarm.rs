@@ -49,7 +49,7 @@ async fn try_start(
             bootstrap,
             mdns: false,
             transport,
-            answer_budget: spare_net::answer_budget(1),
+            answer_budget: spare_net::answer_budget(1, 64 << 20),
         },
         shutdown.child_token(),
     )

@@ -211,7 +211,11 @@ async fn run_for_peer(
     tracing::debug!(%peer, task = %spec.id, status = ?outcome.status, fuel = outcome.fuel, "hosted task finished");
     // The output goes back to the requester: bytes moved for the swarm,
     // paced by the upload bucket like the blob chunks this node serves.
-    node.upload().take(output as u64).await;
+    // A requester that has gone gets no answer: no need to pace it.
+    tokio::select! {
+        () = node.upload().take(output as u64) => {}
+        () = token.cancelled() => {}
+    }
     let report = Report {
         task: spec.id,
         outcome,

@@ -170,7 +170,10 @@ impl Node {
                 bootstrap: config.bootstrap.clone(),
                 mdns: config.mdns,
                 transport,
-                answer_budget: spare_net::answer_budget(pool.stats().slots),
+                answer_budget: spare_net::answer_budget(
+                    pool.stats().slots,
+                    spare_core::wire::TaskResponse::bound_for(&config.max_limits),
+                ),
             },
             shutdown.child_token(),
         ))
