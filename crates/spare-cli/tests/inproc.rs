@@ -528,6 +528,34 @@ async fn unread_answers_hold_up_their_requesters_tasks_only() {
     shutdown.cancel();
 }
 
+/// A host whose database has outgrown its share of the disk budget
+/// takes no more tasks: each would add a receipt to it.
+#[tokio::test]
+async fn a_host_whose_database_fills_its_disk_budget_takes_no_tasks() {
+    let dir = tempfile::tempdir().unwrap();
+    let shutdown = CancellationToken::new();
+    let (host, requester) = host_and_requester(dir.path(), &shutdown).await;
+    // After the node's first measurement, which would undo this one.
+    while host.blobs().state_bytes() == 0 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    host.blobs().set_state_bytes(host.blobs().budget() / 2 + 1);
+    wait_for_offers(&requester, 1).await;
+    let spec = already_on(&host, "hello.wasm", Limits::DEFAULT);
+    let answer = requester
+        .net()
+        .send_task(host.peer_id(), spare_core::wire::TaskRequest::Run(spec))
+        .await
+        .unwrap();
+    assert!(
+        matches!(&answer, spare_core::wire::TaskResponse::Refused(r)
+            if r.to_string().contains("database fills its share of the owner's disk budget")),
+        "{answer:?}"
+    );
+    assert!(host.ledger().recent_hosted(10).unwrap().is_empty());
+    shutdown.cancel();
+}
+
 /// A host, and a requester bootstrapped from it, in `dir`.
 async fn host_and_requester(dir: &std::path::Path, shutdown: &CancellationToken) -> (Node, Node) {
     let host = node(&dir.join("host"), vec![], shutdown).await;

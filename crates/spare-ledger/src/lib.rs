@@ -33,6 +33,11 @@ use writer::{Op, Write};
 /// The schema this code reads and writes.
 pub const SCHEMA_VERSION: i64 = 1;
 
+/// Rows of hosted tasks kept, the latest ones: peers decide how many tasks
+/// a node hosts, so the table of them is bounded. The receipts, which
+/// credit will be computed from, are kept apart and not pruned.
+pub const MAX_HOSTED_ROWS: i64 = 10_000;
+
 /// Why a ledger operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum LedgerError {
@@ -716,6 +721,36 @@ mod tests {
         assert_eq!(record.started_ms, 5);
         assert_eq!(record.requester, hosted.requester.to_string());
         assert_eq!(ledger.receipt_totals(ReceiptRole::Issued).unwrap().count, 1);
+    }
+
+    #[tokio::test]
+    async fn only_the_latest_hosted_rows_are_kept_and_every_receipt() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(&dir.path().join("state.db")).unwrap();
+        let requester = PeerId::random();
+        let rows = MAX_HOSTED_ROWS as usize + 5;
+        let mut writes = Vec::new();
+        for i in 0..rows {
+            let hosted = Hosted {
+                task: TaskId::random(),
+                requester,
+                module: BlobId::of(b"m"),
+                started_ms: i as u64,
+            };
+            let receipt = signed_receipt(hosted.task, requester);
+            writes.push(ledger.hosted_finished(&hosted, &Ending::of(&outcome(0)), Some(receipt)));
+        }
+        for write in writes {
+            write.await.unwrap();
+        }
+        let kept = ledger.recent_hosted(u32::MAX).unwrap();
+        assert_eq!(kept.len(), MAX_HOSTED_ROWS as usize);
+        assert_eq!(kept[0].started_ms, rows as u64 - 1, "the newest kept");
+        assert_eq!(kept.last().unwrap().started_ms, 5, "the oldest gone");
+        assert_eq!(
+            ledger.receipt_totals(ReceiptRole::Issued).unwrap().count,
+            rows as u64
+        );
     }
 
     #[tokio::test]

@@ -254,6 +254,11 @@ fn apply(conn: &Connection, write: &Write) -> rusqlite::Result<()> {
             if let Some(receipt) = receipt {
                 insert_receipt(conn, &receipt.0, &receipt.1, ReceiptRole::Issued)?;
             }
+            // Only the latest rows are kept (receipts are kept apart).
+            conn.prepare_cached(
+                "DELETE FROM hosted WHERE rowid <= (SELECT max(rowid) FROM hosted) - ?1",
+            )?
+            .execute(params![crate::MAX_HOSTED_ROWS])?;
         }
     }
     Ok(())

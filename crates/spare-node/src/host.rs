@@ -20,7 +20,7 @@
 //! beyond it is answered `Busy` at once, and the fetcher asks again.
 
 use libp2p::PeerId;
-use spare_core::outcome::Failure;
+use spare_core::outcome::{Failure, Status};
 use spare_core::wire::{BlobRequest, BlobResponse, Refusal, Report, TaskRequest, TaskResponse};
 use spare_core::{Outcome, Receipt, SignedReceipt, Stdin, TaskSpec};
 use spare_ledger::{Ending, Hosted};
@@ -60,7 +60,7 @@ pub(crate) async fn serve_task(
                 tokio::select! {
                     response = &mut run => response,
                     () = reply.abandoned() => {
-                        tracing::info!(%peer, %task, "cancelled: its requester stopped waiting");
+                        tracing::debug!(%peer, %task, "cancelled: its requester stopped waiting");
                         stop.cancel();
                         run.await
                     }
@@ -70,7 +70,7 @@ pub(crate) async fn serve_task(
         TaskRequest::Cancel(task) => {
             let found = cancel(&node, peer, task);
             if found {
-                tracing::info!(%peer, %task, "cancelled by its requester");
+                tracing::debug!(%peer, %task, "cancelled by its requester");
             }
             (TaskResponse::Cancelled(found), None)
         }
@@ -129,13 +129,15 @@ async fn run_for_peer(
     // The pins keep the task's blobs from eviction until it ends.
     let (job, _pins) = match prepared {
         Ok(prepared) => prepared,
+        // Not recorded: the task never ran here, and a peer could make
+        // the node write rows (and log lines) for as long as it liked by
+        // asking for tasks it then will not give the module of.
         Err(refusal) => {
-            tracing::info!(%peer, task = %spec.id, "refused: {refusal}");
-            log_err(
-                node.ledger()
-                    .hosted_finished(&record, &Ending::failed(refusal.to_string()), None)
-                    .await,
-            );
+            if REFUSALS_LOGGED.allow() {
+                tracing::info!(%peer, task = %spec.id, "refused: {refusal}");
+            } else {
+                tracing::debug!(%peer, task = %spec.id, "refused: {refusal}");
+            }
             return (TaskResponse::Refused(refusal), None);
         }
     };
@@ -198,16 +200,22 @@ async fn run_for_peer(
             return (TaskResponse::Refused(refusal), None);
         }
     };
-    // Durable before the requester hears of it.
-    log_err(
-        node.ledger()
-            .hosted_finished(
-                &record,
-                &Ending::of(&outcome),
-                Some((receipt, signed.clone())),
-            )
-            .await,
-    );
+    // Durable before the requester hears of it; a task cancelled before
+    // it reached a worker ran nothing, and is not recorded (see above).
+    let ran = !(outcome.fuel == 0
+        && outcome.wall_ms == 0
+        && matches!(outcome.status, Status::Failed(Failure::Cancelled)));
+    if ran {
+        log_err(
+            node.ledger()
+                .hosted_finished(
+                    &record,
+                    &Ending::of(&outcome),
+                    Some((receipt, signed.clone())),
+                )
+                .await,
+        );
+    }
     tracing::debug!(%peer, task = %spec.id, status = ?outcome.status, fuel = outcome.fuel, "hosted task finished");
     // The output goes back to the requester: bytes moved for the swarm,
     // paced by the upload bucket like the blob chunks this node serves.
@@ -222,6 +230,43 @@ async fn run_for_peer(
         receipt: signed,
     };
     (TaskResponse::Done(report), reserved)
+}
+
+/// How many refusals a minute are logged at `info`; more go to `debug`,
+/// since peers cause them at will.
+static REFUSALS_LOGGED: LogBudget = LogBudget::new(20);
+
+/// Lines a minute a peer-caused event may log at a level the owner sees.
+struct LogBudget {
+    per_minute: u32,
+    minute: std::sync::Mutex<Option<(std::time::Instant, u32)>>,
+}
+
+impl LogBudget {
+    const fn new(per_minute: u32) -> Self {
+        Self {
+            per_minute,
+            minute: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Whether one more line fits this minute.
+    fn allow(&self) -> bool {
+        let mut minute = self.minute.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        match &mut *minute {
+            Some((start, lines))
+                if now.duration_since(*start) < std::time::Duration::from_secs(60) =>
+            {
+                *lines += 1;
+                *lines <= self.per_minute
+            }
+            _ => {
+                *minute = Some((now, 1));
+                true
+            }
+        }
+    }
 }
 
 /// Registers a task to host, or says why not: the host's queue is full, the
@@ -252,6 +297,14 @@ fn admit(node: &Node, record: &Hosted, token: &CancellationToken) -> Result<(), 
         return Err(Refusal::Busy {
             queued: u32::try_from(waiting.saturating_sub(1)).unwrap_or(u32::MAX),
         });
+    }
+    // Every task this node runs leaves a receipt in its database, which
+    // the disk budget holds too: past its share, no more.
+    let blobs = node.blobs();
+    if blobs.state_bytes() > blobs.budget() / 2 {
+        return Err(Refusal::Unavailable(
+            "its database fills its share of the owner's disk budget".into(),
+        ));
     }
     if hosted.contains_key(&(peer, task)) {
         return Err(Refusal::Invalid(format!(

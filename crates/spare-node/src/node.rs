@@ -321,7 +321,16 @@ impl Node {
             // The database is part of the disk budget too.
             let db = self.inner.paths.db.clone();
             let state = tokio::task::spawn_blocking(move || state_bytes(&db)).await;
-            self.blobs().set_state_bytes(state.unwrap_or(0));
+            let state = state.unwrap_or(0);
+            self.blobs().set_state_bytes(state);
+            if state > self.blobs().budget() / 2 {
+                tracing::warn!(
+                    "the database takes {} of the disk budget's {}: this node hosts no \
+                     more tasks until the budget (`disk`) is raised",
+                    spare_core::units::format_bytes(state),
+                    spare_core::units::format_bytes(self.blobs().budget()),
+                );
+            }
             let root = self.inner.paths.cache.clone();
             let swept =
                 tokio::task::spawn_blocking(move || spare_runtime::cache::sweep(&root, budget))
