@@ -31,6 +31,11 @@ const MAX_CONNECTIONS: u32 = 256;
 const MAX_CONNECTIONS_PER_PEER: u32 = 2;
 /// Connections being set up from outside at once.
 const MAX_PENDING_INCOMING: u32 = 64;
+const DUPLICATE_CACHE_TIME: Duration = Duration::from_secs(10);
+/// Dials in progress at once: mDNS answers are not authenticated, and a
+/// host on the LAN could otherwise name peers at addresses that never
+/// answer, each dial holding a socket until it times out.
+const MAX_PENDING_OUTGOING: u32 = 64;
 /// Concurrent inbound blob requests per connection. Their bytes are bounded
 /// together by the node's read budget (`codec::ReadBudget`).
 const MAX_CONCURRENT_STREAMS: usize = 256;
@@ -60,7 +65,8 @@ impl Behaviour {
             connection_limits::ConnectionLimits::default()
                 .with_max_established(Some(MAX_CONNECTIONS))
                 .with_max_established_per_peer(Some(MAX_CONNECTIONS_PER_PEER))
-                .with_max_pending_incoming(Some(MAX_PENDING_INCOMING)),
+                .with_max_pending_incoming(Some(MAX_PENDING_INCOMING))
+                .with_max_pending_outgoing(Some(MAX_PENDING_OUTGOING)),
         );
         let identify = identify::Behaviour::new(
             identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public())
@@ -92,6 +98,11 @@ impl Behaviour {
             .validation_mode(gossipsub::ValidationMode::Strict)
             .validate_messages()
             .max_transmit_size(Offer::MAX_BYTES + 512)
+            // Message ids seen are remembered this long (libp2p's default is
+            // a minute): long enough for gossip's five heartbeats of
+            // history, short enough that a flood of signed messages from
+            // connected peers is not kept for long.
+            .duplicate_cache_time(DUPLICATE_CACHE_TIME)
             .build()
             .map_err(|e| NetError::Config(e.to_string()))?;
         let gossipsub = gossipsub::Behaviour::new(

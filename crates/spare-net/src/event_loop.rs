@@ -372,6 +372,11 @@ impl EventLoop {
                             .collect()
                     }
                 };
+                // What Kademlia had of it from an earlier connection goes,
+                // so a peer that reconnects does not add 8 more each time.
+                if !believable.is_empty() {
+                    self.swarm.behaviour_mut().kad.remove_peer(&peer_id);
+                }
                 for addr in believable {
                     self.shared.dial_scope.vouch(peer_id, &addr);
                     self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);

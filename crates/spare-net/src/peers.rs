@@ -34,7 +34,18 @@ pub(crate) struct PeerTable {
     /// How far away each peer is: the widest scope of the addresses we are
     /// connected to it on.
     reach: HashMap<PeerId, Scope>,
+    /// Offers used from each peer in its current window of
+    /// [`OFFER_WINDOW`]: when the window began, and how many.
+    offers: HashMap<PeerId, (Instant, u32)>,
 }
+
+/// A peer's offers are used, and passed on, at most [`MAX_OFFERS`] times
+/// in each [`OFFER_WINDOW`]: an honest node publishes at most four a second
+/// (when its load changes, checked every 250 ms), so this leaves room for
+/// gossip's jitter, and a peer that publishes more costs its neighbours
+/// no more than that.
+pub(crate) const OFFER_WINDOW: Duration = Duration::from_secs(2);
+pub(crate) const MAX_OFFERS: u32 = 10;
 
 /// How far an address reaches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -129,6 +140,7 @@ impl PeerTable {
     /// Forgets `peer`, returning what was known of it.
     pub(crate) fn disconnected(&mut self, peer: &PeerId) -> Option<PeerInfo> {
         self.reach.remove(peer);
+        self.offers.remove(peer);
         self.peers.remove(peer)
     }
 
@@ -176,9 +188,10 @@ impl PeerTable {
         }
     }
 
-    /// Records `offer` of a connected `peer` unless an offer with a higher
-    /// sequence number is already known (gossip may deliver out of order);
-    /// whether it was recorded.
+    /// Records `offer` of a connected `peer` if it is newer than the one
+    /// known (gossip may deliver out of order, and replay) and the peer
+    /// has not used up its [`MAX_OFFERS`] in this [`OFFER_WINDOW`]; whether
+    /// it was recorded.
     pub(crate) fn offer(&mut self, peer: &PeerId, offer: Offer) -> bool {
         let Some(info) = self.peers.get_mut(peer) else {
             return false;
@@ -186,11 +199,21 @@ impl PeerTable {
         let newer = info
             .offer
             .as_ref()
-            .is_none_or(|(old, _)| offer.seq >= old.seq);
-        if newer {
-            info.offer = Some((offer, Instant::now()));
+            .is_none_or(|(old, _)| offer.seq > old.seq);
+        if !newer {
+            return false;
         }
-        newer
+        let now = Instant::now();
+        let window = self.offers.entry(*peer).or_insert((now, 0));
+        if now.duration_since(window.0) >= OFFER_WINDOW {
+            *window = (now, 0);
+        }
+        if window.1 >= MAX_OFFERS {
+            return false;
+        }
+        window.1 += 1;
+        info.offer = Some((offer, now));
+        true
     }
 
     pub(crate) fn snapshot(&self) -> Vec<PeerInfo> {
@@ -305,7 +328,28 @@ mod tests {
             !table.offer(&peer, offer(3)),
             "a stale offer is not passed on"
         );
+        assert!(!table.offer(&peer, offer(5)), "nor a replay");
         assert_eq!(table.snapshot()[0].offer.as_ref().unwrap().0.seq, 5);
+    }
+
+    #[test]
+    fn a_peer_offers_at_most_so_often() {
+        let mut table = PeerTable::default();
+        let (peer, other) = (PeerId::random(), PeerId::random());
+        table.connected(peer, "/memory/1".parse().unwrap());
+        table.connected(other, "/memory/2".parse().unwrap());
+        for seq in 1..=u64::from(MAX_OFFERS) {
+            assert!(table.offer(&peer, offer(seq)));
+        }
+        let next = u64::from(MAX_OFFERS) + 1;
+        assert!(!table.offer(&peer, offer(next)), "one too many this window");
+        assert!(table.offer(&other, offer(1)), "others are not held to it");
+        // A new window begins once this one has passed.
+        table.offers.get_mut(&peer).unwrap().0 -= OFFER_WINDOW;
+        assert!(table.offer(&peer, offer(next)));
+        // Forgotten with the peer.
+        table.disconnected(&peer);
+        assert!(!table.offers.contains_key(&peer));
     }
 
     #[test]
