@@ -89,6 +89,10 @@ pub const MAX_SERVING_BYTES: u64 = 32 * MAX_BLOB_CHUNK as u64;
 /// served. An honest peer has one chunk in flight per blob it fetches.
 pub const MAX_SERVING_BYTES_PER_PEER: u64 = MAX_SERVING_BYTES / 4;
 const _: () = assert!(MAX_SERVING_BYTES_PER_PEER >= MAX_BLOB_CHUNK as u64);
+/// What a chunk request is charged at least, however few bytes it asks
+/// for: each costs a file read on a blocking thread, so the budget bounds
+/// how many are served at once too (128 for one peer, 512 in all).
+pub const MIN_SERVING_CHARGE: u64 = 64 << 10;
 
 /// The store.
 #[derive(Debug)]
@@ -341,7 +345,7 @@ impl BlobStore {
     /// when either is taken (the peer is then answered
     /// [`BlobResponse::Busy`]).
     pub fn serving_permit(&self, peer: PeerId, len: u32) -> Option<ServingPermit> {
-        let bytes = u64::from(len.min(MAX_BLOB_CHUNK));
+        let bytes = u64::from(len.min(MAX_BLOB_CHUNK)).max(MIN_SERVING_CHARGE);
         let mut serving = self.shared.serving();
         let mine = serving.peers.get(&peer).copied().unwrap_or(0);
         if serving.total + bytes > MAX_SERVING_BYTES || mine + bytes > MAX_SERVING_BYTES_PER_PEER {

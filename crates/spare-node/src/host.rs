@@ -103,10 +103,11 @@ async fn run_for_peer(
         let refusal = Refusal::Unavailable(format!("it grants less: {e}"));
         return (TaskResponse::Refused(refusal), None);
     }
-    // Inline stdin came with the request: counted, and paid for from the
-    // download bucket like the blobs this node fetches.
+    // Inline stdin came with the request: counted in the download bucket
+    // like the blobs this node fetches, which make up for it. Nothing waits
+    // for it, since it is here already.
     if let Stdin::Inline(bytes) = &spec.stdin {
-        node.download().take(bytes.len() as u64).await;
+        node.download().arrived(bytes.len() as u64);
     }
     let record = Hosted {
         task: spec.id,
@@ -219,11 +220,11 @@ async fn run_for_peer(
     tracing::debug!(%peer, task = %spec.id, status = ?outcome.status, fuel = outcome.fuel, "hosted task finished");
     // The output goes back to the requester: bytes moved for the swarm,
     // paced by the upload bucket like the blob chunks this node serves.
-    // A requester that has gone gets no answer: no need to pace it.
-    tokio::select! {
-        () = node.upload().take(output as u64) => {}
-        () = token.cancelled() => {}
-    }
+    // A requester that has gone gets no answer: its bytes are not paced,
+    // and not counted.
+    node.upload()
+        .take_until(output as u64, token.cancelled())
+        .await;
     let report = Report {
         task: spec.id,
         outcome,
@@ -445,7 +446,7 @@ mod tests {
     use spare_core::wire::MAX_BLOB_CHUNK;
 
     use super::*;
-    use crate::blobs::{MAX_SERVING_BYTES, MAX_SERVING_BYTES_PER_PEER};
+    use crate::blobs::{MAX_SERVING_BYTES, MAX_SERVING_BYTES_PER_PEER, MIN_SERVING_CHARGE};
 
     #[tokio::test]
     async fn chunks_are_served_within_the_serving_budget() {
@@ -475,6 +476,14 @@ mod tests {
             answer_blob(&blobs, &upload, PeerId::random(), request(0, 5), false).await;
         assert_eq!(response, BlobResponse::NotFound);
         assert!(held.is_none());
+
+        // Asking for a byte at a time is charged as for more: a peer
+        // cannot have millions of reads in flight within its share.
+        let tiny: Vec<_> = (0..MAX_SERVING_BYTES_PER_PEER / MIN_SERVING_CHARGE)
+            .map(|_| blobs.serving_permit(peer, 1).unwrap())
+            .collect();
+        assert!(blobs.serving_permit(peer, 1).is_none());
+        drop(tiny);
 
         // A peer that holds its share (replies it does not read) is told
         // it is busy; others are still served.

@@ -55,7 +55,7 @@ impl TokenBucket {
             return Duration::ZERO;
         };
         let rate = rate.max(1) as f64;
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut state = self.lock();
         let now = Instant::now();
         let refill = now.duration_since(state.at).as_secs_f64() * rate;
         state.tokens = (state.tokens + refill).min(rate);
@@ -75,7 +75,58 @@ impl TokenBucket {
             tokio::time::sleep(wait).await;
         }
     }
+
+    /// Like [`TokenBucket::take`], but gives up if `stop` resolves first,
+    /// and gives the bytes back, since they were not moved: a transfer
+    /// abandoned while it waited leaves no debt for the next. Whether the
+    /// bytes may be moved.
+    pub async fn take_until(
+        &self,
+        bytes: u64,
+        stop: impl std::future::Future<Output = ()>,
+    ) -> bool {
+        let wait = self.reserve(bytes);
+        if wait.is_zero() {
+            return true;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(wait) => true,
+            () = stop => {
+                self.moved.fetch_sub(bytes, Ordering::Relaxed);
+                if self.rate.is_some() {
+                    self.lock().tokens += bytes as f64;
+                }
+                false
+            }
+        }
+    }
+
+    /// Counts `bytes` that have already arrived unasked (a peer sent them
+    /// with its request): they take from the bucket, so this node's own
+    /// transfers make up for them, but never put it more than one
+    /// second's worth in debt ([`MAX_DEBT`]), since nothing this node does
+    /// can slow a peer that pushes faster.
+    pub fn arrived(&self, bytes: u64) {
+        self.moved.fetch_add(bytes, Ordering::Relaxed);
+        let Some(rate) = self.rate else {
+            return;
+        };
+        let rate = rate.max(1) as f64;
+        let mut state = self.lock();
+        let now = Instant::now();
+        let refill = now.duration_since(state.at).as_secs_f64() * rate;
+        state.tokens = (state.tokens + refill).min(rate);
+        state.at = now;
+        state.tokens = (state.tokens - bytes as f64).max(-rate * MAX_DEBT.as_secs_f64());
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
+
+/// The most that bytes which arrived unasked can put a bucket in debt.
+pub const MAX_DEBT: Duration = Duration::from_secs(1);
 
 #[cfg(test)]
 mod tests {
@@ -107,6 +158,30 @@ mod tests {
             wait > Duration::from_millis(1490) && wait <= Duration::from_millis(1500),
             "{wait:?}"
         );
+    }
+
+    #[test]
+    fn bytes_that_arrived_unasked_leave_at_most_a_seconds_debt() {
+        let bucket = TokenBucket::new(Some(1000));
+        bucket.arrived(1_000_000);
+        assert_eq!(bucket.moved(), 1_000_000);
+        // The burst is gone and a second's debt is left, not a thousand.
+        let wait = bucket.reserve(1000);
+        assert!(
+            wait > Duration::from_millis(1990) && wait <= Duration::from_millis(2000),
+            "{wait:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_transfer_given_up_while_it_waits_leaves_no_debt() {
+        let bucket = TokenBucket::new(Some(1000));
+        assert!(bucket.take_until(1000, std::future::pending()).await);
+        // Ten seconds' worth, given up at once: given back.
+        assert!(!bucket.take_until(10_000, std::future::ready(())).await);
+        assert_eq!(bucket.moved(), 1000);
+        let wait = bucket.reserve(500);
+        assert!(wait <= Duration::from_millis(500), "{wait:?}");
     }
 
     proptest! {
