@@ -55,11 +55,7 @@ impl TokenBucket {
             return Duration::ZERO;
         };
         let rate = rate.max(1) as f64;
-        let mut state = self.lock();
-        let now = Instant::now();
-        let refill = now.duration_since(state.at).as_secs_f64() * rate;
-        state.tokens = (state.tokens + refill).min(rate);
-        state.at = now;
+        let mut state = self.refilled(rate);
         state.tokens -= bytes as f64;
         if state.tokens >= 0.0 {
             Duration::ZERO
@@ -112,16 +108,23 @@ impl TokenBucket {
             return;
         };
         let rate = rate.max(1) as f64;
-        let mut state = self.lock();
-        let now = Instant::now();
-        let refill = now.duration_since(state.at).as_secs_f64() * rate;
-        state.tokens = (state.tokens + refill).min(rate);
-        state.at = now;
+        let mut state = self.refilled(rate);
         state.tokens = (state.tokens - bytes as f64).max(-rate * MAX_DEBT.as_secs_f64());
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The state, with the tokens the time since it was last seen brings
+    /// at `rate`, up to the burst.
+    fn refilled(&self, rate: f64) -> std::sync::MutexGuard<'_, State> {
+        let mut state = self.lock();
+        let now = Instant::now();
+        let refill = now.duration_since(state.at).as_secs_f64() * rate;
+        state.tokens = (state.tokens + refill).min(rate);
+        state.at = now;
+        state
     }
 }
 
