@@ -410,7 +410,10 @@ impl EventLoop {
                         .behaviour_mut()
                         .kad
                         .add_address(&peer, addr.clone());
-                    if !self.swarm.is_connected(&peer) {
+                    // mDNS answers are not authenticated: dialled only while
+                    // this node wants more peers, like Kademlia's finds.
+                    let few = self.read_peer_count() < TARGET_PEERS;
+                    if few && !self.swarm.is_connected(&peer) {
                         let opts = DialOpts::peer_id(peer).addresses(vec![addr]).build();
                         let _ = self.swarm.dial(opts);
                     }

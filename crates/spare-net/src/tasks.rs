@@ -83,6 +83,9 @@ const MAX_IDLE: usize = 256;
 /// here (a task whose stream closes before its answer is cancelled), as
 /// the host's queue does again.
 pub(crate) const MAX_STREAMS_PER_PEER: usize = 256;
+/// Inbound task streams of all peers open at once; more are dropped as
+/// they arrive. Each is a task of its own with a little state.
+pub(crate) const MAX_STREAMS: usize = 4096;
 
 /// Why a frame could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -453,6 +456,9 @@ impl StreamSlot {
         answers: &AnswerBudget,
     ) -> Option<Self> {
         let mut peers = open.lock().unwrap_or_else(|p| p.into_inner());
+        if peers.values().map(|s| s.open).sum::<usize>() >= MAX_STREAMS {
+            return None;
+        }
         let streams = peers.entry(peer).or_insert_with(|| PeerStreams {
             open: 0,
             budget: budget.for_peer(),
@@ -949,6 +955,13 @@ mod tests {
         assert!(take(peer).is_none());
         assert!(take(PeerId::random()).is_some());
         drop(slots);
+        assert!(take(peer).is_some());
+        // And all peers together at most so many.
+        let many: Vec<_> = (0..MAX_STREAMS)
+            .map(|_| take(PeerId::random()).unwrap())
+            .collect();
+        assert!(take(PeerId::random()).is_none());
+        drop(many);
         assert!(take(peer).is_some());
     }
 

@@ -69,6 +69,34 @@ fn private_files() {
     }
 }
 
+/// Lets the daemon open as many files as the system allows it (the hard
+/// limit), not the 1 024 a login shell usually starts with: its peers'
+/// connections (256, and 64 being set up each way), blob fetches and
+/// reads, the database and its workers' pipes all hold descriptors.
+/// Returns the limit now in force.
+fn raise_open_files() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the limits into the struct it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return 0;
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: limit.rlim_max,
+            rlim_max: limit.rlim_max,
+        };
+        // SAFETY: setrlimit reads the limits from the struct it is given;
+        // raising the soft limit up to the hard one needs no privilege.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            return raised.rlim_cur;
+        }
+    }
+    limit.rlim_cur
+}
+
 /// Everything `spare up` needs.
 #[derive(Clone, Debug)]
 pub struct DaemonOptions {
@@ -86,6 +114,7 @@ pub async fn run(options: DaemonOptions) -> Result<(), NodeError> {
     } = options;
     init(&paths)?;
     let _lock = lock(&paths)?;
+    tracing::debug!(open_files = raise_open_files(), "file descriptor limit");
     let (key, _) = identity::load_or_create(&paths.key)?;
     let shutdown = CancellationToken::new();
     let node = Node::start(
@@ -200,6 +229,20 @@ fn lock(paths: &Paths) -> Result<std::fs::File, NodeError> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_open_files_limit_is_raised_to_the_hard_one() {
+        let raised = raise_open_files();
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: as in `raise_open_files`.
+        let read = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+        assert_eq!(read, 0);
+        assert_eq!(raised, limit.rlim_cur);
+        assert_eq!(limit.rlim_cur, limit.rlim_max);
+    }
+
     use super::*;
 
     /// `nohup` starts a program with `SIGHUP` ignored; the daemon sees it

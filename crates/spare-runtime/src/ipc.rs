@@ -22,6 +22,20 @@ pub(crate) const MAX_JOB_FRAME: usize = 4 << 20;
 /// Largest frame a worker may send: an outcome with both output streams full.
 pub(crate) const MAX_RESULT_FRAME: usize = 2 * Limits::MAX.output as usize + (64 << 10);
 
+/// Largest frame a worker may send when it starts (what it could take
+/// from itself, and notes on what it could not).
+pub(crate) const MAX_READY_FRAME: usize = 64 << 10;
+
+/// Largest frame a worker may send for a job under `limits`: its outcome
+/// with both output streams at the job's own limit.
+pub(crate) fn result_bound(limits: &Limits) -> usize {
+    usize::try_from(limits.output)
+        .unwrap_or(usize::MAX)
+        .saturating_mul(2)
+        .saturating_add(64 << 10)
+        .min(MAX_RESULT_FRAME)
+}
+
 /// Daemon → worker.
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) enum ToWorker {
@@ -114,6 +128,16 @@ pub(crate) async fn read_frame_async<T: DeserializeOwned>(
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn a_result_is_bounded_by_its_jobs_output_limit() {
+        let mut limits = Limits::DEFAULT;
+        limits.output = 1000;
+        assert_eq!(result_bound(&limits), 2000 + (64 << 10));
+        assert_eq!(result_bound(&Limits::MAX), MAX_RESULT_FRAME);
+        limits.output = u64::MAX;
+        assert_eq!(result_bound(&limits), MAX_RESULT_FRAME);
+    }
 
     #[test]
     fn frames_round_trip() {

@@ -22,7 +22,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::Job;
 use crate::confine::ConfineReport;
-use crate::ipc::{FromWorker, MAX_RESULT_FRAME, ToWorker, read_frame_async, write_frame_async};
+use crate::ipc::{
+    FromWorker, MAX_READY_FRAME, ToWorker, read_frame_async, result_bound, write_frame_async,
+};
 use crate::priority::PriorityReport;
 use crate::stop::{WorkerState, signal, transition};
 
@@ -392,7 +394,7 @@ impl WorkerPool {
         drop(frame);
         let waited = {
             // Kept across a cancel: the worker's answer may be half read.
-            let read = read_frame_async::<FromWorker>(&mut worker.stdout, MAX_RESULT_FRAME);
+            let read = read_frame_async::<FromWorker>(&mut worker.stdout, result_bound(&limits));
             tokio::pin!(read);
             tokio::select! {
                 biased;
@@ -484,7 +486,7 @@ impl WorkerPool {
         }
         let hello = tokio::time::timeout(
             STARTUP_TIMEOUT,
-            read_frame_async::<FromWorker>(&mut worker.stdout, MAX_RESULT_FRAME),
+            read_frame_async::<FromWorker>(&mut worker.stdout, MAX_READY_FRAME),
         )
         .await;
         match hello {
