@@ -249,6 +249,21 @@ fn hostile_guests_and_bad_input_end_with_one_clear_line() {
             "is not a peer id",
         ),
         (
+            &["run", "--on", "sn7", &example("hello.wasm")],
+            125,
+            "nor 4 or more of its last characters",
+        ),
+        (
+            &[
+                "run",
+                "--on",
+                "/ip4/127.0.0.1/tcp/1",
+                &example("hello.wasm"),
+            ],
+            125,
+            "is an address without a peer id: it must end in `/p2p/<peer id>`",
+        ),
+        (
             &["run", "--memory", "64 parsecs", &example("hello.wasm")],
             125,
             "unknown unit `parsecs`",

@@ -43,6 +43,16 @@ async fn node_with(
     shutdown: &CancellationToken,
     tweak: impl FnOnce(&mut Config),
 ) -> Node {
+    start_node(dir, bootstrap, shutdown, tweak).await.unwrap()
+}
+
+/// Starts a node in `dir`, or says why it could not.
+async fn start_node(
+    dir: &std::path::Path,
+    bootstrap: Vec<spare_net::Multiaddr>,
+    shutdown: &CancellationToken,
+    tweak: impl FnOnce(&mut Config),
+) -> Result<Node, spare_node::NodeError> {
     let paths = Paths::in_dir(dir);
     paths.create_dirs().unwrap();
     let mut config = Config {
@@ -70,7 +80,6 @@ async fn node_with(
         shutdown.child_token(),
     )
     .await
-    .unwrap()
 }
 
 fn rand_port() -> u64 {
@@ -553,6 +562,25 @@ async fn a_host_whose_database_fills_its_disk_budget_takes_no_tasks() {
         "{answer:?}"
     );
     assert!(host.ledger().recent_hosted(10).unwrap().is_empty());
+    shutdown.cancel();
+}
+
+/// A damaged database is refused with its path and what to do.
+#[tokio::test]
+async fn a_damaged_database_is_named_with_the_way_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let shutdown = CancellationToken::new();
+    let paths = Paths::in_dir(dir.path());
+    paths.create_dirs().unwrap();
+    std::fs::write(&paths.db, vec![0x5a; 8192]).unwrap();
+    let Err(error) = start_node(dir.path(), vec![], &shutdown, |_| {}).await else {
+        panic!("a node started on a damaged database");
+    };
+    let error = error.to_string();
+    assert!(
+        error.contains(&paths.db.display().to_string()) && error.contains("move it aside"),
+        "{error}"
+    );
     shutdown.cancel();
 }
 

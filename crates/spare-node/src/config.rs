@@ -311,7 +311,8 @@ pub const TEMPLATE: &str = r#"# spare node configuration. Flags of `spare up` ov
 # windows = ["22:00-07:00"]
 # Give while running on battery.
 # on_battery = false
-# Paused this long, hand running tasks back to their requesters: 1s to 24h.
+# A task kept waiting this long by a pause (whether it was running or had
+# just arrived) goes back to its requester: 1s to 24h.
 # hand_back_after = "60s"
 
 # The most this node grants one guest.
@@ -1145,7 +1146,7 @@ mod tests {
             "0 to 65536",
             "CPU, of one core: 0.1% to 100%",
             "resume: 0s to 24h",
-            "requesters: 1s to 24h",
+            "requester: 1s to 24h",
             "ms, s, m, h, d",
             "PiB",
             "1 to 1e13",

@@ -142,7 +142,10 @@ async fn run_for_peer(
             return (TaskResponse::Refused(refusal), None);
         }
     };
-    let hand_back = node.config().policy.when.hand_back_after;
+    let (hand_back, arrived) = (
+        node.config().policy.when.hand_back_after,
+        std::time::Instant::now(),
+    );
     let run = async {
         // Room for the task's largest answer first, so that the answers
         // this node holds for requesters that do not read them, and the
@@ -163,10 +166,10 @@ async fn run_for_peer(
         }
         // The owner has needed the machine for long enough: the requester
         // is better served elsewhere. Dropping the run kills the worker.
-        () = node.governor().paused_for(hand_back) => {
+        () = node.governor().paused_for(hand_back, arrived) => {
             token.cancel();
             let why = format!(
-                "handed back: this host has been paused for {} ({})",
+                "handed back: it waited {} while this host was paused ({})",
                 spare_core::units::format_duration(hand_back),
                 node.governor().status().reason
             );

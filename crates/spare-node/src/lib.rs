@@ -42,6 +42,14 @@ pub enum NodeError {
         what: String,
         source: std::io::Error,
     },
+    #[error(
+        "cannot open the node's database {path}: {source} (if it is damaged, move it \
+         aside and start again: a new one is made, without the task history and receipts)"
+    )]
+    Database {
+        path: String,
+        source: spare_ledger::LedgerError,
+    },
     #[error("another spare daemon is already running on {0}")]
     Locked(String),
     #[error("{0}")]

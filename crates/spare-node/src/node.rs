@@ -106,7 +106,10 @@ impl Node {
             worker,
             transport,
         } = options;
-        let ledger = Ledger::open(&paths.db)?;
+        let ledger = Ledger::open(&paths.db).map_err(|source| NodeError::Database {
+            path: paths.db.display().to_string(),
+            source,
+        })?;
         let blobs =
             BlobStore::open(&paths.blobs, blob_budget(config.policy.disk)).map_err(|e| {
                 NodeError::Io {

@@ -187,8 +187,10 @@ impl Governor {
         self.shared.paused_since.subscribe()
     }
 
-    /// Resolves once the node has been paused for `after` without a break.
-    pub async fn paused_for(&self, after: Duration) {
+    /// Resolves once the node has been paused for `after` without a break,
+    /// counting from `from` at the earliest: a task that arrives during a
+    /// pause gets all of `after`, not what is left of it.
+    pub async fn paused_for(&self, after: Duration, from: Instant) {
         let mut since = self.paused_since();
         loop {
             let current = *since.borrow_and_update();
@@ -200,7 +202,7 @@ impl Governor {
                 }
                 Some(began) => {
                     tokio::select! {
-                        () = tokio::time::sleep_until((began + after).into()) => return,
+                        () = tokio::time::sleep_until((began.max(from) + after).into()) => return,
                         changed = since.changed() => if changed.is_err() {
                             return std::future::pending().await;
                         },

@@ -268,8 +268,10 @@ fn finish(result: &TaskResult, json: bool, cancelled: bool) -> Result<ExitCode> 
             Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
             other => other,
         };
-        quiet_pipe(std::io::stdout().lock().write_all(&result.stdout_bytes()))?;
-        quiet_pipe(std::io::stderr().lock().write_all(&result.stderr_bytes()))?;
+        quiet_pipe(std::io::stdout().lock().write_all(&result.stdout_bytes()))
+            .context("cannot write the program's output to stdout")?;
+        quiet_pipe(std::io::stderr().lock().write_all(&result.stderr_bytes()))
+            .context("cannot write the program's errors to stderr")?;
     }
     let code = match (result.exit_code, result.failure_kind) {
         (Some(code), _) => (code & 0xff) as u8,
@@ -369,9 +371,18 @@ async fn peer_named(client: &Client, text: &str) -> Result<String> {
     {
         return Ok(peer.to_string());
     }
+    if text.contains('/') {
+        bail!(
+            "--on `{text}` is an address without a peer id: it must end in `/p2p/<peer id>` \
+             (`spare peers` lists them)"
+        );
+    }
     let end = text.trim_start_matches('…').trim_start_matches("...");
-    if end.len() < 4 || text.contains('/') {
-        bail!("--on `{text}` is not a peer id (`spare peers` lists them)");
+    if end.len() < 4 {
+        bail!(
+            "--on `{text}` is not a peer id, nor 4 or more of its last characters \
+             (`spare peers` lists them)"
+        );
     }
     let peers: Vec<PeerView> = client.get("/v1/peers").await?;
     let matching: Vec<&PeerView> = peers.iter().filter(|p| p.peer_id.ends_with(end)).collect();

@@ -31,23 +31,23 @@ pub(crate) struct Args {
     cores: Option<i64>,
     /// Share of the whole machine's CPU all guests together may use, 0.1%
     /// to 100%, e.g. 50%.
-    #[arg(long, value_name = "PERCENT")]
+    #[arg(long, value_name = "PERCENT", allow_hyphen_values = true)]
     cpu: Option<String>,
     /// Memory all guests together may use, up to the machine's, e.g. 4GiB
     /// (default: half the machine's).
-    #[arg(long, value_name = "SIZE")]
+    #[arg(long, value_name = "SIZE", allow_hyphen_values = true)]
     memory: Option<String>,
     /// Disk for tasks' modules, inputs and compiled code and this node's
     /// database, at least 256MiB, e.g. 10GiB.
-    #[arg(long, value_name = "SIZE")]
+    #[arg(long, value_name = "SIZE", allow_hyphen_values = true)]
     disk: Option<String>,
     /// Upload bandwidth for the swarm, at least 128KiB/s, e.g. 2MiB/s, or
     /// unlimited.
-    #[arg(long, value_name = "RATE")]
+    #[arg(long, value_name = "RATE", allow_hyphen_values = true)]
     upload: Option<String>,
     /// Download bandwidth for the swarm, at least 128KiB/s, e.g. 2MiB/s,
     /// or unlimited.
-    #[arg(long, value_name = "RATE")]
+    #[arg(long, value_name = "RATE", allow_hyphen_values = true)]
     download: Option<String>,
     /// How limits are enforced: auto, cgroup or fallback.
     #[arg(long, value_name = "HOW")]
@@ -72,11 +72,11 @@ pub(crate) struct Args {
     always: bool,
     /// The owner counts as active above this much CPU, of one core: 0.1%
     /// to 100% (default: 25%).
-    #[arg(long, value_name = "PERCENT")]
+    #[arg(long, value_name = "PERCENT", allow_hyphen_values = true)]
     owner_threshold: Option<String>,
     /// How long the owner must be quiet before guests resume: 0s to 24h,
     /// e.g. 30s (default: 10s).
-    #[arg(long, value_name = "DURATION")]
+    #[arg(long, value_name = "DURATION", allow_hyphen_values = true)]
     cool_down: Option<String>,
     /// Local times of day to give in, e.g. 22:00-07:00 (repeatable, or
     /// comma-separated); --windows= means all day (the default).
@@ -92,9 +92,9 @@ pub(crate) struct Args {
         default_missing_value = "true"
     )]
     on_battery: Option<bool>,
-    /// Paused this long, running tasks go back to their requesters: 1s to
-    /// 24h (default: 60s).
-    #[arg(long, value_name = "DURATION")]
+    /// A task kept waiting this long by a pause goes back to its
+    /// requester: 1s to 24h (default: 60s).
+    #[arg(long, value_name = "DURATION", allow_hyphen_values = true)]
     hand_back_after: Option<String>,
 }
 
@@ -229,6 +229,18 @@ mod tests {
         .unwrap();
         assert_eq!(config.policy.when.windows.len(), 2);
         assert!(load("", &["--idle-only", "--always"]).is_err());
+    }
+
+    #[test]
+    fn a_negative_value_is_refused_as_such_however_it_is_written() {
+        for args in [
+            ["--cool-down", "-1s"],
+            ["--cpu", "-5%"],
+            ["--upload", "-1MiB/s"],
+        ] {
+            let error = load("", &args).unwrap_err().to_string();
+            assert!(error.contains("negative"), "{args:?}: {error}");
+        }
     }
 
     #[test]

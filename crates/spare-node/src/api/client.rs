@@ -277,7 +277,13 @@ impl LineStream {
             }
             match self.body.frame().await {
                 Some(frame) => {
-                    if let Ok(data) = frame.context("the daemon's stream broke")?.into_data() {
+                    let frame = frame.map_err(|_| {
+                        anyhow::anyhow!(
+                            "the spare daemon closed the connection before the task ended \
+                             (did it stop? its log says why)"
+                        )
+                    })?;
+                    if let Ok(data) = frame.into_data() {
                         self.buffer.extend_from_slice(&data);
                     }
                 }
