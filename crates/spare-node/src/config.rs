@@ -99,6 +99,13 @@ impl Config {
                 format_bytes(self.machine.memory)
             ));
         }
+        if self.listen.is_empty() {
+            warnings.push(
+                "listen = [] makes this node listen nowhere: it can use its peers, \
+                 but none can reach it to send it tasks"
+                    .into(),
+            );
+        }
         warnings
     }
 
@@ -893,6 +900,13 @@ mod tests {
               the owner's programs may be pushed to swap"
             ]
         );
+    }
+
+    #[test]
+    fn a_node_that_listens_nowhere_is_warned_of() {
+        let nowhere = parse("listen = []\n").unwrap();
+        assert_eq!(nowhere.warnings().len(), 1);
+        assert!(nowhere.warnings()[0].contains("none can reach it"));
     }
 
     #[test]
