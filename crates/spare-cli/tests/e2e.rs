@@ -794,32 +794,8 @@ fn a_peer_that_stops_answering_is_given_up_on() {
 #[test]
 fn a_task_waits_while_every_peer_gives_nothing_and_says_why() {
     let dir = tempfile::tempdir().unwrap();
-    // The host gives only in a window an hour from now.
-    let hour: u32 = text(&Command::new("date").arg("+%H").output().unwrap().stdout)
-        .trim()
-        .parse()
-        .unwrap();
-    let host_dir = dir.path().join("host");
-    std::fs::create_dir_all(&host_dir).unwrap();
-    std::fs::write(
-        host_dir.join("config.toml"),
-        format!(
-            "[when]\nwindows = [\"{:02}:00-{:02}:00\"]\n[max_limits]\nmemory = \"64MiB\"\n",
-            (hour + 2) % 24,
-            (hour + 3) % 24
-        ),
-    )
-    .unwrap();
-    let host = Daemon::start(&bin(), &host_dir, &["--cores", "1"]).expect("host starts");
-    let requester = Daemon::start(
-        &bin(),
-        &dir.path().join("requester"),
-        &["--cores", "1", "--bootstrap", host.addr()],
-    )
-    .expect("requester starts");
-    requester
-        .wait_for_peers(1, Duration::from_secs(20))
-        .expect("the two connect");
+    let (host, requester) =
+        paused_host_and_requester(dir.path(), "[max_limits]\nmemory = \"64MiB\"\n");
 
     // Too much memory for any peer: refused at once, naming the limit.
     let out = spare(
@@ -928,6 +904,65 @@ fn a_task_waits_while_every_peer_gives_nothing_and_says_why() {
             small.peer_id()
         )),
         "{line}"
+    );
+}
+
+/// A host that gives only in a window two hours from now (so is paused),
+/// with `more` after its `[when]` line in its config, and a requester
+/// connected to it.
+fn paused_host_and_requester(dir: &std::path::Path, more: &str) -> (Daemon, Daemon) {
+    let hour: u32 = text(&Command::new("date").arg("+%H").output().unwrap().stdout)
+        .trim()
+        .parse()
+        .unwrap();
+    let host_dir = dir.join("host");
+    std::fs::create_dir_all(&host_dir).unwrap();
+    std::fs::write(
+        host_dir.join("config.toml"),
+        format!(
+            "[when]\nwindows = [\"{:02}:00-{:02}:00\"]\n{more}",
+            (hour + 2) % 24,
+            (hour + 3) % 24
+        ),
+    )
+    .unwrap();
+    let host = Daemon::start(&bin(), &host_dir, &["--cores", "1"]).expect("host starts");
+    let requester = Daemon::start(
+        &bin(),
+        &dir.join("requester"),
+        &["--cores", "1", "--bootstrap", host.addr()],
+    )
+    .expect("requester starts");
+    requester
+        .wait_for_peers(1, Duration::from_secs(20))
+        .expect("the two connect");
+    (host, requester)
+}
+
+/// A task pinned to a host that has been paused for longer than its
+/// `hand_back_after` still gets all of it before it is handed back.
+#[test]
+fn a_task_sent_into_a_long_pause_waits_its_whole_hand_back_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let (host, requester) = paused_host_and_requester(dir.path(), "hand_back_after = \"2s\"\n");
+    // The host has been paused since it started: longer than 2 s by now.
+    std::thread::sleep(Duration::from_secs(3));
+    let started = Instant::now();
+    let out = spare(
+        &requester,
+        &["run", "--on", host.peer_id(), &example("hello.wasm")],
+        b"",
+    );
+    let waited = started.elapsed();
+    let line = error_line(&out);
+    assert_eq!(out.status.code(), Some(125), "{line}");
+    assert!(
+        line.contains("handed back: it waited 2 s while this host was paused"),
+        "{line}"
+    );
+    assert!(
+        waited >= Duration::from_millis(1900),
+        "handed back after {waited:?}"
     );
 }
 
