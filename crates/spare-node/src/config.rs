@@ -325,7 +325,7 @@ pub const TEMPLATE: &str = r#"# spare node configuration. Flags of `spare up` ov
 # The most this node grants one guest.
 # [max_limits]
 # Fuel, about one per WebAssembly instruction: 1 to 1e13.
-# fuel = "1e13"
+# fuel = 1e13
 # Memory: up to 4GiB and at most `memory` above (default: `memory` divided
 # among the tasks run at once, in whole MiB, at most 4GiB).
 # memory = "4GiB"
