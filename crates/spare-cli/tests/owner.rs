@@ -432,13 +432,13 @@ fn impossible_settings_are_refused_at_start_up() {
     let out = up(&dir.path().join("a"), &["--cpu", "150%"]);
     assert!(!out.status.success());
     assert!(
-        text(&out.stderr).contains("--cpu: cpu = 150% is over 100%"),
+        text(&out.stderr).contains("--cpu: 150% is over 100%"),
         "{}",
         text(&out.stderr)
     );
     let out = up(&dir.path().join("b"), &["--memory", "64TiB"]);
     assert!(
-        text(&out.stderr).contains("--memory: memory = 64TiB is more than this machine has"),
+        text(&out.stderr).contains("--memory: 64TiB is more than this machine has"),
         "{}",
         text(&out.stderr)
     );

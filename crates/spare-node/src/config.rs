@@ -351,6 +351,12 @@ impl Source<'_> {
     fn err(&self, key: &str, message: String) -> ConfigError {
         if self.flags.contains(&key) {
             let name = key.rsplit('.').next().unwrap_or(key);
+            // The flag names the setting already: `--cpu: 150% is over
+            // 100%`, not `--cpu: cpu = 150% is over 100%`.
+            let message = [format!("{name} = "), format!("{name}: ")]
+                .iter()
+                .find_map(|named| message.strip_prefix(named.as_str()))
+                .map_or_else(|| message.clone(), str::to_owned);
             ConfigError {
                 file: format!("--{}", name.replace('_', "-")),
                 line: None,
@@ -1114,7 +1120,7 @@ mod tests {
         let err = Config::parse_with("", "c.toml", flags, MACHINE).unwrap_err();
         assert!(
             err.to_string()
-                .starts_with("--upload: upload: `-1MiB/s` is negative"),
+                .starts_with("--upload: `-1MiB/s` is negative"),
             "{err}"
         );
         let config = parse("[when]\ncool_down = \"0.5d\"\nhand_back_after = \"1d\"\n").unwrap();
@@ -1190,7 +1196,7 @@ mod tests {
         let err = Config::parse_with("", "c.toml", flags, MACHINE).unwrap_err();
         assert_eq!(err.file, "--memory");
         assert!(
-            err.to_string().starts_with("--memory: memory = 1TiB"),
+            err.to_string().starts_with("--memory: 1TiB is more than"),
             "{err}"
         );
     }

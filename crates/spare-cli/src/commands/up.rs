@@ -246,38 +246,26 @@ mod tests {
     #[test]
     fn a_bad_flag_value_names_the_flag() {
         for (flag, message) in [
-            (
-                "--cool-down=2x",
-                "--cool-down: cool_down: `2x` has an unknown unit",
-            ),
+            ("--cool-down=2x", "--cool-down: `2x` has an unknown unit"),
             (
                 "--cool-down=25h",
-                "--cool-down: cool_down = 25h is not between 0s and 24h",
+                "--cool-down: 25h is not between 0s and 24h",
             ),
             (
                 "--hand-back-after=0s",
-                "--hand-back-after: hand_back_after = 0s is not between 1s and 24h",
+                "--hand-back-after: 0s is not between 1s and 24h",
             ),
             (
                 "--owner-threshold=0%",
-                "--owner-threshold: owner_threshold = 0% is not between",
+                "--owner-threshold: 0% is not between",
             ),
             (
                 "--windows=25:00-01:00",
                 "--windows: time window `25:00-01:00` has a time past 24:00",
             ),
-            (
-                "--queue=70000",
-                "--queue: queue = 70000 is not in 0..=65536",
-            ),
-            (
-                "--upload=-1MiB/s",
-                "--upload: upload: `-1MiB/s` is negative",
-            ),
-            (
-                "--cpu=0.01%",
-                "--cpu: cpu = 0.01% is below the minimum, 0.1%",
-            ),
+            ("--queue=70000", "--queue: 70000 is not in 0..=65536"),
+            ("--upload=-1MiB/s", "--upload: `-1MiB/s` is negative"),
+            ("--cpu=0.01%", "--cpu: 0.01% is below the minimum, 0.1%"),
         ] {
             // The file's value is fine; the flag's is not.
             let file = "queue = 1\n[when]\ncool_down = \"1s\"\nwindows = []\n";
