@@ -1032,9 +1032,10 @@ fn processes_mentioning(text: &str) -> Vec<u32> {
 }
 
 /// Starts `spare demo` with its swarm under `tmp`, sends it `signal` once
-/// its stdout has a line containing `after`, and checks that it stops its
-/// daemons and their workers, and removes its directory. Returns the lines
-/// it printed.
+/// its stdout has a line containing `after`, and checks that its daemons
+/// and their workers stop, and that it removes its directory (unless the
+/// signal is `SIGKILL`, which it cannot catch: its daemons still stop).
+/// Returns the lines it printed.
 fn demo_stopped_by(signal: libc::c_int, after: &str, tmp: &std::path::Path) -> Vec<String> {
     use std::io::BufRead;
     let mut child = Command::new(bin())
@@ -1075,23 +1076,30 @@ fn demo_stopped_by(signal: libc::c_int, after: &str, tmp: &std::path::Path) -> V
         );
         std::thread::sleep(Duration::from_millis(20));
     };
-    assert!(status.code().is_some(), "demo died of the signal: {status}");
+    let caught = signal != libc::SIGKILL;
+    assert_eq!(
+        status.code().is_some(),
+        caught,
+        "demo died of the signal: {status}"
+    );
     wait_until(
         "the demo's daemons and workers to exit",
         Duration::from_secs(10),
         || processes_mentioning(&tmp.display().to_string()).is_empty(),
     );
-    assert!(
-        std::fs::read_dir(tmp).unwrap().next().is_none(),
-        "the swarm's directory is left"
-    );
+    if caught {
+        assert!(
+            std::fs::read_dir(tmp).unwrap().next().is_none(),
+            "the swarm's directory is left"
+        );
+    }
     seen.extend(lines.try_iter());
     seen.push(format!("{running:?} {status}"));
     seen
 }
 
 #[test]
-fn the_demo_stops_its_swarm_on_sigterm_and_sighup_too() {
+fn the_demo_stops_its_swarm_on_sigterm_and_sighup_too_and_sigkill_its_daemons() {
     spare_testkit::hang_ups_as_from_a_terminal();
     let dir = tempfile::tempdir().unwrap();
     let tmp = |name: &str| {
@@ -1099,13 +1107,16 @@ fn the_demo_stops_its_swarm_on_sigterm_and_sighup_too() {
         std::fs::create_dir(&path).unwrap();
         path
     };
-    let (term, hup, early) = (tmp("term"), tmp("hup"), tmp("early"));
+    let (term, hup, early, kill) = (tmp("term"), tmp("hup"), tmp("early"), tmp("kill"));
     let ready = "the swarm keeps running";
     let (term, hup, early) = std::thread::scope(|scope| {
         let term = scope.spawn(|| demo_stopped_by(libc::SIGTERM, "-- 2000000", &term));
         let hup = scope.spawn(|| demo_stopped_by(libc::SIGHUP, ready, &hup));
         // While its daemons are starting.
         let early = scope.spawn(|| demo_stopped_by(libc::SIGTERM, "starting", &early));
+        // Killed outright, its daemons go with it all the same.
+        let killed = scope.spawn(|| demo_stopped_by(libc::SIGKILL, ready, &kill));
+        killed.join().unwrap();
         (
             term.join().unwrap(),
             hup.join().unwrap(),

@@ -59,18 +59,26 @@ impl Daemon {
     /// daemons that share one machine would each take the others' guests
     /// for their owner's load and pause.
     pub fn start(bin: &Path, dir: &Path, extra: &[&str]) -> Result<Self> {
+        Self::start_as(bin, dir, extra, Tie::Loose)
+    }
+
+    fn start_as(bin: &Path, dir: &Path, extra: &[&str], tie: Tie) -> Result<Self> {
         let mut args = vec!["up", "--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns"];
         if !extra.contains(&"--idle-only") {
             args.push("--always");
         }
         args.extend_from_slice(extra);
-        Self::start_with(bin, dir, &[], &args)
+        Self::spawn(bin, dir, &[], &args, tie)
     }
 
     /// Starts `wrapper... bin --data-dir dir args...` (a wrapper such as
     /// `ip netns exec <name>` runs the daemon elsewhere) and waits until its
     /// API answers.
     pub fn start_with(bin: &Path, dir: &Path, wrapper: &[&str], args: &[&str]) -> Result<Self> {
+        Self::spawn(bin, dir, wrapper, args, Tie::Loose)
+    }
+
+    fn spawn(bin: &Path, dir: &Path, wrapper: &[&str], args: &[&str], tie: Tie) -> Result<Self> {
         std::fs::create_dir_all(dir)?;
         let log = std::fs::File::create(dir.join("daemon.log"))?;
         let mut command = match wrapper.split_first() {
@@ -81,6 +89,9 @@ impl Daemon {
             }
             None => Command::new(bin),
         };
+        if tie == Tie::ToThread {
+            die_with_this_thread(&mut command);
+        }
         let child = command
             .arg("--data-dir")
             .arg(dir)
@@ -328,15 +339,31 @@ impl Swarm {
     /// contributing `cores` cores, and waits until every one sees all the
     /// others with offers.
     pub fn start(bin: &Path, n: usize, cores: u16) -> Result<Self> {
+        Self::start_as(bin, n, cores, Tie::Loose)
+    }
+
+    /// As [`Swarm::start`], but the daemons are sent `SIGTERM` when the
+    /// thread that calls this ends, however it ends (even when its process
+    /// is killed with `SIGKILL`): for a caller whose daemons must not
+    /// outlive it, on a thread that lives as long as the swarm.
+    pub fn start_tied(bin: &Path, n: usize, cores: u16) -> Result<Self> {
+        Self::start_as(bin, n, cores, Tie::ToThread)
+    }
+
+    fn start_as(bin: &Path, n: usize, cores: u16, tie: Tie) -> Result<Self> {
         let dir = tempfile::Builder::new().prefix("spare-swarm-").tempdir()?;
         let root = dir.path().to_path_buf();
-        let mut swarm = Self::start_in(bin, &root, n, cores)?;
+        let mut swarm = Self::start_in_as(bin, &root, n, cores, tie)?;
         swarm._dir = Some(dir);
         Ok(swarm)
     }
 
     /// As [`Swarm::start`], in `root`, which is kept afterwards.
     pub fn start_in(bin: &Path, root: &Path, n: usize, cores: u16) -> Result<Self> {
+        Self::start_in_as(bin, root, n, cores, Tie::Loose)
+    }
+
+    fn start_in_as(bin: &Path, root: &Path, n: usize, cores: u16, tie: Tie) -> Result<Self> {
         let cores = cores.to_string();
         let mut nodes: Vec<Daemon> = Vec::with_capacity(n);
         for i in 0..n {
@@ -347,7 +374,7 @@ impl Swarm {
                 bootstrap = first.addr().to_owned();
                 extra.extend(["--bootstrap", &bootstrap]);
             }
-            nodes.push(Daemon::start(bin, &root.join(name), &extra)?);
+            nodes.push(Daemon::start_as(bin, &root.join(name), &extra, tie)?);
         }
         for node in &nodes {
             node.wait_for_peers(n - 1, Duration::from_secs(30))?;
@@ -362,6 +389,38 @@ impl Swarm {
     /// The directory holding the nodes' data directories.
     pub fn root(&self) -> &Path {
         &self.root
+    }
+}
+
+/// Whether a daemon ends with the thread that started it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Tie {
+    /// It runs until it is stopped (dropping its [`Daemon`] does).
+    Loose,
+    /// The kernel sends it `SIGTERM` when the starting thread ends.
+    ToThread,
+}
+
+/// Has the kernel send `command`'s process `SIGTERM` when the calling
+/// thread ends (`PR_SET_PDEATHSIG`).
+fn die_with_this_thread(command: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: getpid only reads the process id.
+    let parent = unsafe { libc::getpid() };
+    // SAFETY: between fork and exec the closure only makes two system
+    // calls, both async-signal-safe, and allocates nothing.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent may have died before the line above: then no
+            // signal would come.
+            if libc::getppid() != parent {
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
+        });
     }
 }
 

@@ -36,9 +36,21 @@ pub(crate) async fn execute(args: Args) -> Result<ExitCode> {
     let mut out = std::io::stdout().lock();
     writeln!(out, "starting {NODES} spare daemons on 127.0.0.1 …")?;
     out.flush()?;
-    let mut start = tokio::task::spawn_blocking(move || Swarm::start(&exe, NODES, 1));
+    // The daemons are started from a thread of their own, which lives until
+    // this function returns (`_keep` is dropped last) and takes them with
+    // it even if this process is killed outright (`Swarm::start_tied`).
+    let (started, mut start) = tokio::sync::oneshot::channel();
+    let (_keep, kept) = std::sync::mpsc::channel::<()>();
+    std::thread::Builder::new()
+        .name("demo daemons".into())
+        .spawn(move || {
+            let _ = started.send(Swarm::start_tied(&exe, NODES, 1));
+            // Until `_keep` is dropped.
+            let _ = kept.recv();
+        })
+        .context("cannot start the thread that starts the daemons")?;
     let swarm = tokio::select! {
-        started = &mut start => started??,
+        started = &mut start => started.context("the daemons' thread ended early")??,
         signal = stop.recv() => {
             // A start under way cannot be cut short: its daemons are
             // stopped as soon as they are up (or its failure stopped them).
