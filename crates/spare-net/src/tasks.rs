@@ -250,7 +250,15 @@ async fn write_frame<T: AsyncWrite + Unpin>(io: &mut T, frame: &[u8]) -> io::Res
 pub(crate) struct TaskStreams {
     control: Control,
     protocol: StreamProtocol,
-    idle: Mutex<HashMap<PeerId, Vec<Stream>>>,
+    idle: Mutex<Idle>,
+}
+
+/// Idle streams per host, and how many in all (kept, not summed on the
+/// hot path where every request gives its stream back).
+#[derive(Default)]
+struct Idle {
+    streams: HashMap<PeerId, Vec<Stream>>,
+    total: usize,
 }
 
 impl std::fmt::Debug for TaskStreams {
@@ -266,7 +274,7 @@ impl TaskStreams {
         Self {
             control,
             protocol: StreamProtocol::new(wire::TASK_PROTOCOL),
-            idle: Mutex::new(HashMap::new()),
+            idle: Mutex::new(Idle::default()),
         }
     }
 
@@ -355,7 +363,9 @@ impl TaskStreams {
 
     /// Drops the idle streams to a peer, one of whose connections closed.
     pub(crate) fn forget(&self, peer: &PeerId) {
-        self.lock().remove(peer);
+        let mut idle = self.lock();
+        let gone = idle.streams.remove(peer).map_or(0, |streams| streams.len());
+        idle.total -= gone;
     }
 
     async fn open(&self, peer: PeerId) -> Result<Stream, RequestError> {
@@ -371,19 +381,25 @@ impl TaskStreams {
     }
 
     fn take_idle(&self, peer: &PeerId) -> Option<Stream> {
-        self.lock().get_mut(peer).and_then(Vec::pop)
+        let mut idle = self.lock();
+        let stream = idle.streams.get_mut(peer).and_then(Vec::pop);
+        idle.total -= usize::from(stream.is_some());
+        stream
     }
 
     fn give_back(&self, peer: PeerId, stream: Stream) {
         let mut idle = self.lock();
-        let total: usize = idle.values().map(Vec::len).sum();
-        let streams = idle.entry(peer).or_default();
-        if streams.len() < MAX_IDLE_PER_PEER && total < MAX_IDLE {
+        if idle.total >= MAX_IDLE {
+            return;
+        }
+        let streams = idle.streams.entry(peer).or_default();
+        if streams.len() < MAX_IDLE_PER_PEER {
             streams.push(stream);
+            idle.total += 1;
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PeerId, Vec<Stream>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Idle> {
         self.idle.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
