@@ -957,7 +957,7 @@ fn a_task_sent_into_a_long_pause_waits_its_whole_hand_back_time() {
     let line = error_line(&out);
     assert_eq!(out.status.code(), Some(125), "{line}");
     assert!(
-        line.contains("handed back: it waited 2 s while this host was paused"),
+        line.contains("handed back by the host: it waited 2 s while the host was paused"),
         "{line}"
     );
     assert!(

@@ -114,6 +114,10 @@ pub enum Refusal {
     ShuttingDown,
     #[error("the host did not run it: {0}")]
     Unavailable(String),
+    /// The host's owner needed the machine for longer than the host lets
+    /// a task wait; the task may have run part of the way.
+    #[error("handed back by the host: {0}")]
+    HandedBack(String),
 }
 
 impl Refusal {
@@ -175,7 +179,10 @@ impl Message for TaskResponse {
                 Ok(())
             }
             TaskResponse::Refused(refusal) => match refusal {
-                Refusal::Invalid(t) | Refusal::BlobUnavailable(t) | Refusal::Unavailable(t)
+                Refusal::Invalid(t)
+                | Refusal::BlobUnavailable(t)
+                | Refusal::Unavailable(t)
+                | Refusal::HandedBack(t)
                     if t.len() > MAX_DETAIL_BYTES =>
                 {
                     Err("refusal detail too long".into())
@@ -369,6 +376,28 @@ mod tests {
             decode::<TaskResponse>(&encode(&refused).unwrap()),
             Ok(refused)
         );
+    }
+
+    #[test]
+    fn refusal_details_round_trip_within_their_bound_and_not_beyond() {
+        let refusals: [fn(String) -> Refusal; 4] = [
+            Refusal::Invalid,
+            Refusal::BlobUnavailable,
+            Refusal::Unavailable,
+            Refusal::HandedBack,
+        ];
+        for refusal in refusals {
+            let fits = TaskResponse::Refused(refusal("d".repeat(MAX_DETAIL_BYTES)));
+            let bytes = encode(&fits).unwrap();
+            assert_eq!(decode::<TaskResponse>(&bytes), Ok(fits));
+            let long = TaskResponse::Refused(refusal("d".repeat(MAX_DETAIL_BYTES + 1)));
+            let mut bytes = Vec::new();
+            ciborium::into_writer(&long, &mut bytes).unwrap();
+            assert!(matches!(
+                decode::<TaskResponse>(&bytes),
+                Err(WireError::Invalid(_))
+            ));
+        }
     }
 
     #[test]

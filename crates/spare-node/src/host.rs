@@ -11,7 +11,7 @@
 //! While the owner needs the machine the governor pauses the workers and
 //! the offer says so; a task that arrives anyway (pinned to this host)
 //! waits like a queued one. A task still paused `hand_back_after` into a
-//! pause is handed back: the host answers with a refusal, and the
+//! pause is handed back: the host answers `HandedBack`, and the
 //! requester tries another peer.
 //!
 //! Blob chunks are served only to peers granted the blob, and within a
@@ -169,17 +169,19 @@ async fn run_for_peer(
         () = node.governor().paused_for(hand_back, arrived) => {
             token.cancel();
             let why = format!(
-                "handed back: it waited {} while this host was paused ({})",
+                "it waited {} while the host was paused ({})",
                 spare_core::units::format_duration(hand_back),
                 node.governor().status().reason
             );
-            tracing::info!(%peer, task = %spec.id, "{why}");
-            log_err(
-                node.ledger()
-                    .hosted_finished(&record, &Ending::failed(why.clone()), None)
-                    .await,
-            );
-            return (TaskResponse::Refused(Refusal::Unavailable(why)), None);
+            tracing::info!(%peer, task = %spec.id, "handed back: {why}");
+            // Its fuel died with the worker; the time it held a place
+            // here is known.
+            let ending = Ending {
+                wall_ms: u64::try_from(arrived.elapsed().as_millis()).unwrap_or(u64::MAX),
+                ..Ending::failed(format!("handed back: {why}"))
+            };
+            log_err(node.ledger().hosted_finished(&record, &ending, None).await);
+            return (TaskResponse::Refused(Refusal::HandedBack(why)), None);
         }
     };
     // The answer needs room for this output, not for the most it could be.
