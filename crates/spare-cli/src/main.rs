@@ -136,7 +136,10 @@ fn check_data_dir(dir: &std::path::Path) -> anyhow::Result<()> {
 }
 
 fn init_logging(daemon: bool) {
-    let default = if daemon { "info" } else { "warn" };
+    // The daemon says what spare does; its libraries only warn. (libp2p's
+    // mDNS, for one, logs each peer a LAN host names, at a rate the host
+    // chooses.)
+    let default = if daemon { "warn,spare=info" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let _ = tracing_subscriber::fmt()
