@@ -82,10 +82,15 @@ impl Namespace {
         ["ip", "netns", "exec", self.name.as_str()]
     }
 
-    /// A TCP listener on this namespace's loopback: sockets belong to the
-    /// namespace of the thread that made them, so a thread enters it, binds,
-    /// and ends.
+    /// A TCP listener on this namespace's loopback.
     fn listen_on_loopback(&self) -> std::net::TcpListener {
+        self.inside(|| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+    }
+
+    /// What `make` returns, made inside this namespace: sockets belong to
+    /// the namespace of the thread that made them, so a thread enters it,
+    /// makes them, and ends.
+    fn inside<T: Send>(&self, make: impl FnOnce() -> T + Send) -> T {
         use std::os::fd::AsRawFd;
         let path = format!("/var/run/netns/{}", self.name);
         std::thread::scope(|scope| {
@@ -96,7 +101,7 @@ impl Namespace {
                     // only this short-lived thread.
                     let entered = unsafe { libc::setns(handle.as_raw_fd(), libc::CLONE_NEWNET) };
                     assert_eq!(entered, 0, "setns: {}", std::io::Error::last_os_error());
-                    std::net::TcpListener::bind("127.0.0.1:0").unwrap()
+                    make()
                 })
                 .join()
                 .unwrap()
@@ -261,4 +266,134 @@ fn a_peer_cannot_make_a_node_dial_its_own_loopback() {
         "nothing dialled the node's loopback"
     );
     drop((node, near, far));
+}
+
+/// A host on the LAN that names peers over mDNS without end (answers no
+/// one asked for, each naming several peers) cannot make a node's list of
+/// what mDNS found grow past its bound: the node keeps at most
+/// `MAX_DISCOVERED`, says so once, and keeps serving.
+#[test]
+fn a_lan_host_naming_peers_without_end_fills_the_mdns_list_only_to_its_bound() {
+    let namespace = match Namespace::lan("mdnsflood") {
+        Ok(namespace) => namespace,
+        Err(why) => {
+            eprintln!("skipped: cannot make a network namespace ({why})");
+            return;
+        }
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut wrapper = namespace.exec().to_vec();
+    // The node logs at debug level how many finds mDNS keeps.
+    wrapper.extend(["env", "RUST_LOG=info,spare_net=debug"]);
+    let node = Daemon::start_with(
+        &bin(),
+        &dir.path().join("node"),
+        &wrapper,
+        &["up", "--listen", "/ip4/10.77.0.1/tcp/0", "--always"],
+    )
+    .unwrap();
+    let bound = libp2p::mdns::MAX_DISCOVERED;
+    let forger = namespace.inside(|| std::net::UdpSocket::bind("10.77.0.2:0").unwrap());
+    // Twice the bound, in answers of 6 peers (each well under an MTU).
+    let peers: Vec<libp2p::PeerId> = (0..2 * bound)
+        .map(|_| {
+            libp2p::identity::Keypair::generate_ed25519()
+                .public()
+                .to_peer_id()
+        })
+        .collect();
+    for (n, some) in peers.chunks(6).enumerate() {
+        forger
+            .send_to(&mdns_answer(n, some), "10.77.0.1:5353")
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let kept = |log: &str| -> Vec<usize> {
+        log.lines()
+            .filter(|line| line.contains("mDNS"))
+            .filter_map(|line| {
+                line.split("kept=")
+                    .nth(1)?
+                    .split_whitespace()
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !kept(&node.log()).contains(&bound) {
+        assert!(
+            Instant::now() < deadline,
+            "the node's mDNS list never filled\n{}",
+            node.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The rest of the flood is ignored, not kept.
+    std::thread::sleep(Duration::from_secs(1));
+    let log = node.log();
+    assert!(kept(&log).iter().all(|&k| k <= bound), "{log}");
+    let warnings = log
+        .lines()
+        .filter(|line| line.contains("the most this node keeps"))
+        .count();
+    assert_eq!(warnings, 1, "{log}");
+    // And it serves its owner as before.
+    let status = node.get("/v1/status").unwrap();
+    assert!(status.is_object(), "{status}");
+    drop(node);
+}
+
+/// An mDNS answer (DNS, RFC 6762) that no one asked for, naming `peers`
+/// at the sender's address: for each, a PTR record from libp2p's service
+/// name to a name of the peer's own, and a TXT record there holding its
+/// `dnsaddr`.
+fn mdns_answer(id: usize, peers: &[libp2p::PeerId]) -> Vec<u8> {
+    fn name(labels: &[&str]) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        for label in labels {
+            bytes.push(u8::try_from(label.len()).unwrap());
+            bytes.extend_from_slice(label.as_bytes());
+        }
+        bytes.push(0);
+        bytes
+    }
+    fn record(owner: &[u8], kind: u16, data: &[u8]) -> Vec<u8> {
+        let mut bytes = owner.to_vec();
+        bytes.extend(kind.to_be_bytes());
+        bytes.extend(1u16.to_be_bytes()); // class IN
+        bytes.extend(3600u32.to_be_bytes()); // time to live, s
+        bytes.extend(u16::try_from(data.len()).unwrap().to_be_bytes());
+        bytes.extend_from_slice(data);
+        bytes
+    }
+    const PTR: u16 = 12;
+    const TXT: u16 = 16;
+    let count = u16::try_from(peers.len()).unwrap();
+    let mut packet = Vec::new();
+    packet.extend(u16::try_from(id % 65536).unwrap().to_be_bytes());
+    packet.extend(0x8400u16.to_be_bytes()); // an authoritative response
+    packet.extend(0u16.to_be_bytes()); // no questions
+    packet.extend(count.to_be_bytes()); // answers
+    packet.extend(0u16.to_be_bytes()); // authorities
+    packet.extend(count.to_be_bytes()); // additional records
+    let service = name(&["_p2p", "_udp", "local"]);
+    let owners: Vec<Vec<u8>> = peers
+        .iter()
+        .map(|peer| {
+            let label = peer.to_string();
+            name(&[&label[label.len() - 20..], "_p2p", "_udp", "local"])
+        })
+        .collect();
+    for owner in &owners {
+        packet.extend(record(&service, PTR, owner));
+    }
+    for (owner, peer) in owners.iter().zip(peers) {
+        let text = format!("dnsaddr=/ip4/10.77.0.2/tcp/4001/p2p/{peer}");
+        let mut data = vec![u8::try_from(text.len()).unwrap()];
+        data.extend_from_slice(text.as_bytes());
+        packet.extend(record(owner, TXT, &data));
+    }
+    packet
 }

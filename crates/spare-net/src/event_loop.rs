@@ -90,6 +90,9 @@ pub(crate) struct EventLoop {
     /// Bootstrap addresses already reported unreachable (they are dialled
     /// again every maintenance tick while we have no peer).
     bootstrap_warned: HashSet<Multiaddr>,
+    /// Whether mDNS's list of finds was full when last heard from, so the
+    /// owner is told once each time it fills.
+    mdns_full: bool,
     ticks: u32,
 }
 
@@ -119,6 +122,7 @@ impl EventLoop {
             listeners: Vec::new(),
             bootstrap_dials: HashMap::new(),
             bootstrap_warned: HashSet::new(),
+            mdns_full: false,
             ticks: 0,
         }
     }
@@ -348,6 +352,28 @@ impl EventLoop {
         }
     }
 
+    /// Notes what mDNS keeps after it found or forgot some peers, and tells
+    /// the owner once each time its list fills: from then on, until some
+    /// expire, peers on the LAN are not found ([`mdns::MAX_DISCOVERED`]).
+    fn mdns_kept(&mut self, found: usize, expired: usize) {
+        let kept = self
+            .swarm
+            .behaviour()
+            .mdns
+            .as_ref()
+            .map_or(0, |mdns| mdns.discovered_nodes().len());
+        tracing::debug!(found, expired, kept, "mDNS");
+        let full = kept >= mdns::MAX_DISCOVERED;
+        if full && !self.mdns_full {
+            tracing::warn!(
+                "hosts on the LAN have named {kept} peer addresses over mDNS, the most this node \
+                 keeps: it ignores more until some expire (within {})",
+                spare_core::units::format_duration(mdns::MAX_TTL)
+            );
+        }
+        self.mdns_full = full;
+    }
+
     fn handle_behaviour(&mut self, event: BehaviourEvent) {
         match event {
             BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
@@ -400,6 +426,7 @@ impl EventLoop {
                 }
             },
             BehaviourEvent::Mdns(mdns::Event::Discovered(found)) => {
+                self.mdns_kept(found.len(), 0);
                 for (peer, addr) in found {
                     // Heard on the LAN: believed as far as the LAN, not
                     // for this machine's own loopback.
@@ -419,6 +446,7 @@ impl EventLoop {
                     }
                 }
             }
+            BehaviourEvent::Mdns(mdns::Event::Expired(gone)) => self.mdns_kept(0, gone.len()),
             BehaviourEvent::Kad(kad::Event::RoutingUpdated { peer, .. }) => {
                 let few = self.read_peer_count() < TARGET_PEERS;
                 if few && !self.swarm.is_connected(&peer) {
