@@ -964,6 +964,10 @@ fn a_task_sent_into_a_long_pause_waits_its_whole_hand_back_time() {
         waited >= Duration::from_millis(1900),
         "handed back after {waited:?}"
     );
+    // It never reached a worker: like a refusal, it leaves no record (a
+    // peer could otherwise fill the host's history while it is paused).
+    let hosted = host.get("/v1/hosted?limit=10").unwrap();
+    assert_eq!(hosted, serde_json::json!([]), "{hosted}");
 }
 
 #[test]

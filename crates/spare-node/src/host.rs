@@ -158,29 +158,38 @@ async fn run_for_peer(
         tracing::debug!(%peer, task = %spec.id, "running");
         (node.pool().run(job, token.clone()).await, Some(reserved))
     };
+    tokio::pin!(run);
     let (outcome, mut reserved) = tokio::select! {
-        ran = run => ran,
+        ran = &mut run => ran,
         () = node.inner.shutdown.cancelled() => {
             token.cancel();
             return (TaskResponse::Refused(Refusal::ShuttingDown), None);
         }
         // The owner has needed the machine for long enough: the requester
-        // is better served elsewhere. Dropping the run kills the worker.
+        // is better served elsewhere.
         () = node.governor().paused_for(hand_back, arrived) => {
             token.cancel();
+            // What it did before the pause, if it reached a worker: the
+            // cancel takes it from the worker (or kills it) within
+            // seconds.
+            let (outcome, _) = run.await;
             let why = format!(
                 "it waited {} while the host was paused ({})",
                 spare_core::units::format_duration(hand_back),
                 node.governor().status().reason
             );
-            tracing::info!(%peer, task = %spec.id, "handed back: {why}");
-            // Its fuel died with the worker; the time it held a place
-            // here is known.
-            let ending = Ending {
-                wall_ms: u64::try_from(arrived.elapsed().as_millis()).unwrap_or(u64::MAX),
-                ..Ending::failed(format!("handed back: {why}"))
-            };
-            log_err(node.ledger().hosted_finished(&record, &ending, None).await);
+            if ran(&outcome) {
+                tracing::info!(%peer, task = %spec.id, "handed back: {why}");
+                let ending = Ending {
+                    fuel: outcome.fuel,
+                    wall_ms: outcome.wall_ms,
+                    ..Ending::failed(format!("handed back: {why}"))
+                };
+                log_err(node.ledger().hosted_finished(&record, &ending, None).await);
+            } else if REFUSALS_LOGGED.allow() {
+                // Never run, like a refusal: not recorded (see above).
+                tracing::info!(%peer, task = %spec.id, "handed back before it ran: {why}");
+            }
             return (TaskResponse::Refused(Refusal::HandedBack(why)), None);
         }
     };
@@ -208,10 +217,7 @@ async fn run_for_peer(
     };
     // Durable before the requester hears of it; a task cancelled before
     // it reached a worker ran nothing, and is not recorded (see above).
-    let ran = !(outcome.fuel == 0
-        && outcome.wall_ms == 0
-        && matches!(outcome.status, Status::Failed(Failure::Cancelled)));
-    if ran {
+    if ran(&outcome) {
         log_err(
             node.ledger()
                 .hosted_finished(
@@ -236,6 +242,14 @@ async fn run_for_peer(
         receipt: signed,
     };
     (TaskResponse::Done(report), reserved)
+}
+
+/// Whether a task reached a worker: one cancelled before it did reports
+/// no time at all.
+fn ran(outcome: &Outcome) -> bool {
+    !(outcome.fuel == 0
+        && outcome.wall_ms == 0
+        && matches!(outcome.status, Status::Failed(Failure::Cancelled)))
 }
 
 /// How many refusals a minute are logged at `info`; more go to `debug`,

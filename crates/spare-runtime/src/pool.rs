@@ -143,12 +143,20 @@ struct Worker {
     pids: Pids,
 }
 
-impl Drop for Worker {
-    fn drop(&mut self) {
+impl Worker {
+    /// Takes the worker off the list the governor signals, before it is
+    /// reaped: once reaped, its pid may be another program's.
+    fn unlist(&self) {
         self.pids
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .retain(|p| *p != self.pid);
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.unlist();
     }
 }
 
@@ -252,9 +260,14 @@ impl WorkerPool {
         }
         let signals = transition(clock.state, state);
         if !signals.is_empty() {
-            for pid in self.governed_pids() {
+            let exempt = self.inner.lock_exempt();
+            // Held while signalling: a worker leaves this list (under its
+            // lock) before it is reaped, so no pid signalled here can be
+            // another program's.
+            let pids = self.inner.lock_pids();
+            for pid in pids.iter().filter(|pid| !exempt.contains(pid)) {
                 for &s in signals {
-                    signal(pid, s);
+                    signal(*pid, s);
                 }
             }
         }
@@ -414,9 +427,13 @@ impl WorkerPool {
         let ran_for = started.elapsed();
         let reply = match waited {
             Waited::Done(reply) => reply,
+            // It ran for a while; the fuel it used died with it.
             Waited::Cancelled => {
                 self.kill(worker).await;
-                return Outcome::failed(Failure::Cancelled);
+                return Outcome {
+                    wall_ms: u64::try_from(ran_for.as_millis()).unwrap_or(u64::MAX),
+                    ..Outcome::failed(Failure::Cancelled)
+                };
             }
             Waited::Watchdog => {
                 self.kill(worker).await;
@@ -522,8 +539,10 @@ impl WorkerPool {
 
     async fn kill(&self, mut worker: Worker) {
         let _ = worker.child.start_kill();
+        // Out of the live list before it is reaped, and before its
+        // replacement is considered (or it is thought unneeded).
+        worker.unlist();
         let _ = tokio::time::timeout(REAP_TIMEOUT, worker.child.wait()).await;
-        // Out of the live list first, or the replacement is thought unneeded.
         drop(worker);
         self.replenish();
     }
@@ -564,12 +583,14 @@ impl WorkerPool {
     /// Reaps a worker that failed and reports how it died.
     async fn bury(&self, mut worker: Worker, why: &str) -> Outcome {
         let _ = worker.child.start_kill();
+        // Out of the live list before it is reaped, and before its
+        // replacement is considered.
+        worker.unlist();
         let status = tokio::time::timeout(REAP_TIMEOUT, worker.child.wait())
             .await
             .ok()
             .and_then(Result::ok);
         let pid = worker.pid;
-        // Out of the live list before its replacement is considered.
         drop(worker);
         self.replenish();
         let mut detail = describe(status);
@@ -706,6 +727,12 @@ impl Drop for Exempt<'_> {
     fn drop(&mut self) {
         let clock = self.pool.inner.lock_state();
         self.pool.inner.lock_exempt().remove(&self.pid);
+        // A worker killed meanwhile has been reaped: its pid may be
+        // another program's now. (Held while signalling, as in `set_state`.)
+        let pids = self.pool.inner.lock_pids();
+        if !pids.contains(&self.pid) {
+            return;
+        }
         for &s in transition(WorkerState::Run, clock.state) {
             signal(self.pid, s);
         }
