@@ -544,9 +544,11 @@ fn blobs_of(spec: &TaskSpec) -> Vec<BlobId> {
 /// host claiming more is lying or broken.
 fn plausible(spec: &TaskSpec, outcome: &Outcome) -> Result<(), &'static str> {
     let limits = &spec.limits;
+    // A host's watchdog kills a worker this long past the limit (time it
+    // may spend compiling); its clock is the guest's, pauses not counted.
     let wall_allowance = limits
         .wall_ms
-        .saturating_add(ATTEMPT_GRACE.as_millis() as u64);
+        .saturating_add(spare_runtime::WATCHDOG_GRACE.as_millis() as u64);
     if outcome.fuel > limits.fuel {
         Err("more fuel than the limit")
     } else if outcome.wall_ms > wall_allowance {
@@ -825,6 +827,40 @@ mod tests {
         ];
         for (pauses, said) in cases {
             assert_eq!(giving_nothing(pauses), said);
+        }
+    }
+
+    #[test]
+    fn outcomes_beyond_what_a_host_could_honestly_report_are_refused() {
+        let mut spec = spare_core::TaskSpec {
+            id: spare_core::TaskId::random(),
+            name: "t".into(),
+            module: spare_core::BlobRef::of(b"m"),
+            args: vec![],
+            env: vec![],
+            stdin: Stdin::Empty,
+            limits: spare_core::Limits::DEFAULT,
+        };
+        spec.limits.wall_ms = 5_000;
+        spec.limits.fuel = 1_000;
+        spec.limits.output = 10;
+        let grace = spare_runtime::WATCHDOG_GRACE.as_millis() as u64;
+        let honest = Outcome {
+            fuel: 1_000,
+            wall_ms: 5_000 + grace,
+            stdout: vec![0; 10],
+            ..Outcome::failed(spare_core::Failure::Cancelled)
+        };
+        assert_eq!(plausible(&spec, &honest), Ok(()));
+        let cases: [(fn(&mut Outcome), &str); 3] = [
+            (|o| o.fuel += 1, "more fuel than the limit"),
+            (|o| o.wall_ms += 1, "more wall time than the limit"),
+            (|o| o.stderr = vec![0; 11], "more output than the limit"),
+        ];
+        for (inflate, why) in cases {
+            let mut lying = honest.clone();
+            inflate(&mut lying);
+            assert_eq!(plausible(&spec, &lying), Err(why));
         }
     }
 }

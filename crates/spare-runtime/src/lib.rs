@@ -39,6 +39,6 @@ pub mod stop;
 pub mod worker;
 
 pub use job::{Job, JobStdin};
-pub use pool::{PoolConfig, PoolError, PoolStats, WorkerCommand, WorkerPool};
+pub use pool::{PoolConfig, PoolError, PoolStats, WATCHDOG_GRACE, WorkerCommand, WorkerPool};
 pub use sandbox::{FUEL_PER_YIELD, Sandbox};
 pub use stop::WorkerState;

@@ -30,8 +30,9 @@ use crate::stop::{WorkerState, signal, transition};
 
 /// Extra time beyond a job's wall-time limit before the pool kills its
 /// worker: covers compiling a large module, which the guest's own clock
-/// does not count.
-const WATCHDOG_GRACE: Duration = Duration::from_secs(30);
+/// does not count. No honest host reports more wall time than the limit
+/// and this.
+pub const WATCHDOG_GRACE: Duration = Duration::from_secs(30);
 /// How long a new worker may take to say it is ready.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a cancelled job's worker has to stop its guest and report what
