@@ -852,7 +852,8 @@ mod tests {
             ..Outcome::failed(spare_core::Failure::Cancelled)
         };
         assert_eq!(plausible(&spec, &honest), Ok(()));
-        let cases: [(fn(&mut Outcome), &str); 3] = [
+        type Inflate = fn(&mut Outcome);
+        let cases: [(Inflate, &str); 3] = [
             (|o| o.fuel += 1, "more fuel than the limit"),
             (|o| o.wall_ms += 1, "more wall time than the limit"),
             (|o| o.stderr = vec![0; 11], "more output than the limit"),
