@@ -312,6 +312,9 @@ async fn run_remote(
             }
             Some(peer) => {
                 if !node.net().is_connected(&peer) && !wait_for_peer(node, peer, token).await {
+                    if token.is_cancelled() {
+                        return Ended::failed("cancelled".into());
+                    }
                     return Ended::failed(format!(
                         "peer {peer} is not connected (`spare peers` lists the connected ones)"
                     ));
@@ -338,6 +341,11 @@ async fn run_remote(
                 }
             },
         };
+        // Cancelled while a host was chosen, or after a report that would
+        // have been retried: it goes nowhere else.
+        if token.is_cancelled() {
+            return hit_lowered.unwrap_or_else(|| Ended::failed("cancelled".into()));
+        }
         attempt += 1;
         tried.push(host);
         node.ledger().task_attempt(&spec.id, &host).detach();
@@ -442,6 +450,11 @@ async fn attempt_on(
     host: PeerId,
     token: &CancellationToken,
 ) -> Attempt {
+    // Cancelled on the way here: a Run sent now could reach the host after
+    // its Cancel, which would find nothing to cancel.
+    if token.is_cancelled() {
+        return Attempt::Cancelled;
+    }
     let blobs = blobs_of(spec);
     node.grant(host, &blobs);
     let _in_flight = InFlight::start(node, host);
