@@ -43,7 +43,11 @@ pub(crate) fn fail(err: &anyhow::Error) -> ExitCode {
     if is_broken_pipe(err) && stdout_is_closed() {
         return ExitCode::SUCCESS;
     }
-    let _ = writeln!(std::io::stderr(), "spare: error: {}", one_line(err));
+    let _ = writeln!(
+        std::io::stderr(),
+        "spare: error: {}",
+        printable(&one_line(err))
+    );
     ExitCode::from(err.downcast_ref::<Exit>().map_or(EXIT_SPARE, |e| e.code))
 }
 
@@ -135,6 +139,19 @@ pub(crate) fn without_backtrace(text: &str) -> String {
     }
 }
 
+/// `text` made safe for a terminal: every control character but newline
+/// and tab is shown as U+FFFD. Peers write some of what spare prints (a
+/// host's refusal, a failure it reports, a peer's agent string), and an
+/// escape sequence in it could rewrite the user's screen or title.
+pub(crate) fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    let unsafe_char = |c: char| c.is_control() && c != '\n' && c != '\t';
+    if text.contains(unsafe_char) {
+        text.replace(unsafe_char, "\u{fffd}").into()
+    } else {
+        text.into()
+    }
+}
+
 /// Prints one line on stdout (a reader that went away is not an error).
 pub(crate) fn line(text: &str) {
     let _ = writeln!(std::io::stdout(), "{text}");
@@ -156,8 +173,9 @@ pub(crate) fn table(rows: &[Vec<String>]) {
     for row in rows {
         let mut line = String::new();
         for (i, cell) in row.iter().enumerate() {
+            let cell = printable(cell);
             if i + 1 == row.len() {
-                line.push_str(cell);
+                line.push_str(&cell);
             } else {
                 line.push_str(&format!("{cell:<width$}  ", width = widths[i]));
             }
@@ -251,6 +269,18 @@ mod tests {
         fn flush(&mut self) -> std::io::Result<()> {
             Ok(())
         }
+    }
+
+    #[test]
+    fn control_characters_from_peers_do_not_reach_the_terminal() {
+        assert_eq!(
+            printable("plain, with a tab\tand\nlines"),
+            "plain, with a tab\tand\nlines"
+        );
+        assert_eq!(
+            printable("\u{1b}]0;owned\u{7}red \u{1b}[31mtext\u{9b}2J\r"),
+            "\u{fffd}]0;owned\u{fffd}red \u{fffd}[31mtext\u{fffd}2J\u{fffd}"
+        );
     }
 
     #[test]

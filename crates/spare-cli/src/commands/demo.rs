@@ -143,9 +143,12 @@ async fn show(swarm: &Swarm, out: &mut impl Write) -> Result<()> {
             Some(TaskEvent::Finished { result }) => break result,
             Some(TaskEvent::Failed { error }) => bail!("the demo task failed: {error}"),
             Some(TaskEvent::Retrying { host, reason, .. }) => {
+                let reason = crate::output::printable(&reason);
                 writeln!(out, "  {host} failed ({reason}); retrying")?
             }
-            Some(TaskEvent::Waiting { reason }) => writeln!(out, "  waiting: {reason}")?,
+            Some(TaskEvent::Waiting { reason }) => {
+                writeln!(out, "  waiting: {}", crate::output::printable(&reason))?
+            }
             Some(_) => {}
             None => bail!("the daemon ended the task stream early"),
         }

@@ -313,8 +313,10 @@ fn text_or_base64(bytes: &[u8], base64: &str) -> (String, Option<String>) {
     }
 }
 
+/// Prints a line of spare's own on stderr; hosts write parts of some
+/// (reasons, failures), so control characters are not passed through.
 fn eprintln_quiet(line: &str) {
-    let _ = writeln!(std::io::stderr(), "{line}");
+    let _ = writeln!(std::io::stderr(), "{}", output::printable(line));
 }
 
 /// One of the limits `spare run` sets.
