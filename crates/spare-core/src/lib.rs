@@ -12,6 +12,7 @@
 
 mod id;
 pub mod limits;
+mod log_budget;
 pub mod outcome;
 pub mod receipt;
 pub mod task;
@@ -22,6 +23,7 @@ pub mod wire;
 pub use id::{BlobId, ParseIdError, TaskId};
 pub use libp2p::{PeerId, identity};
 pub use limits::{Limit, LimitRequest, Limits};
+pub use log_budget::LogBudget;
 pub use outcome::{Failure, Outcome, OutputStream, Status};
 pub use receipt::{Receipt, SignedReceipt};
 pub use task::{BlobRef, Stdin, TaskSpec};

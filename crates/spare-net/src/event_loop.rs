@@ -63,6 +63,13 @@ pub(crate) enum Command {
     PublishOffer(Offer),
 }
 
+/// Lines a minute about peers that stopped answering pings: any peer can
+/// connect and not answer, as often as it likes.
+static PING_FAILURES_LOGGED: spare_core::LogBudget = spare_core::LogBudget::new(20);
+/// Warnings a minute that mDNS's list is full: a LAN host can fill it
+/// again each time its finds expire.
+static MDNS_FULL_LOGGED: spare_core::LogBudget = spare_core::LogBudget::new(1);
+
 pub(crate) struct EventLoop {
     swarm: Swarm<Behaviour>,
     topic: IdentTopic,
@@ -364,7 +371,7 @@ impl EventLoop {
             .map_or(0, |mdns| mdns.discovered_nodes().len());
         tracing::debug!(found, expired, kept, "mDNS");
         let full = kept >= mdns::MAX_DISCOVERED;
-        if full && !self.mdns_full {
+        if full && !self.mdns_full && MDNS_FULL_LOGGED.allow() {
             tracing::warn!(
                 "hosts on the LAN have named {kept} peer addresses over mDNS, the most this node \
                  keeps: it ignores more until some expire (within {})",
@@ -421,7 +428,11 @@ impl EventLoop {
                     // stream that cannot even be negotiated) is gone for our
                     // purposes: closing the connection fails its pending
                     // requests, so their tasks are retried elsewhere.
-                    tracing::info!(%peer, "peer stopped answering pings ({e}); disconnecting");
+                    if PING_FAILURES_LOGGED.allow() {
+                        tracing::info!(%peer, "peer stopped answering pings ({e}); disconnecting");
+                    } else {
+                        tracing::debug!(%peer, "peer stopped answering pings ({e}); disconnecting");
+                    }
                     let _ = self.swarm.disconnect_peer_id(peer);
                 }
             },

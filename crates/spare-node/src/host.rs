@@ -22,7 +22,7 @@
 use libp2p::PeerId;
 use spare_core::outcome::{Failure, Status};
 use spare_core::wire::{BlobRequest, BlobResponse, Refusal, Report, TaskRequest, TaskResponse};
-use spare_core::{Outcome, Receipt, SignedReceipt, Stdin, TaskSpec};
+use spare_core::{LogBudget, Outcome, Receipt, SignedReceipt, Stdin, TaskSpec};
 use spare_ledger::{Ending, Hosted};
 use spare_net::{AnswerRoom, BlobResponder, Reserved, TaskResponder};
 use spare_policy::TokenBucket;
@@ -256,39 +256,6 @@ fn ran(outcome: &Outcome) -> bool {
 /// since peers cause them at will.
 static REFUSALS_LOGGED: LogBudget = LogBudget::new(20);
 
-/// Lines a minute a peer-caused event may log at a level the owner sees.
-struct LogBudget {
-    per_minute: u32,
-    minute: std::sync::Mutex<Option<(std::time::Instant, u32)>>,
-}
-
-impl LogBudget {
-    const fn new(per_minute: u32) -> Self {
-        Self {
-            per_minute,
-            minute: std::sync::Mutex::new(None),
-        }
-    }
-
-    /// Whether one more line fits this minute.
-    fn allow(&self) -> bool {
-        let mut minute = self.minute.lock().unwrap_or_else(|p| p.into_inner());
-        let now = std::time::Instant::now();
-        match &mut *minute {
-            Some((start, lines))
-                if now.duration_since(*start) < std::time::Duration::from_secs(60) =>
-            {
-                *lines += 1;
-                *lines <= self.per_minute
-            }
-            _ => {
-                *minute = Some((now, 1));
-                true
-            }
-        }
-    }
-}
-
 /// Registers a task to host, or says why not: the host's queue is full, the
 /// requester already holds its share of it, or the task id is in use.
 fn admit(node: &Node, record: &Hosted, token: &CancellationToken) -> Result<(), Refusal> {
@@ -326,8 +293,11 @@ fn admit(node: &Node, record: &Hosted, token: &CancellationToken) -> Result<(), 
             "its database fills its share of the owner's disk budget".into(),
         ));
     }
+    // Not the task's fault (a Run sent again over a new connection can
+    // meet its first copy still ending here): the requester tries another
+    // host.
     if hosted.contains_key(&(peer, task)) {
-        return Err(Refusal::Invalid(format!(
+        return Err(Refusal::Unavailable(format!(
             "task {task} is already running here"
         )));
     }
