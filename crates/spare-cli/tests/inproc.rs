@@ -537,6 +537,88 @@ async fn unread_answers_hold_up_their_requesters_tasks_only() {
     shutdown.cancel();
 }
 
+/// The specs of the tasks a host has taken (args, env, inline stdin) hold
+/// at most `MAX_ADMITTED_BYTES` of its memory, and one requester's at most
+/// half: past that, its tasks are refused as busy, though the queue has
+/// room for them, and another requester's are still taken.
+#[tokio::test]
+async fn a_requesters_waiting_tasks_hold_at_most_their_share_of_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let shutdown = CancellationToken::new();
+    let (host, honest) = host_and_requester(dir.path(), &shutdown).await;
+    let (addr, id) = (host.net().listen_addrs()[0].clone(), host.peer_id());
+    let mut rogue = rogue::connect(addr, id).await;
+    // Tasks that loop for a minute, each with 1 MiB of arguments: the
+    // first takes the host's one slot, the rest wait.
+    let big = || {
+        let limits = Limits {
+            wall_ms: 60_000,
+            ..Limits::DEFAULT
+        };
+        let mut spec = already_on(&host, "hostile/loop.wasm", limits);
+        spec.args = vec!["a".repeat((1 << 20) - 64)];
+        spec
+    };
+    let held = big().held_bytes();
+    let fits = spare_node::MAX_ADMITTED_BYTES / 2 / held;
+    // One at a time, each either taken (registered) or answered.
+    let (mut streams, mut busy) = (Vec::new(), 0);
+    for sent in 0..fits + 4 {
+        let mut stream = rogue::task_stream(&mut rogue, id).await;
+        let request = spare_core::wire::TaskRequest::Run(big());
+        let frame = rogue::frame(&spare_core::wire::encode(&request).unwrap());
+        rogue::send(&mut stream, &frame).await.unwrap();
+        let taken = async {
+            while host.running_hosted().len() <= sent - busy {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        let waited = tokio::time::timeout(Duration::from_secs(30), async {
+            tokio::select! {
+                () = taken => None,
+                answer = rogue::answer(&mut stream) => Some(answer.unwrap()),
+            }
+        });
+        match waited.await.expect("each task is taken or answered") {
+            None => streams.push(stream),
+            Some(answer) => {
+                assert!(
+                    matches!(
+                        answer,
+                        spare_core::wire::TaskResponse::Refused(
+                            spare_core::wire::Refusal::Busy { .. }
+                        )
+                    ),
+                    "{answer:?}"
+                );
+                busy += 1;
+            }
+        }
+    }
+    // Those past its share were refused.
+    assert_eq!((streams.len(), busy), (fits, 4));
+
+    // Another requester's task is still taken (it waits in the queue).
+    wait_for_offers(&honest, 1).await;
+    let _events = start_example(
+        &honest,
+        "hello.wasm",
+        LimitRequest::default(),
+        Placement::On(id.to_string()),
+    )
+    .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while host.running_hosted().len() < fits + 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the honest task was not taken"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(streams);
+    shutdown.cancel();
+}
+
 /// A host whose database has outgrown its share of the disk budget
 /// takes no more tasks: each would add a receipt to it.
 #[tokio::test]

@@ -135,6 +135,23 @@ pub enum SpecError {
 }
 
 impl TaskSpec {
+    /// The memory its parts of variable size take (name, args, env and
+    /// inline stdin), which a host holds while the task waits or runs.
+    pub fn held_bytes(&self) -> usize {
+        let string = std::mem::size_of::<String>();
+        let args: usize = self.args.iter().map(|a| a.len() + string).sum();
+        let env: usize = self
+            .env
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + 2 * string)
+            .sum();
+        let stdin = match &self.stdin {
+            Stdin::Inline(bytes) => bytes.len(),
+            Stdin::Empty | Stdin::Blob(_) => 0,
+        };
+        self.name.len() + args + env + stdin
+    }
+
     /// Checks every bound a host relies on. Cheap; run on every request.
     pub fn validate(&self) -> Result<(), SpecError> {
         self.limits.validate()?;

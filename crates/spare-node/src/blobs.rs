@@ -515,11 +515,6 @@ impl BlobStore {
             };
             busy_wait = BUSY_RETRY_FIRST;
             let received = data.len() as u64;
-            // Paced for the bytes that arrived, once they arrived: a reply
-            // that carries none costs the node's allowance nothing.
-            let paced = Instant::now();
-            bucket.take(received).await;
-            deadline += paced.elapsed();
             // Room for them, now that they are here.
             if !self.shared.grow_without_evicting(&mut room, received) {
                 let shared = Arc::clone(&self.shared);
@@ -534,6 +529,13 @@ impl BlobStore {
                 .await
                 .map_err(|_| too_slow())??;
             offset += received;
+            drop(data);
+            // Paced for the bytes that arrived, once they arrived (a reply
+            // that carries none costs the node's allowance nothing), and
+            // once they are on disk: the wait holds no chunk in memory.
+            let paced = Instant::now();
+            bucket.take(received).await;
+            deadline += paced.elapsed();
         }
         let actual = BlobId::from_bytes(*hasher.finalize().as_bytes());
         if actual != id {

@@ -115,7 +115,7 @@ async fn run_for_peer(
         module: spec.module.id,
         started_ms: spare_core::now_ms(),
     };
-    if let Err(refusal) = admit(node, &record, &token) {
+    if let Err(refusal) = admit(node, &record, spec.held_bytes(), &token) {
         return (TaskResponse::Refused(refusal), None);
     }
     let _registered = Registered {
@@ -123,8 +123,10 @@ async fn run_for_peer(
         key: (peer, spec.id),
     };
 
+    // The job takes the spec's args, env and stdin; the rest is kept.
+    let (id, module, limits) = (spec.id, spec.module.id, spec.limits);
     let prepared = tokio::select! {
-        prepared = prepare(node, peer, &spec) => prepared,
+        prepared = prepare(node, peer, spec) => prepared,
         () = token.cancelled() => Err(Refusal::Unavailable("cancelled".into())),
     };
     // The pins keep the task's blobs from eviction until it ends.
@@ -135,9 +137,9 @@ async fn run_for_peer(
         // asking for tasks it then will not give the module of.
         Err(refusal) => {
             if REFUSALS_LOGGED.allow() {
-                tracing::info!(%peer, task = %spec.id, "refused: {refusal}");
+                tracing::info!(%peer, task = %id, "refused: {refusal}");
             } else {
-                tracing::debug!(%peer, task = %spec.id, "refused: {refusal}");
+                tracing::debug!(%peer, task = %id, "refused: {refusal}");
             }
             return (TaskResponse::Refused(refusal), None);
         }
@@ -152,10 +154,10 @@ async fn run_for_peer(
         // outputs of the tasks it runs, stay within its answer budget. A
         // requester's tasks wait here while its share is held.
         let reserved = tokio::select! {
-            reserved = room.reserve(TaskResponse::bound_for(&spec.limits)) => reserved,
+            reserved = room.reserve(TaskResponse::bound_for(&limits)) => reserved,
             () = token.cancelled() => return (Outcome::failed(Failure::Cancelled), None),
         };
-        tracing::debug!(%peer, task = %spec.id, "running");
+        tracing::debug!(%peer, task = %id, "running");
         (node.pool().run(job, token.clone()).await, Some(reserved))
     };
     tokio::pin!(run);
@@ -179,7 +181,7 @@ async fn run_for_peer(
                 node.governor().status().reason
             );
             if ran(&outcome) {
-                tracing::info!(%peer, task = %spec.id, "handed back: {why}");
+                tracing::info!(%peer, task = %id, "handed back: {why}");
                 let ending = Ending {
                     fuel: outcome.fuel,
                     wall_ms: outcome.wall_ms,
@@ -188,7 +190,7 @@ async fn run_for_peer(
                 log_err(node.ledger().hosted_finished(&record, &ending, None).await);
             } else if REFUSALS_LOGGED.allow() {
                 // Never run, like a refusal: not recorded (see above).
-                tracing::info!(%peer, task = %spec.id, "handed back before it ran: {why}");
+                tracing::info!(%peer, task = %id, "handed back before it ran: {why}");
             }
             return (TaskResponse::Refused(Refusal::HandedBack(why)), None);
         }
@@ -199,10 +201,10 @@ async fn run_for_peer(
         reserved.keep(output.saturating_add(TaskResponse::SMALL_BYTES));
     }
     let receipt = Receipt {
-        task: spec.id,
+        task: id,
         requester: peer,
         host: node.peer_id(),
-        module: spec.module.id,
+        module,
         fuel: outcome.fuel,
         wall_ms: outcome.wall_ms,
         exit_code: outcome.exit_code(),
@@ -228,7 +230,7 @@ async fn run_for_peer(
                 .await,
         );
     }
-    tracing::debug!(%peer, task = %spec.id, status = ?outcome.status, fuel = outcome.fuel, "hosted task finished");
+    tracing::debug!(%peer, task = %id, status = ?outcome.status, fuel = outcome.fuel, "hosted task finished");
     // The output goes back to the requester: bytes moved for the swarm,
     // paced by the upload bucket like the blob chunks this node serves.
     // A requester that has gone gets no answer: its bytes are not paced,
@@ -237,7 +239,7 @@ async fn run_for_peer(
         .take_until(output as u64, token.cancelled())
         .await;
     let report = Report {
-        task: spec.id,
+        task: id,
         outcome,
         receipt: signed,
     };
@@ -256,9 +258,20 @@ fn ran(outcome: &Outcome) -> bool {
 /// since peers cause them at will.
 static REFUSALS_LOGGED: LogBudget = LogBudget::new(20);
 
+/// The most memory the specs of the tasks a host has taken may hold at
+/// once (args, env, inline stdin: up to about 1.1 MiB each); one requester
+/// may hold half of it.
+pub const MAX_ADMITTED_BYTES: usize = 64 << 20;
+
 /// Registers a task to host, or says why not: the host's queue is full, the
-/// requester already holds its share of it, or the task id is in use.
-fn admit(node: &Node, record: &Hosted, token: &CancellationToken) -> Result<(), Refusal> {
+/// requester already holds its share of it (in tasks, or in the memory
+/// their specs take, `bytes` being this one's), or the task id is in use.
+fn admit(
+    node: &Node,
+    record: &Hosted,
+    bytes: usize,
+    token: &CancellationToken,
+) -> Result<(), Refusal> {
     let (peer, task) = (record.requester, record.task);
     let slots = node.pool().stats().slots;
     let queue = node.config().queue as usize;
@@ -276,11 +289,15 @@ fn admit(node: &Node, record: &Hosted, token: &CancellationToken) -> Result<(), 
     // One requester may hold at most half of what this host can take, so it
     // cannot crowd out everyone else.
     let share = ((slots + queue) / 2).max(slots);
-    let mine = hosted
-        .keys()
-        .filter(|(requester, _)| *requester == peer)
-        .count();
-    if mine >= share {
+    let (mut mine, mut held, mut held_mine) = (0, bytes, bytes);
+    for ((requester, _), entry) in hosted.iter() {
+        held += entry.bytes;
+        if *requester == peer {
+            mine += 1;
+            held_mine += entry.bytes;
+        }
+    }
+    if mine >= share || held > MAX_ADMITTED_BYTES || held_mine > MAX_ADMITTED_BYTES / 2 {
         return Err(Refusal::Busy {
             queued: u32::try_from(waiting.saturating_sub(1)).unwrap_or(u32::MAX),
         });
@@ -306,6 +323,7 @@ fn admit(node: &Node, record: &Hosted, token: &CancellationToken) -> Result<(), 
         HostedEntry {
             record: record.clone(),
             token: token.clone(),
+            bytes,
         },
     );
     Ok(())
@@ -329,7 +347,7 @@ impl Drop for Registered<'_> {
 async fn prepare(
     node: &Node,
     peer: PeerId,
-    spec: &TaskSpec,
+    spec: TaskSpec,
 ) -> Result<(Job, Vec<BlobPin>), Refusal> {
     let unavailable = |e: crate::blobs::BlobError| {
         Refusal::BlobUnavailable(spare_core::outcome::clip_detail(e.to_string()))
@@ -354,17 +372,17 @@ async fn prepare(
 }
 
 /// The job that runs `spec` with blobs from `blobs` (which must hold them).
-pub(crate) fn job_for(spec: &TaskSpec, blobs: &BlobStore) -> Job {
+pub(crate) fn job_for(spec: TaskSpec, blobs: &BlobStore) -> Job {
     Job {
         task: spec.id,
         module: spec.module.id,
         module_path: blobs.path(&spec.module.id),
-        name: spec.name.clone(),
-        args: spec.args.clone(),
-        env: spec.env.clone(),
-        stdin: match &spec.stdin {
+        name: spec.name,
+        args: spec.args,
+        env: spec.env,
+        stdin: match spec.stdin {
             Stdin::Empty => JobStdin::Bytes(Vec::new()),
-            Stdin::Inline(bytes) => JobStdin::Bytes(bytes.clone()),
+            Stdin::Inline(bytes) => JobStdin::Bytes(bytes),
             Stdin::Blob(blob) => JobStdin::File(blobs.path(&blob.id)),
         },
         limits: spec.limits,

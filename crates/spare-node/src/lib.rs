@@ -21,6 +21,7 @@ pub mod paths;
 pub mod requester;
 
 pub use config::Config;
+pub use host::MAX_ADMITTED_BYTES;
 pub use node::{Node, NodeOptions};
 pub use paths::Paths;
 

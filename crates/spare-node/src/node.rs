@@ -573,6 +573,10 @@ pub(crate) struct HostedEntry {
     pub(crate) record: spare_ledger::Hosted,
     /// Cancels it.
     pub(crate) token: CancellationToken,
+    /// What its spec holds in memory ([`TaskSpec::held_bytes`]).
+    ///
+    /// [`TaskSpec::held_bytes`]: spare_core::TaskSpec::held_bytes
+    pub(crate) bytes: usize,
 }
 
 /// Counts a request to a peer for as long as it is outstanding.

@@ -230,7 +230,7 @@ async fn run_local(node: &Node, spec: &TaskSpec, token: &CancellationToken) -> E
     // owner's way does not apply to it.
     let outcome = node
         .pool()
-        .run_for_owner(job_for(spec, node.blobs()), token.clone())
+        .run_for_owner(job_for(spec.clone(), node.blobs()), token.clone())
         .await;
     Ended::finished(spec, node.peer_id(), 1, &outcome, None)
 }
