@@ -436,11 +436,18 @@ impl WorkerPool {
                     ..Outcome::failed(Failure::Cancelled)
                 };
             }
+            // The sandbox stops a guest at its wall-time limit and answers:
+            // a worker silent this long was compiling a module too slowly
+            // (at idle priority on a busy machine) or is stuck. Not the
+            // guest's timeout, and another host may do better.
             Waited::Watchdog => {
-                self.kill(worker).await;
-                return Outcome::failed(Failure::Timeout {
-                    limit_ms: limits.wall_ms,
-                });
+                let why = format!(
+                    "it did not answer within {} of the job (the wall-time limit and {} \
+                     for compiling the module)",
+                    spare_core::units::format_duration(allowed),
+                    spare_core::units::format_duration(WATCHDOG_GRACE)
+                );
+                return self.bury(worker, &why).await;
             }
         };
         match reply {
@@ -529,7 +536,14 @@ impl WorkerPool {
                 Err(PoolError::Startup("unexpected first message".into()))
             }
             Ok(Err(e)) => {
-                let status = worker.child.wait().await.ok();
+                // It may have died of what it wrote; if not, it is killed.
+                let status = match tokio::time::timeout(REAP_TIMEOUT, worker.child.wait()).await {
+                    Ok(status) => status.ok(),
+                    Err(_) => {
+                        let _ = worker.child.start_kill();
+                        None
+                    }
+                };
                 Err(PoolError::Startup(format!("{e} ({})", describe(status))))
             }
             Err(_) => Err(PoolError::Startup(format!(
