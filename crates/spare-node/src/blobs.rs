@@ -410,9 +410,14 @@ impl BlobStore {
             let mut fetching = self.fetching.lock().unwrap_or_else(|p| p.into_inner());
             Arc::clone(fetching.entry(key).or_default())
         };
-        // Removes the lock entry however this fetch ends, cancelled included.
-        let _entry = FetchEntry { store: self, key };
-        let _guard = lock.lock().await;
+        // Removes the lock entry however this fetch ends, cancelled
+        // included, once no other fetch waits on it.
+        let entry = FetchEntry {
+            store: self,
+            key,
+            lock,
+        };
+        let _guard = entry.lock.lock().await;
         if self.has(&blob.id) {
             self.mark_used(blob.id).await;
             return Ok(pin);
@@ -919,19 +924,28 @@ impl Drop for TempFile {
     }
 }
 
-/// Removes a fetch's lock entry when the fetch ends.
+/// A fetch's hold on the lock for its blob and peer, whose entry goes when
+/// the last fetch that holds it ends: a fetch that came later while others
+/// still waited on it would otherwise make a new lock, and fetch the blob a
+/// second time beside them.
 struct FetchEntry<'a> {
     store: &'a BlobStore,
     key: (BlobId, PeerId),
+    lock: FetchLock,
 }
 
 impl Drop for FetchEntry<'_> {
     fn drop(&mut self) {
-        self.store
+        let mut fetching = self
+            .store
             .fetching
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&self.key);
+            .unwrap_or_else(|p| p.into_inner());
+        // The map's and this one's: no other fetch holds it. (Clones are
+        // made under the map's lock, so none can appear meanwhile.)
+        if Arc::strong_count(&self.lock) <= 2 {
+            fetching.remove(&self.key);
+        }
     }
 }
 
@@ -1178,6 +1192,72 @@ mod tests {
     }
 
     const LIMIT: Duration = Duration::from_secs(30);
+
+    /// A fetch that fails hands the blob's lock to the one waiting on it,
+    /// and a fetch that comes meanwhile waits on the same lock: the blob
+    /// is fetched once at a time, not twice side by side.
+    #[tokio::test]
+    async fn a_fetch_that_comes_while_another_waits_shares_its_lock() {
+        use tokio::sync::Notify;
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path(), 64 << 20).unwrap();
+        let bytes = vec![7u8; 1000];
+        let blob = BlobRef::of(&bytes);
+        let (bucket, peer) = (TokenBucket::new(None), PeerId::random());
+        let (a_asks, fail_a) = (Notify::new(), Notify::new());
+        let (b_asks, answer_b) = (Notify::new(), Notify::new());
+        let c_asked = std::sync::atomic::AtomicUsize::new(0);
+        // A asks, then fails once told to; B waits on A's lock.
+        let a = store.fetch_from(peer, blob, &bucket, LIMIT, |_| {
+            a_asks.notify_one();
+            let fail = fail_a.notified();
+            async move {
+                fail.await;
+                Err::<BlobResponse, _>("gone".to_string())
+            }
+        });
+        let b = async {
+            a_asks.notified().await;
+            store
+                .fetch_from(peer, blob, &bucket, LIMIT, |request| {
+                    b_asks.notify_one();
+                    let response = honest(&bytes, &request);
+                    let answer = answer_b.notified();
+                    async move {
+                        answer.await;
+                        Ok::<_, String>(response)
+                    }
+                })
+                .await
+        };
+        // C comes while B fetches, after A's fetch ended.
+        let c = async {
+            b_asks.notified().await;
+            store
+                .fetch_from(peer, blob, &bucket, LIMIT, |request| {
+                    c_asked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let response = honest(&bytes, &request);
+                    async move { Ok::<_, String>(response) }
+                })
+                .await
+        };
+        let driver = async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            fail_a.notify_one();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            answer_b.notify_one();
+        };
+        let (a, b, c, ()) = tokio::join!(a, b, c, driver);
+        assert!(a.is_err());
+        assert_eq!(b.unwrap().id(), &blob.id);
+        assert_eq!(c.unwrap().id(), &blob.id);
+        assert_eq!(
+            c_asked.load(std::sync::atomic::Ordering::Relaxed),
+            0,
+            "C waited for B's fetch and found the blob"
+        );
+        assert!(store.fetching.lock().unwrap().is_empty());
+    }
 
     #[tokio::test]
     async fn an_honest_peer_is_paced_for_the_bytes_it_sends() {
