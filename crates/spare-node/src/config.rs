@@ -10,6 +10,7 @@ use std::time::Duration;
 use libp2p::Multiaddr;
 use serde::Deserialize;
 use spare_core::Limits;
+use spare_core::limits::WASM_PAGE_BYTES;
 use spare_core::units::{
     format_bytes, parse_bytes, parse_count, parse_duration, parse_percent, parse_rate,
 };
@@ -97,6 +98,18 @@ impl Config {
                  the owner's programs may be pushed to swap",
                 format_bytes(self.policy.memory),
                 format_bytes(self.machine.memory)
+            ));
+        }
+        if let Some(free) = self
+            .machine
+            .disk_free
+            .filter(|free| self.policy.disk > *free)
+        {
+            warnings.push(format!(
+                "disk = {} is more than is free on the data directory's file system ({}): \
+                 when that fills, blobs are refused before the budget is reached",
+                format_bytes(self.policy.disk),
+                format_bytes(free)
             ));
         }
         if self.listen.is_empty() {
@@ -388,7 +401,9 @@ impl Config {
             }
         };
         let mut machine = Machine::detect();
-        machine.disk = path.parent().and_then(filesystem_size);
+        if let Some((size, free)) = path.parent().and_then(filesystem_space) {
+            (machine.disk, machine.disk_free) = (Some(size), Some(free));
+        }
         Self::parse_with(&text, &path.display().to_string(), flags, machine)
     }
 
@@ -406,11 +421,24 @@ impl Config {
         flags: Flags,
         machine: Machine,
     ) -> Result<Self, ConfigError> {
-        let mut raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError {
-            file: file.to_owned(),
-            line: e.span().map(|s| line_at(text, s.start)),
-            message: e.message().to_owned(),
-        })?;
+        let read = || {
+            toml::from_str::<RawConfig>(text).map_err(|e| ConfigError {
+                file: file.to_owned(),
+                line: e.span().map(|s| line_at(text, s.start)),
+                message: e.message().to_owned(),
+            })
+        };
+        let mut raw = read()?;
+        // The file must hold on its own: a wrong line that a flag covers
+        // today would stop the next start without the flag.
+        if !flags.is_empty() {
+            let alone = Source {
+                file,
+                text,
+                flags: &[],
+            };
+            Self::validate(read()?, &alone, machine)?;
+        }
         let set_flags = flags.apply(&mut raw);
         let source = Source {
             file,
@@ -591,6 +619,17 @@ fn check_max_limits(
         };
         src.err(&format!("max_limits.{key}"), format!("[max_limits] {e}"))
     })?;
+    if memory_set && max.memory < WASM_PAGE_BYTES {
+        return Err(src.err(
+            "max_limits.memory",
+            format!(
+                "[max_limits] memory = {} is less than one WebAssembly page ({}), the least a \
+                 guest runs in: this node could run no task",
+                format_bytes(max.memory),
+                format_bytes(WASM_PAGE_BYTES)
+            ),
+        ));
+    }
     if memory_set && max.memory > config.policy.memory {
         return Err(src.err(
             "max_limits.memory",
@@ -662,6 +701,18 @@ pub fn check_cores(cores: i64, available: u16) -> Result<u16, String> {
 
 fn check_cpu(cpu: &str) -> Result<u32, String> {
     let permille = parse_percent(cpu).map_err(|e| format!("cpu: {e}"))?;
+    // Rounded up to the least share from below it.
+    let below_least = cpu
+        .trim()
+        .trim_end_matches('%')
+        .trim()
+        .parse::<f64>()
+        .is_ok_and(|percent| percent > 0.0 && percent < 0.1);
+    if below_least {
+        return Err(format!(
+            "cpu = {cpu} is below the minimum, 0.1% (shares are counted in steps of 0.1%)"
+        ));
+    }
     match permille {
         // Rounded to nothing, but not nothing.
         0 if cpu.contains(|c: char| ('1'..='9').contains(&c)) => Err(format!(
@@ -687,8 +738,8 @@ fn check_rate(key: &str, value: &str) -> Result<Option<u64>, String> {
     Ok(rate)
 }
 
-/// Size of the file system holding `dir`.
-fn filesystem_size(dir: &Path) -> Option<u64> {
+/// Size of the file system holding `dir`, and what is free on it.
+fn filesystem_space(dir: &Path) -> Option<(u64, u64)> {
     use std::os::unix::ffi::OsStrExt;
     let existing = dir.ancestors().find(|d| d.exists())?;
     let path = std::ffi::CString::new(existing.as_os_str().as_bytes()).ok()?;
@@ -698,7 +749,10 @@ fn filesystem_size(dir: &Path) -> Option<u64> {
         let mut stat: libc::statvfs = std::mem::zeroed();
         (libc::statvfs(path.as_ptr(), &mut stat) == 0).then_some(stat)
     }?;
-    Some(stat.f_blocks.saturating_mul(stat.f_frsize))
+    Some((
+        stat.f_blocks.saturating_mul(stat.f_frsize),
+        stat.f_bavail.saturating_mul(stat.f_frsize),
+    ))
 }
 
 /// Values given as flags of `spare up`; each overrides its key in the file
@@ -728,6 +782,12 @@ pub struct Flags {
 }
 
 impl Flags {
+    /// Whether no flag is given.
+    fn is_empty(&self) -> bool {
+        let mut none = RawConfig::default();
+        self.clone().apply(&mut none).is_empty() && !self.no_mdns
+    }
+
     /// Writes the flags over `raw`; returns the keys they set.
     fn apply(self, raw: &mut RawConfig) -> Vec<&'static str> {
         let mut set = Vec::new();
@@ -887,6 +947,7 @@ mod tests {
         cores: 2,
         memory: 8 << 30,
         disk: Some(100 << 30),
+        disk_free: Some(50 << 30),
     };
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
@@ -987,6 +1048,7 @@ mod tests {
             ("cpu = \"-5%\"\n", 1, "negative"),
             ("cpu = \"0%\"\n", 1, "gives nothing"),
             ("cpu = \"50\"\n", 1, "`50` needs a unit (one of %)"),
+            ("cpu = \"0.05%\"\n", 1, "below the minimum, 0.1%"),
             (
                 "\nmemory = \"64GiB\"\n",
                 2,
@@ -1014,6 +1076,11 @@ mod tests {
             ),
             ("[max_limits]\nmemory = \"12 parsecs\"\n", 2, "unknown unit"),
             (
+                "[max_limits]\nmemory = \"1KiB\"\n",
+                2,
+                "less than one WebAssembly page (64 KiB)",
+            ),
+            (
                 "[max_limits]\nwall_time = \"48h\"\n",
                 2,
                 "above the maximum",
@@ -1029,6 +1096,18 @@ mod tests {
                 "{err}"
             );
         }
+    }
+
+    #[test]
+    fn a_disk_budget_beyond_what_is_free_is_warned_of() {
+        // 50 GiB are free of the file system's 100 GiB.
+        assert!(parse("disk = \"40GiB\"\n").unwrap().warnings().is_empty());
+        let warnings = parse("disk = \"60GiB\"\n").unwrap().warnings();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].starts_with("disk = 60 GiB is more than is free"),
+            "{warnings:?}"
+        );
     }
 
     #[test]

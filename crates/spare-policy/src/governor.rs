@@ -515,7 +515,7 @@ fn giving(policy: &Policy, machine_cores: u16) -> (&'static str, String) {
         (
             "throttled",
             format!(
-                "throttled to {} of {machine_cores} by config ({by})",
+                "throttled to {} of {machine_cores} by its settings ({by})",
                 cores(allowed)
             ),
         )
@@ -523,7 +523,7 @@ fn giving(policy: &Policy, machine_cores: u16) -> (&'static str, String) {
         (
             "giving",
             format!(
-                "giving {} of {machine_cores} (limited by config: {by})",
+                "giving {} of {machine_cores} (limited by its settings: {by})",
                 cores(allowed)
             ),
         )
@@ -600,11 +600,11 @@ fn describe(hold: &Hold, owner: impl FnOnce() -> OwnerNow) -> String {
 /// `0.5 core`, `2 cores`.
 fn cores(millicores: u64) -> String {
     let value = millicores as f64 / 1000.0;
-    let text = if millicores.is_multiple_of(1000) {
-        format!("{value:.0}")
-    } else {
-        format!("{value:.2}").trim_end_matches('0').to_owned()
-    };
+    // Shares come in thousandths of a core (0.1% of a core's time).
+    let text = format!("{value:.3}")
+        .trim_end_matches('0')
+        .trim_end_matches('.')
+        .to_owned();
     if millicores <= 1000 {
         format!("{text} core")
     } else {
@@ -658,38 +658,49 @@ mod tests {
             (
                 (1, 1000, 2),
                 "giving",
-                "giving 1 core of 2 (limited by config: cores = 1)",
+                "giving 1 core of 2 (limited by its settings: cores = 1)",
             ),
             (
                 (2, 500, 2),
                 "giving",
-                "giving 1 core of 2 (limited by config: cpu = 50%)",
+                "giving 1 core of 2 (limited by its settings: cpu = 50%)",
             ),
             (
                 (1, 500, 2),
                 "giving",
-                "giving 1 core of 2 (limited by config: cores = 1, cpu = 50%)",
+                "giving 1 core of 2 (limited by its settings: cores = 1, cpu = 50%)",
             ),
             // A share below what the tasks would use: each is slowed.
             (
                 (2, 250, 2),
                 "throttled",
-                "throttled to 0.5 core of 2 by config (cpu = 25%)",
+                "throttled to 0.5 core of 2 by its settings (cpu = 25%)",
             ),
             (
                 (1, 250, 2),
                 "throttled",
-                "throttled to 0.5 core of 2 by config (cpu = 25%)",
+                "throttled to 0.5 core of 2 by its settings (cpu = 25%)",
             ),
             (
                 (2, 750, 2),
                 "throttled",
-                "throttled to 1.5 cores of 2 by config (cpu = 75%)",
+                "throttled to 1.5 cores of 2 by its settings (cpu = 75%)",
+            ),
+            // Thousandths of a core are shown, not rounded away.
+            (
+                (2, 1, 2),
+                "throttled",
+                "throttled to 0.002 core of 2 by its settings (cpu = 0.1%)",
+            ),
+            (
+                (2, 999, 2),
+                "throttled",
+                "throttled to 1.998 cores of 2 by its settings (cpu = 99.9%)",
             ),
             (
                 (4, 125, 8),
                 "giving",
-                "giving 1 core of 8 (limited by config: cpu = 12.5%)",
+                "giving 1 core of 8 (limited by its settings: cpu = 12.5%)",
             ),
         ];
         for ((cores, cpu, machine), state, reason) in cases {

@@ -31,7 +31,8 @@ use spare_node::api::client::Client;
 pub(crate) struct Args {
     /// The program (a WASI preview 1 module or preview 2 component), then
     /// its arguments: everything after the program is the program's, so
-    /// spare's own options go before it.
+    /// spare's own options go before it (a `--` right after the program is
+    /// dropped: `primes.wasm -- 100000`).
     #[arg(
         value_name = "PROGRAM [ARGS]",
         required = true,

@@ -73,7 +73,7 @@ fn render(s: &StatusView) -> String {
     );
     let _ = writeln!(
         out,
-        "  gives      {}, cpu {}%, memory {} ({} per guest), disk {}",
+        "  settings   {}, cpu {}%, memory {} ({} per guest), disk {}",
         count(set.cores, "core", "cores"),
         set.cpu_percent,
         format_bytes(set.memory),
@@ -220,15 +220,15 @@ mod tests {
     fn status_counts_read_naturally() {
         let mut s = status(
             "giving",
-            "giving 1 core of 2 (limited by config: cores = 1)",
+            "giving 1 core of 2 (limited by its settings: cores = 1)",
         );
         let shown = render(&s);
-        assert!(shown.contains("  gives      1 core, cpu 100%"), "{shown}");
+        assert!(shown.contains("  settings   1 core, cpu 100%"), "{shown}");
         assert!(shown.contains("; 1 pause since start"), "{shown}");
         s.settings.cores = 2;
         s.pauses = 0;
         let shown = render(&s);
-        assert!(shown.contains("  gives      2 cores, cpu 100%"), "{shown}");
+        assert!(shown.contains("  settings   2 cores, cpu 100%"), "{shown}");
         assert!(shown.contains("; 0 pauses since start"), "{shown}");
     }
 }

@@ -172,6 +172,7 @@ mod tests {
         cores: 2,
         memory: 8 << 30,
         disk: Some(100 << 30),
+        disk_free: Some(50 << 30),
     };
 
     fn load(file: &str, flags: &[&str]) -> Result<Config, String> {
@@ -241,6 +242,16 @@ mod tests {
             let error = load("", &args).unwrap_err().to_string();
             assert!(error.contains("negative"), "{args:?}: {error}");
         }
+    }
+
+    #[test]
+    fn a_wrong_line_in_the_file_is_named_though_a_flag_covers_it() {
+        let err = load("mdns = false\ncpu = \"150%\"\n", &["--cpu", "50%"]).unwrap_err();
+        assert!(
+            err.starts_with("c.toml:2: cpu = 150% is over 100%"),
+            "{err}"
+        );
+        assert!(load("cpu = \"25%\"\n", &["--cpu", "50%"]).is_ok());
     }
 
     #[test]
