@@ -81,6 +81,19 @@ fn main() -> ExitCode {
         return commands::worker::execute(args);
     }
     init_logging(matches!(cli.command, Command::Up(_)));
+    // The demo's nodes live in a directory of their own, made and removed
+    // by it; a data directory given by hand is not used, and the user is
+    // told so (one from SPARE_DATA_DIR is simply not used).
+    let given = |arg: std::ffi::OsString| {
+        let arg = arg.to_string_lossy();
+        arg == "--data-dir" || arg.starts_with("--data-dir=")
+    };
+    if matches!(cli.command, Command::Demo(_)) && std::env::args_os().any(given) {
+        eprintln!(
+            "spare: note: the demo runs its own three nodes in a temporary directory; \
+             --data-dir is not used"
+        );
+    }
     let paths = match Paths::resolve(cli.data_dir.as_deref()) {
         Ok(paths) => paths,
         Err(e) => return output::fail(&anyhow::anyhow!(e)),

@@ -192,6 +192,31 @@ pub(crate) fn json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `text` with every peer id in it shortened as [`short_peer`] does, so a
+/// message that names one fits a table's cell.
+pub(crate) fn short_peers(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut word = String::new();
+    let flush = |word: &mut String, out: &mut String| {
+        if word.len() >= 40 && word.parse::<spare_core::PeerId>().is_ok() {
+            out.push_str(&short_peer(word));
+        } else {
+            out.push_str(word);
+        }
+        word.clear();
+    };
+    for c in text.chars() {
+        if c.is_ascii_alphanumeric() {
+            word.push(c);
+        } else {
+            flush(&mut word, &mut out);
+            out.push(c);
+        }
+    }
+    flush(&mut word, &mut out);
+    out
+}
+
 /// Shortens a peer id for tables: its last 8 characters.
 pub(crate) fn short_peer(peer: &str) -> String {
     let n = peer.chars().count();
@@ -269,6 +294,20 @@ mod tests {
         fn flush(&mut self) -> std::io::Result<()> {
             Ok(())
         }
+    }
+
+    #[test]
+    fn peer_ids_in_a_message_are_shortened() {
+        let peer = spare_core::PeerId::random().to_string();
+        let text = format!("peer {peer} is not connected (`spare peers`)");
+        assert_eq!(
+            short_peers(&text),
+            format!(
+                "peer {} is not connected (`spare peers`)",
+                short_peer(&peer)
+            )
+        );
+        assert_eq!(short_peers("exit 12D3KooW"), "exit 12D3KooW");
     }
 
     #[test]

@@ -80,7 +80,15 @@ fn rows(peers: &[PeerView]) -> Vec<Vec<String>> {
             state,
             cores,
             queued,
-            p.addrs.first().cloned().unwrap_or_default(),
+            // The peer id is in the first column already.
+            p.addrs
+                .first()
+                .map(|addr| {
+                    addr.strip_suffix(&format!("/p2p/{}", p.peer_id))
+                        .unwrap_or(addr)
+                        .to_owned()
+                })
+                .unwrap_or_default(),
         ]);
     }
     rows
@@ -111,6 +119,15 @@ mod tests {
                 paused: why.map(Into::into),
             }),
         }
+    }
+
+    #[test]
+    fn an_address_is_shown_without_the_peer_id_it_ends_in() {
+        let mut with_id = peer("id1", None);
+        with_id.addrs = vec!["/ip4/10.0.0.2/tcp/4001/p2p/id1".into()];
+        let table = rows(&[with_id, peer("id2", None)]);
+        assert_eq!(table[1][5], "/ip4/10.0.0.2/tcp/4001");
+        assert_eq!(table[2][5], "/ip4/127.0.0.1/tcp/4001");
     }
 
     #[test]

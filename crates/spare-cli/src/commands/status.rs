@@ -82,7 +82,8 @@ fn render(s: &StatusView) -> String {
     );
     let _ = writeln!(
         out,
-        "  disk       blobs {} and state {} of {}",
+        "  disk       blobs {} and state {} of {} (3/4 of the disk budget; compiled modules \
+         get the rest)",
         format_bytes(s.blobs_used),
         format_bytes(s.state_bytes),
         format_bytes(s.blobs_budget)

@@ -104,7 +104,10 @@ fn row(
     let ended = match (state, exit_code, failure) {
         (spare_ledger::TaskState::Exited, Some(code), _) => format!("exit {code}"),
         // A trap's backtrace is left to `--json`.
-        (_, _, Some(failure)) => clip(&output::without_backtrace(failure), 48),
+        (_, _, Some(failure)) => clip(
+            &output::short_peers(&output::without_backtrace(failure)),
+            48,
+        ),
         (state, _, _) => format!("{state:?}").to_lowercase(),
     };
     vec![

@@ -62,7 +62,6 @@ pub(crate) struct Args {
         long,
         value_name = "BOOL",
         num_args = 0..=1,
-        require_equals = true,
         default_missing_value = "true",
         conflicts_with = "always"
     )]
@@ -82,13 +81,12 @@ pub(crate) struct Args {
     /// comma-separated); --windows= means all day (the default).
     #[arg(long, value_name = "HH:MM-HH:MM", value_delimiter = ',')]
     windows: Option<Vec<String>>,
-    /// Give while running on battery; --on-battery=false pauses on battery
+    /// Give while running on battery; --on-battery false pauses on battery
     /// (the default).
     #[arg(
         long,
         value_name = "BOOL",
         num_args = 0..=1,
-        require_equals = true,
         default_missing_value = "true"
     )]
     on_battery: Option<bool>,
@@ -242,6 +240,17 @@ mod tests {
             let error = load("", &args).unwrap_err().to_string();
             assert!(error.contains("negative"), "{args:?}: {error}");
         }
+    }
+
+    #[test]
+    fn a_yes_or_no_flag_takes_its_value_after_a_space_or_an_equals_sign() {
+        for args in [&["--on-battery", "false"][..], &["--on-battery=false"]] {
+            let config = load("", args).unwrap();
+            assert!(!config.policy.when.on_battery, "{args:?}");
+        }
+        assert!(load("", &["--on-battery"]).unwrap().policy.when.on_battery);
+        let err = load("", &["--on-battery", "maybe"]).unwrap_err();
+        assert!(err.contains("invalid value 'maybe'"), "{err}");
     }
 
     #[test]
