@@ -139,12 +139,18 @@ pub(crate) fn without_backtrace(text: &str) -> String {
     }
 }
 
-/// `text` made safe for a terminal: every control character but newline
-/// and tab is shown as U+FFFD. Peers write some of what spare prints (a
-/// host's refusal, a failure it reports, a peer's agent string), and an
-/// escape sequence in it could rewrite the user's screen or title.
+/// One line of `text` made safe for a terminal: every control character
+/// (newlines too) and every bidirectional override is shown as U+FFFD.
+/// Peers write some of what spare prints (a host's refusal, a failure it
+/// reports, a peer's agent string): an escape sequence could rewrite the
+/// user's screen, a newline add a line spare did not write, an override
+/// reverse what follows.
 pub(crate) fn printable(text: &str) -> std::borrow::Cow<'_, str> {
-    let unsafe_char = |c: char| c.is_control() && c != '\n' && c != '\t';
+    let unsafe_char = |c: char| {
+        (c.is_control() && c != '\t')
+            || ('\u{202a}'..='\u{202e}').contains(&c)
+            || ('\u{2066}'..='\u{2069}').contains(&c)
+    };
     if text.contains(unsafe_char) {
         text.replace(unsafe_char, "\u{fffd}").into()
     } else {
@@ -313,8 +319,12 @@ mod tests {
     #[test]
     fn control_characters_from_peers_do_not_reach_the_terminal() {
         assert_eq!(
-            printable("plain, with a tab\tand\nlines"),
-            "plain, with a tab\tand\nlines"
+            printable("plain, with a tab\tin it"),
+            "plain, with a tab\tin it"
+        );
+        assert_eq!(
+            printable("one\nspare: done \u{202e}txt.exe"),
+            "one\u{fffd}spare: done \u{fffd}txt.exe"
         );
         assert_eq!(
             printable("\u{1b}]0;owned\u{7}red \u{1b}[31mtext\u{9b}2J\r"),

@@ -414,10 +414,12 @@ fn a_paused_hosts_task_finishes_elsewhere() {
             .contains("handed back"),
         "{hosted}"
     );
-    // It held a place on the idle host for all of `hand_back_after`.
+    // It ran there before the pause: that time is recorded, the pause
+    // (all of `hand_back_after`) is not.
     let held = spare_core::units::parse_duration(hand_back_after).unwrap();
     let wall_ms = hosted[0]["wall_ms"].as_u64().unwrap_or_default();
-    assert!(u128::from(wall_ms) >= held.as_millis(), "{hosted}");
+    assert!(wall_ms > 0, "{hosted}");
+    assert!(u128::from(wall_ms) < held.as_millis(), "{hosted}");
 }
 
 /// Impossible settings stop `spare up` with the line or flag that is wrong.

@@ -374,7 +374,7 @@ impl EventLoop {
         if full && !self.mdns_full && MDNS_FULL_LOGGED.allow() {
             tracing::warn!(
                 "hosts on the LAN have named {kept} peer addresses over mDNS, the most this node \
-                 keeps: it ignores more until some expire (within {})",
+                 keeps: it ignores more until some expire ({} after they were last announced)",
                 spare_core::units::format_duration(mdns::MAX_TTL)
             );
         }

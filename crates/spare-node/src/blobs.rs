@@ -941,9 +941,13 @@ impl Drop for FetchEntry<'_> {
             .fetching
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        // The map's and this one's: no other fetch holds it. (Clones are
-        // made under the map's lock, so none can appear meanwhile.)
-        if Arc::strong_count(&self.lock) <= 2 {
+        // This fetch's hold goes first, under the map's lock (where holds
+        // are taken too), so what remains counts the others exactly.
+        drop(std::mem::take(&mut self.lock));
+        if fetching
+            .get(&self.key)
+            .is_some_and(|lock| Arc::strong_count(lock) == 1)
+        {
             fetching.remove(&self.key);
         }
     }

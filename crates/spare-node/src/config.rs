@@ -100,18 +100,6 @@ impl Config {
                 format_bytes(self.machine.memory)
             ));
         }
-        if let Some(free) = self
-            .machine
-            .disk_free
-            .filter(|free| self.policy.disk > *free)
-        {
-            warnings.push(format!(
-                "disk = {} is more than is free on the data directory's file system ({}): \
-                 when that fills, blobs are refused before the budget is reached",
-                format_bytes(self.policy.disk),
-                format_bytes(free)
-            ));
-        }
         if self.listen.is_empty() {
             warnings.push(
                 "listen = [] makes this node listen nowhere: it can use its peers, \
@@ -401,9 +389,10 @@ impl Config {
             }
         };
         let mut machine = Machine::detect();
-        if let Some((size, free)) = path.parent().and_then(filesystem_space) {
-            (machine.disk, machine.disk_free) = (Some(size), Some(free));
-        }
+        machine.disk = path
+            .parent()
+            .and_then(filesystem_space)
+            .map(|(size, _)| size);
         Self::parse_with(&text, &path.display().to_string(), flags, machine)
     }
 
@@ -738,8 +727,9 @@ fn check_rate(key: &str, value: &str) -> Result<Option<u64>, String> {
     Ok(rate)
 }
 
-/// Size of the file system holding `dir`, and what is free on it.
-fn filesystem_space(dir: &Path) -> Option<(u64, u64)> {
+/// Size of the file system holding `dir`, and what is free on it (for an
+/// unprivileged user).
+pub(crate) fn filesystem_space(dir: &Path) -> Option<(u64, u64)> {
     use std::os::unix::ffi::OsStrExt;
     let existing = dir.ancestors().find(|d| d.exists())?;
     let path = std::ffi::CString::new(existing.as_os_str().as_bytes()).ok()?;
@@ -947,7 +937,6 @@ mod tests {
         cores: 2,
         memory: 8 << 30,
         disk: Some(100 << 30),
-        disk_free: Some(50 << 30),
     };
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
@@ -1096,18 +1085,6 @@ mod tests {
                 "{err}"
             );
         }
-    }
-
-    #[test]
-    fn a_disk_budget_beyond_what_is_free_is_warned_of() {
-        // 50 GiB are free of the file system's 100 GiB.
-        assert!(parse("disk = \"40GiB\"\n").unwrap().warnings().is_empty());
-        let warnings = parse("disk = \"60GiB\"\n").unwrap().warnings();
-        assert_eq!(warnings.len(), 1, "{warnings:?}");
-        assert!(
-            warnings[0].starts_with("disk = 60 GiB is more than is free"),
-            "{warnings:?}"
-        );
     }
 
     #[test]

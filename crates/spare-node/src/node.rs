@@ -147,6 +147,9 @@ impl Node {
             }
         }
         enforcement.notes.extend(config.warnings());
+        if let Some(note) = disk_beyond_free(&config, &paths.blobs, blobs.used()) {
+            enforcement.notes.push(note);
+        }
         for note in &enforcement.notes {
             tracing::warn!("{note}");
         }
@@ -604,5 +607,38 @@ impl Drop for InFlight {
                 map.remove(&self.peer);
             }
         }
+    }
+}
+
+/// A warning when the owner's `disk` budget is more than the blobs hold now
+/// and what is free on their file system together: that fills first, and
+/// blobs are then refused before the budget is reached.
+fn disk_beyond_free(config: &Config, blobs: &std::path::Path, held: u64) -> Option<String> {
+    let (_, free) = crate::config::filesystem_space(blobs)?;
+    let room = free.saturating_add(held);
+    (config.policy.disk > room).then(|| {
+        format!(
+            "disk = {} is more than the blobs hold and the file system has free ({}): \
+             when it fills, blobs are refused before the budget is reached",
+            spare_core::units::format_bytes(config.policy.disk),
+            spare_core::units::format_bytes(room)
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_disk_budget_beyond_the_free_space_and_the_blobs_is_warned_of() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, free) = crate::config::filesystem_space(dir.path()).unwrap();
+        let mut config = Config::default();
+        config.policy.disk = free + (10 << 30);
+        let note = disk_beyond_free(&config, dir.path(), 0).unwrap();
+        assert!(note.contains("more than the blobs hold and the file system has free"));
+        // Blobs already held count: their room is the node's already.
+        assert_eq!(disk_beyond_free(&config, dir.path(), 20 << 30), None);
     }
 }

@@ -332,6 +332,9 @@ async fn run_remote(
             None => match choose(node, limits, &tried, more, token, events).await {
                 Choice::Host(peer, fitted) => (peer, fitted),
                 Choice::Nowhere(why) if attempt == 0 => return Ended::failed(why),
+                Choice::Nowhere(_) if token.is_cancelled() => {
+                    return hit_lowered.unwrap_or_else(|| Ended::failed("cancelled".into()));
+                }
                 Choice::Nowhere(why) => {
                     return hit_lowered.unwrap_or_else(|| {
                         Ended::failed(format!(

@@ -11,8 +11,6 @@ pub struct Machine {
     pub memory: u64,
     /// Size of the file system holding the node's data, when known.
     pub disk: Option<u64>,
-    /// What is free on it now (for an unprivileged user), when known.
-    pub disk_free: Option<u64>,
 }
 
 impl Machine {
@@ -24,7 +22,6 @@ impl Machine {
                 .unwrap_or(1),
             memory: total_memory().unwrap_or(1 << 30),
             disk: None,
-            disk_free: None,
         }
     }
 }

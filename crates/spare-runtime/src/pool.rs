@@ -360,7 +360,7 @@ impl WorkerPool {
                 Err(e) => return Outcome::failed(Failure::Host(e.to_string())),
             },
         };
-        let _exempt = owner.then(|| Exempt::new(self, worker.pid));
+        let exempt = owner.then(|| Exempt::new(self, worker.pid));
         let limits = job.limits;
         let allowed = Duration::from_millis(limits.wall_ms) + WATCHDOG_GRACE;
         let (started, stopped_before) = (Instant::now(), self.stopped());
@@ -428,11 +428,14 @@ impl WorkerPool {
         let ran_for = started.elapsed();
         let reply = match waited {
             Waited::Done(reply) => reply,
-            // It ran for a while; the fuel it used died with it.
+            // It ran for a while (pauses not counted, as the guest's own
+            // clock does not count them); the fuel it used died with it.
             Waited::Cancelled => {
                 self.kill(worker).await;
+                let stopped = self.stopped().saturating_sub(stopped_before);
+                let ran = ran_for.saturating_sub(stopped).min(allowed);
                 return Outcome {
-                    wall_ms: u64::try_from(ran_for.as_millis()).unwrap_or(u64::MAX),
+                    wall_ms: u64::try_from(ran.as_millis()).unwrap_or(u64::MAX),
                     ..Outcome::failed(Failure::Cancelled)
                 };
             }
@@ -453,6 +456,9 @@ impl WorkerPool {
         match reply {
             Ok(FromWorker::Done(outcome)) => match check_outcome(&outcome, &limits, ran_for) {
                 Ok(()) => {
+                    // Back among the governed before another job can take
+                    // it, or its exemption would end in that job's run.
+                    drop(exempt);
                     self.give_back(worker);
                     *outcome
                 }

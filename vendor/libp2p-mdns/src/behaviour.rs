@@ -166,8 +166,8 @@ where
 /// up, as long as it liked. Finds beyond it are ignored until some expire.
 pub const MAX_DISCOVERED: usize = 256;
 
-/// The longest a find is remembered, whatever lifetime its answer gives
-/// (spare's patch): a full list empties within this.
+/// The longest a find is remembered after it was last heard, whatever
+/// lifetime its answer gives (spare's patch).
 pub const MAX_TTL: std::time::Duration = std::time::Duration::from_secs(60 * 60);
 
 impl<P> Behaviour<P>

@@ -170,7 +170,6 @@ mod tests {
         cores: 2,
         memory: 8 << 30,
         disk: Some(100 << 30),
-        disk_free: Some(50 << 30),
     };
 
     fn load(file: &str, flags: &[&str]) -> Result<Config, String> {
