@@ -10,14 +10,10 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use futures::StreamExt;
-use libp2p::core::transport::{MemoryTransport, Transport as _};
-use libp2p::core::upgrade::Version;
 use libp2p::identity::Keypair;
 use libp2p::multiaddr::Protocol;
 use libp2p::swarm::{DialError, NetworkBehaviour, SwarmEvent};
-use libp2p::{
-    Multiaddr, PeerId, Stream, StreamProtocol, SwarmBuilder, identify, kad, noise, yamux,
-};
+use libp2p::{Multiaddr, PeerId, Stream, StreamProtocol, identify, kad};
 use rogue::{frame, task_stream};
 use spare_core::wire::{self, Message, TaskRequest, TaskResponse};
 use spare_core::{Limits, TaskId};
@@ -33,22 +29,8 @@ async fn ask(stream: &mut Stream, bytes: &[u8]) -> Result<TaskResponse, String> 
 #[tokio::test]
 async fn malformed_and_oversized_requests_are_refused_and_the_node_keeps_serving() {
     let shutdown = CancellationToken::new();
-    let addr: Multiaddr = format!("/memory/{}", rand::random::<u32>() as u64 + 1)
-        .parse()
-        .unwrap();
-    let (node, mut events) = spare_net::start(
-        NetConfig {
-            keypair: Keypair::generate_ed25519(),
-            listen: vec![addr.clone()],
-            bootstrap: vec![],
-            mdns: false,
-            transport: Transport::Memory,
-            answer_budget: spare_net::answer_budget(1, 64 << 20),
-        },
-        shutdown.clone(),
-    )
-    .await
-    .unwrap();
+    let addr = nowhere();
+    let (node, mut events) = memory_node(&addr, &shutdown).await;
     // The daemon's part: answer every valid request.
     tokio::spawn(async move {
         while let Some(event) = events.recv().await {
@@ -111,7 +93,27 @@ async fn malformed_and_oversized_requests_are_refused_and_the_node_keeps_serving
     shutdown.cancel();
 }
 
-/// A memory address nothing listens on.
+/// A node on the memory transport listening at `addr`.
+async fn memory_node(
+    addr: &Multiaddr,
+    shutdown: &CancellationToken,
+) -> (spare_net::NetHandle, tokio::sync::mpsc::Receiver<NetEvent>) {
+    spare_net::start(
+        NetConfig {
+            keypair: Keypair::generate_ed25519(),
+            listen: vec![addr.clone()],
+            bootstrap: vec![],
+            mdns: false,
+            transport: Transport::Memory,
+            answer_budget: spare_net::answer_budget(1, 64 << 20),
+        },
+        shutdown.clone(),
+    )
+    .await
+    .unwrap()
+}
+
+/// A memory address nothing listens on (when it is new).
 fn nowhere() -> Multiaddr {
     format!("/memory/{}", u64::from(rand::random::<u32>()) + 1)
         .parse()
@@ -127,12 +129,7 @@ async fn claiming(
     node: &spare_net::NetHandle,
     addr: &Multiaddr,
 ) -> tokio::task::JoinHandle<()> {
-    let mut swarm = memory_swarm(key.clone(), |key| {
-        identify::Behaviour::new(identify::Config::new(
-            "/spare/id/1.0.0".into(),
-            key.public(),
-        ))
-    });
+    let mut swarm = rogue::memory_swarm(key.clone(), rogue::claims_to_be_spare);
     for claim in claims {
         swarm.add_external_address(claim.clone());
     }
@@ -145,28 +142,6 @@ async fn claiming(
     let peer = key.public().to_peer_id();
     wait_until(|| node.is_connected(&peer)).await;
     task
-}
-
-/// A swarm on the memory transport with `behaviour`.
-fn memory_swarm<B: NetworkBehaviour>(
-    key: Keypair,
-    behaviour: impl FnOnce(&Keypair) -> B,
-) -> libp2p::Swarm<B> {
-    SwarmBuilder::with_existing_identity(key)
-        .with_tokio()
-        .with_other_transport(|key| {
-            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
-                MemoryTransport::default()
-                    .upgrade(Version::V1)
-                    .authenticate(noise::Config::new(key)?)
-                    .multiplex(yamux::Config::default()),
-            )
-        })
-        .unwrap()
-        .with_behaviour(|key| behaviour(key))
-        .unwrap()
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
-        .build()
 }
 
 async fn wait_until(mut done: impl FnMut() -> bool) {
@@ -188,16 +163,13 @@ struct Asker {
 /// then dials `target` at every address the node named, all of which fail
 /// (`target` listens nowhere), and the failure lists them.
 async fn handed_out(node: PeerId, addr: &Multiaddr, target: PeerId) -> BTreeSet<Multiaddr> {
-    let mut swarm = memory_swarm(Keypair::generate_ed25519(), |key| {
+    let mut swarm = rogue::memory_swarm(Keypair::generate_ed25519(), |key| {
         let peer = key.public().to_peer_id();
         let config = kad::Config::new(StreamProtocol::new("/spare/kad/1.0.0"));
         let mut kad = kad::Behaviour::with_config(peer, kad::store::MemoryStore::new(peer), config);
         kad.set_mode(Some(kad::Mode::Client));
         Asker {
-            identify: identify::Behaviour::new(identify::Config::new(
-                "/spare/id/1.0.0".into(),
-                key.public(),
-            )),
+            identify: rogue::claims_to_be_spare(key),
             kad,
         }
     });
@@ -238,19 +210,7 @@ async fn handed_out(node: PeerId, addr: &Multiaddr, target: PeerId) -> BTreeSet<
 async fn a_peer_that_reconnects_is_handed_out_at_its_latest_addresses_only() {
     let shutdown = CancellationToken::new();
     let addr = nowhere();
-    let (node, _events) = spare_net::start(
-        NetConfig {
-            keypair: Keypair::generate_ed25519(),
-            listen: vec![addr.clone()],
-            bootstrap: vec![],
-            mdns: false,
-            transport: Transport::Memory,
-            answer_budget: spare_net::answer_budget(1, 64 << 20),
-        },
-        shutdown.clone(),
-    )
-    .await
-    .unwrap();
+    let (node, _events) = memory_node(&addr, &shutdown).await;
     let id = node.local_peer_id();
     let key = Keypair::generate_ed25519();
     let peer = key.public().to_peer_id();

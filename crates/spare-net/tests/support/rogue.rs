@@ -9,6 +9,7 @@ use std::time::Duration;
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use libp2p::core::transport::{MemoryTransport, Transport as _};
 use libp2p::core::upgrade::Version;
+use libp2p::identity::Keypair;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, Stream, StreamProtocol, SwarmBuilder, identify, noise, yamux};
 use spare_core::wire::{self, Message, TASK_PROTOCOL, TaskResponse};
@@ -22,28 +23,10 @@ struct Rogue {
 /// A rogue connected to the node at `addr`, which must be `node`: a way
 /// to open task streams to it. The swarm runs in a task of its own.
 pub(crate) async fn connect(addr: Multiaddr, node: PeerId) -> libp2p_stream::Control {
-    let mut swarm = SwarmBuilder::with_new_identity()
-        .with_tokio()
-        .with_other_transport(|key| {
-            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
-                MemoryTransport::default()
-                    .upgrade(Version::V1)
-                    .authenticate(noise::Config::new(key)?)
-                    .multiplex(yamux::Config::default()),
-            )
-        })
-        .unwrap()
-        .with_behaviour(|key| Rogue {
-            // It claims to be a spare node, so it is not turned away.
-            identify: identify::Behaviour::new(identify::Config::new(
-                "/spare/id/1.0.0".into(),
-                key.public(),
-            )),
-            streams: libp2p_stream::Behaviour::new(),
-        })
-        .unwrap()
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
-        .build();
+    let mut swarm = memory_swarm(Keypair::generate_ed25519(), |key| Rogue {
+        identify: claims_to_be_spare(key),
+        streams: libp2p_stream::Behaviour::new(),
+    });
     let control = swarm.behaviour().streams.new_control();
     swarm.dial(addr).unwrap();
     loop {
@@ -58,6 +41,36 @@ pub(crate) async fn connect(addr: Multiaddr, node: PeerId) -> libp2p_stream::Con
         }
     });
     control
+}
+
+/// A swarm with `key` on the memory transport with `behaviour`.
+pub(crate) fn memory_swarm<B: NetworkBehaviour>(
+    key: Keypair,
+    behaviour: impl FnOnce(&Keypair) -> B,
+) -> libp2p::Swarm<B> {
+    SwarmBuilder::with_existing_identity(key)
+        .with_tokio()
+        .with_other_transport(|key| {
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
+                MemoryTransport::default()
+                    .upgrade(Version::V1)
+                    .authenticate(noise::Config::new(key)?)
+                    .multiplex(yamux::Config::default()),
+            )
+        })
+        .unwrap()
+        .with_behaviour(|key| behaviour(key))
+        .unwrap()
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+        .build()
+}
+
+/// Identify as a spare node says it: such a peer is not turned away.
+pub(crate) fn claims_to_be_spare(key: &Keypair) -> identify::Behaviour {
+    identify::Behaviour::new(identify::Config::new(
+        "/spare/id/1.0.0".into(),
+        key.public(),
+    ))
 }
 
 /// A task stream to `node`, accepted: the node has written its first byte.
