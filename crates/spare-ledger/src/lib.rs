@@ -31,12 +31,39 @@ use tokio::sync::oneshot;
 use writer::{Op, Write};
 
 /// The schema this code reads and writes.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// Rows of hosted tasks kept, the latest ones: peers decide how many tasks
-/// a node hosts, so the table of them is bounded. The receipts, which
-/// credit will be computed from, are kept apart and not pruned.
+/// a node hosts, so the table of them is bounded.
 pub const MAX_HOSTED_ROWS: i64 = 10_000;
+
+/// Receipts kept one by one, the latest ones (issued and received
+/// together; about 30 MB). Older receipts are folded into totals per role,
+/// so the sums that credit will be computed from lose nothing, while the
+/// database stays within its share of the disk budget however many tasks
+/// peers send.
+pub const MAX_RECEIPT_ROWS: i64 = 50_000;
+
+/// Rows of requested tasks kept, the latest ones; older finished tasks are
+/// dropped. Tasks still waiting or running are never dropped.
+pub const MAX_REQUESTED_ROWS: i64 = 100_000;
+
+/// How many rows of each kind a ledger keeps: the constants above, smaller
+/// in tests.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Caps {
+    pub(crate) hosted: i64,
+    pub(crate) receipts: i64,
+    pub(crate) requested: i64,
+}
+
+impl Caps {
+    const DEFAULT: Caps = Caps {
+        hosted: MAX_HOSTED_ROWS,
+        receipts: MAX_RECEIPT_ROWS,
+        requested: MAX_REQUESTED_ROWS,
+    };
+}
 
 /// Why a ledger operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -107,6 +134,9 @@ const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
 /// Pages in the WAL before the writer checkpoints by itself: a safety net in
 /// case the background thread falls behind.
 const AUTOCHECKPOINT_PAGES: i64 = 20_000;
+/// Bytes the WAL file is cut back to after a checkpoint has emptied it, so
+/// that a burst does not leave it at its high-water mark for good.
+const WAL_SIZE_LIMIT: i64 = 16 << 20;
 
 /// Where a task stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -264,13 +294,17 @@ impl Ledger {
     pub fn open(path: &Path) -> Result<Self, LedgerError> {
         let writer = Connection::open(path)?;
         let reader = Connection::open(path)?;
-        let mut ledger = Self::init(writer, reader)?;
+        let mut ledger = Self::init(writer, reader, Caps::DEFAULT)?;
         ledger._checkpointer = Some(spawn_checkpointer(path)?);
         Ok(ledger)
     }
 
     /// A private database in memory, for tests.
     pub fn open_in_memory() -> Result<Self, LedgerError> {
+        Self::open_in_memory_with(Caps::DEFAULT)
+    }
+
+    fn open_in_memory_with(caps: Caps) -> Result<Self, LedgerError> {
         // A shared-cache URI so the reader sees the writer's database.
         let uri = format!(
             "file:spare-ledger-{}?mode=memory&cache=shared",
@@ -279,13 +313,14 @@ impl Ledger {
         let flags = rusqlite::OpenFlags::default() | rusqlite::OpenFlags::SQLITE_OPEN_URI;
         let writer = Connection::open_with_flags(&uri, flags)?;
         let reader = Connection::open_with_flags(&uri, flags)?;
-        Self::init(writer, reader)
+        Self::init(writer, reader, caps)
     }
 
-    fn init(writer: Connection, reader: Connection) -> Result<Self, LedgerError> {
+    fn init(writer: Connection, reader: Connection, caps: Caps) -> Result<Self, LedgerError> {
         writer.pragma_update(None, "journal_mode", "WAL")?;
         writer.pragma_update(None, "synchronous", "NORMAL")?;
         writer.pragma_update(None, "wal_autocheckpoint", AUTOCHECKPOINT_PAGES)?;
+        writer.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT)?;
         writer.busy_timeout(Duration::from_secs(5))?;
         reader.busy_timeout(Duration::from_secs(5))?;
         migrate(&writer)?;
@@ -297,7 +332,7 @@ impl Ledger {
         )?;
         Ok(Self {
             reader: Mutex::new(reader),
-            writes: writer::spawn(writer, WRITE_QUEUE)?,
+            writes: writer::spawn(writer, WRITE_QUEUE, caps)?,
             _checkpointer: None,
         })
     }
@@ -394,7 +429,7 @@ impl Ledger {
             .optional()?)
     }
 
-    /// The `limit` most recently started hosted tasks, newest first.
+    /// The `limit` hosted tasks that ended last, newest first (a hosted task is recorded when it ends).
     pub fn recent_hosted(&self, limit: u32) -> Result<Vec<HostedTask>, LedgerError> {
         let conn = self.reader();
         let mut stmt = conn.prepare_cached(
@@ -419,25 +454,44 @@ impl Ledger {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    /// Sums of the receipts in `role`.
+    /// Sums of the receipts in `role`: those kept one by one and those
+    /// folded into totals (see [`MAX_RECEIPT_ROWS`]). Saturating.
     pub fn receipt_totals(&self, role: ReceiptRole) -> Result<ReceiptTotals, LedgerError> {
         let role = role.as_str();
-        let totals = self
-            .reader()
+        let reader = self.reader();
+        // TOTAL sums in floating point: a sum past i64 cannot fail the query.
+        let (count, fuel, wall_ms) = reader.query_row(
+            "SELECT COUNT(*), TOTAL(fuel), TOTAL(wall_ms) FROM receipts WHERE role = ?1",
+            params![role],
+            |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, f64>(1)?,
+                    r.get::<_, f64>(2)?,
+                ))
+            },
+        )?;
+        let folded = reader
             .query_row(
-                "SELECT COUNT(*), COALESCE(SUM(fuel), 0), COALESCE(SUM(wall_ms), 0)
-                 FROM receipts WHERE role = ?1",
+                "SELECT count, fuel, wall_ms FROM folded_receipts WHERE role = ?1",
                 params![role],
                 |r| {
-                    Ok(ReceiptTotals {
-                        count: r.get::<_, i64>(0)? as u64,
-                        fuel: r.get::<_, i64>(1)? as u64,
-                        wall_ms: r.get::<_, i64>(2)? as u64,
-                    })
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, i64>(2)?,
+                    ))
                 },
             )
-            .optional()?;
-        Ok(totals.unwrap_or_default())
+            .optional()?
+            .unwrap_or_default();
+        let unsigned = |v: i64| u64::try_from(v).unwrap_or(0);
+        // `as` from f64 saturates.
+        Ok(ReceiptTotals {
+            count: unsigned(count).saturating_add(unsigned(folded.0)),
+            fuel: (fuel as u64).saturating_add(unsigned(folded.1)),
+            wall_ms: (wall_ms as u64).saturating_add(unsigned(folded.2)),
+        })
     }
 
     /// The signed receipt for `task` from `host`, if stored.
@@ -511,64 +565,103 @@ fn spawn_checkpointer(path: &Path) -> Result<mpsc::Sender<()>, LedgerError> {
 
 /// Brings the schema from whatever version the file has to [`SCHEMA_VERSION`].
 ///
-/// Rows are only ever appended, so rowid order is submission order: the
-/// listings need no time index, and every insert touches one b-tree less.
-/// Receipts are looked up by their key only, so they live in a `WITHOUT
-/// ROWID` table: one b-tree instead of a table and its key index.
+/// Rows are only ever appended, so rowid order is the order of insertion
+/// (submission for `requested`, the end of the task for `hosted` and
+/// `receipts`): the listings and the pruning of the oldest rows need no
+/// time index, and every insert touches one b-tree less.
+///
+/// Version 2 keeps receipts in a rowid table, so that the oldest can be
+/// folded into `folded_receipts` (version 1 kept every receipt, in a
+/// `WITHOUT ROWID` table with no order to prune by).
 fn migrate(conn: &Connection) -> Result<(), LedgerError> {
     let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     if version > SCHEMA_VERSION {
         return Err(LedgerError::TooNew { found: version });
     }
-    if version < 1 {
-        conn.execute_batch(
-            "BEGIN;
-             CREATE TABLE requested (
-                 task TEXT PRIMARY KEY,
-                 name TEXT NOT NULL,
-                 module TEXT NOT NULL,
-                 submitted_ms INTEGER NOT NULL,
-                 finished_ms INTEGER,
-                 host TEXT,
-                 attempts INTEGER NOT NULL DEFAULT 0,
-                 state TEXT NOT NULL,
-                 exit_code INTEGER,
-                 failure TEXT,
-                 fuel INTEGER,
-                 wall_ms INTEGER
-             );
-             CREATE TABLE hosted (
-                 task TEXT NOT NULL,
-                 requester TEXT NOT NULL,
-                 module TEXT NOT NULL,
-                 started_ms INTEGER NOT NULL,
-                 finished_ms INTEGER,
-                 state TEXT NOT NULL,
-                 exit_code INTEGER,
-                 failure TEXT,
-                 fuel INTEGER,
-                 wall_ms INTEGER,
-                 PRIMARY KEY (requester, task)
-             );
-             CREATE TABLE receipts (
-                 task TEXT NOT NULL,
-                 host TEXT NOT NULL,
-                 requester TEXT NOT NULL,
-                 role TEXT NOT NULL CHECK (role IN ('issued', 'received')),
-                 fuel INTEGER NOT NULL,
-                 wall_ms INTEGER NOT NULL,
-                 finished_ms INTEGER NOT NULL,
-                 body BLOB NOT NULL,
-                 host_key BLOB NOT NULL,
-                 signature BLOB NOT NULL,
-                 PRIMARY KEY (task, host, requester)
-             ) WITHOUT ROWID;
-             PRAGMA user_version = 1;
-             COMMIT;",
-        )?;
+    for step in MIGRATIONS
+        .iter()
+        .skip(usize::try_from(version).unwrap_or(0))
+    {
+        conn.execute_batch(step)?;
     }
     Ok(())
 }
+
+/// `MIGRATIONS[v]` takes a database from version `v` to `v + 1`, in one
+/// transaction.
+const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [
+    "BEGIN;
+     CREATE TABLE requested (
+         task TEXT PRIMARY KEY,
+         name TEXT NOT NULL,
+         module TEXT NOT NULL,
+         submitted_ms INTEGER NOT NULL,
+         finished_ms INTEGER,
+         host TEXT,
+         attempts INTEGER NOT NULL DEFAULT 0,
+         state TEXT NOT NULL,
+         exit_code INTEGER,
+         failure TEXT,
+         fuel INTEGER,
+         wall_ms INTEGER
+     );
+     CREATE TABLE hosted (
+         task TEXT NOT NULL,
+         requester TEXT NOT NULL,
+         module TEXT NOT NULL,
+         started_ms INTEGER NOT NULL,
+         finished_ms INTEGER,
+         state TEXT NOT NULL,
+         exit_code INTEGER,
+         failure TEXT,
+         fuel INTEGER,
+         wall_ms INTEGER,
+         PRIMARY KEY (requester, task)
+     );
+     CREATE TABLE receipts (
+         task TEXT NOT NULL,
+         host TEXT NOT NULL,
+         requester TEXT NOT NULL,
+         role TEXT NOT NULL CHECK (role IN ('issued', 'received')),
+         fuel INTEGER NOT NULL,
+         wall_ms INTEGER NOT NULL,
+         finished_ms INTEGER NOT NULL,
+         body BLOB NOT NULL,
+         host_key BLOB NOT NULL,
+         signature BLOB NOT NULL,
+         PRIMARY KEY (task, host, requester)
+     ) WITHOUT ROWID;
+     PRAGMA user_version = 1;
+     COMMIT;",
+    "BEGIN;
+     CREATE TABLE receipts_by_age (
+         task TEXT NOT NULL,
+         host TEXT NOT NULL,
+         requester TEXT NOT NULL,
+         role TEXT NOT NULL CHECK (role IN ('issued', 'received')),
+         fuel INTEGER NOT NULL,
+         wall_ms INTEGER NOT NULL,
+         finished_ms INTEGER NOT NULL,
+         body BLOB NOT NULL,
+         host_key BLOB NOT NULL,
+         signature BLOB NOT NULL,
+         UNIQUE (task, host, requester)
+     );
+     INSERT INTO receipts_by_age SELECT task, host, requester, role, max(fuel, 0),
+             max(wall_ms, 0),
+             finished_ms, body, host_key, signature
+         FROM receipts ORDER BY finished_ms;
+     DROP TABLE receipts;
+     ALTER TABLE receipts_by_age RENAME TO receipts;
+     CREATE TABLE folded_receipts (
+         role TEXT PRIMARY KEY CHECK (role IN ('issued', 'received')),
+         count INTEGER NOT NULL,
+         fuel INTEGER NOT NULL,
+         wall_ms INTEGER NOT NULL
+     );
+     PRAGMA user_version = 2;
+     COMMIT;",
+];
 
 #[cfg(test)]
 mod tests {
@@ -790,6 +883,211 @@ mod tests {
         assert!(matches!(duplicate, Err(LedgerError::Write(_))));
         assert!(fine.is_ok());
         assert!(ledger.requested_task(&other).unwrap().is_some());
+    }
+
+    /// Small caps, so that tests reach them.
+    const SMALL: Caps = Caps {
+        hosted: 4,
+        receipts: 10,
+        requested: 5,
+    };
+
+    /// A receipt from `host` for a new task; the signature is not checked
+    /// by the ledger, so one serves them all.
+    fn receipt_from(host: &Keypair, fuel: u64) -> (Receipt, SignedReceipt) {
+        let receipt = Receipt {
+            task: TaskId::random(),
+            requester: PeerId::random(),
+            host: host.public().to_peer_id(),
+            module: BlobId::of(b"m"),
+            fuel,
+            wall_ms: 2,
+            exit_code: Some(0),
+            finished_ms: u64::MAX,
+        };
+        let signed = SignedReceipt::sign(&receipt, host).unwrap();
+        (receipt, signed)
+    }
+
+    fn receipt_rows(ledger: &Ledger) -> i64 {
+        ledger
+            .reader()
+            .query_row("SELECT COUNT(*) FROM receipts", [], |r| r.get(0))
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn receipts_beyond_the_cap_are_folded_into_totals_that_lose_nothing() {
+        let ledger = Ledger::open_in_memory_with(SMALL).unwrap();
+        let host = Keypair::generate_ed25519();
+        let mut stored = Vec::new();
+        for fuel in 1..=25 {
+            let (receipt, signed) = receipt_from(&host, fuel);
+            let task = receipt.task;
+            ledger
+                .task_finished(&task, &Ending::of(&outcome(0)), Some((receipt, signed)))
+                .await
+                .unwrap();
+            stored.push(task);
+        }
+        let hosted = Hosted {
+            task: TaskId::random(),
+            requester: PeerId::random(),
+            module: BlobId::of(b"m"),
+            started_ms: 1,
+        };
+        let issued = signed_receipt(hosted.task, hosted.requester);
+        ledger
+            .hosted_finished(&hosted, &Ending::of(&outcome(0)), Some(issued))
+            .await
+            .unwrap();
+
+        assert_eq!(
+            receipt_rows(&ledger),
+            SMALL.receipts,
+            "only the latest kept"
+        );
+        let host = host.public().to_peer_id();
+        assert!(
+            ledger.receipt(&stored[0], &host).unwrap().is_none(),
+            "the oldest folded"
+        );
+        assert!(
+            ledger.receipt(&stored[24], &host).unwrap().is_some(),
+            "the newest kept"
+        );
+        assert_eq!(
+            ledger.receipt_totals(ReceiptRole::Received).unwrap(),
+            ReceiptTotals {
+                count: 25,
+                fuel: (1..=25).sum(),
+                wall_ms: 50
+            },
+            "folded and kept together"
+        );
+        assert_eq!(
+            ledger.receipt_totals(ReceiptRole::Issued).unwrap(),
+            ReceiptTotals {
+                count: 1,
+                fuel: 100,
+                wall_ms: 3
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn totals_past_what_sqlite_holds_saturate_and_fail_no_write() {
+        let ledger = Ledger::open_in_memory_with(SMALL).unwrap();
+        let host = Keypair::generate_ed25519();
+        for _ in 0..15 {
+            let (receipt, signed) = receipt_from(&host, u64::MAX);
+            let task = receipt.task;
+            ledger
+                .task_finished(&task, &Ending::of(&outcome(0)), Some((receipt, signed)))
+                .await
+                .unwrap();
+        }
+        let totals = ledger.receipt_totals(ReceiptRole::Received).unwrap();
+        assert_eq!(totals.count, 15);
+        assert_eq!(totals.fuel, u64::MAX);
+    }
+
+    #[tokio::test]
+    async fn only_the_latest_requested_tasks_are_kept_and_every_unfinished_one() {
+        let ledger = Ledger::open_in_memory_with(SMALL).unwrap();
+        let running = TaskId::random();
+        ledger.task_submitted(&running, "long", "m").await.unwrap();
+        ledger
+            .task_attempt(&running, &PeerId::random())
+            .await
+            .unwrap();
+        let mut finished = Vec::new();
+        for _ in 0..10 {
+            let task = TaskId::random();
+            ledger.task_submitted(&task, "short", "m").await.unwrap();
+            ledger
+                .task_finished(&task, &Ending::of(&outcome(0)), None)
+                .await
+                .unwrap();
+            finished.push(task);
+        }
+        let kept = ledger.recent_tasks(u32::MAX).unwrap();
+        assert!(
+            kept.iter().any(|t| t.task == running.to_string()),
+            "still running"
+        );
+        assert!(ledger.requested_task(&finished[9]).unwrap().is_some());
+        assert!(ledger.requested_task(&finished[0]).unwrap().is_none());
+        assert!(
+            kept.len() <= SMALL.requested as usize + 1,
+            "{} kept",
+            kept.len()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_write_that_fails_halfway_leaves_nothing_behind() {
+        let ledger = Ledger::open_in_memory().unwrap();
+        // Receipts cannot be stored: the hosted row written before its
+        // receipt must go with it.
+        ledger
+            .reader()
+            .execute_batch(
+                "CREATE TRIGGER no_receipts BEFORE INSERT ON receipts
+                 BEGIN SELECT RAISE(ABORT, 'no receipts today'); END;",
+            )
+            .unwrap();
+        let hosted = Hosted {
+            task: TaskId::random(),
+            requester: PeerId::random(),
+            module: BlobId::of(b"m"),
+            started_ms: 1,
+        };
+        let receipt = signed_receipt(hosted.task, hosted.requester);
+        let failing = ledger.hosted_finished(&hosted, &Ending::of(&outcome(0)), Some(receipt));
+        let other = TaskId::random();
+        let fine = ledger.task_submitted(&other, "u", "m");
+        let (failing, fine) = tokio::join!(failing, fine);
+        let err = failing.unwrap_err();
+        assert!(err.to_string().contains("no receipts today"), "{err}");
+        assert!(ledger.recent_hosted(10).unwrap().is_empty(), "rolled back");
+        fine.unwrap();
+        assert!(ledger.requested_task(&other).unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn a_version_1_database_keeps_its_receipts() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let (receipt, signed) = signed_receipt(TaskId::random(), PeerId::random());
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(MIGRATIONS[0]).unwrap();
+            conn.execute(
+                "INSERT INTO receipts VALUES (?1, ?2, ?3, 'issued', 100, 3, 1, ?4, ?5, ?6)",
+                params![
+                    receipt.task.to_string(),
+                    receipt.host.to_string(),
+                    receipt.requester.to_string(),
+                    signed.body,
+                    signed.host_key,
+                    signed.signature
+                ],
+            )
+            .unwrap();
+        }
+        let ledger = Ledger::open(&path).unwrap();
+        let version: i64 = ledger
+            .reader()
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        assert_eq!(ledger.receipt_totals(ReceiptRole::Issued).unwrap().count, 1);
+        let back = ledger
+            .receipt(&receipt.task, &receipt.host)
+            .unwrap()
+            .unwrap();
+        assert_eq!(back.verify().unwrap(), receipt);
     }
 
     #[test]

@@ -9,8 +9,8 @@
 //! each commit, the longer the more callers the last one served
 //! ([`linger_for`]): a commit costs a few dozen system calls whatever it
 //! holds, and under load it, not the rows, is the ledger's cost. A failed
-//! statement fails only its own write; a failed commit fails the whole
-//! batch.
+//! write leaves nothing behind and fails alone (each runs in a savepoint);
+//! a failed commit fails the whole batch.
 
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -19,7 +19,7 @@ use rusqlite::{Connection, params};
 use spare_core::{Receipt, SignedReceipt};
 use tokio::sync::oneshot;
 
-use crate::{Ending, LedgerError, ReceiptRole};
+use crate::{Caps, Ending, LedgerError, ReceiptRole};
 
 /// Writes committed together at most.
 const MAX_BATCH: usize = 512;
@@ -88,16 +88,20 @@ pub(crate) enum Write {
 }
 
 /// Starts the writer thread on `conn`; it stops when every sender is gone.
-pub(crate) fn spawn(conn: Connection, queue: usize) -> Result<mpsc::SyncSender<Op>, LedgerError> {
+pub(crate) fn spawn(
+    conn: Connection,
+    queue: usize,
+    caps: Caps,
+) -> Result<mpsc::SyncSender<Op>, LedgerError> {
     let (tx, rx) = mpsc::sync_channel(queue);
     std::thread::Builder::new()
         .name("ledger-writer".into())
-        .spawn(move || run(&conn, &rx))
+        .spawn(move || run(&conn, &rx, caps))
         .map_err(|e| LedgerError::Write(format!("cannot start the writer thread: {e}")))?;
     Ok(tx)
 }
 
-fn run(conn: &Connection, rx: &mpsc::Receiver<Op>) {
+fn run(conn: &Connection, rx: &mpsc::Receiver<Op>, caps: Caps) {
     // How long to gather writes before the next commit: none unless the
     // last one served several callers (the node is busy).
     let mut linger = Duration::ZERO;
@@ -130,7 +134,7 @@ fn run(conn: &Connection, rx: &mpsc::Receiver<Op>) {
             }
         }
         linger = linger_for(waiting(&batch));
-        let committed = commit(conn, &batch);
+        let committed = commit(conn, &batch, caps);
         for (op, result) in batch.into_iter().zip(committed) {
             // The caller may have stopped waiting; the write stands anyway.
             let _ = op.done.send(result);
@@ -156,31 +160,74 @@ fn waiting(batch: &[Op]) -> usize {
 }
 
 /// Applies `batch` in one transaction; returns each write's result.
-fn commit(conn: &Connection, batch: &[Op]) -> Vec<Result<(), LedgerError>> {
-    // Cached statements: `BEGIN` and `COMMIT` are parsed once, not per batch.
-    let statement = |sql: &str| conn.prepare_cached(sql).and_then(|mut s| s.execute([]));
-    if let Err(e) = statement("BEGIN") {
-        return batch
-            .iter()
-            .map(|_| Err(LedgerError::Write(e.to_string())))
-            .collect();
+///
+/// Each write runs in a savepoint of its own, so one that fails leaves
+/// nothing behind and the others stand. Should SQLite roll back the whole
+/// transaction instead (a full disk, an I/O error), the writes it held are
+/// failed, and the rest go on in a new one.
+fn commit(conn: &Connection, batch: &[Op], caps: Caps) -> Vec<Result<(), LedgerError>> {
+    let failed = |e: &rusqlite::Error| Err(LedgerError::Write(e.to_string()));
+    if let Err(e) = statement(conn, "BEGIN") {
+        return batch.iter().map(|_| failed(&e)).collect();
     }
-    let mut results: Vec<Result<(), LedgerError>> = batch
-        .iter()
-        .map(|op| apply(conn, &op.write).map_err(|e| LedgerError::Write(e.to_string())))
-        .collect();
-    if let Err(e) = statement("COMMIT") {
-        let _ = statement("ROLLBACK");
-        let message = e.to_string();
-        results = batch
-            .iter()
-            .map(|_| Err(LedgerError::Write(message.clone())))
-            .collect();
+    let mut results: Vec<Result<(), LedgerError>> = Vec::with_capacity(batch.len());
+    // The first write of the transaction open now.
+    let mut open_from = 0;
+    for op in batch {
+        let result = apply_alone(conn, &op.write, caps);
+        if let Err(e) = &result
+            && conn.is_autocommit()
+        {
+            for earlier in &mut results[open_from..] {
+                if earlier.is_ok() {
+                    *earlier = failed(e);
+                }
+            }
+            results.push(failed(e));
+            open_from = results.len();
+            if let Err(e) = statement(conn, "BEGIN") {
+                results.resize_with(batch.len(), || failed(&e));
+                return results;
+            }
+            continue;
+        }
+        results.push(result.map_err(|e| LedgerError::Write(e.to_string())));
+    }
+    if let Err(e) = statement(conn, "COMMIT") {
+        let _ = statement(conn, "ROLLBACK");
+        for result in &mut results[open_from..] {
+            *result = failed(&e);
+        }
     }
     results
 }
 
-fn apply(conn: &Connection, write: &Write) -> rusqlite::Result<()> {
+/// Runs one statement without parameters, parsed once (`BEGIN`, `COMMIT`,
+/// savepoints).
+fn statement(conn: &Connection, sql: &str) -> rusqlite::Result<usize> {
+    conn.prepare_cached(sql).and_then(|mut s| s.execute([]))
+}
+
+/// Applies `write` in a savepoint: all of it, or none of it.
+fn apply_alone(conn: &Connection, write: &Write, caps: Caps) -> rusqlite::Result<()> {
+    statement(conn, "SAVEPOINT write")?;
+    let applied = apply(conn, write, caps);
+    // With the transaction gone (see `commit`) there is nothing to undo.
+    if applied.is_err() && !conn.is_autocommit() {
+        let _ = statement(conn, "ROLLBACK TO write");
+    }
+    if !conn.is_autocommit() {
+        statement(conn, "RELEASE write")?;
+    }
+    applied
+}
+
+/// A value for an INTEGER column: SQLite's integers are signed.
+fn integer(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn apply(conn: &Connection, write: &Write, caps: Caps) -> rusqlite::Result<()> {
     match write {
         Write::TaskSubmitted {
             task,
@@ -192,7 +239,13 @@ fn apply(conn: &Connection, write: &Write) -> rusqlite::Result<()> {
                 "INSERT INTO requested (task, name, module, submitted_ms, state, attempts)
                  VALUES (?1, ?2, ?3, ?4, 'waiting', 0)",
             )?
-            .execute(params![task, name, module, *at_ms as i64])?;
+            .execute(params![task, name, module, integer(*at_ms)])?;
+            // Only the latest rows are kept, and every unfinished one.
+            conn.prepare_cached(
+                "DELETE FROM requested WHERE rowid <= (SELECT max(rowid) FROM requested) - ?1
+                     AND state NOT IN ('waiting', 'running')",
+            )?
+            .execute(params![caps.requested])?;
         }
         Write::TaskAttempt { task, host } => {
             conn.prepare_cached(
@@ -217,12 +270,12 @@ fn apply(conn: &Connection, write: &Write) -> rusqlite::Result<()> {
                 ending.state.as_str(),
                 ending.exit_code,
                 ending.failure,
-                ending.fuel as i64,
-                ending.wall_ms as i64,
-                *at_ms as i64
+                integer(ending.fuel),
+                integer(ending.wall_ms),
+                integer(*at_ms)
             ])?;
             if let Some(receipt) = receipt {
-                insert_receipt(conn, &receipt.0, &receipt.1, ReceiptRole::Received)?;
+                insert_receipt(conn, &receipt.0, &receipt.1, ReceiptRole::Received, caps)?;
             }
         }
         Write::HostedFinished {
@@ -243,32 +296,36 @@ fn apply(conn: &Connection, write: &Write) -> rusqlite::Result<()> {
                 task,
                 requester,
                 module,
-                *started_ms as i64,
-                *at_ms as i64,
+                integer(*started_ms),
+                integer(*at_ms),
                 ending.state.as_str(),
                 ending.exit_code,
                 ending.failure,
-                ending.fuel as i64,
-                ending.wall_ms as i64
+                integer(ending.fuel),
+                integer(ending.wall_ms)
             ])?;
             if let Some(receipt) = receipt {
-                insert_receipt(conn, &receipt.0, &receipt.1, ReceiptRole::Issued)?;
+                insert_receipt(conn, &receipt.0, &receipt.1, ReceiptRole::Issued, caps)?;
             }
             // Only the latest rows are kept (receipts are kept apart).
             conn.prepare_cached(
                 "DELETE FROM hosted WHERE rowid <= (SELECT max(rowid) FROM hosted) - ?1",
             )?
-            .execute(params![crate::MAX_HOSTED_ROWS])?;
+            .execute(params![caps.hosted])?;
         }
     }
     Ok(())
 }
 
+/// Stores a receipt (once: the same one again is ignored), then folds the
+/// oldest beyond the cap ([`crate::MAX_RECEIPT_ROWS`]) into their role's
+/// totals.
 fn insert_receipt(
     conn: &Connection,
     receipt: &Receipt,
     signed: &SignedReceipt,
     role: ReceiptRole,
+    caps: Caps,
 ) -> rusqlite::Result<()> {
     conn.prepare_cached(
         "INSERT OR IGNORE INTO receipts
@@ -280,13 +337,29 @@ fn insert_receipt(
         spare_core::peer_text(&receipt.host),
         spare_core::peer_text(&receipt.requester),
         role.as_str(),
-        receipt.fuel as i64,
-        receipt.wall_ms as i64,
-        receipt.finished_ms as i64,
+        integer(receipt.fuel),
+        integer(receipt.wall_ms),
+        integer(receipt.finished_ms),
         signed.body,
         signed.host_key,
         signed.signature
     ])?;
+    // One row at a time, each sum saturating: no total can overflow and
+    // fail the write.
+    conn.prepare_cached(
+        "INSERT INTO folded_receipts (role, count, fuel, wall_ms)
+         SELECT role, 1, fuel, wall_ms FROM receipts
+             WHERE rowid <= (SELECT max(rowid) FROM receipts) - ?1
+         ON CONFLICT (role) DO UPDATE SET
+             count = min(count, 9223372036854775806) + 1,
+             fuel = min(fuel, 9223372036854775807 - excluded.fuel) + excluded.fuel,
+             wall_ms = min(wall_ms, 9223372036854775807 - excluded.wall_ms) + excluded.wall_ms",
+    )?
+    .execute(params![caps.receipts])?;
+    conn.prepare_cached(
+        "DELETE FROM receipts WHERE rowid <= (SELECT max(rowid) FROM receipts) - ?1",
+    )?
+    .execute(params![caps.receipts])?;
     Ok(())
 }
 
