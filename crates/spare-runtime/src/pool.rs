@@ -35,6 +35,13 @@ use crate::stop::{WorkerState, signal, transition};
 pub const WATCHDOG_GRACE: Duration = Duration::from_secs(30);
 /// How long a new worker may take to say it is ready.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often workers that should be running are sent `SIGCONT` again. A
+/// resume can be lost: one that lands while a worker's `SIGTSTP` handler
+/// has not yet stopped the worker (`stop.rs`) finds it running, and the
+/// handler then stops it for good. `SIGCONT` to a running process does
+/// nothing.
+const RESUME_AGAIN: Duration = Duration::from_secs(1);
+
 /// How long a cancelled job's worker has to stop its guest and report what
 /// it used before it is killed (a paused worker cannot, and is killed). A
 /// worker at `SCHED_IDLE` on a busy machine may wait a while for the CPU.
@@ -120,6 +127,9 @@ struct StateClock {
     state: WorkerState,
     stopped_since: Option<Instant>,
     stopped_before: Duration,
+    /// When the workers that should run were last told to (see
+    /// [`RESUME_AGAIN`]).
+    resumed: Instant,
 }
 
 impl StateClock {
@@ -193,6 +203,7 @@ impl WorkerPool {
                     state: WorkerState::Run,
                     stopped_since: None,
                     stopped_before: Duration::ZERO,
+                    resumed: Instant::now(),
                 }),
                 open: watch::Sender::new(true),
                 exempt: Mutex::new(HashSet::new()),
@@ -257,6 +268,17 @@ impl WorkerPool {
     pub fn set_state(&self, state: WorkerState) {
         let mut clock = self.inner.lock_state();
         if clock.state == state {
+            if clock.resumed.elapsed() >= RESUME_AGAIN {
+                clock.resumed = Instant::now();
+                let exempt = self.inner.lock_exempt();
+                let pids = self.inner.lock_pids();
+                let running = pids
+                    .iter()
+                    .filter(|pid| state == WorkerState::Run || exempt.contains(pid));
+                for pid in running {
+                    signal(*pid, libc::SIGCONT);
+                }
+            }
             return;
         }
         let signals = transition(clock.state, state);
@@ -486,9 +508,20 @@ impl WorkerPool {
             .kill_on_drop(true);
         let daemon = std::process::id();
         // SAFETY: the closure runs in the child between fork and exec and
-        // calls only prctl, getppid and _exit, which are async-signal-safe.
+        // calls only prctl, getppid, _exit and setsid, which are
+        // async-signal-safe.
         unsafe {
-            spawning.pre_exec(move || die_with(daemon));
+            spawning.pre_exec(move || {
+                die_with(daemon)?;
+                // A session of its own, without the daemon's terminal: Ctrl-C
+                // there reaches the daemon alone, which stops its workers in
+                // order, and a worker taken over cannot type into the
+                // owner's shell (TIOCSTI wants its own controlling terminal).
+                if libc::setsid() < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
         }
         let mut child = spawning.spawn().map_err(|source| PoolError::Spawn {
             program: command.program.display().to_string(),
@@ -535,7 +568,15 @@ impl WorkerPool {
                     .confinement
                     .lock()
                     .unwrap_or_else(|p| p.into_inner()) = Some(confinement);
+                // Among the live in the state the others are in: one started
+                // during a pause (to replace a worker killed then, or for a
+                // job that found none idle) must not run.
+                let clock = self.inner.lock_state();
                 self.inner.lock_pids().push(pid);
+                for &s in transition(WorkerState::Run, clock.state) {
+                    signal(pid, s);
+                }
+                drop(clock);
                 Ok(worker)
             }
             Ok(Ok(FromWorker::Done(_))) => {
@@ -806,6 +847,12 @@ mod tests {
     /// A pool of one fake worker: a shell that writes `frames` to the
     /// daemon, then runs `then` with the daemon's pipe as its stdin.
     async fn fake_pool(dir: &Path, frames: &[FromWorker], then: &str) -> WorkerPool {
+        fake_pool_running(dir, frames, &format!("cat \"$0\"; exec {then}")).await
+    }
+
+    /// A pool of one fake worker: a shell running `script`, in which `$0`
+    /// is a file of `frames` to write to the daemon.
+    async fn fake_pool_running(dir: &Path, frames: &[FromWorker], script: &str) -> WorkerPool {
         let path = dir.join("frames");
         let mut bytes = Vec::new();
         for frame in frames {
@@ -815,11 +862,7 @@ mod tests {
         WorkerPool::start(PoolConfig {
             command: WorkerCommand {
                 program: "/bin/sh".into(),
-                args: vec![
-                    "-c".into(),
-                    format!("cat \"$0\"; exec {then}").into(),
-                    path.into(),
-                ],
+                args: vec!["-c".into(), script.into(), path.into()],
             },
             slots: 1,
             join: vec![],
@@ -839,6 +882,63 @@ mod tests {
             stdin: JobStdin::Bytes(vec![]),
             limits: Limits::DEFAULT,
         }
+    }
+
+    /// The state letter of process `pid` (`T` when stopped).
+    fn process_state(pid: u32) -> char {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let after = &stat[stat.rfind(')').unwrap() + 1..];
+        after.trim_start().chars().next().unwrap()
+    }
+
+    /// Calls `step` every 20 ms until `pid` is (or is not) stopped; false if
+    /// it did not come to that within five seconds.
+    async fn comes_to(pid: u32, stopped: bool, step: impl Fn()) -> bool {
+        for _ in 0..250 {
+            step();
+            if (process_state(pid) == 'T') == stopped {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
+    }
+
+    /// A worker started while the others are paused (to replace one killed
+    /// then, or for a job that found none idle) is paused too, and resumes
+    /// with them.
+    #[tokio::test]
+    async fn a_worker_started_during_a_pause_is_stopped_with_the_others() {
+        let dir = tempfile::tempdir().unwrap();
+        // Like a real worker, it stops itself on SIGTSTP: in a session of
+        // its own, it is an orphaned process group, whose members the
+        // kernel does not stop for SIGTSTP by default.
+        // The trap is set before it says it is ready, as a real worker's
+        // handler is.
+        let stops_itself = r#"trap 'kill -STOP $$' TSTP; cat "$0"; while :; do sleep 0.05; done"#;
+        let pool = fake_pool_running(dir.path(), &[READY], stops_itself).await;
+        pool.set_state(WorkerState::Pause);
+        let late = pool.spawn().await.unwrap();
+        assert!(
+            comes_to(late.pid, true, || {}).await,
+            "it runs during the pause"
+        );
+        pool.set_state(WorkerState::Run);
+        assert!(comes_to(late.pid, false, || {}).await, "it stays stopped");
+    }
+
+    /// A worker left stopped while the pool runs (a resume lost in the
+    /// race with a worker's pause handler) is resumed within seconds.
+    #[tokio::test]
+    async fn a_worker_stopped_while_the_pool_runs_is_resumed() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = fake_pool(dir.path(), &[READY], "sleep 600").await;
+        let pid = pool.worker_pids()[0];
+        signal(pid, libc::SIGSTOP);
+        assert!(comes_to(pid, true, || {}).await);
+        // As the governor does, every few milliseconds.
+        let resumed = comes_to(pid, false, || pool.set_state(WorkerState::Run)).await;
+        assert!(resumed, "left stopped");
     }
 
     /// A worker that never reads its stdin cannot hold a job larger than
