@@ -183,15 +183,17 @@ fn landlock(confinement: &Confinement, abi: u32) -> Result<RulesetStatus, landlo
 
 /// System calls a worker never makes, refused by its seccomp filter:
 /// sockets of any family, io_uring (whose operations, sockets among them,
-/// never pass through seccomp), and what would reach beyond the process
-/// (other processes' memory, kernel keys, BPF, namespaces, mounts,
-/// modules).
+/// never pass through seccomp), running programs, and what would reach
+/// beyond the process (other processes' memory, kernel keys, BPF,
+/// namespaces, mounts old and new, modules).
 #[cfg(target_arch = "x86_64")]
-const DENIED: [libc::c_long; 24] = [
+const DENIED: [libc::c_long; 33] = [
     libc::SYS_socket,
     libc::SYS_io_uring_setup,
     libc::SYS_io_uring_enter,
     libc::SYS_io_uring_register,
+    libc::SYS_execve,
+    libc::SYS_execveat,
     libc::SYS_ptrace,
     libc::SYS_process_vm_readv,
     libc::SYS_process_vm_writev,
@@ -205,6 +207,13 @@ const DENIED: [libc::c_long; 24] = [
     libc::SYS_setns,
     libc::SYS_mount,
     libc::SYS_umount2,
+    libc::SYS_fsopen,
+    libc::SYS_fsconfig,
+    libc::SYS_fsmount,
+    libc::SYS_fspick,
+    libc::SYS_move_mount,
+    libc::SYS_open_tree,
+    libc::SYS_mount_setattr,
     libc::SYS_pivot_root,
     libc::SYS_chroot,
     libc::SYS_init_module,
@@ -214,11 +223,27 @@ const DENIED: [libc::c_long; 24] = [
     libc::SYS_kexec_file_load,
 ];
 
+/// `clone` flags that make new namespaces, refused like `unshare`. (Its
+/// flag `CLONE_NEWTIME` only `clone3` and `unshare` take.)
+const CLONE_NAMESPACES: u64 = (libc::CLONE_NEWNS
+    | libc::CLONE_NEWCGROUP
+    | libc::CLONE_NEWUTS
+    | libc::CLONE_NEWIPC
+    | libc::CLONE_NEWUSER
+    | libc::CLONE_NEWPID
+    | libc::CLONE_NEWNET) as u64;
+
 /// Installs a seccomp filter under which the [`DENIED`] calls fail with
-/// `EACCES`, as does every call of another ABI (i386, x32).
+/// `EACCES`, as do `clone` with [`CLONE_NAMESPACES`] flags, the terminal
+/// `ioctl`s `TIOCSTI` and `TIOCLINUX`, and every call of another ABI
+/// (i386, x32). `clone3`, whose flags sit in memory a
+/// filter cannot read, fails with `ENOSYS`, so that the C library falls
+/// back to `clone` for new threads.
 #[cfg(target_arch = "x86_64")]
 fn deny_sockets() -> std::io::Result<()> {
-    use libc::{BPF_ABS, BPF_JEQ, BPF_JGE, BPF_JMP, BPF_K, BPF_LD, BPF_RET, BPF_W, sock_filter};
+    use libc::{
+        BPF_ABS, BPF_JEQ, BPF_JGE, BPF_JMP, BPF_JSET, BPF_K, BPF_LD, BPF_RET, BPF_W, sock_filter,
+    };
 
     /// `AUDIT_ARCH_X86_64`: the architecture a seccomp filter sees.
     const ARCH: u32 = 0xc000_003e;
@@ -226,47 +251,104 @@ fn deny_sockets() -> std::io::Result<()> {
     const X32_BIT: u32 = 0x4000_0000;
     const ARCH_OFFSET: u32 = 4;
     const NR_OFFSET: u32 = 0;
-    let denied = libc::SECCOMP_RET_ERRNO | u32::try_from(libc::EACCES).unwrap_or(1);
+    /// The low halves of a call's first and second arguments
+    /// (little-endian).
+    const ARG0_OFFSET: u32 = 16;
+    const ARG1_OFFSET: u32 = 24;
+    const TIOCSTI: u32 = 0x5412;
+    const TIOCLINUX: u32 = 0x541c;
+    let errno = |e: i32| libc::SECCOMP_RET_ERRNO | u32::try_from(e).unwrap_or(1);
+    let (denied, missing) = (errno(libc::EACCES), errno(libc::ENOSYS));
+    let call = |nr: libc::c_long| u32::try_from(nr).unwrap_or(u32::MAX);
     let stmt = |code: u32, k: u32| sock_filter {
         code: u16::try_from(code).unwrap_or(0),
         jt: 0,
         jf: 0,
         k,
     };
-    let jump = |code: u32, k: u32, jt: u8, jf: u8| sock_filter {
+    // Where the program's ends are: after the checks of the call number
+    // (which fall through to "allow", at `checks`), these, in this order.
+    let checks = 8 + DENIED.len();
+    let (deny, enosys, clone) = (checks + 1, checks + 2, checks + 3);
+    let ioctl = clone + 4;
+    // A jump from instruction `at` to `target` (both absolute; BPF jumps
+    // only forward, counting the instructions skipped).
+    let to = |at: usize, target: usize| u8::try_from(target - at - 1).unwrap_or(u8::MAX);
+    let jump = |at: usize, code: u32, k: u32, jt: usize, jf: usize| sock_filter {
         code: u16::try_from(code).unwrap_or(0),
-        jt,
-        jf,
+        jt: to(at, jt),
+        jf: to(at, jf),
         k,
     };
-    // Each jump counts the instructions it skips; the last two are
-    // "allow" and then "deny", so from the n-th of the denied calls' checks
-    // (counting from 0) "deny" is `DENIED.len() - n` ahead.
-    let skip = |n: usize| u8::try_from(n).unwrap_or(u8::MAX);
     let mut program = vec![
         // Another architecture's calls (int 0x80) have other numbers.
         stmt(BPF_LD | BPF_W | BPF_ABS, ARCH_OFFSET),
-        jump(BPF_JMP | BPF_JEQ | BPF_K, ARCH, 1, 0),
+        jump(1, BPF_JMP | BPF_JEQ | BPF_K, ARCH, 3, 2),
         stmt(BPF_RET | BPF_K, denied),
         stmt(BPF_LD | BPF_W | BPF_ABS, NR_OFFSET),
+        jump(4, BPF_JMP | BPF_JGE | BPF_K, X32_BIT, deny, 5),
         jump(
-            BPF_JMP | BPF_JGE | BPF_K,
-            X32_BIT,
-            skip(DENIED.len() + 1),
-            0,
+            5,
+            BPF_JMP | BPF_JEQ | BPF_K,
+            call(libc::SYS_clone3),
+            enosys,
+            6,
+        ),
+        jump(
+            6,
+            BPF_JMP | BPF_JEQ | BPF_K,
+            call(libc::SYS_clone),
+            clone,
+            7,
+        ),
+        jump(
+            7,
+            BPF_JMP | BPF_JEQ | BPF_K,
+            call(libc::SYS_ioctl),
+            ioctl,
+            8,
         ),
     ];
-    for (n, call) in DENIED.iter().enumerate() {
-        let call = u32::try_from(*call).unwrap_or(u32::MAX);
-        program.push(jump(
-            BPF_JMP | BPF_JEQ | BPF_K,
-            call,
-            skip(DENIED.len() - n),
-            0,
-        ));
+    for (n, nr) in DENIED.iter().enumerate() {
+        let at = 8 + n;
+        program.push(jump(at, BPF_JMP | BPF_JEQ | BPF_K, call(*nr), deny, at + 1));
     }
-    program.push(stmt(BPF_RET | BPF_K, libc::SECCOMP_RET_ALLOW));
-    program.push(stmt(BPF_RET | BPF_K, denied));
+    program.extend([
+        stmt(BPF_RET | BPF_K, libc::SECCOMP_RET_ALLOW),
+        stmt(BPF_RET | BPF_K, denied),
+        stmt(BPF_RET | BPF_K, missing),
+        // `clone`: its flags are its first argument.
+        stmt(BPF_LD | BPF_W | BPF_ABS, ARG0_OFFSET),
+        jump(
+            clone + 1,
+            BPF_JMP | BPF_JSET | BPF_K,
+            u32::try_from(CLONE_NAMESPACES).unwrap_or(u32::MAX),
+            clone + 2,
+            clone + 3,
+        ),
+        stmt(BPF_RET | BPF_K, denied),
+        stmt(BPF_RET | BPF_K, libc::SECCOMP_RET_ALLOW),
+        // `ioctl`: no faking input on, or reaching into, a terminal the
+        // worker may have inherited (its request is its second argument).
+        stmt(BPF_LD | BPF_W | BPF_ABS, ARG1_OFFSET),
+        jump(
+            ioctl + 1,
+            BPF_JMP | BPF_JEQ | BPF_K,
+            TIOCSTI,
+            ioctl + 4,
+            ioctl + 2,
+        ),
+        jump(
+            ioctl + 2,
+            BPF_JMP | BPF_JEQ | BPF_K,
+            TIOCLINUX,
+            ioctl + 4,
+            ioctl + 3,
+        ),
+        stmt(BPF_RET | BPF_K, libc::SECCOMP_RET_ALLOW),
+        stmt(BPF_RET | BPF_K, denied),
+    ]);
+    debug_assert_eq!(program.len(), ioctl + 5);
     let filter = libc::sock_fprog {
         len: u16::try_from(program.len()).unwrap_or(0),
         filter: program.as_ptr().cast_mut(),
@@ -442,6 +524,64 @@ mod tests {
             } else {
                 Err(std::io::Error::last_os_error())
             },
+        );
+        // Refused by the filter (`EACCES`), not for want of a terminal or
+        // of privileges, which would fail these calls just the same.
+        let raw = |result: libc::c_long| {
+            let error = std::io::Error::last_os_error();
+            if result < 0 && error.raw_os_error() == Some(libc::EACCES) {
+                Err(error)
+            } else {
+                Ok(())
+            }
+        };
+        // SAFETY: with a namespace flag the filter refuses the call; were it
+        // let through, the child would exit at once.
+        let child = unsafe {
+            libc::syscall(
+                libc::SYS_clone,
+                libc::CLONE_NEWUSER | libc::SIGCHLD,
+                0usize,
+                0usize,
+                0usize,
+                0usize,
+            )
+        };
+        if child == 0 {
+            // SAFETY: the child of a clone that should not have happened.
+            unsafe { libc::_exit(0) };
+        }
+        expect("clone into a new user namespace", false, raw(child));
+        // SAFETY: TIOCSTI reads one byte from the pointer given; the
+        // filter answers first.
+        let typed = unsafe { libc::ioctl(2, libc::TIOCSTI, c"x".as_ptr()) };
+        expect("type into a terminal", false, raw(typed.into()));
+        // SAFETY: fsopen takes a C string and flags.
+        let fs = unsafe { libc::syscall(libc::SYS_fsopen, c"tmpfs".as_ptr(), 0u32) };
+        expect("open a file system to mount", false, raw(fs));
+        // SAFETY: clone3 with no arguments; the filter answers first.
+        let clone3 = unsafe { libc::syscall(libc::SYS_clone3, 0usize, 0usize) };
+        let enosys = std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOSYS);
+        expect(
+            "clone3, which must look missing",
+            false,
+            if clone3 >= 0 || !enosys {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            },
+        );
+        expect(
+            "start a thread (clone without namespaces)",
+            true,
+            std::thread::spawn(|| ())
+                .join()
+                .map_err(|_| std::io::Error::other("panicked")),
+        );
+        expect(
+            "execute a program",
+            false,
+            Command::new("/bin/true").status().map(drop),
         );
         // SAFETY: getpid cannot fail; signalling ourselves stays allowed.
         let own = unsafe { libc::kill(libc::getpid(), 0) };
