@@ -75,12 +75,18 @@ pub fn power(root: &Path) -> Option<Power> {
                 .map(|s| s.trim().to_owned())
                 .unwrap_or_default()
         };
+        // A wireless mouse's or keyboard's battery (scope `Device`) says
+        // nothing of the machine's power; nor does one not present.
+        if read("scope") == "Device" || read("present") == "0" {
+            continue;
+        }
         match read("type").as_str() {
             "Battery" => {
                 let discharging = read("status") == "Discharging";
                 battery = Some(battery.unwrap_or(false) || discharging);
             }
-            "Mains" | "USB" => mains |= read("online") == "1",
+            // USB-C supplies say `2` when online with a negotiated voltage.
+            "Mains" | "USB" => mains |= matches!(read("online").as_str(), "1" | "2"),
             _ => {}
         }
     }
@@ -134,6 +140,47 @@ mod tests {
         );
         assert_eq!(on_battery(root.path()), Some(false), "charging");
         assert_eq!(on_battery(&root.path().join("missing")), None);
+    }
+
+    #[test]
+    fn a_mouse_battery_is_not_the_machines() {
+        let root = tempfile::tempdir().unwrap();
+        supply(
+            root.path(),
+            "hidpp_battery_0",
+            &[
+                ("type", "Battery"),
+                ("scope", "Device"),
+                ("status", "Discharging"),
+            ],
+        );
+        assert_eq!(
+            on_battery(root.path()),
+            None,
+            "a desktop with a wireless mouse"
+        );
+        supply(
+            root.path(),
+            "BAT1",
+            &[
+                ("type", "Battery"),
+                ("present", "0"),
+                ("status", "Discharging"),
+            ],
+        );
+        assert_eq!(on_battery(root.path()), None, "an empty battery bay");
+        supply(
+            root.path(),
+            "BAT0",
+            &[("type", "Battery"), ("status", "Discharging")],
+        );
+        assert_eq!(on_battery(root.path()), Some(true));
+        supply(
+            root.path(),
+            "ucsi-source-psy",
+            &[("type", "USB"), ("online", "2")],
+        );
+        assert_eq!(on_battery(root.path()), Some(false), "USB-C power");
     }
 
     #[test]
