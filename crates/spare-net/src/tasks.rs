@@ -26,9 +26,10 @@
 //! holds the room the daemon reserved for it in the node's answer budget
 //! ([`crate::answers`]) until it is written.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -83,8 +84,12 @@ const MAX_IDLE: usize = 256;
 /// here (a task whose stream closes before its answer is cancelled), as
 /// the host's queue does again.
 pub(crate) const MAX_STREAMS_PER_PEER: usize = 256;
-/// Inbound task streams of all peers open at once; more are dropped as
-/// they arrive. Each is a task of its own with a little state.
+/// Inbound task streams of all peers open at once. Each is a task of its
+/// own with a little state. At the bound a new stream takes the place of
+/// the oldest idle stream (waiting for its next request) of the peer that
+/// holds the most, if that peer holds more than the newcomer's would; else
+/// it is dropped. So peers that open streams only to hold them (a few
+/// identities could hold all of them) cannot keep out another requester.
 pub(crate) const MAX_STREAMS: usize = 4096;
 
 /// Why a frame could not be read.
@@ -96,6 +101,8 @@ pub(crate) enum FrameError {
     Io(#[from] io::Error),
     #[error("cannot open a stream: {0}")]
     Open(RequestError),
+    #[error("closed while idle to make room for another peer's stream")]
+    Evicted,
 }
 
 /// The length a frame header announces, if it is within `max`.
@@ -308,6 +315,8 @@ impl TaskStreams {
             }
             Ok(Err(FrameError::Io(e))) => return Err(stream_error(&e)),
             Ok(Err(FrameError::Open(e))) => return Err(e),
+            // Only a host's idle streams are evicted.
+            Ok(Err(e @ FrameError::Evicted)) => return Err(RequestError::Io(e.to_string())),
             Ok(Ok(done)) => done,
         };
         let response = wire::decode::<TaskResponse>(&body)
@@ -441,20 +450,26 @@ pub(crate) async fn serve(
     let open: Arc<Mutex<HashMap<PeerId, PeerStreams>>> = Arc::default();
     while let Some((peer, stream)) = incoming.next().await {
         let Some(slot) = StreamSlot::take(&open, peer, &budget, &answers) else {
-            tracing::debug!(%peer, "too many task streams from this peer; dropping one");
+            tracing::debug!(%peer, "no room for another task stream from this peer; dropping it");
             continue;
         };
         tokio::spawn(serve_stream(peer, stream, events.clone(), slot));
     }
 }
 
-/// A peer's inbound task streams: how many are open, and the shares of
-/// the read budget and of the answer budget they draw on together.
+/// A peer's inbound task streams: how many are open, which of them wait
+/// for a request, and the shares of the read budget and of the answer
+/// budget they draw on together.
 struct PeerStreams {
     open: usize,
+    /// Its idle streams, oldest first, each with the token that closes it.
+    idle: VecDeque<(u64, CancellationToken)>,
     budget: PeerBudget,
     answers: AnswerRoom,
 }
+
+/// Numbers idle periods of streams, so that each can be found again.
+static IDLE_IDS: AtomicU64 = AtomicU64::new(0);
 
 /// One of a peer's [`MAX_STREAMS_PER_PEER`], given back on drop.
 struct StreamSlot {
@@ -472,17 +487,20 @@ impl StreamSlot {
         answers: &AnswerBudget,
     ) -> Option<Self> {
         let mut peers = open.lock().unwrap_or_else(|p| p.into_inner());
-        if peers.values().map(|s| s.open).sum::<usize>() >= MAX_STREAMS {
+        let mine = peers.get(&peer).map_or(0, |s| s.open);
+        if mine >= MAX_STREAMS_PER_PEER {
+            return None;
+        }
+        if peers.values().map(|s| s.open).sum::<usize>() >= MAX_STREAMS && !evict(&mut peers, mine)
+        {
             return None;
         }
         let streams = peers.entry(peer).or_insert_with(|| PeerStreams {
             open: 0,
+            idle: VecDeque::new(),
             budget: budget.for_peer(),
             answers: answers.for_peer(peer),
         });
-        if streams.open >= MAX_STREAMS_PER_PEER {
-            return None;
-        }
         streams.open += 1;
         Some(Self {
             open: Arc::clone(open),
@@ -490,6 +508,61 @@ impl StreamSlot {
             budget: streams.budget.clone(),
             answers: streams.answers.clone(),
         })
+    }
+}
+
+impl StreamSlot {
+    /// Marks the stream idle until the guard drops; the guard's token fires
+    /// if the stream is evicted meanwhile.
+    fn waiting(&self) -> Waiting<'_> {
+        let (id, evicted) = (
+            IDLE_IDS.fetch_add(1, Ordering::Relaxed),
+            CancellationToken::new(),
+        );
+        let mut peers = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(streams) = peers.get_mut(&self.peer) {
+            streams.idle.push_back((id, evicted.clone()));
+        }
+        Waiting {
+            slot: self,
+            id,
+            evicted,
+        }
+    }
+}
+
+/// Closes the oldest idle stream of the peer holding the most streams, if
+/// it holds more than a newcomer holding `mine` would: whether room was
+/// made. (The stream's count drops when it has closed, a moment later.)
+fn evict(peers: &mut HashMap<PeerId, PeerStreams>, mine: usize) -> bool {
+    let most = peers
+        .values_mut()
+        .filter(|s| !s.idle.is_empty())
+        .max_by_key(|s| s.open);
+    match most {
+        Some(streams) if streams.open > mine + 1 => {
+            if let Some((_, evicted)) = streams.idle.pop_front() {
+                evicted.cancel();
+            }
+            true
+        }
+        _ => false,
+    }
+}
+
+/// A stream waiting for its next request (see [`StreamSlot::waiting`]).
+struct Waiting<'a> {
+    slot: &'a StreamSlot,
+    id: u64,
+    evicted: CancellationToken,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        let mut peers = self.slot.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(streams) = peers.get_mut(&self.slot.peer) {
+            streams.idle.retain(|(id, _)| *id != self.id);
+        }
     }
 }
 
@@ -523,7 +596,7 @@ async fn serve_stream<T: AsyncRead + AsyncWrite + Unpin>(
     loop {
         // The room reserved for the answer, if any, is held until it has
         // been written or given up.
-        let (response, _reserved) = match next_request(&mut reader, &slot.budget).await {
+        let (response, _reserved) = match next_request_on(&mut reader, &slot).await {
             Ok(None) => return,
             Err(e) => {
                 tracing::debug!(%peer, "task stream closed: {e}");
@@ -627,20 +700,50 @@ async fn answer_or_break<T: AsyncRead + Unpin, A>(
     }
 }
 
-/// The next request on a stream: `None` when the peer closed it between
-/// requests; a decoding error to answer; an I/O or bound error to close on.
+/// The next request on a served stream: `None` when the peer closed it
+/// between requests; a decoding error to answer; an I/O or bound error, or
+/// an eviction, to close on.
+async fn next_request_on<T: AsyncRead + Unpin>(
+    stream: &mut T,
+    slot: &StreamSlot,
+) -> Result<Option<Result<TaskRequest, WireError>>, FrameError> {
+    // An idle stream may wait for its next request as long as the
+    // connection lives, unless another peer's stream needs its place
+    // (see `MAX_STREAMS`).
+    let header = {
+        let waiting = slot.waiting();
+        tokio::select! {
+            header = read_header(stream) => header?,
+            () = waiting.evicted.cancelled() => return Err(FrameError::Evicted),
+        }
+    };
+    match header {
+        Some(header) => request_after(stream, header, &slot.budget).await.map(Some),
+        None => Ok(None),
+    }
+}
+
+/// [`next_request_on`] for a stream that no one evicts.
+#[cfg(test)]
 async fn next_request<T: AsyncRead + Unpin>(
     stream: &mut T,
     budget: &PeerBudget,
 ) -> Result<Option<Result<TaskRequest, WireError>>, FrameError> {
-    // An idle stream may wait for its next request as long as the
-    // connection lives; the per-peer bound keeps idle streams few.
-    let Some(header) = read_header(stream).await? else {
-        return Ok(None);
-    };
+    match read_header(stream).await? {
+        Some(header) => request_after(stream, header, budget).await.map(Some),
+        None => Ok(None),
+    }
+}
+
+/// The request whose length prefix was `header`.
+async fn request_after<T: AsyncRead + Unpin>(
+    stream: &mut T,
+    header: [u8; HEADER_BYTES],
+    budget: &PeerBudget,
+) -> Result<Result<TaskRequest, WireError>, FrameError> {
     let len = frame_len(header, TaskRequest::MAX_BYTES)?;
     let body = read_request_body(stream, len, budget).await?;
-    Ok(Some(wire::decode::<TaskRequest>(&body)))
+    Ok(wire::decode::<TaskRequest>(&body))
 }
 
 #[cfg(test)]
@@ -979,6 +1082,53 @@ mod tests {
         assert!(take(PeerId::random()).is_none());
         drop(many);
         assert!(take(peer).is_some());
+    }
+
+    /// Peers that open streams only to hold them, as many as the node
+    /// takes: a newcomer's stream takes the place of an idle one of the
+    /// peer that holds the most, and peers holding as many as the newcomer
+    /// would lose none.
+    #[test]
+    fn streams_held_idle_make_room_for_another_peers() {
+        let open: Arc<Mutex<HashMap<PeerId, PeerStreams>>> = Arc::default();
+        let budget = ReadBudget::new(READ_BUDGET_BYTES);
+        let answers = AnswerBudget::new(crate::answer_budget(1, TaskResponse::MAX_BYTES));
+        let take = |peer| StreamSlot::take(&open, peer, &budget, &answers);
+        let hoarders: Vec<PeerId> = (0..MAX_STREAMS / MAX_STREAMS_PER_PEER)
+            .map(|_| PeerId::random())
+            .collect();
+        let held: Vec<StreamSlot> = hoarders
+            .iter()
+            .flat_map(|peer| (0..MAX_STREAMS_PER_PEER).map(|_| take(*peer).unwrap()))
+            .collect();
+        // Busy streams (a request being served) are never evicted.
+        assert!(take(PeerId::random()).is_none(), "none idle");
+        let idle: Vec<Waiting<'_>> = held.iter().map(StreamSlot::waiting).collect();
+        let newcomer = PeerId::random();
+        let first = take(newcomer).expect("room made");
+        let evicted: Vec<&Waiting<'_>> = idle.iter().filter(|i| i.evicted.is_cancelled()).collect();
+        assert_eq!(evicted.len(), 1);
+        let of_its_peer = idle.iter().filter(|i| i.slot.peer == evicted[0].slot.peer);
+        assert_eq!(
+            evicted[0].id,
+            of_its_peer.map(|i| i.id).min().unwrap(),
+            "its peer's oldest"
+        );
+        // Until it closes, the evicted stream still counts; the next
+        // newcomer evicts another.
+        let second = take(PeerId::random()).expect("room made again");
+        assert_eq!(idle.iter().filter(|i| i.evicted.is_cancelled()).count(), 2);
+        // A newcomer takes streams' places until it would hold as many as
+        // the peers it takes them from (whose evicted streams, held here,
+        // still count): 255 with its first, as many as a hoarder less one.
+        let level: Vec<StreamSlot> = (0..MAX_STREAMS_PER_PEER)
+            .map_while(|_| take(newcomer))
+            .collect();
+        assert_eq!(level.len(), MAX_STREAMS_PER_PEER - 2);
+        assert!(take(newcomer).is_none());
+        drop(idle);
+        drop((first, second, level, held));
+        assert!(open.lock().unwrap().is_empty());
     }
 
     /// Headers announcing the largest request, then silence, on many
