@@ -29,7 +29,7 @@
 //! bucket is charged for the bytes that arrived, after they arrived, never
 //! for a reply that carried none. A peer that answers
 //! [`BlobResponse::Busy`] is asked again after a pause, within the fetch's
-//! deadline.
+//! deadline and its chunk's (`FetchLimits`).
 //!
 //! The store also bounds what serving chunks to peers holds in memory
 //! ([`BlobStore::serving_permit`], [`MAX_SERVING_BYTES`]).
@@ -65,8 +65,37 @@ use tokio::time::Instant;
 /// peer.
 const MIN_FETCH_RATE: u64 = 64 << 10;
 const _: () = assert!(MIN_FETCH_RATE * 2 <= spare_policy::settings::MIN_RATE);
-/// Time every fetch gets on top of its size at the slowest rate.
+/// Time every fetch gets on top of its size at the slowest rate; and every
+/// chunk on top of its own size at that rate, from the end of the one
+/// before (see [`FetchLimits`]).
 const FETCH_GRACE: Duration = Duration::from_secs(30);
+
+/// How long a fetch may take: in all, its size at [`MIN_FETCH_RATE`] and
+/// [`FETCH_GRACE`]; and each chunk, from the end of the one before, its
+/// own size at that rate and the grace. A peer must keep sending, not only
+/// make the average: one that answers `Busy`, or stalls, for longer than
+/// a chunk's time ends the fetch, and the room the fetch counted on for
+/// the whole blob goes back within a minute, not within the whole blob's
+/// time (17 minutes for 64 MiB).
+#[derive(Clone, Copy, Debug)]
+struct FetchLimits {
+    whole: Duration,
+    chunk_grace: Duration,
+}
+
+impl FetchLimits {
+    fn for_size(size: u64) -> Self {
+        Self {
+            whole: FETCH_GRACE + Duration::from_secs(size / MIN_FETCH_RATE),
+            chunk_grace: FETCH_GRACE,
+        }
+    }
+
+    /// The time a chunk of `len` bytes may take.
+    fn chunk(&self, len: u32) -> Duration {
+        self.chunk_grace + Duration::from_secs(u64::from(len) / MIN_FETCH_RATE)
+    }
+}
 /// How long a fetch waits before asking a peer that answered
 /// [`BlobResponse::Busy`] again, the first time; doubled at each further
 /// `Busy` in a row up to [`BUSY_RETRY_MAX`]. The waits count against the
@@ -178,6 +207,8 @@ pub enum BlobError {
     Network { id: BlobId, reason: String },
     #[error("fetching blob {id} took longer than {} s", .limit.as_secs())]
     TooSlow { id: BlobId, limit: Duration },
+    #[error("fetching blob {id} stalled: no chunk came within {} s of the one before", .limit.as_secs())]
+    Stalled { id: BlobId, limit: Duration },
     /// Even with every unpinned blob evicted, the blob would not fit.
     #[error(
         "a blob of {} does not fit in this host's disk budget for blobs, {} ({} of it in use by \
@@ -376,21 +407,21 @@ impl BlobStore {
         blob: BlobRef,
         bucket: &TokenBucket,
     ) -> Result<BlobPin, BlobError> {
-        let limit = FETCH_GRACE + Duration::from_secs(blob.size / MIN_FETCH_RATE);
-        self.fetch_from(peer, blob, bucket, limit, |request| {
+        let limits = FetchLimits::for_size(blob.size);
+        self.fetch_from(peer, blob, bucket, limits, |request| {
             net.fetch_blob(peer, request)
         })
         .await
     }
 
     /// [`BlobStore::fetch`], asking `peer` for each chunk through `ask`
-    /// and giving it `limit` (plus the waits on `bucket`).
+    /// and giving it `limits` (plus the waits on `bucket`).
     async fn fetch_from<F, Fut, E>(
         &self,
         peer: PeerId,
         blob: BlobRef,
         bucket: &TokenBucket,
-        limit: Duration,
+        limits: FetchLimits,
         ask: F,
     ) -> Result<BlobPin, BlobError>
     where
@@ -424,7 +455,7 @@ impl BlobStore {
         }
         // Evicts nothing yet: room is made as the bytes arrive.
         let room = self.shared.promise(blob.size)?;
-        self.fetch_unlocked(blob, bucket, limit, room, ask).await?;
+        self.fetch_unlocked(blob, bucket, limits, room, ask).await?;
         Ok(pin)
     }
 
@@ -443,7 +474,7 @@ impl BlobStore {
         &self,
         blob: BlobRef,
         bucket: &TokenBucket,
-        limit: Duration,
+        limits: FetchLimits,
         mut room: Reservation,
         mut ask: F,
     ) -> Result<(), BlobError>
@@ -458,8 +489,9 @@ impl BlobStore {
         // peer's slowness. They are for bytes that arrived, each chunk
         // exactly as long as asked, so they add up to no more than the
         // blob's size at the bucket's rate (shared with other transfers).
-        let mut deadline = Instant::now() + limit;
-        let too_slow = || BlobError::TooSlow { id, limit };
+        let mut deadline = Instant::now() + limits.whole;
+        // The end of the last chunk (or the start), and its bucket wait.
+        let mut progress = Instant::now();
         // Deleted if the fetch fails or is cancelled.
         let tmp = TempFile(self.shared.temp_path(&id));
         let mut file = tokio::fs::File::create(&tmp.0).await?;
@@ -469,7 +501,19 @@ impl BlobStore {
         while offset < blob.size {
             let len = u32::try_from((blob.size - offset).min(u64::from(MAX_BLOB_CHUNK)))
                 .unwrap_or(MAX_BLOB_CHUNK);
-            let response = tokio::time::timeout_at(deadline, ask(BlobRequest { id, offset, len }))
+            let chunk = limits.chunk(len);
+            let due = deadline.min(progress + chunk);
+            let too_slow = || {
+                if due < deadline {
+                    BlobError::Stalled { id, limit: chunk }
+                } else {
+                    BlobError::TooSlow {
+                        id,
+                        limit: limits.whole,
+                    }
+                }
+            };
+            let response = tokio::time::timeout_at(due, ask(BlobRequest { id, offset, len }))
                 .await
                 .map_err(|_| too_slow())?
                 .map_err(|e| BlobError::Network {
@@ -481,8 +525,8 @@ impl BlobStore {
                 BlobResponse::Busy => {
                     // Serving others: asked again after a pause, which is
                     // the peer's slowness and counts against the deadline.
-                    tokio::time::sleep_until(deadline.min(Instant::now() + busy_wait)).await;
-                    if Instant::now() >= deadline {
+                    tokio::time::sleep_until(due.min(Instant::now() + busy_wait)).await;
+                    if Instant::now() >= due {
                         return Err(too_slow());
                     }
                     busy_wait = (busy_wait * 2).min(BUSY_RETRY_MAX);
@@ -530,7 +574,7 @@ impl BlobStore {
                 .map_err(|e| std::io::Error::other(e.to_string()))??;
             }
             hasher.update(&data);
-            tokio::time::timeout_at(deadline, file.write_all(&data))
+            tokio::time::timeout_at(due, file.write_all(&data))
                 .await
                 .map_err(|_| too_slow())??;
             offset += received;
@@ -541,6 +585,7 @@ impl BlobStore {
             let paced = Instant::now();
             bucket.take(received).await;
             deadline += paced.elapsed();
+            progress = Instant::now();
         }
         let actual = BlobId::from_bytes(*hasher.finalize().as_bytes());
         if actual != id {
@@ -1195,7 +1240,10 @@ mod tests {
         assert!(stray.is_empty(), "{stray:?}");
     }
 
-    const LIMIT: Duration = Duration::from_secs(30);
+    const LIMIT: FetchLimits = FetchLimits {
+        whole: Duration::from_secs(30),
+        chunk_grace: Duration::from_secs(30),
+    };
 
     /// A fetch that fails hands the blob's lock to the one waiting on it,
     /// and a fetch that comes meanwhile waits on the same lock: the blob
@@ -1536,11 +1584,15 @@ mod tests {
         let blob = BlobRef::of(b"a module");
         let bucket = TokenBucket::new(None);
         let limit = Duration::from_millis(400);
+        let limits = FetchLimits {
+            whole: limit,
+            ..LIMIT
+        };
         // Always busy: asked again a few times, then too slow.
         let mut asked = 0;
         let started = Instant::now();
         let err = store
-            .fetch_from(PeerId::random(), blob, &bucket, limit, |_| {
+            .fetch_from(PeerId::random(), blob, &bucket, limits, |_| {
                 asked += 1;
                 async { Ok::<_, String>(BlobResponse::Busy) }
             })
@@ -1555,7 +1607,7 @@ mod tests {
         // Never answers.
         let started = Instant::now();
         let err = store
-            .fetch_from(PeerId::random(), blob, &bucket, limit, |_| {
+            .fetch_from(PeerId::random(), blob, &bucket, limits, |_| {
                 std::future::pending::<Result<BlobResponse, String>>()
             })
             .await
@@ -1564,6 +1616,42 @@ mod tests {
         let took = started.elapsed();
         assert!(took >= limit && took < limit * 10, "{took:?}");
         assert_eq!(store.shared.space().promised, 0);
+        no_temporary_files(dir.path());
+    }
+
+    /// A peer that sends a chunk and then answers `Busy` ends the fetch
+    /// within the next chunk's time, however long the whole blob is given:
+    /// it cannot keep the room promised to the blob by never sending.
+    #[tokio::test]
+    async fn a_peer_that_stops_sending_ends_the_fetch_within_a_chunks_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path(), 4 << 20).unwrap();
+        let bytes = vec![7u8; MAX_BLOB_CHUNK as usize + 8];
+        let blob = BlobRef::of(&bytes);
+        let bucket = TokenBucket::new(None);
+        let limits = FetchLimits {
+            whole: Duration::from_secs(3600),
+            chunk_grace: Duration::from_millis(300),
+        };
+        let started = Instant::now();
+        let err = store
+            .fetch_from(PeerId::random(), blob, &bucket, limits, |request| {
+                let response = if request.offset == 0 {
+                    honest(&bytes, &request)
+                } else {
+                    BlobResponse::Busy
+                };
+                async move { Ok::<_, String>(response) }
+            })
+            .await
+            .unwrap_err();
+        assert!(matches!(err, BlobError::Stalled { .. }), "{err}");
+        let took = started.elapsed();
+        assert!(took >= Duration::from_millis(300), "{took:?}");
+        assert!(took < Duration::from_secs(10), "{took:?}");
+        let space = store.shared.space();
+        assert_eq!((space.reserved, space.promised), (0, 0));
+        drop(space);
         no_temporary_files(dir.path());
     }
 
