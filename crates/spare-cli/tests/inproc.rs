@@ -619,6 +619,48 @@ async fn a_requesters_waiting_tasks_hold_at_most_their_share_of_memory() {
     shutdown.cancel();
 }
 
+/// Tasks a host has no room for (its queue of 4 holds 2 of one requester's
+/// tasks at most) wait for room and all run: a busy host is asked again
+/// later, not ruled out, and the waits use up no attempt.
+#[tokio::test]
+async fn tasks_a_busy_host_refuses_wait_for_room_and_all_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let shutdown = CancellationToken::new();
+    let host = node_with(&dir.path().join("host"), vec![], &shutdown, |config| {
+        config.queue = 4;
+    })
+    .await;
+    let requester = node(
+        &dir.path().join("req"),
+        host.net().listen_addrs(),
+        &shutdown,
+    )
+    .await;
+    wait_for_offers(&requester, 1).await;
+    // Each runs for 300 ms on the host's one slot.
+    let limits = LimitRequest {
+        wall_ms: Some(300),
+        ..LimitRequest::default()
+    };
+    let mut started = Vec::new();
+    for _ in 0..8 {
+        started.push(start_example(&requester, "hostile/loop.wasm", limits, Placement::Auto).await);
+    }
+    let mut busy = 0;
+    for mut events in started {
+        let (seen, ended) = events_to_the_end(&mut events).await;
+        let result = ended.expect("it ran");
+        let failure = result.failure.clone().unwrap_or_default();
+        assert!(failure.contains("wall-time limit"), "{result:?}");
+        busy += seen
+            .iter()
+            .filter(|e| matches!(e, TaskEvent::Retrying { reason, .. } if reason.contains("busy")))
+            .count();
+    }
+    assert!(busy > 0, "the host was never busy");
+    shutdown.cancel();
+}
+
 /// A host whose database has outgrown its share of the disk budget
 /// takes no more tasks: each would add a receipt to it.
 #[tokio::test]

@@ -121,12 +121,6 @@ pub enum Refusal {
 }
 
 impl Refusal {
-    /// Whether the requester should try another host. An invalid task fails
-    /// the same everywhere.
-    pub fn is_retryable(&self) -> bool {
-        !matches!(self, Refusal::Invalid(_))
-    }
-
     pub fn invalid(err: &SpecError) -> Self {
         Refusal::Invalid(clip_detail(err.to_string()))
     }

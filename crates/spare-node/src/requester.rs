@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
 use spare_core::limits::LimitError;
-use spare_core::wire::{Pause, Report, TaskRequest, TaskResponse};
+use spare_core::wire::{Pause, Refusal, Report, TaskRequest, TaskResponse};
 use spare_core::{
     BlobId, BlobRef, Failure, Limit, LimitRequest, Limits, Outcome, Receipt, SignedReceipt, Stdin,
     TaskId, TaskSpec,
@@ -42,6 +42,13 @@ const OFFER_MAX_AGE: Duration = Duration::from_secs(15);
 /// How long a task waits for a peer to give when every connected peer gives
 /// nothing right now (paused, outside its time windows).
 const GIVING_WAIT: Duration = Duration::from_secs(10 * 60);
+/// How long a task waits for room when the hosts it is sent to are busy
+/// (their queues, or this node's share of them, full): as long as for a
+/// peer to give. The host is asked again after a pause that doubles from
+/// [`BUSY_PAUSE_FIRST`] up to [`BUSY_PAUSE_MAX`], or another is chosen.
+const BUSY_WAIT: Duration = GIVING_WAIT;
+const BUSY_PAUSE_FIRST: Duration = Duration::from_millis(100);
+const BUSY_PAUSE_MAX: Duration = Duration::from_secs(2);
 
 /// Why a submission was refused before it ran anywhere.
 #[derive(Debug, thiserror::Error)]
@@ -272,6 +279,14 @@ impl Ended {
             receipt: None,
         }
     }
+
+    /// Cancelled before any host ran it.
+    fn cancelled() -> Self {
+        Self {
+            ending: Ending::of(&Outcome::failed(Failure::Cancelled)),
+            ..Self::failed("cancelled".into())
+        }
+    }
 }
 
 /// What became of one attempt.
@@ -297,6 +312,10 @@ async fn run_remote(
     let policy = RetryPolicy::default();
     let mut tried: Vec<PeerId> = Vec::new();
     let mut attempt = 0u32;
+    // Attempts a busy host refused, which use up none (see `BUSY_WAIT`).
+    let mut busy = 0u32;
+    let mut busy_since: Option<Instant> = None;
+    let mut busy_pause = BUSY_PAUSE_FIRST;
     let mut last_failure = String::new();
     // After a guest hit a default limit lowered to fit its host: that
     // limit, the value it ran with, and how it ended, which stands if no
@@ -313,7 +332,7 @@ async fn run_remote(
             Some(peer) => {
                 if !node.net().is_connected(&peer) && !wait_for_peer(node, peer, token).await {
                     if token.is_cancelled() {
-                        return Ended::failed("cancelled".into());
+                        return Ended::cancelled();
                     }
                     return Ended::failed(format!(
                         "peer {peer} is not connected (`spare peers` lists the connected ones)"
@@ -333,7 +352,7 @@ async fn run_remote(
                 Choice::Host(peer, fitted) => (peer, fitted),
                 Choice::Nowhere(why) if attempt == 0 => return Ended::failed(why),
                 Choice::Nowhere(_) if token.is_cancelled() => {
-                    return hit_lowered.unwrap_or_else(|| Ended::failed("cancelled".into()));
+                    return hit_lowered.unwrap_or_else(Ended::cancelled);
                 }
                 Choice::Nowhere(why) => {
                     return hit_lowered.unwrap_or_else(|| {
@@ -347,7 +366,7 @@ async fn run_remote(
         // Cancelled while a host was chosen, or after a report that would
         // have been retried: it goes nowhere else.
         if token.is_cancelled() {
-            return hit_lowered.unwrap_or_else(|| Ended::failed("cancelled".into()));
+            return hit_lowered.unwrap_or_else(Ended::cancelled);
         }
         attempt += 1;
         tried.push(host);
@@ -385,7 +404,7 @@ async fn run_remote(
                 });
                 if let Some((failure, limit, ran_with)) = lowered_hit
                     && pinned.is_none()
-                    && policy.should_retry(attempt, AttemptError::Refused)
+                    && policy.should_retry(attempt - busy, AttemptError::Refused)
                     && grants_more(&candidates(node).0, limits, &tried, limit, ran_with)
                 {
                     last_failure = format!("{host}: the program {failure}");
@@ -398,13 +417,14 @@ async fn run_remote(
                 let host_fault = outcome.failure().is_some_and(Failure::is_retryable);
                 if host_fault
                     && pinned.is_none()
-                    && policy.should_retry(attempt, AttemptError::HostFault)
+                    && policy.should_retry(attempt - busy, AttemptError::HostFault)
                 {
-                    last_failure = outcome
+                    let failure = outcome
                         .failure()
                         .map(ToString::to_string)
                         .unwrap_or_default();
-                    retrying(events, attempt, host, &last_failure).await;
+                    retrying(events, attempt, host, &failure).await;
+                    last_failure = format!("{host}: {failure}");
                     continue;
                 }
                 return Ended::finished(spec, host, attempt, &outcome, receipt);
@@ -416,18 +436,35 @@ async fn run_remote(
             Attempt::Failed { error, reason } => {
                 tracing::info!(task = %spec.id, %host, "attempt {attempt} failed: {reason}");
                 last_failure = format!("{host}: {reason}");
-                if pinned.is_some() || !policy.should_retry(attempt, error) {
+                if error.host_stays_candidate() {
+                    tried.retain(|peer| *peer != host);
+                }
+                if error == AttemptError::Busy {
+                    busy += 1;
+                    let since = *busy_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= BUSY_WAIT {
+                        return hit_lowered.unwrap_or_else(|| {
+                            Ended::failed(format!(
+                                "no host had room for it within {}: {last_failure}",
+                                spare_core::units::format_duration(BUSY_WAIT)
+                            ))
+                        });
+                    }
+                    retrying(events, attempt, host, &reason).await;
+                    tokio::select! {
+                        () = token.cancelled() => {}
+                        () = tokio::time::sleep(busy_pause) => {}
+                    }
+                    busy_pause = (busy_pause * 2).min(BUSY_PAUSE_MAX);
+                    continue;
+                }
+                if pinned.is_some() || !policy.should_retry(attempt - busy, error) {
                     if let Some(ended) = hit_lowered {
                         return ended;
                     }
-                    let outcome = Outcome::failed(Failure::Host(reason));
-                    return if error == AttemptError::TaskFault {
-                        Ended::finished(spec, host, attempt, &outcome, None)
-                    } else {
-                        Ended::failed(format!(
-                            "gave up after {attempt} attempt(s): {last_failure}"
-                        ))
-                    };
+                    return Ended::failed(format!(
+                        "gave up after {attempt} attempt(s): {last_failure}"
+                    ));
                 }
                 retrying(events, attempt, host, &reason).await;
             }
@@ -501,11 +538,15 @@ async fn attempt_on(
             reason: e.to_string(),
         },
         Ok(Ok(TaskResponse::Done(report))) => ran(spec, report),
+        // Every refusal is worth another host, `Invalid` too: the spec
+        // passed this node's own checks before it was sent, so a host that
+        // calls it invalid runs another version of spare, or lies (and
+        // would otherwise fail every task it attracts).
         Ok(Ok(TaskResponse::Refused(refusal))) => Attempt::Failed {
-            error: if refusal.is_retryable() {
-                AttemptError::Refused
-            } else {
-                AttemptError::TaskFault
+            error: match refusal {
+                Refusal::Busy { .. } | Refusal::Overloaded => AttemptError::Busy,
+                Refusal::HandedBack(_) => AttemptError::HandedBack,
+                _ => AttemptError::Refused,
             },
             reason: refusal.to_string(),
         },

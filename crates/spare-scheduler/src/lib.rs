@@ -133,13 +133,28 @@ fn rtt_key(c: &Candidate) -> Duration {
 pub enum AttemptError {
     /// The connection broke or the host stopped answering.
     HostLost,
-    /// The host refused for a reason another host may not have (busy,
-    /// shutting down, could not fetch the module).
+    /// The host refused for a reason another host may not have (shutting
+    /// down, could not fetch the module, disagreed with the spec).
     Refused,
-    /// The host ran the task and its worker crashed.
+    /// The host has no room for the task now (its queue, or this
+    /// requester's share of it, is full, or it is overloaded). It may soon:
+    /// the host stays a candidate, and the wait uses up no attempt (the
+    /// requester bounds it in time).
+    Busy,
+    /// The host's owner needed the machine for long enough that the host
+    /// handed the task back. It may give again later, so it stays a
+    /// candidate.
+    HandedBack,
+    /// The host ran the task and its worker crashed, or it answered
+    /// something impossible.
     HostFault,
-    /// The task itself is at fault; every host would fail it the same way.
-    TaskFault,
+}
+
+impl AttemptError {
+    /// Whether the host may be tried again for the same task.
+    pub fn host_stays_candidate(self) -> bool {
+        matches!(self, AttemptError::Busy | AttemptError::HandedBack)
+    }
 }
 
 /// How many hosts a task may try before the requester gives up.
@@ -157,9 +172,10 @@ impl Default for RetryPolicy {
 
 impl RetryPolicy {
     /// Whether to try again after attempt number `attempt` (1-based) failed
-    /// with `error`.
+    /// with `error`: always when the host was busy (that attempt does not
+    /// count), else while attempts are left.
     pub fn should_retry(&self, attempt: u32, error: AttemptError) -> bool {
-        error != AttemptError::TaskFault && attempt < self.max_attempts
+        error == AttemptError::Busy || attempt < self.max_attempts
     }
 }
 
@@ -231,12 +247,15 @@ mod tests {
     }
 
     #[test]
-    fn retries_are_bounded_and_skip_task_faults() {
+    fn retries_are_bounded_except_for_busy_hosts() {
         let policy = RetryPolicy::default();
         assert!(policy.should_retry(1, AttemptError::HostLost));
         assert!(policy.should_retry(2, AttemptError::Refused));
         assert!(!policy.should_retry(3, AttemptError::HostLost));
-        assert!(!policy.should_retry(1, AttemptError::TaskFault));
+        assert!(!policy.should_retry(3, AttemptError::HandedBack));
+        assert!(policy.should_retry(3, AttemptError::Busy));
+        assert!(AttemptError::Busy.host_stays_candidate());
+        assert!(!AttemptError::HostFault.host_stays_candidate());
     }
 
     #[test]
