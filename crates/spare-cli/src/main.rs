@@ -149,10 +149,16 @@ fn check_data_dir(dir: &std::path::Path) -> anyhow::Result<()> {
 }
 
 fn init_logging(daemon: bool) {
-    // The daemon says what spare does; its libraries only warn. (libp2p's
-    // mDNS, for one, logs each peer a LAN host names, at a rate the host
-    // chooses.)
-    let default = if daemon { "warn,spare=info" } else { "warn" };
+    // The daemon says what spare does; its libraries only warn, and libp2p
+    // only errs: its warnings are caused by peers at will (a stream dropped
+    // at capacity, a gossip message with a bad signature), one line each,
+    // and spare logs what matters of them itself, within a budget. (A
+    // target names the crates it starts: `libp2p` is every `libp2p_*`.)
+    let default = if daemon {
+        "warn,libp2p=error,spare=info"
+    } else {
+        "warn,libp2p=error"
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let _ = tracing_subscriber::fmt()

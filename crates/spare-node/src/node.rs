@@ -507,6 +507,11 @@ fn enforce(
     let (cores, slots) = (config.machine.cores, config.slots());
     let throttled = policy.throttled(cores);
     let millicores = policy.cpu_millicores(cores);
+    // A cgroup holds the workers to what the owner gives whenever that is
+    // less than the machine: not only a share below the slots (the
+    // fallback's duty cycle), but also `cores` below the machine's, which
+    // a worker's compiler threads would otherwise pass.
+    let quota = millicores < u64::from(cores) * 1000;
     let share = format!("{:.2} cores", millicores as f64 / 1000.0);
     let per_guest = format!(
         "the sandbox's limit of {} per guest, {slots} at once",
@@ -519,7 +524,7 @@ fn enforce(
         Enforcement::Auto | Enforcement::Cgroup => cgroup::setup(
             &peer.to_string(),
             cgroup::Limits {
-                cpu_quota_us: throttled.then_some(millicores * cgroup::CPU_PERIOD_US / 1000),
+                cpu_quota_us: quota.then_some(millicores * cgroup::CPU_PERIOD_US / 1000),
                 memory: policy.memory + u64::from(slots) * WORKER_OVERHEAD,
             },
         ),
@@ -533,7 +538,7 @@ fn enforce(
                 .unwrap_or_default();
             let report = EnforcementReport {
                 mechanism: format!("cgroup {}", groups.version),
-                cpu: if throttled {
+                cpu: if quota {
                     format!("cgroup CPU quota of {share} and idle scheduling ({dir})")
                 } else {
                     format!("cgroup idle scheduling ({dir})")

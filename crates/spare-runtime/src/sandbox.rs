@@ -442,7 +442,7 @@ impl EngineSet {
         let kind = {
             use std::io::Read;
             let mut file = std::fs::File::open(path).map_err(|e| {
-                Failure::Host(format!("cannot open module {}: {e}", path.display()))
+                Failure::Host(format!("cannot open module {}: {e}", file_name(path)))
             })?;
             let n = file.read(&mut header).unwrap_or(0);
             sniff(&header[..n]).map_err(Failure::NotWasm)?
@@ -569,9 +569,17 @@ fn pooling() -> PoolingAllocationConfig {
     pool
 }
 
+/// A module's file name (its hash, in the blob store) without the
+/// directories: a failure goes back to the requester, who has no business
+/// knowing where the host keeps its data.
+fn file_name(path: &Path) -> String {
+    path.file_name()
+        .map_or_else(|| "?".into(), |n| n.to_string_lossy().into_owned())
+}
+
 fn read_module(path: &Path) -> Result<Vec<u8>, Failure> {
     let bytes = std::fs::read(path)
-        .map_err(|e| Failure::Host(format!("cannot read module {}: {e}", path.display())))?;
+        .map_err(|e| Failure::Host(format!("cannot read module {}: {e}", file_name(path))))?;
     if bytes.len() as u64 > spare_core::limits::MAX_MODULE_BYTES {
         return Err(Failure::Invalid(format!(
             "module of {} bytes exceeds the maximum {}",
