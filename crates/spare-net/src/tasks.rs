@@ -328,9 +328,15 @@ impl TaskStreams {
     /// A stream to `peer` on which `frame` has been sent: an idle one, or a
     /// new one that the host has accepted.
     async fn stream_with(&self, peer: PeerId, frame: &[u8]) -> Result<Stream, FrameError> {
-        if let Some(mut stream) = self.take_idle(&peer) {
-            write_frame(&mut stream, frame).await?;
-            return Ok(stream);
+        while let Some(mut stream) = self.take_idle(&peer) {
+            // The host may have closed it while it was idle (to make room
+            // for another peer's, see `MAX_STREAMS`): one that has ended,
+            // or sent something out of turn, is dropped, not used.
+            let mut probe = [0u8; 1];
+            if futures::FutureExt::now_or_never(stream.read(&mut probe)).is_none() {
+                write_frame(&mut stream, frame).await?;
+                return Ok(stream);
+            }
         }
         let mut attempt = 0;
         loop {
@@ -712,10 +718,20 @@ async fn next_request_on<T: AsyncRead + Unpin>(
     // (see `MAX_STREAMS`).
     let header = {
         let waiting = slot.waiting();
-        tokio::select! {
-            header = read_header(stream) => header?,
+        let header = tokio::select! {
+            biased;
             () = waiting.evicted.cancelled() => return Err(FrameError::Evicted),
+            header = read_header(stream) => header?,
+        };
+        // Evicted as its header came: the newcomer it made room for is in,
+        // so it goes all the same. (Once out of the idle list, under the
+        // same lock that eviction takes, it can no longer be chosen.)
+        let evicted = waiting.evicted.clone();
+        drop(waiting);
+        if evicted.is_cancelled() {
+            return Err(FrameError::Evicted);
         }
+        header
     };
     match header {
         Some(header) => request_after(stream, header, &slot.budget).await.map(Some),
