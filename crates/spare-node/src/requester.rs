@@ -280,6 +280,15 @@ impl Ended {
         }
     }
 
+    /// A result kept from an earlier attempt, told after `attempts` in
+    /// all.
+    fn after(mut self, attempts: u32) -> Self {
+        if let TaskEvent::Finished { result } = &mut self.event {
+            result.attempts = attempts;
+        }
+        self
+    }
+
     /// Cancelled before any host ran it.
     fn cancelled() -> Self {
         Self {
@@ -314,8 +323,11 @@ async fn run_remote(
     let mut attempt = 0u32;
     // Attempts a busy host refused, which use up none (see `BUSY_WAIT`).
     let mut busy = 0u32;
-    let mut busy_since: Option<Instant> = None;
-    let mut busy_pause = BUSY_PAUSE_FIRST;
+    let mut room = RoomWait::default();
+    // Hosts that were busy or handed the task back: asked again only when
+    // no other host can take the task (else one that always says busy
+    // would hold every task it attracts), after a pause.
+    let mut resting: Vec<PeerId> = Vec::new();
     let mut last_failure = String::new();
     // After a guest hit a default limit lowered to fit its host: that
     // limit, the value it ran with, and how it ended, which stands if no
@@ -351,11 +363,23 @@ async fn run_remote(
             None => match choose(node, limits, &tried, more, token, events).await {
                 Choice::Host(peer, fitted) => (peer, fitted),
                 Choice::Nowhere(why) if attempt == 0 => return Ended::failed(why),
+                Choice::Nowhere(_) if !resting.is_empty() && !token.is_cancelled() => {
+                    if !room.wait(token).await {
+                        return hit_lowered
+                            .map(|e| e.after(attempt))
+                            .unwrap_or_else(|| room.gave_up(&last_failure));
+                    }
+                    tried.retain(|peer| !resting.contains(peer));
+                    resting.clear();
+                    continue;
+                }
                 Choice::Nowhere(_) if token.is_cancelled() => {
-                    return hit_lowered.unwrap_or_else(Ended::cancelled);
+                    return hit_lowered
+                        .map(|e| e.after(attempt))
+                        .unwrap_or_else(Ended::cancelled);
                 }
                 Choice::Nowhere(why) => {
-                    return hit_lowered.unwrap_or_else(|| {
+                    return hit_lowered.map(|e| e.after(attempt)).unwrap_or_else(|| {
                         Ended::failed(format!(
                             "gave up after {attempt} attempt(s): {why} (last failure: {last_failure})"
                         ))
@@ -366,7 +390,9 @@ async fn run_remote(
         // Cancelled while a host was chosen, or after a report that would
         // have been retried: it goes nowhere else.
         if token.is_cancelled() {
-            return hit_lowered.unwrap_or_else(Ended::cancelled);
+            return hit_lowered
+                .map(|e| e.after(attempt))
+                .unwrap_or_else(Ended::cancelled);
         }
         attempt += 1;
         tried.push(host);
@@ -437,30 +463,20 @@ async fn run_remote(
                 tracing::info!(task = %spec.id, %host, "attempt {attempt} failed: {reason}");
                 last_failure = format!("{host}: {reason}");
                 if error.host_stays_candidate() {
-                    tried.retain(|peer| *peer != host);
+                    resting.push(host);
                 }
                 if error == AttemptError::Busy {
                     busy += 1;
-                    let since = *busy_since.get_or_insert_with(Instant::now);
-                    if since.elapsed() >= BUSY_WAIT {
-                        return hit_lowered.unwrap_or_else(|| {
-                            Ended::failed(format!(
-                                "no host had room for it within {}: {last_failure}",
-                                spare_core::units::format_duration(BUSY_WAIT)
-                            ))
-                        });
-                    }
                     retrying(events, attempt, host, &reason).await;
-                    tokio::select! {
-                        () = token.cancelled() => {}
-                        () = tokio::time::sleep(busy_pause) => {}
+                    // A pinned host is the only one: it is waited for here.
+                    if pinned.is_some() && !room.wait(token).await {
+                        return room.gave_up(&last_failure);
                     }
-                    busy_pause = (busy_pause * 2).min(BUSY_PAUSE_MAX);
                     continue;
                 }
                 if pinned.is_some() || !policy.should_retry(attempt - busy, error) {
                     if let Some(ended) = hit_lowered {
-                        return ended;
+                        return ended.after(attempt);
                     }
                     return Ended::failed(format!(
                         "gave up after {attempt} attempt(s): {last_failure}"
@@ -469,6 +485,46 @@ async fn run_remote(
                 retrying(events, attempt, host, &reason).await;
             }
         }
+    }
+}
+
+/// How long a task has waited for room on busy hosts (see [`BUSY_WAIT`]),
+/// and the pause before the next try.
+struct RoomWait {
+    waited: Duration,
+    pause: Duration,
+}
+
+impl Default for RoomWait {
+    fn default() -> Self {
+        Self {
+            waited: Duration::ZERO,
+            pause: BUSY_PAUSE_FIRST,
+        }
+    }
+}
+
+impl RoomWait {
+    /// Pauses before busy hosts are asked again (or until `token` is
+    /// cancelled); false, at once, once the task has waited [`BUSY_WAIT`].
+    async fn wait(&mut self, token: &CancellationToken) -> bool {
+        if self.waited >= BUSY_WAIT {
+            return false;
+        }
+        tokio::select! {
+            () = token.cancelled() => {}
+            () = tokio::time::sleep(self.pause) => {}
+        }
+        self.waited += self.pause;
+        self.pause = (self.pause * 2).min(BUSY_PAUSE_MAX);
+        true
+    }
+
+    fn gave_up(&self, last_failure: &str) -> Ended {
+        Ended::failed(format!(
+            "no host had room for it within {}: {last_failure}",
+            spare_core::units::format_duration(BUSY_WAIT)
+        ))
     }
 }
 
