@@ -455,43 +455,37 @@ impl Ledger {
     }
 
     /// Sums of the receipts in `role`: those kept one by one and those
-    /// folded into totals (see [`MAX_RECEIPT_ROWS`]). Saturating.
+    /// folded into totals (see [`MAX_RECEIPT_ROWS`]), read in one snapshot
+    /// so that a fold between the two is not counted twice. Saturating.
     pub fn receipt_totals(&self, role: ReceiptRole) -> Result<ReceiptTotals, LedgerError> {
         let role = role.as_str();
         let reader = self.reader();
-        // TOTAL sums in floating point: a sum past i64 cannot fail the query.
-        let (count, fuel, wall_ms) = reader.query_row(
-            "SELECT COUNT(*), TOTAL(fuel), TOTAL(wall_ms) FROM receipts WHERE role = ?1",
-            params![role],
-            |r| {
-                Ok((
-                    r.get::<_, i64>(0)?,
-                    r.get::<_, f64>(1)?,
-                    r.get::<_, f64>(2)?,
-                ))
-            },
-        )?;
-        let folded = reader
+        let snapshot = reader.unchecked_transaction()?;
+        let unsigned = |v: i64| u64::try_from(v).unwrap_or(0);
+        let mut totals = snapshot
             .query_row(
                 "SELECT count, fuel, wall_ms FROM folded_receipts WHERE role = ?1",
                 params![role],
                 |r| {
-                    Ok((
-                        r.get::<_, i64>(0)?,
-                        r.get::<_, i64>(1)?,
-                        r.get::<_, i64>(2)?,
-                    ))
+                    Ok(ReceiptTotals {
+                        count: unsigned(r.get(0)?),
+                        fuel: unsigned(r.get(1)?),
+                        wall_ms: unsigned(r.get(2)?),
+                    })
                 },
             )
             .optional()?
             .unwrap_or_default();
-        let unsigned = |v: i64| u64::try_from(v).unwrap_or(0);
-        // `as` from f64 saturates.
-        Ok(ReceiptTotals {
-            count: unsigned(count).saturating_add(unsigned(folded.0)),
-            fuel: (fuel as u64).saturating_add(unsigned(folded.1)),
-            wall_ms: (wall_ms as u64).saturating_add(unsigned(folded.2)),
-        })
+        // Summed here, exactly and saturating: SQLite's SUM fails past
+        // i64, and its TOTAL rounds past 2^53.
+        let mut kept = snapshot.prepare("SELECT fuel, wall_ms FROM receipts WHERE role = ?1")?;
+        let mut rows = kept.query(params![role])?;
+        while let Some(row) = rows.next()? {
+            totals.count = totals.count.saturating_add(1);
+            totals.fuel = totals.fuel.saturating_add(unsigned(row.get(0)?));
+            totals.wall_ms = totals.wall_ms.saturating_add(unsigned(row.get(1)?));
+        }
+        Ok(totals)
     }
 
     /// The signed receipt for `task` from `host`, if stored.
@@ -572,7 +566,8 @@ fn spawn_checkpointer(path: &Path) -> Result<mpsc::Sender<()>, LedgerError> {
 ///
 /// Version 2 keeps receipts in a rowid table, so that the oldest can be
 /// folded into `folded_receipts` (version 1 kept every receipt, in a
-/// `WITHOUT ROWID` table with no order to prune by).
+/// `WITHOUT ROWID` table with no order to prune by, and stored fuel and
+/// times past `i64` wrapped to negative: they become its largest).
 fn migrate(conn: &Connection) -> Result<(), LedgerError> {
     let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     if version > SCHEMA_VERSION {
@@ -647,8 +642,9 @@ const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [
          signature BLOB NOT NULL,
          UNIQUE (task, host, requester)
      );
-     INSERT INTO receipts_by_age SELECT task, host, requester, role, max(fuel, 0),
-             max(wall_ms, 0),
+     INSERT INTO receipts_by_age SELECT task, host, requester, role,
+             CASE WHEN fuel < 0 THEN 9223372036854775807 ELSE fuel END,
+             CASE WHEN wall_ms < 0 THEN 9223372036854775807 ELSE wall_ms END,
              finished_ms, body, host_key, signature
          FROM receipts ORDER BY finished_ms;
      DROP TABLE receipts;
@@ -1053,6 +1049,40 @@ mod tests {
         assert!(ledger.recent_hosted(10).unwrap().is_empty(), "rolled back");
         fine.unwrap();
         assert!(ledger.requested_task(&other).unwrap().is_some());
+    }
+
+    /// A write that makes SQLite roll back the whole transaction takes the
+    /// writes committed with it along: each is told so, and a write told
+    /// it landed has.
+    #[tokio::test]
+    async fn a_transaction_rolled_back_whole_fails_every_write_it_held() {
+        let ledger = Ledger::open_in_memory().unwrap();
+        ledger
+            .reader()
+            .execute_batch(
+                "CREATE TRIGGER no_hosted BEFORE INSERT ON hosted
+                 BEGIN SELECT RAISE(ROLLBACK, 'the disk is full'); END;",
+            )
+            .unwrap();
+        for _ in 0..20 {
+            let (before, after) = (TaskId::random(), TaskId::random());
+            let hosted = Hosted {
+                task: TaskId::random(),
+                requester: PeerId::random(),
+                module: BlobId::of(b"m"),
+                started_ms: 1,
+            };
+            let (first, failing, last) = tokio::join!(
+                ledger.task_submitted(&before, "a", "m"),
+                ledger.hosted_finished(&hosted, &Ending::of(&outcome(0)), None),
+                ledger.task_submitted(&after, "b", "m"),
+            );
+            assert!(failing.unwrap_err().to_string().contains("the disk is full"));
+            for (task, result) in [(before, first), (after, last)] {
+                let stored = ledger.requested_task(&task).unwrap().is_some();
+                assert_eq!(stored, result.is_ok(), "{result:?}");
+            }
+        }
     }
 
     #[tokio::test]
