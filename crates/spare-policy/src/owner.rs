@@ -441,12 +441,20 @@ impl RootGroup {
         self.user.retain(|pid, _| pids.contains(pid));
         let mut user = Vec::new();
         for &pid in &pids {
-            let is_user = *self.user.entry(pid).or_insert_with(|| {
-                std::fs::read_to_string(proc.join(format!("{pid}/stat")))
-                    .ok()
-                    .and_then(|stat| process_flags(&stat))
-                    .is_some_and(|flags| flags & PF_KTHREAD == 0)
-            });
+            let is_user = match self.user.get(&pid) {
+                Some(&is_user) => is_user,
+                None => {
+                    // A name is any bytes, not always UTF-8; a process that
+                    // cannot be read now is asked again at the next reading.
+                    let flags = std::fs::read(proc.join(format!("{pid}/stat")))
+                        .ok()
+                        .and_then(|stat| process_flags(&String::from_utf8_lossy(&stat)));
+                    let Some(flags) = flags else { continue };
+                    let is_user = flags & PF_KTHREAD == 0;
+                    self.user.insert(pid, is_user);
+                    is_user
+                }
+            };
             if is_user {
                 user.push(pid);
             }
@@ -777,6 +785,32 @@ mod tests {
             BusyClock::detect(proc.path()),
             BusyClock::ProcStat(proc.path().join("stat"))
         );
+    }
+
+    /// A process's name is any bytes: one that is not UTF-8 is the
+    /// owner's all the same.
+    #[test]
+    fn a_root_group_process_whose_name_is_not_utf8_counts() {
+        let proc = fake_proc();
+        let cgroup = tempfile::tempdir().unwrap();
+        let unified = cgroup.path().join("unified");
+        put(&unified, "system.slice/cpu.stat", "usage_usec 5\n");
+        put(&unified, "cgroup.procs", "30\n");
+        let mountinfo = format!(
+            "31 25 0:31 / {} rw - cgroup2 cgroup2 rw\n",
+            unified.display()
+        );
+        put(proc.path(), "self/mountinfo", &mountinfo);
+        put(proc.path(), "thread-self/schedstat", "1 0 1\n");
+        put(proc.path(), "30/task/30/schedstat", "1000 0 1\n");
+        std::fs::write(
+            proc.path().join("30/stat"),
+            b"30 (\xff\xfe) R 1 30 30 0 -1 4194304 0 0",
+        )
+        .unwrap();
+        let mut sampler = Sampler::new(proc.path());
+        let reading = sampler.read(&[10]).unwrap();
+        assert_eq!(reading.root_tasks.get(&(30, 30)), Some(&1000));
     }
 
     #[test]

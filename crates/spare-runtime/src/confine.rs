@@ -583,6 +583,14 @@ mod tests {
             false,
             Command::new("/bin/true").status().map(drop),
         );
+        // Landlock refuses running files too; the filter refuses the call
+        // itself (unfiltered, these null arguments fail with EFAULT).
+        for call in [libc::SYS_execve, libc::SYS_execveat] {
+            // SAFETY: null pointers; the filter answers before the kernel
+            // would read them.
+            let exec = unsafe { libc::syscall(call, 0usize, 0usize, 0usize, 0usize, 0usize) };
+            expect("call execve or execveat", false, raw(exec));
+        }
         // SAFETY: getpid cannot fail; signalling ourselves stays allowed.
         let own = unsafe { libc::kill(libc::getpid(), 0) };
         expect(

@@ -30,8 +30,12 @@ pub fn main(cache_dir: Option<PathBuf>, confinement: &Confinement) -> i32 {
     offer_to_the_oom_killer();
     // After the last write to /proc, before the first thread.
     let confinement = confine(confinement);
+    // Without the handler a pause would not stop it at all: in a session
+    // of its own, its process group is orphaned, and the kernel drops a
+    // SIGTSTP no one catches. A worker that cannot be paused does not run.
     if let Err(e) = crate::stop::install_pause_handler() {
-        eprintln!("spare worker: cannot catch SIGTSTP, pauses will count as wall time: {e}");
+        eprintln!("spare worker: cannot catch SIGTSTP, so pauses could not stop it: {e}");
+        return 1;
     }
     if let Err(e) = crate::stop::install_cancel_handler() {
         eprintln!("spare worker: cannot catch SIGUSR1, cancelled guests will be killed: {e}");
