@@ -1077,7 +1077,12 @@ mod tests {
                 ledger.hosted_finished(&hosted, &Ending::of(&outcome(0)), None),
                 ledger.task_submitted(&after, "b", "m"),
             );
-            assert!(failing.unwrap_err().to_string().contains("the disk is full"));
+            assert!(
+                failing
+                    .unwrap_err()
+                    .to_string()
+                    .contains("the disk is full")
+            );
             for (task, result) in [(before, first), (after, last)] {
                 let stored = ledger.requested_task(&task).unwrap().is_some();
                 assert_eq!(stored, result.is_ok(), "{result:?}");
