@@ -675,6 +675,16 @@ mod tests {
         }
     }
 
+    /// A hosted task of a new requester, started at `started_ms`.
+    fn some_hosted(started_ms: u64) -> Hosted {
+        Hosted {
+            task: TaskId::random(),
+            requester: PeerId::random(),
+            module: BlobId::of(b"m"),
+            started_ms,
+        }
+    }
+
     fn signed_receipt(task: TaskId, requester: PeerId) -> (Receipt, SignedReceipt) {
         let key = Keypair::generate_ed25519();
         let receipt = Receipt {
@@ -794,12 +804,7 @@ mod tests {
     #[tokio::test]
     async fn a_hosted_task_and_its_receipt_are_committed_together() {
         let ledger = Ledger::open_in_memory().unwrap();
-        let hosted = Hosted {
-            task: TaskId::random(),
-            requester: PeerId::random(),
-            module: BlobId::of(b"m"),
-            started_ms: 5,
-        };
+        let hosted = some_hosted(5);
         let receipt = signed_receipt(hosted.task, hosted.requester);
         ledger
             .hosted_finished(&hosted, &Ending::of(&outcome(0)), Some(receipt))
@@ -926,12 +931,7 @@ mod tests {
                 .unwrap();
             stored.push(task);
         }
-        let hosted = Hosted {
-            task: TaskId::random(),
-            requester: PeerId::random(),
-            module: BlobId::of(b"m"),
-            started_ms: 1,
-        };
+        let hosted = some_hosted(1);
         let issued = signed_receipt(hosted.task, hosted.requester);
         ledger
             .hosted_finished(&hosted, &Ending::of(&outcome(0)), Some(issued))
@@ -1021,24 +1021,25 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn a_write_that_fails_halfway_leaves_nothing_behind() {
+    /// A ledger in which every insert into `table` fails, as SQLite's
+    /// `RAISE(<raise>)` makes it.
+    fn refusing_inserts(table: &str, raise: &str) -> Ledger {
         let ledger = Ledger::open_in_memory().unwrap();
-        // Receipts cannot be stored: the hosted row written before its
-        // receipt must go with it.
         ledger
             .reader()
-            .execute_batch(
-                "CREATE TRIGGER no_receipts BEFORE INSERT ON receipts
-                 BEGIN SELECT RAISE(ABORT, 'no receipts today'); END;",
-            )
+            .execute_batch(&format!(
+                "CREATE TRIGGER refuse BEFORE INSERT ON {table} BEGIN SELECT RAISE({raise}); END;"
+            ))
             .unwrap();
-        let hosted = Hosted {
-            task: TaskId::random(),
-            requester: PeerId::random(),
-            module: BlobId::of(b"m"),
-            started_ms: 1,
-        };
+        ledger
+    }
+
+    #[tokio::test]
+    async fn a_write_that_fails_halfway_leaves_nothing_behind() {
+        // Receipts cannot be stored: the hosted row written before its
+        // receipt must go with it.
+        let ledger = refusing_inserts("receipts", "ABORT, 'no receipts today'");
+        let hosted = some_hosted(1);
         let receipt = signed_receipt(hosted.task, hosted.requester);
         let failing = ledger.hosted_finished(&hosted, &Ending::of(&outcome(0)), Some(receipt));
         let other = TaskId::random();
@@ -1056,22 +1057,10 @@ mod tests {
     /// it landed has.
     #[tokio::test]
     async fn a_transaction_rolled_back_whole_fails_every_write_it_held() {
-        let ledger = Ledger::open_in_memory().unwrap();
-        ledger
-            .reader()
-            .execute_batch(
-                "CREATE TRIGGER no_hosted BEFORE INSERT ON hosted
-                 BEGIN SELECT RAISE(ROLLBACK, 'the disk is full'); END;",
-            )
-            .unwrap();
+        let ledger = refusing_inserts("hosted", "ROLLBACK, 'the disk is full'");
         for _ in 0..20 {
             let (before, after) = (TaskId::random(), TaskId::random());
-            let hosted = Hosted {
-                task: TaskId::random(),
-                requester: PeerId::random(),
-                module: BlobId::of(b"m"),
-                started_ms: 1,
-            };
+            let hosted = some_hosted(1);
             let (first, failing, last) = tokio::join!(
                 ledger.task_submitted(&before, "a", "m"),
                 ledger.hosted_finished(&hosted, &Ending::of(&outcome(0)), None),
