@@ -626,15 +626,9 @@ async fn a_requesters_waiting_tasks_hold_at_most_their_share_of_memory() {
 async fn tasks_a_busy_host_refuses_wait_for_room_and_all_run() {
     let dir = tempfile::tempdir().unwrap();
     let shutdown = CancellationToken::new();
-    let host = node_with(&dir.path().join("host"), vec![], &shutdown, |config| {
+    let (_host, requester) = host_and_requester_with(dir.path(), &shutdown, |config| {
         config.queue = 4;
     })
-    .await;
-    let requester = node(
-        &dir.path().join("req"),
-        host.net().listen_addrs(),
-        &shutdown,
-    )
     .await;
     wait_for_offers(&requester, 1).await;
     // Each runs for 300 ms on the host's one slot.
@@ -710,7 +704,16 @@ async fn a_damaged_database_is_named_with_the_way_out() {
 
 /// A host, and a requester bootstrapped from it, in `dir`.
 async fn host_and_requester(dir: &std::path::Path, shutdown: &CancellationToken) -> (Node, Node) {
-    let host = node(&dir.join("host"), vec![], shutdown).await;
+    host_and_requester_with(dir, shutdown, |_| {}).await
+}
+
+/// [`host_and_requester`] with the host's config changed by `tweak`.
+async fn host_and_requester_with(
+    dir: &std::path::Path,
+    shutdown: &CancellationToken,
+    tweak: impl FnOnce(&mut Config),
+) -> (Node, Node) {
+    let host = node_with(&dir.join("host"), vec![], shutdown, tweak).await;
     let requester = node(&dir.join("req"), host.net().listen_addrs(), shutdown).await;
     (host, requester)
 }
