@@ -655,6 +655,47 @@ async fn tasks_a_busy_host_refuses_wait_for_room_and_all_run() {
     shutdown.cancel();
 }
 
+/// A burst of requests near the largest a spec may be, many more than
+/// the host reads from one peer at once, all run at their first attempt:
+/// the requester sends no more of them at a time than the host takes, so
+/// the host cuts none off.
+#[tokio::test]
+async fn tasks_a_burst_of_large_requests_all_run_first_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let shutdown = CancellationToken::new();
+    let (_host, requester) = host_and_requester_with(dir.path(), &shutdown, |config| {
+        config.queue = 128;
+    })
+    .await;
+    wait_for_offers(&requester, 1).await;
+    // 48 of them: 19 MiB, more than twice what the host reads from one
+    // peer at a time (`PEER_READ_BYTES`) and lets wait, and less than it
+    // lets one peer's taken tasks hold (`MAX_ADMITTED_BYTES` / 2).
+    let arg = "x".repeat(400 << 10);
+    // The second burst finds the streams of the first idle, ready for use.
+    for _ in 0..2 {
+        let mut started = Vec::new();
+        for _ in 0..48 {
+            let args = vec![arg.clone()];
+            let limits = LimitRequest::default();
+            let placement = Placement::Auto;
+            started
+                .push(start_example_with(&requester, "hello.wasm", args, limits, placement).await);
+        }
+        for mut events in started {
+            let (seen, ended) = events_to_the_end(&mut events).await;
+            let result = ended.expect("it ran");
+            assert_eq!(result.failure, None, "{result:?}");
+            let retried: Vec<_> = seen
+                .iter()
+                .filter(|e| matches!(e, TaskEvent::Retrying { .. }))
+                .collect();
+            assert!(retried.is_empty(), "{retried:?}");
+        }
+    }
+    shutdown.cancel();
+}
+
 /// A host whose database has outgrown its share of the disk budget
 /// takes no more tasks: each would add a receipt to it.
 #[tokio::test]
@@ -742,12 +783,23 @@ async fn start_example(
     limits: LimitRequest,
     placement: Placement,
 ) -> tokio::sync::mpsc::Receiver<TaskEvent> {
+    start_example_with(requester, name, vec![], limits, placement).await
+}
+
+/// As [`start_example`], with `args`.
+async fn start_example_with(
+    requester: &Node,
+    name: &str,
+    args: Vec<String>,
+    limits: LimitRequest,
+    placement: Placement,
+) -> tokio::sync::mpsc::Receiver<TaskEvent> {
     let bytes = example(name);
     requester.blobs().put(&bytes).unwrap();
     let submission = Submission {
         name: name.into(),
         module: BlobRef::of(&bytes),
-        args: vec![],
+        args,
         env: vec![],
         stdin: SubmitStdin::None,
         limits,

@@ -95,6 +95,11 @@ pub enum RequestError {
     ConnectionClosed,
     #[error("peer does not speak the protocol")]
     Unsupported,
+    /// The peer dropped every new stream before it read the request on it:
+    /// it was taking streams more slowly than they came, or holds as many
+    /// as it allows. The request was never seen.
+    #[error("the peer took none of {0} new task streams (it is busy, or holds too many open)")]
+    NotAccepted(u32),
     #[error("request failed: {0}")]
     Io(String),
     #[error("the network is shutting down")]

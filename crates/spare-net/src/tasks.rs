@@ -38,11 +38,11 @@ use libp2p::{PeerId, Stream, StreamProtocol};
 use libp2p_stream::{Control, IncomingStreams, OpenStreamError};
 use spare_core::Limits;
 use spare_core::wire::{self, Message, Refusal, TaskRequest, TaskResponse, WireError};
-use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::answers::{AnswerBudget, AnswerRoom};
-use crate::codec::{PeerBudget, REQUEST_READ_TIMEOUT, ReadBudget};
+use crate::codec::{PEER_READ_BYTES, PeerBudget, REQUEST_READ_TIMEOUT, ReadBudget};
 use crate::{NetEvent, RequestError, TaskResponder};
 
 /// Bytes of the length prefix of every frame (big-endian `u32`).
@@ -53,9 +53,12 @@ const HEADER_BYTES: usize = 4;
 /// byte knows the host never read its request, and opens another.
 const ACCEPTED: u8 = 0x01;
 /// How many times a requester opens a new stream that the host dropped
-/// before accepting it, pausing twice as long each time (4 ms, up to
-/// [`OPEN_PAUSE_MAX`]): about 0.85 s in all, for a host too busy to take
-/// its streams at once.
+/// before accepting it, pausing up to twice as long each time (4 ms, up
+/// to [`OPEN_PAUSE_MAX`]): at most about 0.85 s in all, for a host too
+/// busy to take its streams at once. A host takes one new stream at a
+/// time and drops those that come meanwhile, so streams opened in a
+/// burst mostly fail together: each pause is drawn at random up to its
+/// bound, which spreads their next tries apart.
 const OPEN_ATTEMPTS: u32 = 10;
 const OPEN_PAUSE_MAX: Duration = Duration::from_millis(200);
 /// An outbound task request may take this long: the longest wall time any
@@ -258,6 +261,13 @@ pub(crate) struct TaskStreams {
     control: Control,
     protocol: StreamProtocol,
     idle: Mutex<Idle>,
+    /// Per host, the bytes of requests this node may be sending to it at
+    /// once: the host's share for one peer ([`PEER_READ_BYTES`]). A host
+    /// reads that much of a peer's requests at a time, lets a few more
+    /// wait and cuts off the rest; a burst of large requests waits here
+    /// instead, where nothing is lost. One entry per connected host it
+    /// has sent to, dropped with the connection.
+    sending: Mutex<HashMap<PeerId, Arc<Semaphore>>>,
 }
 
 /// Idle streams per host, and how many in all (kept, not summed on the
@@ -282,6 +292,7 @@ impl TaskStreams {
             control,
             protocol: StreamProtocol::new(wire::TASK_PROTOCOL),
             idle: Mutex::new(Idle::default()),
+            sending: Mutex::new(HashMap::new()),
         }
     }
 
@@ -301,7 +312,7 @@ impl TaskStreams {
         let frame = encode_frame(request).map_err(|e| RequestError::Io(e.to_string()))?;
         let exchange = async {
             // Connected already, or connected by opening the stream.
-            let mut stream = watch(connection(), self.stream_with(peer, &frame)).await?;
+            let mut stream = watch(connection(), self.send(peer, &frame)).await?;
             let max = answer_bound(request);
             let body = watch(connection(), read_frame(&mut stream, max)).await?;
             Ok::<_, FrameError>((stream, body))
@@ -325,6 +336,37 @@ impl TaskStreams {
         Ok(response)
     }
 
+    /// [`Self::stream_with`], once the request's body fits in what this
+    /// node may be sending to `peer` at once.
+    async fn send(&self, peer: PeerId, frame: &[u8]) -> Result<Stream, FrameError> {
+        let share = Arc::clone(
+            self.lock_sending()
+                .entry(peer)
+                .or_insert_with(|| Arc::new(Semaphore::new(PEER_READ_BYTES))),
+        );
+        // As the host counts it: the body, which encoding bounded.
+        let body = frame
+            .len()
+            .saturating_sub(HEADER_BYTES)
+            .min(PEER_READ_BYTES);
+        let units = u32::try_from(body).unwrap_or(u32::MAX);
+        let sending = Arc::clone(&share)
+            .acquire_many_owned(units)
+            .await
+            .map_err(|_| io::Error::other("the share of requests being sent was closed"))?;
+        let sent = self.stream_with(peer, frame).await;
+        drop(sending);
+        if sent.is_err() {
+            // Perhaps never connected, so never forgotten: the entry goes
+            // unless another request uses it.
+            let mut sending = self.lock_sending();
+            if Arc::strong_count(&share) == 2 {
+                sending.remove(&peer);
+            }
+        }
+        sent
+    }
+
     /// A stream to `peer` on which `frame` has been sent: an idle one, or a
     /// new one that the host has accepted.
     async fn stream_with(&self, peer: PeerId, frame: &[u8]) -> Result<Stream, FrameError> {
@@ -333,9 +375,14 @@ impl TaskStreams {
             // for another peer's, see `MAX_STREAMS`): one that has ended,
             // or sent something out of turn, is dropped, not used.
             let mut probe = [0u8; 1];
-            if futures::FutureExt::now_or_never(stream.read(&mut probe)).is_none() {
-                write_frame(&mut stream, frame).await?;
-                return Ok(stream);
+            if futures::FutureExt::now_or_never(stream.read(&mut probe)).is_some() {
+                continue;
+            }
+            // A request the host cut off before the whole of it came was
+            // never run, so another stream may carry it.
+            match write_frame(&mut stream, frame).await {
+                Ok(()) => return Ok(stream),
+                Err(e) => tracing::debug!(%peer, "idle task stream failed: {e}"),
             }
         }
         let mut attempt = 0;
@@ -362,16 +409,11 @@ impl TaskStreams {
                 }
                 Ok(_) | Err(_) if attempt < OPEN_ATTEMPTS => {
                     tracing::debug!(%peer, attempt, "task stream dropped before it was accepted");
-                    let pause = Duration::from_millis(2 << attempt.min(16)).min(OPEN_PAUSE_MAX);
-                    tokio::time::sleep(pause).await;
+                    tokio::time::sleep(open_pause(attempt)).await;
                 }
-                Ok(_) => {
-                    return Err(FrameError::Open(RequestError::Io(format!(
-                        "the peer did not accept a task stream in {OPEN_ATTEMPTS} attempts \
-                         (it may hold too many open)"
-                    ))));
+                Ok(_) | Err(_) => {
+                    return Err(FrameError::Open(RequestError::NotAccepted(OPEN_ATTEMPTS)));
                 }
-                Err(e) => return Err(e.into()),
             }
         }
     }
@@ -381,6 +423,8 @@ impl TaskStreams {
         let mut idle = self.lock();
         let gone = idle.streams.remove(peer).map_or(0, |streams| streams.len());
         idle.total -= gone;
+        drop(idle);
+        self.lock_sending().remove(peer);
     }
 
     async fn open(&self, peer: PeerId) -> Result<Stream, RequestError> {
@@ -417,6 +461,17 @@ impl TaskStreams {
     fn lock(&self) -> std::sync::MutexGuard<'_, Idle> {
         self.idle.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    fn lock_sending(&self) -> std::sync::MutexGuard<'_, HashMap<PeerId, Arc<Semaphore>>> {
+        self.sending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The pause before the next try to open a stream after `attempt` tries
+/// were dropped: at random, up to twice as long as the last bound.
+fn open_pause(attempt: u32) -> Duration {
+    let bound = Duration::from_millis(2 << attempt.min(16)).min(OPEN_PAUSE_MAX);
+    bound.mul_f64(rand::random::<f64>())
 }
 
 /// Runs `work` until it ends or the connection it uses closes.
@@ -765,8 +820,21 @@ async fn request_after<T: AsyncRead + Unpin>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::codec::{PEER_READ_BYTES, READ_BUDGET_BYTES};
+    use crate::codec::READ_BUDGET_BYTES;
     use spare_core::TaskId;
+
+    #[test]
+    fn pauses_before_reopening_a_stream_are_spread_within_their_bounds() {
+        let mut most = Duration::ZERO;
+        for attempt in 1..OPEN_ATTEMPTS {
+            let bound = Duration::from_millis(2 << attempt).min(OPEN_PAUSE_MAX);
+            let pauses: Vec<_> = (0..64).map(|_| open_pause(attempt)).collect();
+            assert!(pauses.iter().all(|pause| *pause <= bound), "{pauses:?}");
+            assert!(pauses.iter().any(|pause| *pause != pauses[0]), "{pauses:?}");
+            most += bound;
+        }
+        assert!(most < Duration::from_millis(900), "{most:?}");
+    }
 
     #[test]
     fn a_frame_header_beyond_the_bound_is_refused() {

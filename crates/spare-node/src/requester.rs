@@ -589,6 +589,12 @@ async fn attempt_on(
                 ),
             }
         }
+        // The host never saw the request: as good as a refusal for want
+        // of room.
+        Ok(Err(e @ spare_net::RequestError::NotAccepted(_))) => Attempt::Failed {
+            error: AttemptError::Busy,
+            reason: e.to_string(),
+        },
         Ok(Err(e)) => Attempt::Failed {
             error: AttemptError::HostLost,
             reason: e.to_string(),
