@@ -5,8 +5,10 @@
 //! their bytes synced, so a reader never sees a partial or wrong blob, even
 //! after a power cut. File I/O runs off the daemon's async thread.
 //!
-//! The store keeps within the owner's disk budget (`disk` in the config). It
-//! knows every blob's size and when it was last used: walked once at open
+//! The store keeps within the owner's disk budget (`disk` in the config),
+//! counting each blob's file in whole blocks ([`BLOCK`]), so many tiny
+//! blobs cost the budget what they cost the disk. It knows every blob's
+//! size and when it was last used: walked once at open
 //! (a file's mtime is its last use), then kept up to date in memory as
 //! blobs are committed, used and evicted. A fetch that finds its blob here
 //! bumps the file's mtime too, at most once a minute, so the order
@@ -40,7 +42,7 @@
 //! the other quarter, kept by the node's periodic sweep
 //! (`spare_runtime::cache::sweep`).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -123,6 +125,13 @@ const _: () = assert!(MAX_SERVING_BYTES_PER_PEER >= MAX_BLOB_CHUNK as u64);
 /// how many are served at once too (128 for one peer, 512 in all).
 pub const MIN_SERVING_CHARGE: u64 = 64 << 10;
 
+/// The unit the budget counts a blob's file in: a file takes whole blocks
+/// of the file system (4 KiB on the usual ones), and an empty one takes an
+/// inode and a directory entry, counted as one block. So a peer's tiny
+/// blobs cost the budget what they cost the disk, not the few bytes each
+/// holds.
+pub const BLOCK: u64 = 4096;
+
 /// The store.
 #[derive(Debug)]
 pub struct BlobStore {
@@ -140,6 +149,8 @@ struct Shared {
     dir: PathBuf,
     /// Bytes the blobs and the node's state may take together.
     budget: u64,
+    /// The unit a blob's file is counted in ([`BLOCK`]).
+    block: u64,
     /// Bytes of that budget the node's state (its database) takes, as last
     /// measured (see [`BlobStore::set_state_bytes`]).
     state: AtomicU64,
@@ -155,13 +166,21 @@ struct Serving {
     peers: HashMap<PeerId, u64>,
 }
 
-/// The store's accounting of its disk budget.
+/// The store's accounting of its disk budget, in bytes of whole blocks
+/// ([`Shared::charge`]). Kept so that no step walks every blob: a fetch
+/// asks whether its blob fits, and evictions go in order of use, at a
+/// cost that does not grow with the number of blobs stored.
 #[derive(Debug, Default)]
 struct Space {
     /// Every committed blob.
     blobs: HashMap<BlobId, Stored>,
-    /// The sum of their sizes.
+    /// The same, least recently used first: the order of eviction.
+    by_use: BTreeSet<(SystemTime, BlobId)>,
+    /// The sum of their charges.
     stored: u64,
+    /// The part of it pinned blobs take (evicting every unpinned blob
+    /// would leave that much).
+    pinned: u64,
     /// Room reserved for blobs being written: by fetches in progress for
     /// the bytes that have arrived, by the owner's blobs for all of theirs.
     reserved: u64,
@@ -177,7 +196,8 @@ struct Space {
 
 #[derive(Clone, Copy, Debug)]
 struct Stored {
-    size: u64,
+    /// What the blob's file is counted as: whole blocks.
+    charge: u64,
     /// Last use, the order of eviction.
     used: SystemTime,
     /// When the file's mtime, the order after a restart, was last set to
@@ -223,6 +243,12 @@ impl BlobStore {
     /// files a crash left behind and taking stock of the blobs there.
     /// Blocking.
     pub fn open(dir: &Path, budget: u64) -> std::io::Result<Self> {
+        Self::open_counting(dir, budget, BLOCK)
+    }
+
+    /// [`BlobStore::open`], counting files in blocks of `block` bytes
+    /// (tests count single bytes).
+    fn open_counting(dir: &Path, budget: u64, block: u64) -> std::io::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let mut space = Space::default();
         for entry in std::fs::read_dir(dir)?.flatten() {
@@ -238,7 +264,7 @@ impl BlobStore {
                     let Ok(meta) = blob.metadata() else { continue };
                     if meta.is_file() {
                         let used = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
-                        space.insert(id, meta.len(), used);
+                        space.insert(id, charge(meta.len(), block), used);
                     }
                 }
             }
@@ -254,6 +280,7 @@ impl BlobStore {
             shared: Arc::new(Shared {
                 dir: dir.to_path_buf(),
                 budget,
+                block,
                 state: AtomicU64::new(0),
                 space: Mutex::new(space),
                 serving: Mutex::new(Serving::default()),
@@ -290,8 +317,8 @@ impl BlobStore {
         self.shared.state.load(Ordering::Relaxed)
     }
 
-    /// The bytes the stored blobs take, plus the room fetches in progress
-    /// have reserved.
+    /// The bytes the stored blobs take (in whole blocks), plus the room
+    /// fetches in progress have reserved.
     pub fn used(&self) -> u64 {
         let space = self.shared.space();
         space.stored + space.reserved
@@ -300,7 +327,7 @@ impl BlobStore {
     /// Keeps `id` from eviction until the pin is dropped. The blob need not
     /// be stored yet.
     pub fn pin(&self, id: &BlobId) -> BlobPin {
-        *self.shared.space().pins.entry(*id).or_insert(0) += 1;
+        self.shared.space().pin(id);
         BlobPin {
             shared: Arc::clone(&self.shared),
             id: *id,
@@ -650,7 +677,7 @@ impl Shared {
         std::fs::rename(tmp, &path)?;
         {
             let mut space = self.space();
-            space.insert(*id, size, SystemTime::now());
+            space.insert(*id, self.charge(size), SystemTime::now());
             if let Some(mut room) = room {
                 room.release(&mut space);
             }
@@ -674,9 +701,8 @@ impl Shared {
             }
         };
         let mut space = self.space();
-        match space.blobs.get_mut(id) {
+        match space.mark_used(id, now) {
             Some(stored) => {
-                stored.used = now;
                 stored.touched = now;
                 true
             }
@@ -685,7 +711,7 @@ impl Shared {
             // behind the store's back. Checked under the lock, as evictions
             // rename blobs away under it.
             None if self.path(id).is_file() => {
-                space.insert(*id, size, now);
+                space.insert(*id, self.charge(size), now);
                 true
             }
             None => false,
@@ -697,28 +723,26 @@ impl Shared {
     /// close enough) or the file needs a [`Shared::touch`].
     fn mark_used_in_memory(&self, id: &BlobId) -> bool {
         let now = SystemTime::now();
-        match self.space().blobs.get_mut(id) {
-            Some(stored) => {
-                stored.used = now;
-                now.duration_since(stored.touched)
-                    .is_ok_and(|behind| behind < TOUCH_EVERY)
-            }
+        match self.space().mark_used(id, now) {
+            Some(stored) => now
+                .duration_since(stored.touched)
+                .is_ok_and(|behind| behind < TOUCH_EVERY),
             None => false,
         }
+    }
+
+    /// What a file of `size` bytes is counted as: whole blocks, one at
+    /// least.
+    fn charge(&self, size: u64) -> u64 {
+        charge(size, self.block)
     }
 
     /// Bytes of the budget that evicting every unpinned blob would not
     /// free: pinned blobs, reserved room, promised room and the node's
     /// state.
     fn in_use(&self, space: &Space) -> u64 {
-        let evictable: u64 = space
-            .blobs
-            .iter()
-            .filter(|(id, _)| !space.pins.contains_key(id))
-            .map(|(_, stored)| stored.size)
-            .sum();
         let state = self.state.load(Ordering::Relaxed);
-        (space.stored + space.reserved + space.promised + state).saturating_sub(evictable)
+        space.pinned + space.reserved + space.promised + state
     }
 
     /// Starts the accounting of a blob of `size` bytes about to be fetched:
@@ -727,21 +751,22 @@ impl Shared {
     /// reserved or still expect. Evicts nothing: the returned reservation
     /// is grown ([`Shared::grow`]) as the bytes arrive.
     fn promise(self: &Arc<Self>, size: u64) -> Result<Reservation, BlobError> {
+        let charge = self.charge(size);
         let mut space = self.space();
         let in_use = self.in_use(&space);
-        if in_use.saturating_add(size) > self.budget {
+        if in_use.saturating_add(charge) > self.budget {
             return Err(BlobError::NoRoom {
                 size,
                 budget: self.budget,
                 in_use,
             });
         }
-        space.promised += size;
+        space.promised += charge;
         Ok(Reservation {
             shared: Arc::clone(self),
             size,
             reserved: 0,
-            promised: size,
+            promised: charge,
         })
     }
 
@@ -796,7 +821,7 @@ impl Shared {
     /// if need be. Blocking.
     fn make_room(self: &Arc<Self>, size: u64) -> Result<Reservation, BlobError> {
         let mut room = self.promise(size)?;
-        self.grow(&mut room, size)?;
+        self.grow(&mut room, self.charge(size))?;
         Ok(room)
     }
 
@@ -809,18 +834,11 @@ impl Shared {
     fn evict_for(&self, space: &mut Space, bytes: u64) -> Result<Vec<TempFile>, BlobError> {
         let mut evicted = Vec::new();
         let state = self.state.load(Ordering::Relaxed);
-        let mut used = space.stored + space.reserved + state;
+        let used = space.stored + space.reserved + state;
         if used.saturating_add(bytes) <= self.budget {
             return Ok(evicted);
         }
-        let mut victims: Vec<(SystemTime, BlobId, u64)> = space
-            .blobs
-            .iter()
-            .filter(|(id, _)| !space.pins.contains_key(id))
-            .map(|(id, stored)| (stored.used, *id, stored.size))
-            .collect();
-        let evictable: u64 = victims.iter().map(|(_, _, size)| size).sum();
-        let in_use = used - evictable;
+        let in_use = space.pinned + space.reserved + state;
         if in_use.saturating_add(bytes) > self.budget {
             return Err(BlobError::NoRoom {
                 size: bytes,
@@ -828,11 +846,20 @@ impl Shared {
                 in_use,
             });
         }
-        victims.sort_unstable();
-        for (_, id, victim_size) in victims {
-            if used.saturating_add(bytes) <= self.budget {
+        // The least recently used unpinned blobs that make room: pinned
+        // ones (held by fetches and running tasks, a few) are passed over.
+        let mut victims = Vec::new();
+        let mut left = used;
+        for (_, id) in &space.by_use {
+            if left.saturating_add(bytes) <= self.budget {
                 break;
             }
+            if let (false, Some(stored)) = (space.pins.contains_key(id), space.blobs.get(id)) {
+                victims.push(*id);
+                left -= stored.charge;
+            }
+        }
+        for id in victims {
             // Out of its name under the lock, so no fetch finds it there
             // unpinned; removed once the lock is released.
             let doomed = self.temp_path(&id);
@@ -842,28 +869,74 @@ impl Shared {
                 Err(e) => return Err(e.into()),
             }
             space.remove(&id);
-            used -= victim_size;
         }
         Ok(evicted)
     }
 }
 
+/// What a file of `size` bytes is counted as, in blocks of `block` bytes:
+/// whole blocks, one at least.
+fn charge(size: u64, block: u64) -> u64 {
+    size.div_ceil(block).max(1).saturating_mul(block)
+}
+
 impl Space {
-    fn insert(&mut self, id: BlobId, size: u64, used: SystemTime) {
+    /// Counts a stored blob charged `charge` bytes, last used at `used`, in
+    /// place of any entry it had.
+    fn insert(&mut self, id: BlobId, charge: u64, used: SystemTime) {
+        self.remove(&id);
         let stored = Stored {
-            size,
+            charge,
             used,
             touched: used,
         };
-        if let Some(old) = self.blobs.insert(id, stored) {
-            self.stored -= old.size;
+        self.blobs.insert(id, stored);
+        self.by_use.insert((used, id));
+        self.stored += charge;
+        if self.pins.contains_key(&id) {
+            self.pinned += charge;
         }
-        self.stored += size;
     }
 
     fn remove(&mut self, id: &BlobId) {
         if let Some(old) = self.blobs.remove(id) {
-            self.stored -= old.size;
+            self.by_use.remove(&(old.used, *id));
+            self.stored -= old.charge;
+            if self.pins.contains_key(id) {
+                self.pinned -= old.charge;
+            }
+        }
+    }
+
+    /// Marks a counted blob as used at `now`; its entry, if it has one.
+    fn mark_used(&mut self, id: &BlobId, now: SystemTime) -> Option<&mut Stored> {
+        let stored = self.blobs.get_mut(id)?;
+        self.by_use.remove(&(stored.used, *id));
+        self.by_use.insert((now, *id));
+        stored.used = now;
+        Some(stored)
+    }
+
+    fn pin(&mut self, id: &BlobId) {
+        let count = self.pins.entry(*id).or_insert(0);
+        *count += 1;
+        if *count == 1
+            && let Some(stored) = self.blobs.get(id)
+        {
+            self.pinned += stored.charge;
+        }
+    }
+
+    fn unpin(&mut self, id: &BlobId) {
+        let Some(count) = self.pins.get_mut(id) else {
+            return;
+        };
+        *count -= 1;
+        if *count == 0 {
+            self.pins.remove(id);
+            if let Some(stored) = self.blobs.get(id) {
+                self.pinned -= stored.charge;
+            }
         }
     }
 }
@@ -884,13 +957,7 @@ impl BlobPin {
 
 impl Drop for BlobPin {
     fn drop(&mut self) {
-        let mut space = self.shared.space();
-        if let Some(count) = space.pins.get_mut(&self.id) {
-            *count -= 1;
-            if *count == 0 {
-                space.pins.remove(&self.id);
-            }
-        }
+        self.shared.space().unpin(&self.id);
     }
 }
 
@@ -1008,10 +1075,62 @@ fn rand_suffix() -> u64 {
 mod tests {
     use super::*;
 
+    /// A store that counts single bytes, not blocks, so the figures below
+    /// are the blobs' own sizes.
+    fn open_exact(dir: &Path, budget: u64) -> std::io::Result<BlobStore> {
+        BlobStore::open_counting(dir, budget, 1)
+    }
+
+    /// The sums and the order `Space` keeps agree with its blobs and pins,
+    /// counted from scratch.
+    fn assert_consistent(store: &BlobStore) {
+        let space = store.shared.space();
+        let charges = |pinned: bool| -> u64 {
+            space
+                .blobs
+                .iter()
+                .filter(|(id, _)| space.pins.contains_key(id) == pinned)
+                .map(|(_, stored)| stored.charge)
+                .sum()
+        };
+        assert_eq!(space.pinned, charges(true));
+        assert_eq!(space.stored, charges(true) + charges(false));
+        let order: BTreeSet<_> = space.blobs.iter().map(|(id, s)| (s.used, *id)).collect();
+        assert_eq!(space.by_use, order);
+    }
+
+    #[test]
+    fn a_blob_is_counted_in_whole_blocks() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path(), 4 * BLOCK).unwrap();
+        // An empty blob takes a block, as does a byte; one more than a
+        // block takes two.
+        store.put(b"").unwrap();
+        store.put(b"x").unwrap();
+        assert_eq!(store.used(), 2 * BLOCK);
+        let big = store.put(&vec![1u8; BLOCK as usize + 1]).unwrap();
+        assert_eq!(store.used(), 4 * BLOCK);
+        drop(store);
+        let store = BlobStore::open(dir.path(), 4 * BLOCK).unwrap();
+        assert_eq!(store.used(), 4 * BLOCK);
+        // So the store is full: a one-byte blob from a peer evicts the
+        // least recently used (where counting bytes it would have fitted
+        // beside the 4 098 stored), and one a block larger than the budget
+        // never fits.
+        let _pin = store.pin(&big);
+        assert!(store.shared.make_room(1).is_ok());
+        assert!(!store.has(&BlobId::of(b"")));
+        assert!(matches!(
+            store.shared.make_room(3 * BLOCK),
+            Err(BlobError::NoRoom { .. })
+        ));
+        assert_consistent(&store);
+    }
+
     #[test]
     fn blobs_are_stored_verified_and_chunked() {
         let dir = tempfile::tempdir().unwrap();
-        let store = BlobStore::open(dir.path(), 1 << 20).unwrap();
+        let store = open_exact(dir.path(), 1 << 20).unwrap();
         let id = store.put(b"hello world").unwrap();
         assert!(store.has(&id));
         assert_eq!(std::fs::read(store.path(&id)).unwrap(), b"hello world");
@@ -1035,7 +1154,7 @@ mod tests {
     fn leftover_temporary_files_are_swept_at_open() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join(".abc.1.tmp"), b"half a blob").unwrap();
-        BlobStore::open(dir.path(), 1 << 20).unwrap();
+        open_exact(dir.path(), 1 << 20).unwrap();
         assert!(!dir.path().join(".abc.1.tmp").exists());
     }
 
@@ -1047,7 +1166,7 @@ mod tests {
 
     /// [`store_of_three`] with blobs of `size` bytes.
     fn store_of_three_sized(dir: &Path, budget: u64, size: usize) -> (BlobStore, [BlobId; 3]) {
-        let store = BlobStore::open(dir, budget).unwrap();
+        let store = open_exact(dir, budget).unwrap();
         let ids = [b'a', b'b', b'c'].map(|c| store.put(&vec![c; size]).unwrap());
         let t0 = SystemTime::now() - Duration::from_secs(3600);
         for (i, id) in ids.iter().enumerate() {
@@ -1057,7 +1176,7 @@ mod tests {
                 .unwrap();
         }
         drop(store);
-        let store = BlobStore::open(dir, budget).unwrap();
+        let store = open_exact(dir, budget).unwrap();
         assert_eq!(store.used(), 3 * size as u64);
         (store, ids)
     }
@@ -1080,7 +1199,7 @@ mod tests {
         // The mtime bump survives a restart: `c` is now the oldest.
         drop(room);
         drop(store);
-        let store = BlobStore::open(dir.path(), 100).unwrap();
+        let store = open_exact(dir.path(), 100).unwrap();
         assert_eq!(store.used(), 60);
         let _room = store.shared.make_room(70).unwrap();
         assert!(store.has(&a) && !store.has(&c));
@@ -1131,8 +1250,10 @@ mod tests {
         drop(pin_a);
         let _room = store.shared.make_room(70).unwrap();
         assert!(store.has(&a) && !store.has(&c));
+        assert_consistent(&store);
         drop(pin_a_again);
         assert!(store.shared.space().pins.is_empty());
+        assert_consistent(&store);
     }
 
     #[test]
@@ -1164,7 +1285,7 @@ mod tests {
         assert!(store.has(&c));
         drop(room);
         // A blob larger than the whole budget never fits.
-        let big = BlobStore::open(tempfile::tempdir().unwrap().path(), 100).unwrap();
+        let big = open_exact(tempfile::tempdir().unwrap().path(), 100).unwrap();
         assert!(matches!(
             big.shared.make_room(101),
             Err(BlobError::NoRoom { in_use: 0, .. })
@@ -1174,7 +1295,7 @@ mod tests {
     #[test]
     fn usage_follows_commits_and_the_owners_uploads() {
         let dir = tempfile::tempdir().unwrap();
-        let store = BlobStore::open(dir.path(), 100).unwrap();
+        let store = open_exact(dir.path(), 100).unwrap();
         // A fetched blob's reservation becomes the stored blob.
         let bytes = [7u8; 40];
         let id = BlobId::of(&bytes);
@@ -1194,12 +1315,13 @@ mod tests {
         let _pins = [store.pin(&first), store.pin(&BlobId::of(&[2u8; 50]))];
         store.put(&[3u8; 50]).unwrap();
         assert_eq!(store.used(), 150);
+        assert_consistent(&store);
     }
 
     #[test]
     fn the_nodes_state_takes_its_part_of_the_budget() {
         let dir = tempfile::tempdir().unwrap();
-        let store = BlobStore::open(dir.path(), 100).unwrap();
+        let store = open_exact(dir.path(), 100).unwrap();
         let old = store.put(&[1u8; 40]).unwrap();
         store.put(&[2u8; 40]).unwrap();
         store.set_state_bytes(30);
@@ -1252,7 +1374,7 @@ mod tests {
     async fn a_fetch_that_comes_while_another_waits_shares_its_lock() {
         use tokio::sync::Notify;
         let dir = tempfile::tempdir().unwrap();
-        let store = BlobStore::open(dir.path(), 64 << 20).unwrap();
+        let store = open_exact(dir.path(), 64 << 20).unwrap();
         let bytes = vec![7u8; 1000];
         let blob = BlobRef::of(&bytes);
         let (bucket, peer) = (TokenBucket::new(None), PeerId::random());
@@ -1314,7 +1436,7 @@ mod tests {
     #[tokio::test]
     async fn an_honest_peer_is_paced_for_the_bytes_it_sends() {
         let dir = tempfile::tempdir().unwrap();
-        let store = BlobStore::open(dir.path(), 64 << 20).unwrap();
+        let store = open_exact(dir.path(), 64 << 20).unwrap();
         let bytes = two_chunks_and_a_bit();
         let blob = BlobRef::of(&bytes);
         let bucket = TokenBucket::new(None);
@@ -1348,7 +1470,7 @@ mod tests {
     #[tokio::test]
     async fn a_peer_that_sends_short_chunks_is_refused_at_once() {
         let dir = tempfile::tempdir().unwrap();
-        let store = BlobStore::open(dir.path(), 64 << 20).unwrap();
+        let store = open_exact(dir.path(), 64 << 20).unwrap();
         let bytes = two_chunks_and_a_bit();
         let blob = BlobRef::of(&bytes);
         // The node's download allowance: a reply of one byte costs one byte
@@ -1391,7 +1513,7 @@ mod tests {
     #[tokio::test]
     async fn a_peer_that_sends_a_long_last_chunk_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let store = BlobStore::open(dir.path(), 64 << 20).unwrap();
+        let store = open_exact(dir.path(), 64 << 20).unwrap();
         let bytes = two_chunks_and_a_bit();
         let blob = BlobRef::of(&bytes);
         let bucket = TokenBucket::new(None);
@@ -1550,7 +1672,7 @@ mod tests {
     #[tokio::test]
     async fn a_busy_peer_is_asked_again_after_a_pause() {
         let dir = tempfile::tempdir().unwrap();
-        let store = BlobStore::open(dir.path(), 1 << 20).unwrap();
+        let store = open_exact(dir.path(), 1 << 20).unwrap();
         let bytes = b"a module".to_vec();
         let blob = BlobRef::of(&bytes);
         let bucket = TokenBucket::new(None);
@@ -1580,7 +1702,7 @@ mod tests {
     #[tokio::test]
     async fn the_deadline_holds_against_a_busy_or_silent_peer() {
         let dir = tempfile::tempdir().unwrap();
-        let store = BlobStore::open(dir.path(), 1 << 20).unwrap();
+        let store = open_exact(dir.path(), 1 << 20).unwrap();
         let blob = BlobRef::of(b"a module");
         let bucket = TokenBucket::new(None);
         let limit = Duration::from_millis(400);
@@ -1625,7 +1747,7 @@ mod tests {
     #[tokio::test]
     async fn a_peer_that_stops_sending_ends_the_fetch_within_a_chunks_time() {
         let dir = tempfile::tempdir().unwrap();
-        let store = BlobStore::open(dir.path(), 4 << 20).unwrap();
+        let store = open_exact(dir.path(), 4 << 20).unwrap();
         let bytes = vec![7u8; MAX_BLOB_CHUNK as usize + 8];
         let blob = BlobRef::of(&bytes);
         let bucket = TokenBucket::new(None);
@@ -1658,7 +1780,7 @@ mod tests {
     #[test]
     fn the_serving_budget_bounds_chunks_held_at_once() {
         let dir = tempfile::tempdir().unwrap();
-        let store = BlobStore::open(dir.path(), 1 << 20).unwrap();
+        let store = open_exact(dir.path(), 1 << 20).unwrap();
         let per_peer = (MAX_SERVING_BYTES_PER_PEER / u64::from(MAX_BLOB_CHUNK)) as usize;
         let peers = (MAX_SERVING_BYTES / MAX_SERVING_BYTES_PER_PEER) as usize;
         let hog = PeerId::random();
