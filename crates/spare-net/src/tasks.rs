@@ -48,17 +48,17 @@ use crate::{NetEvent, RequestError, TaskResponder};
 /// Bytes of the length prefix of every frame (big-endian `u32`).
 const HEADER_BYTES: usize = 4;
 /// The byte a host writes first on every task stream it accepts. libp2p
-/// drops an inbound stream that arrives while the previous one is still
-/// being handed over; a requester that sees its new stream end before this
-/// byte knows the host never read its request, and opens another.
+/// drops an inbound stream that arrives while its queue of streams not yet
+/// taken is full (`libp2p_stream::ACCEPT_BUFFER`), and the host drops one
+/// beyond `MAX_STREAMS`; a requester that sees its new stream end before
+/// this byte knows the host never read its request, and opens another.
 const ACCEPTED: u8 = 0x01;
 /// How many times a requester opens a new stream that the host dropped
 /// before accepting it, pausing up to twice as long each time (4 ms, up
 /// to [`OPEN_PAUSE_MAX`]): at most about 0.85 s in all, for a host too
-/// busy to take its streams at once. A host takes one new stream at a
-/// time and drops those that come meanwhile, so streams opened in a
-/// burst mostly fail together: each pause is drawn at random up to its
-/// bound, which spreads their next tries apart.
+/// busy to take its streams at once. Streams dropped in a burst would
+/// come back together, so each pause is drawn at random up to its bound,
+/// which spreads their next tries apart.
 const OPEN_ATTEMPTS: u32 = 10;
 const OPEN_PAUSE_MAX: Duration = Duration::from_millis(200);
 /// An outbound task request may take this long: the longest wall time any
@@ -166,6 +166,16 @@ fn answer_bound(request: &TaskRequest) -> usize {
     }
 }
 
+/// A request's body as it came; or, where the node could not take it in
+/// (the peer's turns to wait, or the node's budget, were all taken), why
+/// not. Its bytes were then read and dropped, holding nothing, so the
+/// stream stays in step and the requester is told to come back later
+/// rather than finding its stream cut off.
+enum Body {
+    Read(Vec<u8>),
+    NoRoom(io::Error),
+}
+
 /// Reads the body of an inbound request of `len` bytes (already checked
 /// against its bound), within [`REQUEST_READ_TIMEOUT`].
 ///
@@ -177,12 +187,13 @@ fn answer_bound(request: &TaskRequest) -> usize {
 /// what it would have the node hold. The body's first piece may wait for
 /// the node's budget; a body that holds some and needs more than is free
 /// is refused at once, so requests holding parts of the budget never wait
-/// on one another.
+/// on one another. A body the node has no room for (see [`Body`]) is read
+/// and dropped.
 async fn read_request_body<T: AsyncRead + Unpin>(
     io: &mut T,
     len: usize,
     budget: &PeerBudget,
-) -> io::Result<Vec<u8>> {
+) -> io::Result<Body> {
     let read = async {
         // The first bytes land in a small buffer of the stream's own: one
         // that announced a request and sent nothing more holds no other.
@@ -203,7 +214,10 @@ async fn read_request_body<T: AsyncRead + Unpin>(
                 return Err(io::ErrorKind::UnexpectedEof.into());
             }
             if admitted.is_none() {
-                admitted = Some(budget.admit(len).await?);
+                match budget.admit(len).await {
+                    Ok(admitted_now) => admitted = Some(admitted_now),
+                    Err(why) => return skip(io, len - body.len() - n, why).await,
+                }
             }
             // The body's memory, and (while more is to come) the buffer it
             // is read through, charged together: the first charge, which
@@ -220,8 +234,12 @@ async fn read_request_body<T: AsyncRead + Unpin>(
                 0
             };
             let more = grown - body.capacity() + buffer;
-            if more > 0 {
-                hold_more(budget, &mut held, more).await?;
+            if more > 0
+                && let Err(why) = hold_more(budget, &mut held, more).await
+            {
+                let rest = len - body.len() - n;
+                drop((body, scratch, held, admitted));
+                return skip(io, rest, why).await;
             }
             body.reserve_exact(grown - body.len());
             body.extend_from_slice(&into[..n]);
@@ -229,11 +247,29 @@ async fn read_request_body<T: AsyncRead + Unpin>(
                 scratch = vec![0u8; buffer];
             }
         }
-        Ok(body)
+        Ok(Body::Read(body))
     };
     tokio::time::timeout(REQUEST_READ_TIMEOUT, read)
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "request not received in time"))?
+}
+
+/// Reads and drops the `rest` of a body the node has no room for, through
+/// a buffer on the stack; then says why it had none.
+async fn skip<T: AsyncRead + Unpin>(
+    io: &mut T,
+    mut rest: usize,
+    why: io::Error,
+) -> io::Result<Body> {
+    let mut sink = [0u8; FIRST_READ];
+    while rest > 0 {
+        let want = rest.min(sink.len());
+        match io.read(&mut sink[..want]).await? {
+            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+            n => rest -= n,
+        }
+    }
+    Ok(Body::NoRoom(why))
 }
 
 /// Adds `bytes` of the node's read budget to what a request holds: its
@@ -264,9 +300,9 @@ pub(crate) struct TaskStreams {
     /// Per host, the bytes of requests this node may be sending to it at
     /// once: the host's share for one peer ([`PEER_READ_BYTES`]). A host
     /// reads that much of a peer's requests at a time, lets a few more
-    /// wait and cuts off the rest; a burst of large requests waits here
-    /// instead, where nothing is lost. One entry per connected host it
-    /// has sent to, dropped with the connection.
+    /// wait and refuses the rest as overloaded; a burst of large requests
+    /// waits here instead. An entry lives while requests to its host are
+    /// being sent ([`Sending`]).
     sending: Mutex<HashMap<PeerId, Arc<Semaphore>>>,
 }
 
@@ -312,7 +348,7 @@ impl TaskStreams {
         let frame = encode_frame(request).map_err(|e| RequestError::Io(e.to_string()))?;
         let exchange = async {
             // Connected already, or connected by opening the stream.
-            let mut stream = watch(connection(), self.send(peer, &frame)).await?;
+            let mut stream = watch(connection(), self.send(peer, request, &frame)).await?;
             let max = answer_bound(request);
             let body = watch(connection(), read_frame(&mut stream, max)).await?;
             Ok::<_, FrameError>((stream, body))
@@ -337,34 +373,31 @@ impl TaskStreams {
     }
 
     /// [`Self::stream_with`], once the request's body fits in what this
-    /// node may be sending to `peer` at once.
-    async fn send(&self, peer: PeerId, frame: &[u8]) -> Result<Stream, FrameError> {
-        let share = Arc::clone(
-            self.lock_sending()
-                .entry(peer)
-                .or_insert_with(|| Arc::new(Semaphore::new(PEER_READ_BYTES))),
-        );
+    /// node may be sending to `peer` at once. A cancel, a few bytes, does
+    /// not wait behind the runs it may be cancelling.
+    async fn send(
+        &self,
+        peer: PeerId,
+        request: &TaskRequest,
+        frame: &[u8],
+    ) -> Result<Stream, FrameError> {
+        if matches!(request, TaskRequest::Cancel(_)) {
+            return self.stream_with(peer, frame).await;
+        }
+        let sending = Sending::to(self, peer);
         // As the host counts it: the body, which encoding bounded.
         let body = frame
             .len()
             .saturating_sub(HEADER_BYTES)
             .min(PEER_READ_BYTES);
         let units = u32::try_from(body).unwrap_or(u32::MAX);
-        let sending = Arc::clone(&share)
+        // Dropped before `sending`, which then finds whether other
+        // requests still hold the share.
+        let _permit = Arc::clone(&sending.share)
             .acquire_many_owned(units)
             .await
             .map_err(|_| io::Error::other("the share of requests being sent was closed"))?;
-        let sent = self.stream_with(peer, frame).await;
-        drop(sending);
-        if sent.is_err() {
-            // Perhaps never connected, so never forgotten: the entry goes
-            // unless another request uses it.
-            let mut sending = self.lock_sending();
-            if Arc::strong_count(&share) == 2 {
-                sending.remove(&peer);
-            }
-        }
-        sent
+        self.stream_with(peer, frame).await
     }
 
     /// A stream to `peer` on which `frame` has been sent: an idle one, or a
@@ -378,10 +411,13 @@ impl TaskStreams {
             if futures::FutureExt::now_or_never(stream.read(&mut probe)).is_some() {
                 continue;
             }
-            // A request the host cut off before the whole of it came was
-            // never run, so another stream may carry it.
-            match write_frame(&mut stream, frame).await {
-                Ok(()) => return Ok(stream),
+            // A stream that failed before the whole request was handed to
+            // it cannot have carried it to the host, so another may.
+            match stream.write_all(frame).await {
+                Ok(()) => {
+                    stream.flush().await?;
+                    return Ok(stream);
+                }
                 Err(e) => tracing::debug!(%peer, "idle task stream failed: {e}"),
             }
         }
@@ -423,8 +459,6 @@ impl TaskStreams {
         let mut idle = self.lock();
         let gone = idle.streams.remove(peer).map_or(0, |streams| streams.len());
         idle.total -= gone;
-        drop(idle);
-        self.lock_sending().remove(peer);
     }
 
     async fn open(&self, peer: PeerId) -> Result<Stream, RequestError> {
@@ -472,6 +506,48 @@ impl TaskStreams {
 fn open_pause(attempt: u32) -> Duration {
     let bound = Duration::from_millis(2 << attempt.min(16)).min(OPEN_PAUSE_MAX);
     bound.mul_f64(rand::random::<f64>())
+}
+
+/// One request's hold on its host's entry in [`TaskStreams::sending`]: the
+/// entry is made by the first request to a host and goes with the last
+/// that holds it, so the map holds only hosts being sent to, however the
+/// requests end (a dropped future included).
+struct Sending<'a> {
+    streams: &'a TaskStreams,
+    peer: PeerId,
+    share: Arc<Semaphore>,
+}
+
+impl<'a> Sending<'a> {
+    fn to(streams: &'a TaskStreams, peer: PeerId) -> Self {
+        let share = Arc::clone(
+            streams
+                .lock_sending()
+                .entry(peer)
+                .or_insert_with(|| Arc::new(Semaphore::new(PEER_READ_BYTES))),
+        );
+        Self {
+            streams,
+            peer,
+            share,
+        }
+    }
+}
+
+impl Drop for Sending<'_> {
+    fn drop(&mut self) {
+        // Every request takes its clone under this lock and holds it for
+        // as long as any permit of the share: the map's clone and this
+        // one mean no other request is using it.
+        let mut sending = self.streams.lock_sending();
+        if Arc::strong_count(&self.share) == 2
+            && sending
+                .get(&self.peer)
+                .is_some_and(|share| Arc::ptr_eq(share, &self.share))
+        {
+            sending.remove(&self.peer);
+        }
+    }
 }
 
 /// Runs `work` until it ends or the connection it uses closes.
@@ -663,10 +739,9 @@ async fn serve_stream<T: AsyncRead + AsyncWrite + Unpin>(
                 tracing::debug!(%peer, "task stream closed: {e}");
                 return;
             }
-            Ok(Some(Err(why))) => {
-                tracing::debug!(%peer, "malformed task request: {why}");
-                let why = spare_core::outcome::clip_detail(why.to_string());
-                (TaskResponse::Refused(Refusal::Invalid(why)), None)
+            Ok(Some(Err(refusal))) => {
+                tracing::debug!(%peer, "refused a task request as it came: {refusal}");
+                (TaskResponse::Refused(refusal), None)
             }
             Ok(Some(Ok(request))) => {
                 let (tx, rx) = oneshot::channel();
@@ -767,7 +842,7 @@ async fn answer_or_break<T: AsyncRead + Unpin, A>(
 async fn next_request_on<T: AsyncRead + Unpin>(
     stream: &mut T,
     slot: &StreamSlot,
-) -> Result<Option<Result<TaskRequest, WireError>>, FrameError> {
+) -> Result<Option<Result<TaskRequest, Refusal>>, FrameError> {
     // An idle stream may wait for its next request as long as the
     // connection lives, unless another peer's stream needs its place
     // (see `MAX_STREAMS`).
@@ -799,22 +874,31 @@ async fn next_request_on<T: AsyncRead + Unpin>(
 async fn next_request<T: AsyncRead + Unpin>(
     stream: &mut T,
     budget: &PeerBudget,
-) -> Result<Option<Result<TaskRequest, WireError>>, FrameError> {
+) -> Result<Option<Result<TaskRequest, Refusal>>, FrameError> {
     match read_header(stream).await? {
         Some(header) => request_after(stream, header, budget).await.map(Some),
         None => Ok(None),
     }
 }
 
-/// The request whose length prefix was `header`.
+/// The request whose length prefix was `header`, or the refusal to answer
+/// it with: it is malformed, or the node had no room to read it.
 async fn request_after<T: AsyncRead + Unpin>(
     stream: &mut T,
     header: [u8; HEADER_BYTES],
     budget: &PeerBudget,
-) -> Result<Result<TaskRequest, WireError>, FrameError> {
+) -> Result<Result<TaskRequest, Refusal>, FrameError> {
     let len = frame_len(header, TaskRequest::MAX_BYTES)?;
-    let body = read_request_body(stream, len, budget).await?;
-    Ok(wire::decode::<TaskRequest>(&body))
+    Ok(match read_request_body(stream, len, budget).await? {
+        Body::Read(body) => wire::decode::<TaskRequest>(&body).map_err(|why| {
+            tracing::debug!("malformed task request: {why}");
+            Refusal::Invalid(spare_core::outcome::clip_detail(why.to_string()))
+        }),
+        Body::NoRoom(why) => {
+            tracing::debug!("no room to read a task request: {why}");
+            Err(Refusal::Overloaded)
+        }
+    })
 }
 
 #[cfg(test)]
@@ -822,6 +906,24 @@ mod tests {
     use super::*;
     use crate::codec::READ_BUDGET_BYTES;
     use spare_core::TaskId;
+
+    #[tokio::test]
+    async fn a_hosts_share_of_requests_being_sent_goes_with_its_last_request() {
+        let streams = TaskStreams::new(libp2p_stream::Behaviour::new().new_control());
+        let (host, other) = (PeerId::random(), PeerId::random());
+        let first = Sending::to(&streams, host);
+        let second = Sending::to(&streams, host);
+        let elsewhere = Sending::to(&streams, other);
+        assert!(Arc::ptr_eq(&first.share, &second.share));
+        let permit = Arc::clone(&second.share).acquire_owned().await.unwrap();
+        drop(first);
+        assert_eq!(streams.lock_sending().len(), 2);
+        drop(permit);
+        drop(second);
+        assert_eq!(streams.lock_sending().len(), 1);
+        drop(elsewhere);
+        assert!(streams.lock_sending().is_empty());
+    }
 
     #[test]
     fn pauses_before_reopening_a_stream_are_spread_within_their_bounds() {
@@ -1327,7 +1429,9 @@ mod tests {
     }
 
     /// A body that holds part of the node's budget and needs more than is
-    /// free is refused at once rather than waiting with what it holds.
+    /// free is refused at once rather than waiting with what it holds: the
+    /// rest of it is read and dropped, the requester told the node is
+    /// overloaded, and the stream serves the next request.
     #[tokio::test(start_paused = true)]
     async fn a_body_that_cannot_grow_is_refused_at_once() {
         let node = ReadBudget::new(64 << 10);
@@ -1335,12 +1439,47 @@ mod tests {
         let body = vec![0u8; 1 << 20];
         let mut frame = u32::try_from(body.len()).unwrap().to_be_bytes().to_vec();
         frame.extend_from_slice(&body);
+        let request = TaskRequest::Cancel(TaskId::random());
+        frame.extend(encode_frame(&request).unwrap());
         let mut io = futures::io::Cursor::new(frame);
-        let err = next_request(&mut io, &peer).await.unwrap_err();
-        assert!(
-            matches!(&err, FrameError::Io(e) if e.kind() == io::ErrorKind::OutOfMemory),
-            "{err}"
-        );
+        let read = next_request(&mut io, &peer).await.unwrap().unwrap();
+        assert_eq!(read, Err(Refusal::Overloaded));
         assert_eq!(node.available(), 64 << 10);
+        let read = next_request(&mut io, &peer).await.unwrap().unwrap();
+        assert_eq!(read, Ok(request));
+    }
+
+    /// A peer's requests beyond those its share of the read budget takes
+    /// and those that may wait for it are refused as overloaded, each read
+    /// to its end, not cut off.
+    #[tokio::test(start_paused = true)]
+    async fn requests_beyond_a_peers_turns_to_wait_are_refused_not_cut_off() {
+        let node = ReadBudget::new(READ_BUDGET_BYTES);
+        let peer = node.for_peer();
+        let len = TaskRequest::MAX_BYTES;
+        // Its share, held by requests whose last byte never comes.
+        let mut writers = Vec::new();
+        for _ in 0..PEER_READ_BYTES / len + crate::codec::MAX_WAITING_PER_PEER {
+            let (mut writer, reader) = tokio::io::duplex(64);
+            let mut bytes = u32::try_from(len).unwrap().to_be_bytes().to_vec();
+            bytes.push(0);
+            tokio::io::AsyncWriteExt::write_all(&mut writer, &bytes)
+                .await
+                .unwrap();
+            writers.push(writer);
+            let budget = peer.clone();
+            tokio::spawn(async move {
+                let mut io = tokio_util::compat::TokioAsyncReadCompatExt::compat(reader);
+                let _ = next_request(&mut io, &budget).await;
+            });
+        }
+        tokio::task::yield_now().await;
+        let mut frame = u32::try_from(len).unwrap().to_be_bytes().to_vec();
+        frame.resize(HEADER_BYTES + len, 0);
+        let mut io = futures::io::Cursor::new(frame);
+        let read = next_request(&mut io, &peer).await.unwrap().unwrap();
+        assert_eq!(read, Err(Refusal::Overloaded));
+        assert!(next_request(&mut io, &peer).await.unwrap().is_none());
+        drop(writers);
     }
 }

@@ -592,14 +592,7 @@ impl BlobStore {
             busy_wait = BUSY_RETRY_FIRST;
             let received = data.len() as u64;
             // Room for them, now that they are here.
-            if !self.shared.grow_without_evicting(&mut room, received) {
-                let shared = Arc::clone(&self.shared);
-                room = tokio::task::spawn_blocking(move || {
-                    shared.grow(&mut room, received).map(|()| room)
-                })
-                .await
-                .map_err(|e| std::io::Error::other(e.to_string()))??;
-            }
+            room = self.take_room(room, received).await?;
             hasher.update(&data);
             tokio::time::timeout_at(due, file.write_all(&data))
                 .await
@@ -623,11 +616,30 @@ impl BlobStore {
         }
         file.sync_data().await?;
         drop(file);
+        // And for the rest of the blocks its file takes, so that committing
+        // it takes the store no further than the room it holds.
+        let slack = self.shared.charge(blob.size) - blob.size;
+        if slack > 0 {
+            room = self.take_room(room, slack).await?;
+        }
         let (path, shared) = (tmp.0.clone(), Arc::clone(&self.shared));
         tokio::task::spawn_blocking(move || shared.commit(&path, &id, blob.size, Some(room)))
             .await
             .map_err(|e| std::io::Error::other(e.to_string()))??;
         Ok(())
+    }
+}
+
+impl BlobStore {
+    /// Grows `room` by `bytes`, evicting (on a blocking thread) if need be.
+    async fn take_room(&self, mut room: Reservation, bytes: u64) -> Result<Reservation, BlobError> {
+        if self.shared.grow_without_evicting(&mut room, bytes) {
+            return Ok(room);
+        }
+        let shared = Arc::clone(&self.shared);
+        tokio::task::spawn_blocking(move || shared.grow(&mut room, bytes).map(|()| room))
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))?
     }
 }
 
@@ -1105,11 +1117,19 @@ mod tests {
         let store = BlobStore::open(dir.path(), 4 * BLOCK).unwrap();
         // An empty blob takes a block, as does a byte; one more than a
         // block takes two.
-        store.put(b"").unwrap();
-        store.put(b"x").unwrap();
+        let empty = store.put(b"").unwrap();
+        let byte = store.put(b"x").unwrap();
         assert_eq!(store.used(), 2 * BLOCK);
         let big = store.put(&vec![1u8; BLOCK as usize + 1]).unwrap();
         assert_eq!(store.used(), 4 * BLOCK);
+        // Used in this order, oldest first.
+        let t0 = SystemTime::now() - Duration::from_secs(3600);
+        for (i, id) in [empty, byte, big].iter().enumerate() {
+            std::fs::File::open(store.path(id))
+                .unwrap()
+                .set_modified(t0 + Duration::from_secs(i as u64 * 60))
+                .unwrap();
+        }
         drop(store);
         let store = BlobStore::open(dir.path(), 4 * BLOCK).unwrap();
         assert_eq!(store.used(), 4 * BLOCK);
@@ -1119,7 +1139,7 @@ mod tests {
         // never fits.
         let _pin = store.pin(&big);
         assert!(store.shared.make_room(1).is_ok());
-        assert!(!store.has(&BlobId::of(b"")));
+        assert!(!store.has(&empty) && store.has(&byte));
         assert!(matches!(
             store.shared.make_room(3 * BLOCK),
             Err(BlobError::NoRoom { .. })
@@ -1465,6 +1485,35 @@ mod tests {
         assert_eq!(store.used(), blob.size);
         let space = store.shared.space();
         assert_eq!((space.reserved, space.promised), (0, 0));
+    }
+
+    /// A fetched blob makes room for the whole blocks its file takes
+    /// before it is committed: a full store stays within its budget.
+    #[tokio::test]
+    async fn a_fetched_blob_takes_room_for_its_last_block_too() {
+        let dir = tempfile::tempdir().unwrap();
+        // Room for the old blob's two blocks and the new one's bytes, not
+        // for its block.
+        let budget = 3 * BLOCK - 5;
+        let store = BlobStore::open(dir.path(), budget).unwrap();
+        let old = store.put(&vec![1u8; BLOCK as usize + 1]).unwrap();
+        assert_eq!(store.used(), 2 * BLOCK);
+        let bytes = b"a few bytes".to_vec();
+        let blob = BlobRef::of(&bytes);
+        let bucket = TokenBucket::new(None);
+        let _pin = store
+            .fetch_from(PeerId::random(), blob, &bucket, LIMIT, |request| {
+                let response = honest(&bytes, &request);
+                async move { Ok::<_, String>(response) }
+            })
+            .await
+            .unwrap();
+        assert!(!store.has(&old));
+        assert_eq!(store.used(), BLOCK);
+        let space = store.shared.space();
+        assert_eq!((space.reserved, space.promised), (0, 0));
+        drop(space);
+        assert_consistent(&store);
     }
 
     #[tokio::test]
