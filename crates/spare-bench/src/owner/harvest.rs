@@ -42,8 +42,10 @@ pub(crate) fn run(env: &Env) -> Result<()> {
                 if guests {
                     let pids = rig.ready(Some(Guest::Loop), env)?;
                     let before = rig.pauses()?;
+                    let (_, logged) = rig.pause_reasons(0);
                     let (share, other) = measure(&pids, span, ticks)?;
                     spare.pauses += rig.pauses()? - before;
+                    spare.reasons.extend(rig.pause_reasons(logged).0);
                     ensure!(
                         rig.host.worker_pids()? == pids,
                         "a worker was replaced during the measurement"
@@ -92,8 +94,13 @@ pub(crate) fn run(env: &Env) -> Result<()> {
         "\nbaseline: native spin loops at SCHED_IDLE, one per slot, with the same daemons idle; host: {enforcement}"
     );
     for (label, phase) in &phases {
+        let why = if phase.reasons.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", phase.reasons.join("; "))
+        };
         println!(
-            "{label}: rounds {}; the host paused {} time(s) while measured; everything else used {} cores",
+            "{label}: rounds {}; the host paused {} time(s) while measured{why}; everything else used {} cores",
             percents(&phase.shares),
             phase.pauses,
             cores(&phase.others)
@@ -114,6 +121,8 @@ struct Phase {
     /// CPU use of everything but the measured processes, in cores.
     others: Vec<f64>,
     pauses: u64,
+    /// Why the host said it paused, as it logged it.
+    reasons: Vec<String>,
 }
 
 impl Phase {

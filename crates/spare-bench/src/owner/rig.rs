@@ -198,6 +198,21 @@ impl Rig {
         Ok(self.status()?["pauses"].as_u64().unwrap_or(0))
     }
 
+    /// The reasons the host gave for the pauses it logged after the first
+    /// `skip` bytes of its log, and the log's length now: what made a host
+    /// pause while the benchmark had the owner away.
+    pub(crate) fn pause_reasons(&self, skip: usize) -> (Vec<String>, usize) {
+        let log = self.host.log();
+        let reasons = log
+            .get(skip..)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|line| line.split_once("guests paused: "))
+            .map(|(_, why)| why.to_owned())
+            .collect();
+        (reasons, log.len())
+    }
+
     /// How the host enforces its limits, for the report.
     pub(crate) fn enforcement(&self) -> String {
         let status = self.status().unwrap_or_default();
