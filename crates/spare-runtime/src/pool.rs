@@ -210,7 +210,7 @@ impl WorkerPool {
             }),
         };
         for _ in 0..slots {
-            let worker = pool.spawn().await?;
+            let worker = pool.spawn(false).await?;
             pool.inner.lock_idle().push(worker);
         }
         Ok(pool)
@@ -377,7 +377,7 @@ impl WorkerPool {
         let idle = self.inner.lock_idle().pop();
         let mut worker = match idle {
             Some(worker) => worker,
-            None => match self.spawn().await {
+            None => match self.spawn(owner).await {
                 Ok(worker) => worker,
                 Err(e) => return Outcome::failed(Failure::Host(e.to_string())),
             },
@@ -495,7 +495,9 @@ impl WorkerPool {
     }
 
     /// Starts one worker and waits for its ready message.
-    async fn spawn(&self) -> Result<Worker, PoolError> {
+    /// Starts a worker, in the state the others are in; or, for an owner's
+    /// job (`exempt`), running and out of pauses from the start.
+    async fn spawn(&self, exempt: bool) -> Result<Worker, PoolError> {
         let command = &self.inner.config.command;
         let mut spawning = Command::new(&command.program);
         spawning
@@ -570,11 +572,19 @@ impl WorkerPool {
                     .unwrap_or_else(|p| p.into_inner()) = Some(confinement);
                 // Among the live in the state the others are in: one started
                 // during a pause (to replace a worker killed then, or for a
-                // job that found none idle) must not run.
+                // job that found none idle) must not run. One for an owner's
+                // job is not stopped at all: a resume right after the pause
+                // can reach it before its handler has stopped it, and leave
+                // it stopped until `RESUME_AGAIN`.
                 let clock = self.inner.lock_state();
+                if exempt {
+                    self.inner.lock_exempt().insert(pid);
+                }
                 self.inner.lock_pids().push(pid);
-                for &s in transition(WorkerState::Run, clock.state) {
-                    signal(pid, s);
+                if !exempt {
+                    for &s in transition(WorkerState::Run, clock.state) {
+                        signal(pid, s);
+                    }
                 }
                 drop(clock);
                 Ok(worker)
@@ -618,7 +628,7 @@ impl WorkerPool {
         }
         let pool = self.clone();
         tokio::spawn(async move {
-            match pool.spawn().await {
+            match pool.spawn(false).await {
                 Ok(worker) => pool.give_back(worker),
                 Err(e) => tracing::warn!("cannot replace a worker: {e}"),
             }
@@ -918,13 +928,37 @@ mod tests {
         let stops_itself = r#"trap 'kill -STOP $$' TSTP; cat "$0"; while :; do sleep 0.05; done"#;
         let pool = fake_pool_running(dir.path(), &[READY], stops_itself).await;
         pool.set_state(WorkerState::Pause);
-        let late = pool.spawn().await.unwrap();
+        let late = pool.spawn(false).await.unwrap();
         assert!(
             comes_to(late.pid, true, || {}).await,
             "it runs during the pause"
         );
         pool.set_state(WorkerState::Run);
         assert!(comes_to(late.pid, false, || {}).await, "it stays stopped");
+    }
+
+    /// A worker started during a pause for an owner's job is never
+    /// stopped, so no resume can come too early for its pause handler
+    /// (this one stops itself between sleeps, within 50 ms of a SIGTSTP);
+    /// it rejoins the pause when the owner's job is done.
+    #[tokio::test]
+    async fn a_worker_started_during_a_pause_for_the_owner_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let stops_itself = r#"trap 'kill -STOP $$' TSTP; cat "$0"; while :; do sleep 0.05; done"#;
+        let pool = fake_pool_running(dir.path(), &[READY], stops_itself).await;
+        pool.set_state(WorkerState::Pause);
+        let late = pool.spawn(true).await.unwrap();
+        for _ in 0..10 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let state = process_state(late.pid);
+            assert_ne!(state, 'T', "stopped for the owner's job");
+        }
+        let exempt = Exempt::new(&pool, late.pid);
+        drop(exempt);
+        assert!(
+            comes_to(late.pid, true, || {}).await,
+            "paused with the others after it"
+        );
     }
 
     /// A worker left stopped while the pool runs (a resume lost in the
