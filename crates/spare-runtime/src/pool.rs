@@ -41,6 +41,12 @@ const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
 /// handler then stops it for good. `SIGCONT` to a running process does
 /// nothing.
 const RESUME_AGAIN: Duration = Duration::from_secs(1);
+/// For this long after a worker is resumed from a pause, the window in
+/// which its handler may still stop it, it is sent `SIGCONT` again at every
+/// call of [`WorkerPool::set_state`] (the governor's readings, 20 to 50 ms
+/// apart), not only every [`RESUME_AGAIN`]: a lost resume then costs a
+/// reading, not a second.
+const RESUME_CLOSELY: Duration = Duration::from_millis(500);
 
 /// How long a cancelled job's worker has to stop its guest and report what
 /// it used before it is killed (a paused worker cannot, and is killed). A
@@ -130,6 +136,19 @@ struct StateClock {
     /// When the workers that should run were last told to (see
     /// [`RESUME_AGAIN`]).
     resumed: Instant,
+    /// Until when they are told again at every call (see
+    /// [`RESUME_CLOSELY`]): set when a pause ends, and when an owner's job
+    /// takes a paused worker.
+    closely_until: Instant,
+}
+
+impl StateClock {
+    /// Notes that paused workers were just sent `SIGCONT`.
+    fn resuming_from_pause(&mut self) {
+        let now = Instant::now();
+        self.resumed = now;
+        self.closely_until = now + RESUME_CLOSELY;
+    }
 }
 
 impl StateClock {
@@ -204,6 +223,7 @@ impl WorkerPool {
                     stopped_since: None,
                     stopped_before: Duration::ZERO,
                     resumed: Instant::now(),
+                    closely_until: Instant::now(),
                 }),
                 open: watch::Sender::new(true),
                 exempt: Mutex::new(HashSet::new()),
@@ -268,8 +288,9 @@ impl WorkerPool {
     pub fn set_state(&self, state: WorkerState) {
         let mut clock = self.inner.lock_state();
         if clock.state == state {
-            if clock.resumed.elapsed() >= RESUME_AGAIN {
-                clock.resumed = Instant::now();
+            let now = Instant::now();
+            if now < clock.closely_until || now >= clock.resumed + RESUME_AGAIN {
+                clock.resumed = now;
                 let exempt = self.inner.lock_exempt();
                 let pids = self.inner.lock_pids();
                 let running = pids
@@ -293,6 +314,9 @@ impl WorkerPool {
                     signal(*pid, s);
                 }
             }
+        }
+        if (clock.state, state) == (WorkerState::Pause, WorkerState::Run) {
+            clock.resuming_from_pause();
         }
         match (clock.stopped_since, state) {
             (None, WorkerState::Pause | WorkerState::Throttle) => {
@@ -575,7 +599,7 @@ impl WorkerPool {
                 // job that found none idle) must not run. One for an owner's
                 // job is not stopped at all: a resume right after the pause
                 // can reach it before its handler has stopped it, and leave
-                // it stopped until `RESUME_AGAIN`.
+                // it stopped until the resume is sent again.
                 let clock = self.inner.lock_state();
                 if exempt {
                     self.inner.lock_exempt().insert(pid);
@@ -785,11 +809,14 @@ struct Exempt<'a> {
 
 impl<'a> Exempt<'a> {
     fn new(pool: &'a WorkerPool, pid: u32) -> Self {
-        let clock = pool.inner.lock_state();
+        let mut clock = pool.inner.lock_state();
         pool.inner.lock_exempt().insert(pid);
         // An idle worker is stopped along with the others.
         for &s in transition(clock.state, WorkerState::Run) {
             signal(pid, s);
+        }
+        if clock.state == WorkerState::Pause {
+            clock.resuming_from_pause();
         }
         Self { pool, pid }
     }
@@ -829,6 +856,7 @@ impl Drop for Gauge<'_> {
 
 #[cfg(test)]
 mod tests {
+    use std::cell::Cell;
     use std::path::Path;
 
     use spare_core::{BlobId, TaskId};
@@ -973,6 +1001,53 @@ mod tests {
         // As the governor does, every few milliseconds.
         let resumed = comes_to(pid, false, || pool.set_state(WorkerState::Run)).await;
         assert!(resumed, "left stopped");
+    }
+
+    /// A resume lost to a worker's pause handler right after a pause (here
+    /// the handler's late stop is a plain `SIGSTOP`) is made good at the
+    /// governor's next reading, not a second later: both when the pause
+    /// ends and when an owner's job takes a paused worker.
+    #[tokio::test]
+    async fn a_resume_lost_right_after_a_pause_is_sent_again_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = fake_pool(dir.path(), &[READY], "sleep 600").await;
+        let pid = pool.worker_pids()[0];
+        // Lets the regular repetition fire in `state`: the next is a second
+        // away, so it cannot make good a resume lost within the test.
+        let repeated_just_now = |state| {
+            let pool = pool.clone();
+            async move {
+                tokio::time::sleep(RESUME_AGAIN).await;
+                pool.set_state(state);
+                pool.set_state(state);
+            }
+        };
+        let readings = |state| {
+            let pool = pool.clone();
+            async move {
+                let steps = Cell::new(0);
+                let came = comes_to(pid, false, || {
+                    steps.set(steps.get() + 1);
+                    pool.set_state(state);
+                });
+                assert!(came.await, "left stopped");
+                steps.get()
+            }
+        };
+
+        repeated_just_now(WorkerState::Run).await;
+        pool.set_state(WorkerState::Pause);
+        pool.set_state(WorkerState::Run);
+        signal(pid, libc::SIGSTOP);
+        assert!(comes_to(pid, true, || {}).await);
+        assert!(readings(WorkerState::Run).await <= 3, "resumed too late");
+
+        repeated_just_now(WorkerState::Pause).await;
+        let exempt = Exempt::new(&pool, pid);
+        signal(pid, libc::SIGSTOP);
+        assert!(comes_to(pid, true, || {}).await);
+        assert!(readings(WorkerState::Pause).await <= 3, "resumed too late");
+        drop(exempt);
     }
 
     /// A worker that never reads its stdin cannot hold a job larger than
