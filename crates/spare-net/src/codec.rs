@@ -27,7 +27,8 @@ pub(crate) const READ_BUDGET_BYTES: usize = 64 << 20;
 /// four of the largest. A peer that holds its share holds up only itself.
 pub(crate) const PEER_READ_BYTES: usize = 4 * TaskRequest::MAX_BYTES;
 /// A peer's task requests that may wait at once for their turn at its
-/// share; the next one is refused and its stream closed. A waiting stream
+/// share; the next one is answered "overloaded" once its body has been
+/// read and dropped, and its stream stays usable. A waiting stream
 /// is not read, so the muxer may hold up to a stream's window of it (256
 /// KiB to start with yamux, 512 KiB with QUIC): this keeps that to 4 MiB
 /// (8 MiB) per peer.

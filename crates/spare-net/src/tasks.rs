@@ -391,10 +391,10 @@ impl TaskStreams {
             .saturating_sub(HEADER_BYTES)
             .min(PEER_READ_BYTES);
         let units = u32::try_from(body).unwrap_or(u32::MAX);
-        // Dropped before `sending`, which then finds whether other
-        // requests still hold the share.
-        let _permit = Arc::clone(&sending.share)
-            .acquire_many_owned(units)
+        // Borrowed from `sending`, and dropped before it.
+        let _permit = sending
+            .share()
+            .acquire_many(units)
             .await
             .map_err(|_| io::Error::other("the share of requests being sent was closed"))?;
         self.stream_with(peer, frame).await
@@ -515,7 +515,8 @@ fn open_pause(attempt: u32) -> Duration {
 struct Sending<'a> {
     streams: &'a TaskStreams,
     peer: PeerId,
-    share: Arc<Semaphore>,
+    /// The map's entry, cloned; `None` only while it is dropped.
+    share: Option<Arc<Semaphore>>,
 }
 
 impl<'a> Sending<'a> {
@@ -529,21 +530,30 @@ impl<'a> Sending<'a> {
         Self {
             streams,
             peer,
-            share,
+            share: Some(share),
         }
+    }
+
+    /// The host's share. Its permits are borrowed from this hold, so none
+    /// outlives it.
+    fn share(&self) -> &Semaphore {
+        self.share.as_deref().unwrap_or(&NO_SHARE)
     }
 }
 
+/// What [`Sending::share`] would lend while its hold is being dropped,
+/// which cannot happen: nothing.
+static NO_SHARE: Semaphore = Semaphore::const_new(0);
+
 impl Drop for Sending<'_> {
     fn drop(&mut self) {
-        // Every request takes its clone under this lock and holds it for
-        // as long as any permit of the share: the map's clone and this
-        // one mean no other request is using it.
+        // Clones are made and dropped only under this lock (permits borrow
+        // them), so the map's clone alone left means no request holds it.
         let mut sending = self.streams.lock_sending();
-        if Arc::strong_count(&self.share) == 2
-            && sending
-                .get(&self.peer)
-                .is_some_and(|share| Arc::ptr_eq(share, &self.share))
+        drop(self.share.take());
+        if sending
+            .get(&self.peer)
+            .is_some_and(|share| Arc::strong_count(share) == 1)
         {
             sending.remove(&self.peer);
         }
@@ -914,8 +924,8 @@ mod tests {
         let first = Sending::to(&streams, host);
         let second = Sending::to(&streams, host);
         let elsewhere = Sending::to(&streams, other);
-        assert!(Arc::ptr_eq(&first.share, &second.share));
-        let permit = Arc::clone(&second.share).acquire_owned().await.unwrap();
+        assert!(std::ptr::eq(first.share(), second.share()));
+        let permit = second.share().acquire().await.unwrap();
         drop(first);
         assert_eq!(streams.lock_sending().len(), 2);
         drop(permit);

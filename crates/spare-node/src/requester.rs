@@ -32,6 +32,10 @@ const ATTEMPT_GRACE: Duration = Duration::from_secs(10 * 60);
 /// How long a cancel request to a host may take, and how often it is sent.
 const CANCEL_TIMEOUT: Duration = Duration::from_secs(2);
 const CANCEL_TRIES: u32 = 3;
+/// The pause before a cancel is sent again after an answer that was not
+/// its acknowledgement (a host too loaded to read it, say), doubled each
+/// time.
+const CANCEL_PAUSE: Duration = Duration::from_millis(100);
 /// How long a cancelled task's host has, once it confirmed the cancel, to
 /// answer the run with what the guest used until then (and its receipt):
 /// longer than the host's own grace for its worker.
@@ -640,11 +644,16 @@ fn ran(spec: &TaskSpec, report: Report) -> Attempt {
 /// Tells `host` to stop `task`, a few times if it does not answer. (A host
 /// also stops our tasks when we disconnect.)
 async fn cancel_on(node: &Node, host: PeerId, task: TaskId) {
-    for _ in 0..CANCEL_TRIES {
+    for attempt in 0..CANCEL_TRIES {
         let cancel = node.net().send_task(host, TaskRequest::Cancel(task));
         match tokio::time::timeout(CANCEL_TIMEOUT, cancel).await {
             Ok(Ok(TaskResponse::Cancelled(_))) => return,
             Ok(Err(spare_net::RequestError::ConnectionClosed)) => return,
+            // Not asked again at once: what kept it from the cancel may
+            // pass in a moment.
+            Ok(_) if attempt + 1 < CANCEL_TRIES => {
+                tokio::time::sleep(CANCEL_PAUSE * 2u32.pow(attempt)).await;
+            }
             _ => {}
         }
     }

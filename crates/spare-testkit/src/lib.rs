@@ -298,7 +298,9 @@ impl Daemon {
 
     /// Its log so far.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
+        // Lossy: the daemon may be halfway through writing a character.
+        let log = std::fs::read(self.dir.join("daemon.log")).unwrap_or_default();
+        String::from_utf8_lossy(&log).into_owned()
     }
 }
 

@@ -199,18 +199,20 @@ impl Rig {
     }
 
     /// The reasons the host gave for the pauses it logged after the first
-    /// `skip` bytes of its log, and the log's length now: what made a host
-    /// pause while the benchmark had the owner away.
+    /// `skip` bytes of its log, and where its last whole line ends now:
+    /// what made a host pause while the benchmark had the owner away.
     pub(crate) fn pause_reasons(&self, skip: usize) -> (Vec<String>, usize) {
         let log = self.host.log();
-        let reasons = log
-            .get(skip..)
-            .unwrap_or_default()
+        // Whole lines only: the next call starts where this one ended, at
+        // the start of a line, whatever the daemon was writing meanwhile.
+        let seen = log.get(skip..).unwrap_or_default();
+        let whole = seen.rfind('\n').map_or(0, |end| end + 1);
+        let reasons = seen[..whole]
             .lines()
             .filter_map(|line| line.split_once("guests paused: "))
             .map(|(_, why)| why.to_owned())
             .collect();
-        (reasons, log.len())
+        (reasons, skip + whole)
     }
 
     /// How the host enforces its limits, for the report.
