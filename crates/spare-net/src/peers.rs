@@ -12,6 +12,10 @@ use spare_core::wire::Offer;
 
 /// Addresses remembered per peer, and given to Kademlia per connection.
 pub(crate) const MAX_ADDRS_PER_PEER: usize = 8;
+/// Bytes of a peer's agent string (its software and version, from
+/// identify) that are kept and shown; libp2p bounds the whole identify
+/// message at 4 KiB.
+pub(crate) const MAX_AGENT_BYTES: usize = 128;
 
 /// A connected peer, as seen from here.
 #[derive(Clone, Debug)]
@@ -169,7 +173,7 @@ impl PeerTable {
 
     pub(crate) fn identified(&mut self, peer: &PeerId, agent: String, addrs: &[Multiaddr]) {
         if let Some(info) = self.peers.get_mut(peer) {
-            info.agent = Some(agent);
+            info.agent = Some(clip(agent, MAX_AGENT_BYTES));
             for addr in addrs.iter().take(MAX_ADDRS_PER_PEER) {
                 if self
                     .reach
@@ -236,6 +240,18 @@ fn push_addr(addrs: &mut Vec<Multiaddr>, addr: Multiaddr) {
     }
 }
 
+/// `text` cut to at most `max` bytes, on a character boundary.
+fn clip(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut end = max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -271,6 +287,22 @@ mod tests {
         assert_eq!(table.narrowest_reach(), Some(Scope::Loopback));
         table.disconnected(&local);
         assert_eq!(table.narrowest_reach(), Some(Scope::Private));
+    }
+
+    #[test]
+    fn a_peers_agent_string_is_kept_to_its_bound() {
+        let mut table = PeerTable::default();
+        let peer = PeerId::random();
+        table.connected(peer, "/ip4/127.0.0.1/tcp/4117".parse().unwrap());
+        // Two-byte characters, the bound falling inside one.
+        table.identified(&peer, "é".repeat(MAX_AGENT_BYTES), &[]);
+        let agent = table.peers[&peer].agent.clone().unwrap();
+        assert_eq!(agent.len(), MAX_AGENT_BYTES);
+        table.identified(&peer, format!("x{}", "é".repeat(MAX_AGENT_BYTES)), &[]);
+        let agent = table.peers[&peer].agent.clone().unwrap();
+        assert_eq!(agent.len(), MAX_AGENT_BYTES - 1);
+        table.identified(&peer, "spare/0.1.0".into(), &[]);
+        assert_eq!(table.peers[&peer].agent.as_deref(), Some("spare/0.1.0"));
     }
 
     #[test]
