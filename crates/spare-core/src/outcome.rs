@@ -38,9 +38,11 @@ pub enum Status {
 
 impl Outcome {
     /// An outcome for a task that never ran.
+    /// Its detail text is cut to [`MAX_DETAIL_BYTES`], which may quote what
+    /// a worker or a peer sent.
     pub fn failed(failure: Failure) -> Self {
         Self {
-            status: Status::Failed(failure),
+            status: Status::Failed(failure.clipped()),
             stdout: Vec::new(),
             stderr: Vec::new(),
             fuel: 0,
@@ -154,6 +156,22 @@ impl Failure {
         matches!(self, Failure::WorkerCrashed(_) | Failure::Host(_))
     }
 
+    /// The same failure with each detail text cut to [`MAX_DETAIL_BYTES`].
+    pub fn clipped(self) -> Self {
+        match self {
+            Failure::NotWasm(t) => Failure::NotWasm(clip_detail(t)),
+            Failure::Invalid(t) => Failure::Invalid(clip_detail(t)),
+            Failure::Trap(t) => Failure::Trap(clip_detail(t)),
+            Failure::WorkerCrashed(t) => Failure::WorkerCrashed(clip_detail(t)),
+            Failure::Host(t) => Failure::Host(clip_detail(t)),
+            Failure::MissingImport { module, name } => Failure::MissingImport {
+                module: clip_detail(module),
+                name: clip_detail(name),
+            },
+            other => other,
+        }
+    }
+
     fn validate(&self) -> Result<(), String> {
         let texts: &[&str] = match self {
             Failure::NotWasm(t)
@@ -189,6 +207,31 @@ pub fn clip_detail(mut text: String) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A worker's or a peer's words quoted in a failure (a decoder's error
+    /// may quote kilobytes of them) never make an outcome its receiver
+    /// refuses.
+    #[test]
+    fn a_failures_detail_is_cut_to_its_bound() {
+        let long = "é".repeat(MAX_DETAIL_BYTES);
+        for failure in [
+            Failure::NotWasm(long.clone()),
+            Failure::Invalid(long.clone()),
+            Failure::Trap(long.clone()),
+            Failure::WorkerCrashed(long.clone()),
+            Failure::Host(long.clone()),
+            Failure::MissingImport {
+                module: long.clone(),
+                name: long.clone(),
+            },
+        ] {
+            let outcome = Outcome::failed(failure.clone());
+            assert!(failure.validate().is_err(), "{failure:?}");
+            assert_eq!(outcome.validate(), Ok(()), "{failure:?}");
+        }
+        let short = Failure::Host("no room".into());
+        assert_eq!(short.clone().clipped(), short);
+    }
 
     #[test]
     fn failures_read_as_one_line() {
@@ -229,7 +272,11 @@ mod tests {
 
     #[test]
     fn oversized_outcomes_are_refused() {
-        let mut outcome = Outcome::failed(Failure::Trap("x".repeat(MAX_DETAIL_BYTES + 1)));
+        // As a peer may send it: `Outcome::failed` would clip it.
+        let mut outcome = Outcome {
+            status: Status::Failed(Failure::Trap("x".repeat(MAX_DETAIL_BYTES + 1))),
+            ..Outcome::failed(Failure::Cancelled)
+        };
         assert!(outcome.validate().is_err());
         outcome.status = Status::Exited(0);
         assert!(outcome.validate().is_ok());

@@ -47,6 +47,7 @@ pub enum WireError {
 
 /// Encodes `msg`, refusing to produce anything the receiver would refuse.
 pub fn encode<M: Message>(msg: &M) -> Result<Vec<u8>, WireError> {
+    msg.validate().map_err(WireError::Invalid)?;
     let mut out = Vec::new();
     ciborium::into_writer(msg, &mut out).map_err(|e| WireError::Malformed(e.to_string()))?;
     if out.len() > M::MAX_BYTES {
@@ -562,15 +563,16 @@ mod tests {
         #[test]
         fn specs_round_trip_or_are_refused_by_validation(spec in arb_spec()) {
             let req = TaskRequest::Run(spec.clone());
-            match encode(&req) {
-                Ok(bytes) => {
+            match (spec.validate(), encode(&req)) {
+                (Ok(()), Ok(bytes)) => prop_assert_eq!(decode::<TaskRequest>(&bytes), Ok(req)),
+                (Err(_), Err(WireError::Invalid(_))) => {
+                    // A hostile peer sends it all the same.
+                    let mut bytes = Vec::new();
+                    ciborium::into_writer(&req, &mut bytes).unwrap();
                     let decoded = decode::<TaskRequest>(&bytes);
-                    match spec.validate() {
-                        Ok(()) => prop_assert_eq!(decoded, Ok(req)),
-                        Err(_) => prop_assert!(matches!(decoded, Err(WireError::Invalid(_)))),
-                    }
+                    prop_assert!(matches!(decoded, Err(WireError::Invalid(_))));
                 }
-                Err(e) => prop_assert!(false, "encode failed: {e}"),
+                (valid, encoded) => prop_assert!(false, "{valid:?} but {encoded:?}"),
             }
         }
 

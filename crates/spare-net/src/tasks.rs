@@ -1187,7 +1187,8 @@ mod tests {
         let served = serving_a_request(1024).await;
         let total = served.answers.available();
         let reserved = served.reply.room().reserve(100_000).await;
-        let big = spare_core::wire::Refusal::Invalid("x".repeat(50_000));
+        // Larger than the pipe, within the bound on a refusal's detail.
+        let big = spare_core::wire::Refusal::Invalid("x".repeat(4_000));
         served
             .reply
             .send_reserved(TaskResponse::Refused(big), Some(reserved))

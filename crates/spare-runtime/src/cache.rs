@@ -67,7 +67,9 @@ pub(crate) fn touch(path: &Path) {
 /// artifact mapped keeps using it; the next one compiles the module again.
 pub fn sweep(root: &Path, budget: u64) -> std::io::Result<(u64, usize)> {
     let mut files = Vec::new();
-    let mut total = 0u64;
+    // Wide enough for any number of files of any length: workers write
+    // here, and a taken-over one could leave huge sparse files.
+    let mut total = 0u128;
     for engine_dir in std::fs::read_dir(root)?.flatten() {
         let Ok(entries) = std::fs::read_dir(engine_dir.path()) else {
             continue;
@@ -78,22 +80,22 @@ pub fn sweep(root: &Path, budget: u64) -> std::io::Result<(u64, usize)> {
                 continue;
             }
             let modified = meta.modified().unwrap_or(std::time::UNIX_EPOCH);
-            total += meta.len();
+            total += u128::from(meta.len());
             files.push((modified, meta.len(), entry.path()));
         }
     }
     files.sort();
     let mut removed = 0;
     for (_, len, path) in files {
-        if total <= budget {
+        if total <= u128::from(budget) {
             break;
         }
         if std::fs::remove_file(&path).is_ok() {
-            total -= len;
+            total -= u128::from(len);
             removed += 1;
         }
     }
-    Ok((total, removed))
+    Ok((u64::try_from(total).unwrap_or(u64::MAX), removed))
 }
 
 /// A small least-recently-used map, for prepared instances.
