@@ -550,6 +550,63 @@ mod tests {
         ]
     }
 
+    /// An answer, blob message or offer (valid or not, as a peer may send
+    /// it), encoded: mutated, it gets past the first CBOR header, where
+    /// random bytes rarely do.
+    fn arb_other_message() -> impl Strategy<Value = Vec<u8>> {
+        fn raw(message: &impl Serialize) -> Vec<u8> {
+            let mut bytes = Vec::new();
+            ciborium::into_writer(message, &mut bytes).unwrap();
+            bytes
+        }
+        let detail = ".{0,40}";
+        let response = prop_oneof![
+            (arb_failure(), prop::collection::vec(any::<u8>(), 0..64)).prop_map(|(f, out)| {
+                let mut r = report();
+                r.outcome.status = Status::Failed(f);
+                r.outcome.stdout = out;
+                TaskResponse::Done(r)
+            }),
+            any::<u32>().prop_map(|queued| TaskResponse::Refused(Refusal::Busy { queued })),
+            detail.prop_map(|t| TaskResponse::Refused(Refusal::HandedBack(t))),
+            any::<bool>().prop_map(TaskResponse::Cancelled),
+        ]
+        .prop_map(|m| raw(&m));
+        let blob = prop_oneof![
+            (any::<[u8; 32]>(), any::<u64>(), any::<u32>()).prop_map(|(id, offset, len)| {
+                raw(&BlobRequest {
+                    id: BlobId::from_bytes(id),
+                    offset,
+                    len,
+                })
+            }),
+            (any::<u64>(), prop::collection::vec(any::<u8>(), 0..64))
+                .prop_map(|(total, data)| raw(&BlobResponse::Chunk { total, data })),
+            detail.prop_map(|t| raw(&BlobResponse::Invalid(t))),
+        ];
+        let offer = (
+            any::<u16>(),
+            any::<u32>(),
+            any::<u64>(),
+            arb_limits(),
+            any::<u64>(),
+        )
+            .prop_map(|(cores, queued, memory, max_limits, seq)| {
+                let offer = Offer {
+                    cores,
+                    idle: cores / 2,
+                    queued,
+                    memory,
+                    runtimes: vec![Runtime::Wasm],
+                    max_limits,
+                    seq,
+                    paused: (cores == 0).then_some(Pause::OwnerActive),
+                };
+                raw(&offer)
+            });
+        prop_oneof![response, blob, offer]
+    }
+
     proptest! {
         #[test]
         fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..4096)) {
@@ -589,6 +646,22 @@ mod tests {
                 }
             }
             let _ = decode::<TaskRequest>(&bytes);
+        }
+
+        #[test]
+        fn mutated_answers_blobs_and_offers_never_panic(
+            message in arb_other_message(),
+            flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
+        ) {
+            let mut bytes = message.clone();
+            for (index, value) in flips {
+                let i = index.index(bytes.len());
+                bytes[i] = value;
+            }
+            let _ = decode::<TaskResponse>(&bytes);
+            let _ = decode::<BlobRequest>(&bytes);
+            let _ = decode::<BlobResponse>(&bytes);
+            let _ = decode::<Offer>(&bytes);
         }
 
         #[test]
