@@ -230,7 +230,7 @@ impl WorkerPool {
             }),
         };
         for _ in 0..slots {
-            let worker = pool.spawn(false).await?;
+            let worker = pool.spawn().await?;
             pool.inner.lock_idle().push(worker);
         }
         Ok(pool)
@@ -399,14 +399,16 @@ impl WorkerPool {
 
     async fn run_in_worker(&self, job: Job, cancel: &CancellationToken, owner: bool) -> Outcome {
         let idle = self.inner.lock_idle().pop();
-        let mut worker = match idle {
-            Some(worker) => worker,
-            None => match self.spawn(owner).await {
-                Ok(worker) => worker,
+        let (mut worker, exempt) = match idle {
+            Some(worker) => {
+                let exempt = owner.then(|| Exempt::new(self, worker.pid));
+                (worker, exempt)
+            }
+            None => match self.spawn_as(owner).await {
+                Ok(started) => started,
                 Err(e) => return Outcome::failed(Failure::Host(e.to_string())),
             },
         };
-        let exempt = owner.then(|| Exempt::new(self, worker.pid));
         let limits = job.limits;
         let allowed = Duration::from_millis(limits.wall_ms) + WATCHDOG_GRACE;
         let (started, stopped_before) = (Instant::now(), self.stopped());
@@ -518,10 +520,15 @@ impl WorkerPool {
         }
     }
 
-    /// Starts one worker and waits for its ready message.
-    /// Starts a worker, in the state the others are in; or, for an owner's
-    /// job (`exempt`), running and out of pauses from the start.
-    async fn spawn(&self, exempt: bool) -> Result<Worker, PoolError> {
+    /// Starts a worker, in the state the others are in, and waits for its
+    /// ready message.
+    async fn spawn(&self) -> Result<Worker, PoolError> {
+        Ok(self.spawn_as(false).await?.0)
+    }
+
+    /// Starts a worker; for an owner's job (`exempt`), running and out of
+    /// pauses from the start, for as long as the hold returned with it.
+    async fn spawn_as(&self, exempt: bool) -> Result<(Worker, Option<Exempt<'_>>), PoolError> {
         let command = &self.inner.config.command;
         let mut spawning = Command::new(&command.program);
         spawning
@@ -601,17 +608,18 @@ impl WorkerPool {
                 // can reach it before its handler has stopped it, and leave
                 // it stopped until the resume is sent again.
                 let clock = self.inner.lock_state();
-                if exempt {
+                let exempt = exempt.then(|| {
                     self.inner.lock_exempt().insert(pid);
-                }
+                    Exempt { pool: self, pid }
+                });
                 self.inner.lock_pids().push(pid);
-                if !exempt {
+                if exempt.is_none() {
                     for &s in transition(WorkerState::Run, clock.state) {
                         signal(pid, s);
                     }
                 }
                 drop(clock);
-                Ok(worker)
+                Ok((worker, exempt))
             }
             Ok(Ok(FromWorker::Done(_))) => {
                 Err(PoolError::Startup("unexpected first message".into()))
@@ -652,7 +660,7 @@ impl WorkerPool {
         }
         let pool = self.clone();
         tokio::spawn(async move {
-            match pool.spawn(false).await {
+            match pool.spawn().await {
                 Ok(worker) => pool.give_back(worker),
                 Err(e) => tracing::warn!("cannot replace a worker: {e}"),
             }
@@ -956,7 +964,7 @@ mod tests {
         let stops_itself = r#"trap 'kill -STOP $$' TSTP; cat "$0"; while :; do sleep 0.05; done"#;
         let pool = fake_pool_running(dir.path(), &[READY], stops_itself).await;
         pool.set_state(WorkerState::Pause);
-        let late = pool.spawn(false).await.unwrap();
+        let late = pool.spawn().await.unwrap();
         assert!(
             comes_to(late.pid, true, || {}).await,
             "it runs during the pause"
@@ -975,13 +983,12 @@ mod tests {
         let stops_itself = r#"trap 'kill -STOP $$' TSTP; cat "$0"; while :; do sleep 0.05; done"#;
         let pool = fake_pool_running(dir.path(), &[READY], stops_itself).await;
         pool.set_state(WorkerState::Pause);
-        let late = pool.spawn(true).await.unwrap();
+        let (late, exempt) = pool.spawn_as(true).await.unwrap();
         for _ in 0..10 {
             tokio::time::sleep(Duration::from_millis(20)).await;
             let state = process_state(late.pid);
             assert_ne!(state, 'T', "stopped for the owner's job");
         }
-        let exempt = Exempt::new(&pool, late.pid);
         drop(exempt);
         assert!(
             comes_to(late.pid, true, || {}).await,
