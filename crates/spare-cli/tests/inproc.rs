@@ -1045,3 +1045,80 @@ async fn a_cancelled_job_reports_what_it_used_and_keeps_its_worker() {
     assert!(outcome.wall_ms >= 250, "wall {} ms", outcome.wall_ms);
     assert_eq!(pool.worker_pids(), worker, "the worker was not replaced");
 }
+
+/// Workers only read the compiled-module cache (a guest that broke out of
+/// wasmtime could otherwise plant code there for later workers): a module
+/// a worker compiled for a job is stored by the compiler, a `spare worker
+/// --compile` process that runs no guest, and a fresh worker loads it.
+#[tokio::test]
+async fn a_module_compiled_for_a_job_is_cached_by_the_compiler() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let examples = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples");
+    let pool = |slots| {
+        WorkerPool::start(PoolConfig {
+            command: WorkerCommand {
+                program: env!("CARGO_BIN_EXE_spare").into(),
+                args: vec![
+                    "worker".into(),
+                    "--cache-dir".into(),
+                    cache.clone().into(),
+                    "--blobs-dir".into(),
+                    examples.clone().into(),
+                ],
+            },
+            slots,
+            join: vec![],
+        })
+    };
+    let path = examples.join("hello.wasm");
+    let job = || Job {
+        task: TaskId::random(),
+        module: BlobId::of(&std::fs::read(&path).unwrap()),
+        module_path: path.clone(),
+        name: "hello.wasm".into(),
+        args: vec![],
+        env: vec![],
+        stdin: JobStdin::Bytes(vec![]),
+        limits: Limits::DEFAULT,
+    };
+    let artifacts = || -> Vec<PathBuf> {
+        let engines = std::fs::read_dir(&cache).into_iter().flatten().flatten();
+        engines
+            .filter_map(|engine| std::fs::read_dir(engine.path()).ok())
+            .flatten()
+            .flatten()
+            .map(|entry| entry.path())
+            .filter(|p| p.extension().is_some_and(|e| e == "cwasm"))
+            .collect()
+    };
+
+    let first = pool(1).await.unwrap();
+    let outcome = first.run(job(), CancellationToken::new()).await;
+    assert_eq!(outcome.status, spare_core::Status::Exited(0), "{outcome:?}");
+    let stored = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            if !artifacts().is_empty() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(stored.is_ok(), "the compiler stored nothing");
+    assert_eq!(artifacts().len(), 1);
+    first.close();
+
+    // A fresh worker loads it, and marks it used for the cache's sweep
+    // (times are not its contents: a worker may set them).
+    let stored = artifacts()[0].clone();
+    let long_ago = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1 << 20);
+    let file = std::fs::File::open(&stored).unwrap();
+    file.set_modified(long_ago).unwrap();
+    let second = pool(1).await.unwrap();
+    let outcome = second.run(job(), CancellationToken::new()).await;
+    assert_eq!(outcome.status, spare_core::Status::Exited(0), "{outcome:?}");
+    let used = std::fs::metadata(&stored).unwrap().modified().unwrap();
+    assert!(used > long_ago, "the fresh worker did not load it");
+    assert_eq!(artifacts(), vec![stored]);
+}

@@ -320,7 +320,7 @@ impl Loop {
     fn sample(&mut self, now: Instant) {
         self.pids.clear();
         self.pids.push(std::process::id());
-        self.pids.extend(self.pool.worker_pids());
+        self.pids.extend(self.pool.spare_pids());
         if let Some(usage) = self.sampler.sample(&self.pids) {
             self.window.push(usage);
         }

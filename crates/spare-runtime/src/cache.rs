@@ -21,16 +21,26 @@ const CODEGEN_PATCH: &str = "fuel checks call out-of-gas through a preserve-all 
 #[derive(Debug, Clone)]
 pub(crate) struct DiskCache {
     dir: PathBuf,
+    /// Whether this process writes artifacts here: a worker that runs
+    /// guests only reads them (`worker.rs`).
+    writes: bool,
 }
 
 impl DiskCache {
-    pub(crate) fn new(root: &Path, engine: &Engine) -> std::io::Result<Self> {
+    pub(crate) fn new(root: &Path, engine: &Engine, writes: bool) -> std::io::Result<Self> {
         let mut hasher = std::hash::DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut hasher);
         CODEGEN_PATCH.hash(&mut hasher);
         let dir = root.join(format!("wasmtime-{:016x}", hasher.finish()));
-        std::fs::create_dir_all(&dir)?;
-        Ok(Self { dir })
+        // A reader finds the directory once a writer has made it.
+        if writes {
+            std::fs::create_dir_all(&dir)?;
+        }
+        Ok(Self { dir, writes })
+    }
+
+    pub(crate) fn writes(&self) -> bool {
+        self.writes
     }
 
     /// Where the artifact for `module` lives (whether or not it exists yet).
@@ -67,8 +77,8 @@ pub(crate) fn touch(path: &Path) {
 /// artifact mapped keeps using it; the next one compiles the module again.
 pub fn sweep(root: &Path, budget: u64) -> std::io::Result<(u64, usize)> {
     let mut files = Vec::new();
-    // Wide enough for any number of files of any length: workers write
-    // here, and a taken-over one could leave huge sparse files.
+    // Wide enough for any number of files of any length, huge sparse
+    // ones included.
     let mut total = 0u128;
     for engine_dir in std::fs::read_dir(root)?.flatten() {
         let Ok(entries) = std::fs::read_dir(engine_dir.path()) else {

@@ -5,9 +5,10 @@
 //! need to run guests:
 //!
 //! - **files** (Landlock): it may read the blob store, where modules and
-//!   large inputs are, and read and write the compiled-module cache;
-//!   nothing else, so not the node's key, its database or the owner's
-//!   files, and it can execute no program;
+//!   large inputs are, and the compiled-module cache, and write nowhere
+//!   (the compiler, which runs no guest, alone writes the cache); nothing
+//!   else, so not the node's key, its database or the owner's files, and
+//!   it can execute no program;
 //! - **TCP** (Landlock): it may neither connect nor bind;
 //! - **signals and abstract Unix sockets** (Landlock scopes): it may not
 //!   signal, or connect to an abstract socket of, any process outside its
@@ -39,9 +40,10 @@ const WANTED_ABI: ABI = ABI::V6;
 /// Where a worker may go in the file system.
 #[derive(Clone, Debug, Default)]
 pub struct Confinement {
-    /// Directories it may read (the blob store).
+    /// Directories it may read (the blob store; a worker's cache too).
     pub read: Vec<PathBuf>,
-    /// Directories it may read and write (the compiled-module cache).
+    /// Directories it may read and write (the compiled-module cache, for
+    /// the compiler alone).
     pub write: Vec<PathBuf>,
 }
 

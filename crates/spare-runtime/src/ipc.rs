@@ -54,6 +54,9 @@ pub(crate) enum FromWorker {
     },
     /// The job's outcome.
     Done(Box<Outcome>),
+    /// The job's outcome; its module was compiled for it and is not in the
+    /// compiled-module cache, which the worker only reads.
+    Uncached(Box<Outcome>),
 }
 
 fn encode<T: Serialize>(msg: &T) -> io::Result<Vec<u8>> {

@@ -8,13 +8,13 @@
 
 use std::collections::HashSet;
 use std::ffi::OsString;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use spare_core::{Failure, Limits, Outcome, Status};
+use spare_core::{BlobId, Failure, Limits, Outcome, Status};
 use tokio::io::BufReader;
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 use tokio::sync::{Semaphore, watch};
@@ -55,6 +55,12 @@ const CANCEL_GRACE: Duration = Duration::from_secs(3);
 /// How long a killed worker may take to exit before the pool stops waiting
 /// for it (the runtime reaps it later).
 const REAP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the compiler may take over one module (pauses included)
+/// before it is killed; a later job of the module asks again.
+const COMPILE_TIMEOUT: Duration = Duration::from_secs(10 * 60);
+/// Modules waiting for the compiler at most; more are not cached, this
+/// time.
+const MAX_COMPILES_WAITING: usize = 64;
 
 /// How sending a job to a worker, or waiting for its answer, ended.
 enum Waited<T> {
@@ -126,6 +132,13 @@ struct Inner {
     open: watch::Sender<bool>,
     /// Workers running the owner's own jobs, which are never stopped.
     exempt: Mutex<HashSet<u32>>,
+    /// Pids of live compilers (`compile`): governed like the workers, but
+    /// not workers.
+    compilers: Pids,
+    /// Modules waiting for the compiler or being compiled.
+    compiling: Mutex<HashSet<BlobId>>,
+    /// One compiler at a time.
+    compile_turn: Semaphore,
 }
 
 #[derive(Debug)]
@@ -227,6 +240,9 @@ impl WorkerPool {
                 }),
                 open: watch::Sender::new(true),
                 exempt: Mutex::new(HashSet::new()),
+                compilers: Pids::default(),
+                compiling: Mutex::new(HashSet::new()),
+                compile_turn: Semaphore::new(1),
             }),
         };
         for _ in 0..slots {
@@ -274,6 +290,15 @@ impl WorkerPool {
         let exempt = self.inner.lock_exempt();
         let mut pids = self.worker_pids();
         pids.retain(|p| !exempt.contains(p));
+        pids.extend(self.inner.lock_compilers().iter());
+        pids
+    }
+
+    /// Process ids of every process the pool runs for the swarm or the
+    /// owner: the workers and the compiler.
+    pub fn spare_pids(&self) -> Vec<u32> {
+        let mut pids = self.worker_pids();
+        pids.extend(self.inner.lock_compilers().iter());
         pids
     }
 
@@ -293,9 +318,11 @@ impl WorkerPool {
                 clock.resumed = now;
                 let exempt = self.inner.lock_exempt();
                 let pids = self.inner.lock_pids();
+                let compilers = self.inner.lock_compilers();
                 let running = pids
                     .iter()
-                    .filter(|pid| state == WorkerState::Run || exempt.contains(pid));
+                    .filter(|pid| state == WorkerState::Run || exempt.contains(pid))
+                    .chain(compilers.iter().filter(|_| state == WorkerState::Run));
                 for pid in running {
                     signal(*pid, libc::SIGCONT);
                 }
@@ -309,7 +336,9 @@ impl WorkerPool {
             // lock) before it is reaped, so no pid signalled here can be
             // another program's.
             let pids = self.inner.lock_pids();
-            for pid in pids.iter().filter(|pid| !exempt.contains(pid)) {
+            let compilers = self.inner.lock_compilers();
+            let governed = pids.iter().filter(|pid| !exempt.contains(pid));
+            for pid in governed.chain(compilers.iter()) {
                 for &s in signals {
                     signal(*pid, s);
                 }
@@ -339,7 +368,12 @@ impl WorkerPool {
     pub fn close(&self) {
         self.inner.slots.close();
         self.inner.owner_slots.close();
+        self.inner.compile_turn.close();
         self.set_state(WorkerState::Run);
+        // Listed until their task reaps them, so each pid is still theirs.
+        for pid in self.inner.lock_compilers().iter() {
+            signal(*pid, libc::SIGKILL);
+        }
         let idle: Vec<Worker> = std::mem::take(&mut *self.inner.lock_idle());
         for mut worker in idle {
             let _ = worker.child.start_kill();
@@ -428,6 +462,8 @@ impl WorkerPool {
         // the slot: the write races the cancel and the watchdog too. It is
         // polled first, so a job that fits the pipe is always sent whole and
         // a cancel then reaches the worker the usual way.
+        // For the compiler, should the worker not find the module compiled.
+        let module = (job.module, job.module_path.clone(), limits.stack);
         let frame = ToWorker::Run(Box::new(job));
         worker.jobs += 1;
         let sent = tokio::select! {
@@ -501,41 +537,45 @@ impl WorkerPool {
                 return self.bury(worker, &why).await;
             }
         };
-        match reply {
-            Ok(FromWorker::Done(outcome)) => match check_outcome(&outcome, &limits, ran_for) {
-                Ok(()) => {
-                    // Back among the governed before another job can take
-                    // it, or its exemption would end in that job's run.
-                    drop(exempt);
-                    self.give_back(worker);
-                    *outcome
+        let (outcome, uncached) = match reply {
+            Ok(FromWorker::Done(outcome)) => (outcome, false),
+            Ok(FromWorker::Uncached(outcome)) => (outcome, true),
+            Ok(FromWorker::Ready { .. }) => {
+                return self.bury(worker, "it answered out of turn").await;
+            }
+            Err(e) => return self.bury(worker, &e.to_string()).await,
+        };
+        match check_outcome(&outcome, &limits, ran_for) {
+            Ok(()) => {
+                // Back among the governed before another job can take it,
+                // or its exemption would end in that job's run.
+                drop(exempt);
+                self.give_back(worker);
+                if uncached {
+                    let (id, path, stack) = module;
+                    self.compile_later(id, path, stack);
                 }
-                Err(e) => {
-                    self.bury(worker, &format!("it sent an invalid result: {e}"))
-                        .await
-                }
-            },
-            Ok(FromWorker::Ready { .. }) => self.bury(worker, "it answered out of turn").await,
-            Err(e) => self.bury(worker, &e.to_string()).await,
+                *outcome
+            }
+            Err(e) => {
+                self.bury(worker, &format!("it sent an invalid result: {e}"))
+                    .await
+            }
         }
     }
 
-    /// Starts a worker, in the state the others are in, and waits for its
-    /// ready message.
-    async fn spawn(&self) -> Result<Worker, PoolError> {
-        Ok(self.spawn_as(false).await?.0)
-    }
-
-    /// Starts a worker; for an owner's job (`exempt`), running and out of
-    /// pauses from the start, for as long as the hold returned with it.
-    async fn spawn_as(&self, exempt: bool) -> Result<(Worker, Option<Exempt<'_>>), PoolError> {
+    /// The command that starts a worker process, with `extra` arguments:
+    /// no environment but `RUST_LOG`, its output piped to the daemon, and
+    /// tied to the daemon's life in a session of its own.
+    fn command(&self, extra: &[OsString]) -> Command {
         let command = &self.inner.config.command;
         let mut spawning = Command::new(&command.program);
         spawning
             .args(&command.args)
+            .args(extra)
             .env_clear()
             .envs(std::env::vars_os().filter(|(k, _)| k == "RUST_LOG"))
-            .stdin(Stdio::piped())
+            .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .kill_on_drop(true);
@@ -556,6 +596,21 @@ impl WorkerPool {
                 Ok(())
             });
         }
+        spawning
+    }
+
+    /// Starts a worker, in the state the others are in, and waits for its
+    /// ready message.
+    async fn spawn(&self) -> Result<Worker, PoolError> {
+        Ok(self.spawn_as(false).await?.0)
+    }
+
+    /// Starts a worker; for an owner's job (`exempt`), running and out of
+    /// pauses from the start, for as long as the hold returned with it.
+    async fn spawn_as(&self, exempt: bool) -> Result<(Worker, Option<Exempt<'_>>), PoolError> {
+        let command = &self.inner.config.command;
+        let mut spawning = self.command(&[]);
+        spawning.stdin(Stdio::piped());
         let mut child = spawning.spawn().map_err(|source| PoolError::Spawn {
             program: command.program.display().to_string(),
             source,
@@ -621,7 +676,7 @@ impl WorkerPool {
                 drop(clock);
                 Ok((worker, exempt))
             }
-            Ok(Ok(FromWorker::Done(_))) => {
+            Ok(Ok(FromWorker::Done(_) | FromWorker::Uncached(_))) => {
                 Err(PoolError::Startup("unexpected first message".into()))
             }
             Ok(Err(e)) => {
@@ -638,6 +693,88 @@ impl WorkerPool {
             Err(_) => Err(PoolError::Startup(format!(
                 "no answer within {STARTUP_TIMEOUT:?}"
             ))),
+        }
+    }
+
+    /// Has the compiler store `module` (at `path`) in the compiled-module
+    /// cache, in the background, one module at a time: workers only read
+    /// the cache, and one compiled it for a job without finding it there.
+    /// A worker could claim that of any module; the compiler does nothing
+    /// for one already there.
+    fn compile_later(&self, module: BlobId, path: PathBuf, stack: u64) {
+        {
+            let mut compiling = self.inner.lock_compiling();
+            if compiling.len() >= MAX_COMPILES_WAITING || !compiling.insert(module) {
+                return;
+            }
+        }
+        let pool = self.clone();
+        tokio::spawn(async move {
+            if let Ok(_turn) = pool.inner.compile_turn.acquire().await
+                && let Err(e) = pool.compile(&module, &path, stack).await
+            {
+                tracing::warn!(%module, "cannot cache the compiled module: {e}");
+            }
+            pool.inner.lock_compiling().remove(&module);
+        });
+    }
+
+    /// Runs the compiler, a worker process that runs no guest
+    /// (`worker::compile`), on `module`, and waits for it to exit.
+    async fn compile(&self, module: &BlobId, path: &Path, stack: u64) -> Result<(), String> {
+        let extra: [OsString; 6] = [
+            "--compile".into(),
+            module.to_string().into(),
+            "--module".into(),
+            path.into(),
+            "--stack".into(),
+            stack.to_string().into(),
+        ];
+        let mut child = self
+            .command(&extra)
+            .spawn()
+            .map_err(|e| format!("cannot start the compiler: {e}"))?;
+        let (Some(pid), Some(mut stdout)) = (child.id(), child.stdout.take()) else {
+            return Err("no pipe to the compiler".into());
+        };
+        for procs in &self.inner.config.join {
+            if let Err(e) = std::fs::write(procs, pid.to_string()) {
+                let _ = child.start_kill();
+                let _ = tokio::time::timeout(REAP_TIMEOUT, child.wait()).await;
+                return Err(format!(
+                    "cannot move the compiler into {}: {e}",
+                    procs.display()
+                ));
+            }
+        }
+        {
+            // Governed like the workers, from the state they are in.
+            let clock = self.inner.lock_state();
+            self.inner.lock_compilers().push(pid);
+            for &s in transition(WorkerState::Run, clock.state) {
+                signal(pid, s);
+            }
+        }
+        // It writes nothing: its output ends when it exits, before it is
+        // reaped, so its pid is its own while listed.
+        let mut sink = Vec::new();
+        let ended = tokio::time::timeout(
+            COMPILE_TIMEOUT,
+            tokio::io::AsyncReadExt::read_to_end(&mut stdout, &mut sink),
+        )
+        .await;
+        if ended.is_err() {
+            let _ = child.start_kill();
+        }
+        self.inner.lock_compilers().retain(|p| *p != pid);
+        let status = tokio::time::timeout(REAP_TIMEOUT, child.wait())
+            .await
+            .ok()
+            .and_then(Result::ok);
+        match (ended, status) {
+            (Ok(_), Some(status)) if status.success() => Ok(()),
+            (Err(_), _) => Err(format!("the compiler took longer than {COMPILE_TIMEOUT:?}")),
+            (Ok(_), status) => Err(format!("the compiler {}", describe(status))),
         }
     }
 
@@ -721,6 +858,14 @@ impl Inner {
 
     fn lock_exempt(&self) -> std::sync::MutexGuard<'_, HashSet<u32>> {
         self.exempt.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_compilers(&self) -> std::sync::MutexGuard<'_, Vec<u32>> {
+        self.compilers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_compiling(&self) -> std::sync::MutexGuard<'_, HashSet<BlobId>> {
+        self.compiling.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 

@@ -96,11 +96,16 @@ struct EngineSet {
     p1_provided: HashSet<(String, String)>,
     disk: Option<DiskCache>,
     prepared: Lru<BlobId, Prepared>,
+    /// Set when a module was compiled here and, the cache being read-only
+    /// to this process, not stored (see [`Sandbox::missed_cache`]).
+    missed: std::cell::Cell<bool>,
 }
 
 /// Runs guests. See the crate docs for the limits it enforces.
 pub struct Sandbox {
     cache_root: Option<PathBuf>,
+    /// Whether compiled modules are stored in the cache, or only read.
+    writes_cache: bool,
     engines: Vec<EngineSet>,
     /// Drives guests and their wall-time timers; made on first use.
     executor: Option<tokio::runtime::Runtime>,
@@ -120,9 +125,39 @@ impl Sandbox {
     pub fn new(cache_root: Option<PathBuf>) -> Self {
         Self {
             cache_root,
+            writes_cache: true,
             engines: Vec::new(),
             executor: None,
         }
+    }
+
+    /// A sandbox that loads compiled modules from under `cache_root` but
+    /// never stores any: a worker that runs guests, which a guest that
+    /// broke out of wasmtime could use to plant code for later workers.
+    /// What it compiles itself it keeps in memory, and says so
+    /// ([`Sandbox::missed_cache`]) for a compiler to store.
+    pub fn reading(cache_root: Option<PathBuf>) -> Self {
+        Self {
+            writes_cache: false,
+            ..Self::new(cache_root)
+        }
+    }
+
+    /// Whether the last [`Sandbox::run`] compiled its module because the
+    /// cache had no artifact for it, and stored none.
+    pub fn missed_cache(&self) -> bool {
+        self.engines.iter().any(|set| set.missed.get())
+    }
+
+    /// Compiles `module` (at `path`) for jobs with a `stack` limit and
+    /// stores it in the cache, unless it is there already. For a process
+    /// that runs no guest.
+    pub fn compile(&mut self, module: &BlobId, path: &Path, stack: u64) -> Result<(), Failure> {
+        let set = self.engine_for(stack)?;
+        if set.disk.as_ref().is_some_and(|d| d.path(module).exists()) {
+            return Ok(());
+        }
+        set.load(module, path).map(drop)
     }
 
     /// Runs `job` to completion and reports how it ended. Never panics on
@@ -153,6 +188,9 @@ impl Sandbox {
                 .build()
                 .map_err(|e| Failure::Host(format!("cannot start the guest executor: {e}")))?;
             self.executor = Some(executor);
+        }
+        for set in &self.engines {
+            set.missed.set(false);
         }
         let set = self.engine_for(job.limits.stack)?;
         let prepared = set.prepare(&job.module, &job.module_path)?;
@@ -249,7 +287,7 @@ impl Sandbox {
             if self.engines.len() >= MAX_ENGINES {
                 self.engines.remove(0);
             }
-            let set = EngineSet::new(stack, self.cache_root.as_deref())?;
+            let set = EngineSet::new(stack, self.cache_root.as_deref(), self.writes_cache)?;
             self.engines.push(set);
         }
         self.engines
@@ -368,7 +406,7 @@ fn one_line(err: &wasmtime::Error) -> String {
 }
 
 impl EngineSet {
-    fn new(stack: u64, cache_root: Option<&Path>) -> Result<Self, Failure> {
+    fn new(stack: u64, cache_root: Option<&Path>, writes: bool) -> Result<Self, Failure> {
         let host =
             |what: &str, e: wasmtime::Error| Failure::Host(format!("{what}: {}", one_line(&e)));
         let mut config = Config::new();
@@ -401,7 +439,7 @@ impl EngineSet {
             .collect();
 
         let disk = match cache_root {
-            Some(root) => match DiskCache::new(root, &engine) {
+            Some(root) => match DiskCache::new(root, &engine, writes) {
                 Ok(disk) => Some(disk),
                 Err(e) => {
                     tracing::warn!("compiled-module cache disabled: {e}");
@@ -418,6 +456,7 @@ impl EngineSet {
             p1_provided,
             disk,
             prepared: Lru::new(PREPARED_CACHE),
+            missed: std::cell::Cell::new(false),
         })
     }
 
@@ -504,8 +543,10 @@ impl EngineSet {
     fn deserialize_module(&self, path: &Path) -> Option<Module> {
         // SAFETY: the file was written by `save` from `Module::serialize` of
         // an engine with the same compatibility hash (it names the
-        // directory), in the node's private data directory; wasmtime still
-        // checks the header and refuses an incompatible artifact.
+        // directory), in the node's private data directory, by the compiler,
+        // a process that runs no guest (workers only read the cache);
+        // wasmtime still checks the header and refuses an incompatible
+        // artifact.
         match unsafe { Module::deserialize_file(&self.engine, path) } {
             Ok(module) => {
                 crate::cache::touch(path);
@@ -536,6 +577,10 @@ impl EngineSet {
         let (Some(disk), Ok(bytes)) = (&self.disk, artifact) else {
             return;
         };
+        if !disk.writes() {
+            self.missed.set(true);
+            return;
+        }
         if let Err(e) = disk.store(id, &bytes) {
             tracing::warn!("cannot cache compiled module {id}: {e}");
         }

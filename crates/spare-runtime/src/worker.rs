@@ -6,10 +6,16 @@
 //! hot path); a watchdog thread only waits for the daemon to hang up, so the
 //! worker exits at once when the daemon goes away, even in the middle of a
 //! guest.
+//!
+//! `spare worker --compile` is the compiler: the same process, confined the
+//! same way but for writing the compiled-module cache, which compiles one
+//! module into it and exits, running no guest ([`compile`]).
 
 use std::io::BufReader;
 use std::os::fd::{AsFd, AsRawFd};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+
+use spare_core::BlobId;
 
 use crate::confine::{ConfineReport, Confinement, confine};
 use crate::ipc::{FromWorker, MAX_JOB_FRAME, ToWorker, read_frame, write_frame};
@@ -22,14 +28,10 @@ use crate::sandbox::Sandbox;
 const EXECUTOR_STACK: usize = 8 << 20;
 
 /// Runs the worker until the daemon closes its stdin, confined to
-/// `confinement` (`confine.rs`). Returns the process exit code.
+/// `confinement` (`confine.rs`), which should let it only read `cache_dir`:
+/// it never writes there. Returns the process exit code.
 pub fn main(cache_dir: Option<PathBuf>, confinement: &Confinement) -> i32 {
-    let priority = lower_own_priority();
-    limit_core_dumps();
-    limit_open_files();
-    offer_to_the_oom_killer();
-    // After the last write to /proc, before the first thread.
-    let confinement = confine(confinement);
+    let (priority, confinement) = settle(confinement);
     // Without the handler a pause would not stop it at all: in a session
     // of its own, its process group is orphaned, and the kernel drops a
     // SIGTSTP no one catches. A worker that cannot be paused does not run.
@@ -74,7 +76,7 @@ fn serve(
     priority: crate::priority::PriorityReport,
     confinement: ConfineReport,
 ) -> i32 {
-    let mut sandbox = Sandbox::new(cache_dir);
+    let mut sandbox = Sandbox::reading(cache_dir);
     let mut input = BufReader::new(std::io::stdin().lock());
     // Our own handle on fd 1: std's stdout is line-buffered and would split
     // a result at the first newline of the guest's output, costing a
@@ -100,8 +102,13 @@ fn serve(
                 // Cancels name their job: one that came before this job
                 // was read still counts, one for the last job does not.
                 crate::stop::begin_job();
-                let outcome = sandbox.run(&job);
-                if write_frame(&mut out, &FromWorker::Done(Box::new(outcome))).is_err() {
+                let outcome = Box::new(sandbox.run(&job));
+                let done = if sandbox.missed_cache() {
+                    FromWorker::Uncached(outcome)
+                } else {
+                    FromWorker::Done(outcome)
+                };
+                if write_frame(&mut out, &done).is_err() {
                     return 1;
                 }
             }
@@ -110,6 +117,45 @@ fn serve(
                 eprintln!("spare worker: bad frame from the daemon: {e}");
                 return 1;
             }
+        }
+    }
+}
+
+/// What every worker process does first: lower its priority, limit itself,
+/// and confine itself, all before its first thread.
+fn settle(confinement: &Confinement) -> (crate::priority::PriorityReport, ConfineReport) {
+    let priority = lower_own_priority();
+    limit_core_dumps();
+    limit_open_files();
+    offer_to_the_oom_killer();
+    // After the last write to /proc, before the first thread.
+    (priority, confine(confinement))
+}
+
+/// Compiles one module into the cache at `cache_dir`, and exits: the
+/// daemon's compiler, a process that runs no guest, so that no guest that
+/// broke out of wasmtime can write code that later workers load. Confined
+/// like a worker, but with `cache_dir` writable. `stack` is the jobs'
+/// stack limit, which the compiled code depends on. Returns the process
+/// exit code.
+pub fn compile(
+    cache_dir: PathBuf,
+    confinement: &Confinement,
+    module: &BlobId,
+    path: &Path,
+    stack: u64,
+) -> i32 {
+    let _ = settle(confinement);
+    // Paused with the workers, as they are.
+    if let Err(e) = crate::stop::install_pause_handler() {
+        eprintln!("spare worker: cannot catch SIGTSTP, so pauses could not stop it: {e}");
+        return 1;
+    }
+    match Sandbox::new(Some(cache_dir)).compile(module, path, stack) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("spare worker: cannot compile module {module}: {e}");
+            1
         }
     }
 }

@@ -282,6 +282,39 @@ fn compiled_modules_are_cached_on_disk() {
     );
 }
 
+/// A worker's sandbox only reads the cache: what it compiles it keeps in
+/// memory and says it missed, and it loads what a compiler stored.
+#[test]
+fn a_reading_sandbox_never_writes_the_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = || Some(dir.path().to_path_buf());
+    for name in ["hello.wasm", "hello_component.wasm"] {
+        let job = job(name, quick());
+        let mut worker = Sandbox::reading(cache());
+        assert_eq!(worker.run(&job).status, Status::Exited(0), "{name}");
+        assert!(worker.missed_cache(), "{name}");
+        // Compiled once, kept in memory.
+        assert_eq!(worker.run(&job).status, Status::Exited(0), "{name}");
+        assert!(!worker.missed_cache(), "{name}");
+        let artifacts = |ext: &str| {
+            walk(dir.path())
+                .into_iter()
+                .filter(|p| p.extension().is_some_and(|e| e == ext))
+                .count()
+        };
+        let before = artifacts("cwasm");
+
+        let mut compiler = Sandbox::new(cache());
+        compiler
+            .compile(&job.module, &job.module_path, job.limits.stack)
+            .unwrap();
+        assert_eq!(artifacts("cwasm"), before + 1, "{name}");
+        let mut fresh = Sandbox::reading(cache());
+        assert_eq!(fresh.run(&job).status, Status::Exited(0), "{name}");
+        assert!(!fresh.missed_cache(), "{name}: loaded, not compiled");
+    }
+}
+
 /// spare's patch to wasmtime (`vendor/README.md`) is what keeps fuel checks
 /// off the hot path; losing it (a dropped `[patch]`, a wasmtime upgrade that
 /// forgot it) would change no result, only the speed, so it is checked
