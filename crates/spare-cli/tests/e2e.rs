@@ -1086,11 +1086,29 @@ fn demo_stopped_by(signal: libc::c_int, after: &str, tmp: &std::path::Path) -> V
         caught,
         "demo died of the signal: {status}"
     );
-    wait_until(
-        "the demo's daemons and workers to exit",
-        Duration::from_secs(10),
-        || processes_mentioning(&tmp.display().to_string()).is_empty(),
-    );
+    let left = || -> Vec<String> {
+        processes_mentioning(&tmp.display().to_string())
+            .into_iter()
+            .map(|pid| {
+                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"));
+                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                format!(
+                    "{} [{}]",
+                    text(&cmdline).replace('\0', " "),
+                    stat.unwrap_or_default()
+                )
+            })
+            .collect()
+    };
+    let gone = Instant::now() + Duration::from_secs(10);
+    while !left().is_empty() {
+        assert!(
+            Instant::now() < gone,
+            "the demo's daemons and workers did not exit: {:?}",
+            left()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     if caught {
         assert!(
             std::fs::read_dir(tmp).unwrap().next().is_none(),

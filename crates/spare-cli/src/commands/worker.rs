@@ -34,7 +34,15 @@ pub(crate) fn execute(args: &Args) -> ExitCode {
         (Some(id), Some(module), Some(stack), Some(cache)) => {
             spare_runtime::worker::compile(cache.clone(), &confinement, id, module, stack)
         }
-        _ => spare_runtime::worker::main(args.cache_dir.clone(), &confinement),
+        _ => {
+            // Landlock skips a directory it cannot open, and the worker
+            // could then never read what the compiler stores: made if it
+            // went missing, as `confine` makes those it may write.
+            if let Some(cache) = &args.cache_dir {
+                let _ = std::fs::create_dir_all(cache);
+            }
+            spare_runtime::worker::main(args.cache_dir.clone(), &confinement)
+        }
     };
     ExitCode::from(u8::try_from(code).unwrap_or(1))
 }
