@@ -14,10 +14,18 @@ use wasmtime::Engine;
 /// compiled before it would otherwise load and run the old, slower code.
 const CODEGEN_PATCH: &str = "fuel checks call out-of-gas through a preserve-all trampoline, r1; fuel reloads its store pointer; loop heads on 64-byte lines";
 
+/// Who may write the cache. Artifacts from builds in which workers, which
+/// run guests, wrote it themselves are not trusted: a guest that broke out
+/// of wasmtime could have planted them. A new value starts a fresh cache
+/// (the old artifacts, used least recently, are the first the sweep
+/// removes).
+const WRITER: &str = "the compiler alone, a process that runs no guest";
+
 /// Compiled artifacts on disk, one file per module hash, in a directory
-/// named after the engine's compatibility hash and [`CODEGEN_PATCH`], so a
-/// wasmtime upgrade, a config change or a change to spare's patch of the
-/// code generator starts a fresh cache instead of loading stale code.
+/// named after the engine's compatibility hash, [`CODEGEN_PATCH`] and
+/// [`WRITER`], so a wasmtime upgrade, a config change, a change to spare's
+/// patch of the code generator or to who writes the cache starts a fresh
+/// cache instead of loading stale or untrusted code.
 #[derive(Debug, Clone)]
 pub(crate) struct DiskCache {
     dir: PathBuf,
@@ -31,6 +39,7 @@ impl DiskCache {
         let mut hasher = std::hash::DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut hasher);
         CODEGEN_PATCH.hash(&mut hasher);
+        WRITER.hash(&mut hasher);
         let dir = root.join(format!("wasmtime-{:016x}", hasher.finish()));
         // A reader finds the directory once a writer has made it.
         if writes {

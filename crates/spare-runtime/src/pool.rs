@@ -336,12 +336,13 @@ impl WorkerPool {
             // lock) before it is reaped, so no pid signalled here can be
             // another program's.
             let pids = self.inner.lock_pids();
-            let compilers = self.inner.lock_compilers();
-            let governed = pids.iter().filter(|pid| !exempt.contains(pid));
-            for pid in governed.chain(compilers.iter()) {
+            for pid in pids.iter().filter(|pid| !exempt.contains(pid)) {
                 for &s in signals {
                     signal(*pid, s);
                 }
+            }
+            for pid in self.inner.lock_compilers().iter() {
+                signal(*pid, compiler_signal(state));
             }
         }
         if (clock.state, state) == (WorkerState::Pause, WorkerState::Run) {
@@ -751,18 +752,33 @@ impl WorkerPool {
             // Governed like the workers, from the state they are in.
             let clock = self.inner.lock_state();
             self.inner.lock_compilers().push(pid);
-            for &s in transition(WorkerState::Run, clock.state) {
-                signal(pid, s);
+            if clock.state != WorkerState::Run {
+                signal(pid, compiler_signal(clock.state));
             }
         }
+        // Closed while it started: `close` did not see it.
+        if self.inner.compile_turn.is_closed() {
+            let _ = child.start_kill();
+        }
+        // Time stopped by pauses does not count, as for a job's watchdog.
+        let stopped_before = self.stopped();
+        let started = Instant::now();
+        let deadline = async {
+            loop {
+                let due = started + COMPILE_TIMEOUT + self.stopped().saturating_sub(stopped_before);
+                if Instant::now() >= due {
+                    return;
+                }
+                tokio::time::sleep_until(due.into()).await;
+            }
+        };
         // It writes nothing: its output ends when it exits, before it is
         // reaped, so its pid is its own while listed.
-        let mut sink = Vec::new();
-        let ended = tokio::time::timeout(
-            COMPILE_TIMEOUT,
-            tokio::io::AsyncReadExt::read_to_end(&mut stdout, &mut sink),
-        )
-        .await;
+        let mut sink = tokio::io::sink();
+        let ended = tokio::select! {
+            read = tokio::io::copy(&mut stdout, &mut sink) => Ok(read),
+            () = deadline => Err(()),
+        };
         if ended.is_err() {
             let _ = child.start_kill();
         }
@@ -866,6 +882,16 @@ impl Inner {
 
     fn lock_compiling(&self) -> std::sync::MutexGuard<'_, HashSet<BlobId>> {
         self.compiling.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// What stops a compiler, or resumes it, for workers going to `state`: it
+/// runs no guest, whose clock a pause must keep (`stop.rs`), so `SIGSTOP`
+/// does, which needs no handler and cannot be lost.
+fn compiler_signal(state: WorkerState) -> libc::c_int {
+    match state {
+        WorkerState::Run => libc::SIGCONT,
+        WorkerState::Pause | WorkerState::Throttle => libc::SIGSTOP,
     }
 }
 
@@ -1139,6 +1165,47 @@ mod tests {
             comes_to(late.pid, true, || {}).await,
             "paused with the others after it"
         );
+    }
+
+    /// The compiler is governed like the workers: one started during a
+    /// pause is stopped at once (it has no pause handler: `SIGSTOP`), runs
+    /// when they do, and is killed when the pool closes.
+    #[tokio::test]
+    async fn a_compiler_started_during_a_pause_is_stopped_with_the_workers() {
+        let dir = tempfile::tempdir().unwrap();
+        let script =
+            r#"if [ "$1" = --compile ]; then exec sleep 600; fi; cat "$0"; exec sleep 600"#;
+        let pool = fake_pool_running(dir.path(), &[READY], script).await;
+        pool.set_state(WorkerState::Pause);
+        pool.compile_later(BlobId::of(b"module"), "/nonexistent.wasm".into(), 1 << 20);
+        let compiler = async {
+            loop {
+                if let Some(&pid) = pool.inner.lock_compilers().first() {
+                    return pid;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        let pid = tokio::time::timeout(Duration::from_secs(10), compiler)
+            .await
+            .expect("the compiler started");
+        assert!(pool.governed_pids().contains(&pid));
+        assert!(!pool.worker_pids().contains(&pid), "not a worker");
+        assert!(comes_to(pid, true, || {}).await, "it runs during the pause");
+        pool.set_state(WorkerState::Run);
+        assert!(comes_to(pid, false, || {}).await, "it stays stopped");
+        pool.set_state(WorkerState::Throttle);
+        assert!(comes_to(pid, true, || {}).await, "it runs while throttled");
+        pool.close();
+        let gone = async {
+            while !pool.inner.lock_compilers().is_empty() || !pool.inner.lock_compiling().is_empty()
+            {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), gone)
+            .await
+            .expect("the compiler was killed when the pool closed");
     }
 
     /// A worker left stopped while the pool runs (a resume lost in the

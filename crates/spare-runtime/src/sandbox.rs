@@ -150,14 +150,20 @@ impl Sandbox {
     }
 
     /// Compiles `module` (at `path`) for jobs with a `stack` limit and
-    /// stores it in the cache, unless it is there already. For a process
-    /// that runs no guest.
+    /// stores it in the cache, unless an artifact that loads is there
+    /// already. For a process that runs no guest.
     pub fn compile(&mut self, module: &BlobId, path: &Path, stack: u64) -> Result<(), Failure> {
         let set = self.engine_for(stack)?;
-        if set.disk.as_ref().is_some_and(|d| d.path(module).exists()) {
-            return Ok(());
+        // Loads an artifact that is there, and replaces one that does not
+        // load (cut short, or refused by wasmtime).
+        let loaded = set.load(module, path);
+        // Linking (a missing import, no entry point) fails after the
+        // artifact is stored: that is the job's failure, not the cache's.
+        match (loaded, &set.disk) {
+            (Ok(_), _) => Ok(()),
+            (Err(_), Some(disk)) if disk.path(module).exists() => Ok(()),
+            (Err(e), _) => Err(e),
         }
-        set.load(module, path).map(drop)
     }
 
     /// Runs `job` to completion and reports how it ended. Never panics on

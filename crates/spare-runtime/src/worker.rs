@@ -76,6 +76,11 @@ fn serve(
     priority: crate::priority::PriorityReport,
     confinement: ConfineReport,
 ) -> i32 {
+    // Only where the kernel keeps it from writing there (Landlock, with
+    // truncation governed from ABI 3) does it load what is in the cache:
+    // elsewhere a worker taken over could write it like any of the user's
+    // files, and what it left would run in the next.
+    let cache_dir = cache_dir.filter(|_| confinement.files && confinement.landlock_abi >= 3);
     let mut sandbox = Sandbox::reading(cache_dir);
     let mut input = BufReader::new(std::io::stdin().lock());
     // Our own handle on fd 1: std's stdout is line-buffered and would split
@@ -145,12 +150,8 @@ pub fn compile(
     path: &Path,
     stack: u64,
 ) -> i32 {
+    // Paused and throttled with `SIGSTOP`: it has no guest's clock to keep.
     let _ = settle(confinement);
-    // Paused with the workers, as they are.
-    if let Err(e) = crate::stop::install_pause_handler() {
-        eprintln!("spare worker: cannot catch SIGTSTP, so pauses could not stop it: {e}");
-        return 1;
-    }
     match Sandbox::new(Some(cache_dir)).compile(module, path, stack) {
         Ok(()) => 0,
         Err(e) => {
