@@ -395,6 +395,24 @@ impl WorkerPool {
         self.inner.lock_state().stopped()
     }
 
+    /// Resolves once the workers have been running (not stopped) for
+    /// `allowed` since `started`, when they had been stopped for
+    /// `stopped_before` in all.
+    async fn after_running_for(
+        &self,
+        allowed: Duration,
+        started: Instant,
+        stopped_before: Duration,
+    ) {
+        loop {
+            let due = started + allowed + self.stopped().saturating_sub(stopped_before);
+            if Instant::now() >= due {
+                return;
+            }
+            tokio::time::sleep_until(due.into()).await;
+        }
+    }
+
     /// Runs `job`, waiting for a free slot first. Resolves early with
     /// [`Failure::Cancelled`] when `cancel` fires.
     pub async fn run(&self, job: Job, cancel: CancellationToken) -> Outcome {
@@ -448,15 +466,7 @@ impl WorkerPool {
         let allowed = Duration::from_millis(limits.wall_ms) + WATCHDOG_GRACE;
         let (started, stopped_before) = (Instant::now(), self.stopped());
         // Time the workers spent stopped moves the watchdog's deadline.
-        let watchdog = async {
-            loop {
-                let due = started + allowed + self.stopped().saturating_sub(stopped_before);
-                if Instant::now() >= due {
-                    return;
-                }
-                tokio::time::sleep_until(due.into()).await;
-            }
-        };
+        let watchdog = self.after_running_for(allowed, started, stopped_before);
         tokio::pin!(watchdog);
         // A worker that stops reading (a compromised one may) would block
         // the write of a job larger than the pipe's buffer for good, holding
@@ -761,17 +771,7 @@ impl WorkerPool {
             let _ = child.start_kill();
         }
         // Time stopped by pauses does not count, as for a job's watchdog.
-        let stopped_before = self.stopped();
-        let started = Instant::now();
-        let deadline = async {
-            loop {
-                let due = started + COMPILE_TIMEOUT + self.stopped().saturating_sub(stopped_before);
-                if Instant::now() >= due {
-                    return;
-                }
-                tokio::time::sleep_until(due.into()).await;
-            }
-        };
+        let deadline = self.after_running_for(COMPILE_TIMEOUT, Instant::now(), self.stopped());
         // It writes nothing: its output ends when it exits, before it is
         // reaped, so its pid is its own while listed.
         let mut sink = tokio::io::sink();
