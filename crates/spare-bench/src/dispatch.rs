@@ -1,6 +1,8 @@
 //! Dispatch latency: a trivial task submitted to one daemon and run on a
 //! remote peer over loopback, submit → result, against a raw TCP
-//! request-response round trip with messages of the same sizes.
+//! request-response round trip with messages of the same sizes; and the
+//! same task from two requesters in turn, each of which then needs a worker
+//! of its own on the host's one slot (a worker runs one tenant's jobs).
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -19,8 +21,8 @@ use crate::stats::{Samples, fmt, header, ratio, row};
 
 pub(crate) async fn run(env: &Env) -> Result<()> {
     let spare = env.spare.clone();
-    let swarm = tokio::task::spawn_blocking(move || Swarm::start(&spare, 2, 1)).await??;
-    let (a, b) = (&swarm.nodes[0], &swarm.nodes[1]);
+    let swarm = tokio::task::spawn_blocking(move || Swarm::start(&spare, 3, 1)).await??;
+    let (a, b, c) = (&swarm.nodes[0], &swarm.nodes[1], &swarm.nodes[2]);
     let client = Client::new(&a.socket(), "spare up".into());
     let submission = upload_hello(env, &client, Placement::On(b.peer_id().to_owned())).await?;
     let request_size = serde_json::to_vec(&submission)?.len();
@@ -56,6 +58,24 @@ pub(crate) async fn run(env: &Env) -> Result<()> {
         local.push(start.elapsed());
     }
     let local = Samples::new(local);
+    // Two requesters in turn on the same host.
+    let other = Client::new(&c.socket(), "spare up".into());
+    let other_submission = upload_hello(env, &other, Placement::On(b.peer_id().to_owned())).await?;
+    let turns = env.iterations(400);
+    let mut alternating = Vec::with_capacity(turns);
+    for i in 0..turns + turns / 10 {
+        let (client, submission) = if i % 2 == 0 {
+            (&client, &submission)
+        } else {
+            (&other, &other_submission)
+        };
+        let start = Instant::now();
+        run_once(client, submission).await?;
+        if i >= turns / 10 {
+            alternating.push(start.elapsed());
+        }
+    }
+    let alternating = Samples::new(alternating);
 
     header(&format!(
         "Dispatch: trivial task on a remote peer over loopback ({n} sequential tasks)"
@@ -83,6 +103,18 @@ pub(crate) async fn run(env: &Env) -> Result<()> {
         &fmt(local.p99()),
         &fmt(tcp.p99()),
         &ratio(local.p99(), tcp.p99()),
+    );
+    row(
+        &format!("p50, two requesters in turn ({turns} tasks)"),
+        &fmt(alternating.p50()),
+        &fmt(tcp.p50()),
+        &ratio(alternating.p50(), tcp.p50()),
+    );
+    row(
+        "p99, two requesters in turn",
+        &fmt(alternating.p99()),
+        &fmt(tcp.p99()),
+        &ratio(alternating.p99(), tcp.p99()),
     );
     println!(
         "\nbaseline: raw TCP round trip on loopback with a {request_size}-byte request and a {reply_size}-byte reply"

@@ -899,7 +899,7 @@ async fn a_cancel_before_the_job_is_read_still_stops_it_and_only_it() {
     let cancel = CancellationToken::new();
     let running = tokio::spawn({
         let (pool, cancel) = (pool.clone(), cancel.clone());
-        async move { pool.run(endless_job(), cancel).await }
+        async move { pool.run(endless_job(), "a", cancel).await }
     });
     while pool.stats().running == 0 {
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -922,17 +922,87 @@ async fn a_cancel_before_the_job_is_read_still_stops_it_and_only_it() {
         worker,
         "the worker stopped its guest itself instead of being killed"
     );
+    let outcome = pool.run(hello_job(), "a", CancellationToken::new()).await;
+    assert_eq!(outcome.exit_code(), Some(0), "{:?}", outcome.status);
+    assert_eq!(outcome.stdout, b"hello from spare\n");
+}
+
+/// `hello.wasm`, which prints a line.
+fn hello_job() -> Job {
     let hello = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples/hello.wasm");
     let bytes = std::fs::read(&hello).unwrap();
-    let next = Job {
+    Job {
         module: BlobId::of(&bytes),
         module_path: hello,
         name: "hello.wasm".into(),
+        limits: Limits::DEFAULT,
         ..endless_job()
+    }
+}
+
+/// A worker runs the jobs of one tenant only, so a guest that took over
+/// its worker never sees another's: a requester's next job takes its
+/// worker again, another requester's or the owner's gets a worker of its
+/// own (the first requester's is killed to make room), and fresh workers
+/// are used before any is started.
+#[tokio::test]
+async fn a_worker_runs_the_jobs_of_one_tenant_only() {
+    let pool = worker_pool(1).await;
+    let run = |requester: Option<&'static str>| {
+        let pool = pool.clone();
+        async move {
+            let outcome = match requester {
+                Some(requester) => {
+                    (pool.run(hello_job(), requester, CancellationToken::new())).await
+                }
+                None => (pool.run_for_owner(hello_job(), CancellationToken::new())).await,
+            };
+            assert_eq!(outcome.exit_code(), Some(0), "{:?}", outcome.status);
+            let pids = pool.worker_pids();
+            assert_eq!(pids.len(), 1, "{pids:?}");
+            pids[0]
+        }
     };
-    let outcome = pool.run(next, CancellationToken::new()).await;
-    assert_eq!(outcome.exit_code(), Some(0), "{:?}", outcome.status);
-    assert_eq!(outcome.stdout, b"hello from spare\n");
+    let fresh = pool.worker_pids();
+    let a = run(Some("a")).await;
+    assert_eq!([a], fresh[..], "the fresh worker was not used");
+    assert_eq!(
+        run(Some("a")).await,
+        a,
+        "a requester's worker was not reused"
+    );
+    let b = run(Some("b")).await;
+    assert_ne!(b, a, "another requester's job ran in the same worker");
+    // Killed, and reaped: gone from /proc.
+    let gone = || !std::path::Path::new(&format!("/proc/{a}")).exists();
+    for _ in 0..500 {
+        if gone() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(gone(), "the first requester's worker {a} lives on");
+    let owner = run(None).await;
+    assert!(![a, b].contains(&owner), "the owner's job shared a worker");
+    let again = run(Some("a")).await;
+    assert!(![a, b, owner].contains(&again));
+
+    // With two slots, both fresh workers serve two requesters in turn.
+    let pool = worker_pool(2).await;
+    let mut fresh = pool.worker_pids();
+    fresh.sort_unstable();
+    for requester in ["a", "b", "a", "b"] {
+        let outcome = pool
+            .run(hello_job(), requester, CancellationToken::new())
+            .await;
+        assert_eq!(outcome.exit_code(), Some(0), "{:?}", outcome.status);
+        let mut pids = pool.worker_pids();
+        pids.sort_unstable();
+        assert_eq!(
+            pids, fresh,
+            "a worker was started or killed for {requester}"
+        );
+    }
 }
 
 /// A worker that dies mid-job is reported, and the pool starts a
@@ -954,7 +1024,7 @@ async fn a_lost_worker_is_replaced_before_the_next_job() {
     let job = endless_job();
     let running = tokio::spawn({
         let pool = pool.clone();
-        async move { pool.run(job, CancellationToken::new()).await }
+        async move { pool.run(job, "a", CancellationToken::new()).await }
     });
     while pool.stats().running == 0 {
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -985,7 +1055,7 @@ async fn the_owners_job_is_counted_apart_and_never_governed() {
     });
     let swarms = tokio::spawn({
         let (pool, cancel) = (pool.clone(), cancel.clone());
-        async move { pool.run(endless_job(), cancel).await }
+        async move { pool.run(endless_job(), "a", cancel).await }
     });
     // Both jobs are in workers once there are two and one is exempt.
     for _ in 0..500 {
@@ -1021,7 +1091,7 @@ async fn a_cancelled_job_reports_what_it_used_and_keeps_its_worker() {
     let cancel = CancellationToken::new();
     let running = tokio::spawn({
         let (pool, cancel) = (pool.clone(), cancel.clone());
-        async move { pool.run(endless_job(), cancel).await }
+        async move { pool.run(endless_job(), "a", cancel).await }
     });
     while pool.stats().running == 0 {
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -1094,7 +1164,7 @@ async fn a_module_compiled_for_a_job_is_cached_by_the_compiler() {
     };
 
     let first = pool(1).await.unwrap();
-    let outcome = first.run(job(), CancellationToken::new()).await;
+    let outcome = first.run(job(), "a", CancellationToken::new()).await;
     assert_eq!(outcome.status, spare_core::Status::Exited(0), "{outcome:?}");
     let stored = tokio::time::timeout(Duration::from_secs(60), async {
         loop {
@@ -1116,7 +1186,7 @@ async fn a_module_compiled_for_a_job_is_cached_by_the_compiler() {
     let file = std::fs::File::open(&stored).unwrap();
     file.set_modified(long_ago).unwrap();
     let second = pool(1).await.unwrap();
-    let outcome = second.run(job(), CancellationToken::new()).await;
+    let outcome = second.run(job(), "a", CancellationToken::new()).await;
     assert_eq!(outcome.status, spare_core::Status::Exited(0), "{outcome:?}");
     let used = std::fs::metadata(&stored).unwrap().modified().unwrap();
     assert!(used > long_ago, "the fresh worker did not load it");

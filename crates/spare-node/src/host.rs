@@ -158,7 +158,10 @@ async fn run_for_peer(
             () = token.cancelled() => return (Outcome::failed(Failure::Cancelled), None),
         };
         tracing::debug!(%peer, task = %id, "running");
-        (node.pool().run(job, token.clone()).await, Some(reserved))
+        (
+            node.pool().run(job, &peer.to_string(), token.clone()).await,
+            Some(reserved),
+        )
     };
     tokio::pin!(run);
     let (outcome, mut reserved) = tokio::select! {

@@ -5,6 +5,13 @@
 //! Cancel-safety: dropping the future returned by [`WorkerPool::run`] kills
 //! the worker it was using (its `Child` is `kill_on_drop`), so a job never
 //! keeps running for a requester that has gone.
+//!
+//! Tenancy: a worker runs the jobs of one [`Tenant`] only (the owner, or
+//! one requester of the swarm). A job takes the worker its tenant used
+//! last, or a fresh one; without either, a worker is started for it, and
+//! another tenant's idle worker is killed to make room. A guest that took
+//! over its worker through a flaw in wasmtime therefore never sees another
+//! tenant's jobs, their inputs or their outputs.
 
 use std::collections::HashSet;
 use std::ffi::OsString;
@@ -61,6 +68,26 @@ const COMPILE_TIMEOUT: Duration = Duration::from_secs(10 * 60);
 /// Modules waiting for the compiler at most; more are not cached, this
 /// time.
 const MAX_COMPILES_WAITING: usize = 64;
+
+/// Whose jobs a worker runs: it never runs another's (see the module's
+/// documentation).
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Tenant {
+    /// The machine's owner (`spare run --local`).
+    Owner,
+    /// A requester of the swarm, by the identity the daemon gives.
+    Requester(String),
+}
+
+/// What a job finds among the idle workers (`take_idle`).
+enum Idle {
+    /// One it may use.
+    Warm(Worker),
+    /// None, and another tenant's to kill to make room for one.
+    Retire(Worker),
+    /// None, and room for one.
+    None,
+}
 
 /// How sending a job to a worker, or waiting for its answer, ended.
 enum Waited<T> {
@@ -135,6 +162,9 @@ struct Inner {
     /// Pids of live compilers (`compile`): governed like the workers, but
     /// not workers.
     compilers: Pids,
+    /// Pids of workers started but not yet ready: not yet governed, but
+    /// their CPU time is spare's, not the owner's.
+    starting: Pids,
     /// Modules waiting for the compiler or being compiled.
     compiling: Mutex<HashSet<BlobId>>,
     /// One compiler at a time.
@@ -181,6 +211,8 @@ struct Worker {
     /// Jobs sent to this worker so far: the number of the current one,
     /// which a cancel names (`stop::cancel`).
     jobs: u64,
+    /// Whose jobs it runs; `None` until its first.
+    tenant: Option<Tenant>,
     /// The pool's list of live pids, which this worker leaves when dropped
     /// (and killed, by `kill_on_drop`).
     pids: Pids,
@@ -241,6 +273,7 @@ impl WorkerPool {
                 open: watch::Sender::new(true),
                 exempt: Mutex::new(HashSet::new()),
                 compilers: Pids::default(),
+                starting: Pids::default(),
                 compiling: Mutex::new(HashSet::new()),
                 compile_turn: Semaphore::new(1),
             }),
@@ -295,10 +328,14 @@ impl WorkerPool {
     }
 
     /// Process ids of every process the pool runs for the swarm or the
-    /// owner: the workers and the compiler.
+    /// owner: the workers, those starting, and the compiler.
     pub fn spare_pids(&self) -> Vec<u32> {
         let mut pids = self.worker_pids();
+        pids.extend(self.inner.lock_starting().iter());
         pids.extend(self.inner.lock_compilers().iter());
+        // A worker becoming ready is listed twice for a moment.
+        pids.sort_unstable();
+        pids.dedup();
         pids
     }
 
@@ -413,20 +450,25 @@ impl WorkerPool {
         }
     }
 
-    /// Runs `job`, waiting for a free slot first. Resolves early with
+    /// Runs `job` for `requester` (any string that tells requesters apart:
+    /// the daemon gives their peer ids), waiting for a free slot first, in
+    /// a worker that has run no other requester's jobs. Resolves early with
     /// [`Failure::Cancelled`] when `cancel` fires.
-    pub async fn run(&self, job: Job, cancel: CancellationToken) -> Outcome {
-        self.run_as(job, cancel, false).await
+    pub async fn run(&self, job: Job, requester: &str, cancel: CancellationToken) -> Outcome {
+        let tenant = Tenant::Requester(requester.to_owned());
+        self.run_as(job, tenant, cancel).await
     }
 
     /// Runs a job of the machine's owner (`spare run --local`): like
     /// [`WorkerPool::run`], but neither a pause nor the CPU duty cycle stops
-    /// it, since those keep the swarm's work out of the owner's way.
+    /// it, since those keep the swarm's work out of the owner's way, and it
+    /// runs in a worker that has run none of the swarm's jobs.
     pub async fn run_for_owner(&self, job: Job, cancel: CancellationToken) -> Outcome {
-        self.run_as(job, cancel, true).await
+        self.run_as(job, Tenant::Owner, cancel).await
     }
 
-    async fn run_as(&self, job: Job, cancel: CancellationToken, owner: bool) -> Outcome {
+    async fn run_as(&self, job: Job, tenant: Tenant, cancel: CancellationToken) -> Outcome {
+        let owner = tenant == Tenant::Owner;
         let _queued = Gauge::up(&self.inner.queued);
         let mut open = self.inner.open.subscribe();
         tokio::select! {
@@ -445,13 +487,21 @@ impl WorkerPool {
         drop(_queued);
         let _running = Gauge::up(&self.inner.running);
         let _owner = owner.then(|| Gauge::up(&self.inner.owner_running));
-        let outcome = self.run_in_worker(job, &cancel, owner).await;
+        let outcome = self.run_in_worker(job, tenant, &cancel).await;
         drop(permit);
         outcome
     }
 
-    async fn run_in_worker(&self, job: Job, cancel: &CancellationToken, owner: bool) -> Outcome {
-        let idle = self.inner.lock_idle().pop();
+    async fn run_in_worker(&self, job: Job, tenant: Tenant, cancel: &CancellationToken) -> Outcome {
+        let owner = tenant == Tenant::Owner;
+        let idle = match self.take_idle(&tenant) {
+            Idle::Warm(worker) => Some(worker),
+            Idle::Retire(other) => {
+                self.retire(other);
+                None
+            }
+            Idle::None => None,
+        };
         let (mut worker, exempt) = match idle {
             Some(worker) => {
                 let exempt = owner.then(|| Exempt::new(self, worker.pid));
@@ -462,6 +512,8 @@ impl WorkerPool {
                 Err(e) => return Outcome::failed(Failure::Host(e.to_string())),
             },
         };
+        // From its first job on, whatever the job does to it.
+        worker.tenant = Some(tenant);
         let limits = job.limits;
         let allowed = Duration::from_millis(limits.wall_ms) + WATCHDOG_GRACE;
         let (started, stopped_before) = (Instant::now(), self.stopped());
@@ -631,12 +683,17 @@ impl WorkerPool {
         else {
             return Err(PoolError::Startup("no pipes to the worker".into()));
         };
+        // Its start takes a few milliseconds of CPU, which the governor
+        // must not take for the owner's. Off the list once ready or failed,
+        // and before it is reaped.
+        let starting = Listed::new(&self.inner.starting, pid);
         let mut worker = Worker {
             child,
             stdin,
             stdout: BufReader::with_capacity(64 << 10, stdout),
             pid,
             jobs: 0,
+            tenant: None,
             pids: Arc::clone(&self.inner.pids),
         };
         for procs in &self.inner.config.join {
@@ -679,6 +736,7 @@ impl WorkerPool {
                     Exempt { pool: self, pid }
                 });
                 self.inner.lock_pids().push(pid);
+                drop(starting);
                 if exempt.is_none() {
                     for &s in transition(WorkerState::Run, clock.state) {
                         signal(pid, s);
@@ -691,6 +749,7 @@ impl WorkerPool {
                 Err(PoolError::Startup("unexpected first message".into()))
             }
             Ok(Err(e)) => {
+                drop(starting);
                 // It may have died of what it wrote; if not, it is killed.
                 let status = match tokio::time::timeout(REAP_TIMEOUT, worker.child.wait()).await {
                     Ok(status) => status.ok(),
@@ -794,6 +853,35 @@ impl WorkerPool {
         }
     }
 
+    /// An idle worker for a job of `tenant`: the one it used last, or else
+    /// a fresh one. Without either, the worker to retire first if the pool
+    /// has all its workers: another tenant's, idle longest.
+    fn take_idle(&self, tenant: &Tenant) -> Idle {
+        let full = self.live() >= self.slots();
+        let mut idle = self.inner.lock_idle();
+        // Given back at the end: the last is the most recently used.
+        let at = (idle.iter())
+            .rposition(|w| w.tenant.as_ref() == Some(tenant))
+            .or_else(|| idle.iter().rposition(|w| w.tenant.is_none()));
+        match at {
+            Some(at) => Idle::Warm(idle.remove(at)),
+            None if full && !idle.is_empty() => Idle::Retire(idle.remove(0)),
+            None => Idle::None,
+        }
+    }
+
+    /// Kills an idle worker to make room for another tenant's, reaping it
+    /// in the background. No replacement: the job that retired it starts
+    /// its own.
+    fn retire(&self, mut worker: Worker) {
+        let _ = worker.child.start_kill();
+        // Out of the live list before it is reaped.
+        worker.unlist();
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(REAP_TIMEOUT, worker.child.wait()).await;
+        });
+    }
+
     async fn kill(&self, mut worker: Worker) {
         let _ = worker.child.start_kill();
         // Out of the live list before it is reaped, and before its
@@ -874,6 +962,10 @@ impl Inner {
 
     fn lock_exempt(&self) -> std::sync::MutexGuard<'_, HashSet<u32>> {
         self.exempt.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_starting(&self) -> std::sync::MutexGuard<'_, Vec<u32>> {
+        self.starting.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn lock_compilers(&self) -> std::sync::MutexGuard<'_, Vec<u32>> {
@@ -1014,6 +1106,26 @@ impl Drop for Exempt<'_> {
         for &s in transition(WorkerState::Run, clock.state) {
             signal(self.pid, s);
         }
+    }
+}
+
+/// Keeps a pid in a list for as long as it lives.
+struct Listed<'a> {
+    pids: &'a Pids,
+    pid: u32,
+}
+
+impl<'a> Listed<'a> {
+    fn new(pids: &'a Pids, pid: u32) -> Self {
+        pids.lock().unwrap_or_else(|p| p.into_inner()).push(pid);
+        Self { pids, pid }
+    }
+}
+
+impl Drop for Listed<'_> {
+    fn drop(&mut self) {
+        let mut pids = self.pids.lock().unwrap_or_else(|p| p.into_inner());
+        pids.retain(|p| *p != self.pid);
     }
 }
 
@@ -1208,6 +1320,42 @@ mod tests {
             .expect("the compiler was killed when the pool closed");
     }
 
+    /// A worker's start is spare's CPU time, not the owner's: its pid is
+    /// among spare's before it says it is ready, once afterwards.
+    #[tokio::test]
+    async fn a_starting_worker_is_among_spares_processes() {
+        let dir = tempfile::tempdir().unwrap();
+        // The first worker is ready at once; later ones once told.
+        let script = r#"if [ -e "$0.slow" ]; then while [ ! -e "$0.go" ]; do sleep 0.01; done; fi
+            cat "$0"; exec sleep 600"#;
+        let pool = fake_pool_running(dir.path(), &[READY], script).await;
+        let first = pool.worker_pids();
+        std::fs::write(dir.path().join("frames.slow"), "").unwrap();
+        let started = tokio::spawn({
+            let pool = pool.clone();
+            async move { pool.spawn().await }
+        });
+        let starting = async {
+            loop {
+                let spares = pool.spare_pids();
+                if let Some(&pid) = spares.iter().find(|pid| !first.contains(pid)) {
+                    return pid;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        let pid = tokio::time::timeout(Duration::from_secs(10), starting)
+            .await
+            .expect("the starting worker is among spare's processes");
+        assert_eq!(pool.worker_pids(), first, "not a worker before it is ready");
+        std::fs::write(dir.path().join("frames.go"), "").unwrap();
+        let ready = started.await.unwrap().unwrap();
+        assert_eq!(ready.pid, pid);
+        let mut all = [first[0], pid];
+        all.sort_unstable();
+        assert_eq!(pool.spare_pids(), all);
+    }
+
     /// A worker left stopped while the pool runs (a resume lost in the
     /// race with a worker's pause handler) is resumed within seconds.
     #[tokio::test]
@@ -1280,7 +1428,7 @@ mod tests {
         let running = tokio::spawn({
             let (pool, cancel) = (pool.clone(), cancel.clone());
             // Far more than a pipe holds.
-            async move { pool.run(job(vec!["x".repeat(1 << 20)]), cancel).await }
+            async move { pool.run(job(vec!["x".repeat(1 << 20)]), "a", cancel).await }
         });
         while pool.stats().running == 0 {
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -1314,7 +1462,7 @@ mod tests {
         lie.fuel = u64::MAX;
         let done = FromWorker::Done(Box::new(lie));
         let pool = fake_pool(dir.path(), &[READY, done], "cat >/dev/null").await;
-        let outcome = pool.run(job(vec![]), CancellationToken::new()).await;
+        let outcome = pool.run(job(vec![]), "a", CancellationToken::new()).await;
         match outcome.failure() {
             Some(Failure::WorkerCrashed(why)) => assert!(why.contains("fuel"), "{why}"),
             other => panic!("{other:?}"),
