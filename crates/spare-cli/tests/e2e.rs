@@ -719,11 +719,26 @@ fn a_crashed_worker_is_replaced_and_its_task_retried_elsewhere() {
         Duration::from_secs(20),
         || host_node.get("/v1/node").unwrap()["running"] == 1,
     );
+    // The worker running it (beside the fresh one the host keeps in
+    // reserve): the one whose CPU time grows.
+    let ticks = |pid: u32| spare_policy::owner::process_cpu_ticks(pid).unwrap_or(0);
+    let mut busy = 0;
+    wait_until("a worker to run the task", Duration::from_secs(20), || {
+        let before: Vec<(u32, u64)> = (host_node.worker_pids().unwrap().into_iter())
+            .map(|pid| (pid, ticks(pid)))
+            .collect();
+        std::thread::sleep(Duration::from_millis(200));
+        let grew: Vec<u32> = (before.iter())
+            .filter(|&&(pid, was)| ticks(pid) > was + 2)
+            .map(|&(pid, _)| pid)
+            .collect();
+        busy = grew.first().copied().unwrap_or(0);
+        grew.len() == 1
+    });
     let workers = host_node.worker_pids().unwrap();
-    assert_eq!(workers.len(), 1);
     // SAFETY: kill only takes integers.
     unsafe {
-        libc::kill(workers[0] as libc::pid_t, libc::SIGKILL);
+        libc::kill(busy as libc::pid_t, libc::SIGKILL);
     }
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -743,8 +758,8 @@ fn a_crashed_worker_is_replaced_and_its_task_retried_elsewhere() {
     );
     assert_eq!(json(&out)["stdout"], "hello from spare\n");
     let replaced = host_node.worker_pids().unwrap();
-    assert_eq!(replaced.len(), 1);
-    assert_ne!(replaced, workers);
+    assert!(!replaced.contains(&busy), "{replaced:?}");
+    assert!(replaced.len() <= workers.len(), "{replaced:?} {workers:?}");
 }
 
 #[test]
@@ -1092,20 +1107,57 @@ fn demo_stopped_by(signal: libc::c_int, after: &str, tmp: &std::path::Path) -> V
             .map(|pid| {
                 let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"));
                 let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                // Each thread: its name, state and where it waits.
+                let threads: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .map(|task| {
+                        let read = |f: &str| {
+                            std::fs::read_to_string(task.path().join(f)).unwrap_or_default()
+                        };
+                        let stack: Vec<String> =
+                            read("stack").lines().take(6).map(str::to_owned).collect();
+                        format!(
+                            "{} {} {} {stack:?}",
+                            read("comm").trim(),
+                            read("stat")
+                                .split(") ")
+                                .nth(1)
+                                .unwrap_or("")
+                                .get(..1)
+                                .unwrap_or(""),
+                            read("wchan"),
+                        )
+                    })
+                    .collect();
                 format!(
-                    "{} [{}]",
+                    "{} [{}] {threads:?}",
                     text(&cmdline).replace('\0', " "),
                     stat.unwrap_or_default()
                 )
             })
             .collect()
     };
+    // The daemons' logs, where a failure says why.
+    let logs = || -> String {
+        let mut logs = String::new();
+        let swarms = std::fs::read_dir(tmp).into_iter().flatten().flatten();
+        for node in swarms.flat_map(|s| std::fs::read_dir(s.path()).into_iter().flatten()) {
+            let Ok(node) = node else { continue };
+            let log = std::fs::read_to_string(node.path().join("daemon.log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(15).collect();
+            logs += &format!("\n{}: {tail:?}", node.path().display());
+        }
+        logs
+    };
     let gone = Instant::now() + Duration::from_secs(10);
     while !left().is_empty() {
         assert!(
             Instant::now() < gone,
-            "the demo's daemons and workers did not exit: {:?}",
-            left()
+            "the demo's daemons and workers did not exit: {:?}{}",
+            left(),
+            logs()
         );
         std::thread::sleep(Duration::from_millis(20));
     }

@@ -11,13 +11,16 @@
 //! last, or a fresh one; without either, a worker is started for it, and
 //! another tenant's idle worker is killed to make room. A guest that took
 //! over its worker through a flaw in wasmtime therefore never sees another
-//! tenant's jobs, their inputs or their outputs.
+//! tenant's jobs, their inputs or their outputs. So that a change of tenant
+//! does not wait for a worker to start, the pool keeps one fresh worker in
+//! reserve beyond a worker for every slot, started again in the background
+//! whenever a job takes it ([`WorkerPool::replenish`]).
 
 use std::collections::HashSet;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -165,6 +168,8 @@ struct Inner {
     /// Pids of workers started but not yet ready: not yet governed, but
     /// their CPU time is spare's, not the owner's.
     starting: Pids,
+    /// Whether a fresh worker is being started for the reserve.
+    reserving: AtomicBool,
     /// Modules waiting for the compiler or being compiled.
     compiling: Mutex<HashSet<BlobId>>,
     /// One compiler at a time.
@@ -274,6 +279,7 @@ impl WorkerPool {
                 exempt: Mutex::new(HashSet::new()),
                 compilers: Pids::default(),
                 starting: Pids::default(),
+                reserving: AtomicBool::new(false),
                 compiling: Mutex::new(HashSet::new()),
                 compile_turn: Semaphore::new(1),
             }),
@@ -502,6 +508,8 @@ impl WorkerPool {
             }
             Idle::None => None,
         };
+        // The next tenant without a worker finds one started meanwhile.
+        self.replenish();
         let (mut worker, exempt) = match idle {
             Some(worker) => {
                 let exempt = owner.then(|| Exempt::new(self, worker.pid));
@@ -857,7 +865,7 @@ impl WorkerPool {
     /// a fresh one. Without either, the worker to retire first if the pool
     /// has all its workers: another tenant's, idle longest.
     fn take_idle(&self, tenant: &Tenant) -> Idle {
-        let full = self.live() >= self.slots();
+        let full = self.live() >= self.most();
         let mut idle = self.inner.lock_idle();
         // Given back at the end: the last is the most recently used.
         let at = (idle.iter())
@@ -870,9 +878,9 @@ impl WorkerPool {
         }
     }
 
-    /// Kills an idle worker to make room for another tenant's, reaping it
-    /// in the background. No replacement: the job that retired it starts
-    /// its own.
+    /// Kills an idle worker to make room for another, reaping it in the
+    /// background. Keeping a fresh one ready is [`WorkerPool::replenish`]'s
+    /// business.
     fn retire(&self, mut worker: Worker) {
         let _ = worker.child.start_kill();
         // Out of the live list before it is reaped.
@@ -892,28 +900,66 @@ impl WorkerPool {
         self.replenish();
     }
 
-    /// Starts a replacement for a worker that was killed, in the background,
-    /// so the next job finds a warm one. (A job that finds no idle worker
-    /// starts one itself; `give_back` keeps the total at `slots` either way.)
+    /// Starts a fresh worker in the background, unless one is idle or
+    /// starting already: the reserve, for the next job of a tenant without
+    /// a worker of its own, and the replacement of a worker that was
+    /// killed. (A job that finds no idle worker starts one itself;
+    /// `give_back` keeps the total at [`WorkerPool::most`] either way.)
     fn replenish(&self) {
-        if self.live() >= self.slots() {
+        let live = self.live();
+        {
+            // With every worker running (the owner's jobs may take more
+            // than the slots), one more would find no room.
+            let idle = self.inner.lock_idle();
+            let room = live < self.most() || idle.iter().any(|w| w.tenant.is_some());
+            if !room || idle.iter().any(|w| w.tenant.is_none()) {
+                return;
+            }
+        }
+        if self.inner.reserving.swap(true, Ordering::AcqRel) {
             return;
         }
         let pool = self.clone();
         tokio::spawn(async move {
-            match pool.spawn().await {
+            let started = pool.spawn().await;
+            pool.inner.reserving.store(false, Ordering::Release);
+            match started {
                 Ok(worker) => pool.give_back(worker),
-                Err(e) => tracing::warn!("cannot replace a worker: {e}"),
+                Err(e) => tracing::warn!("cannot start a worker: {e}"),
             }
         });
     }
 
-    /// Keeps `worker` warm for the next job, unless the pool already has a
-    /// worker for every slot (then dropping it kills it).
+    /// Keeps `worker` warm for the next job. Beyond [`WorkerPool::most`]
+    /// workers, the used one idle longest goes (a fresh one only when no
+    /// used one is idle). A pool that is closed keeps none (dropping it
+    /// kills it).
     fn give_back(&self, worker: Worker) {
-        if self.live() <= self.slots() {
-            self.inner.lock_idle().push(worker);
+        if self.inner.slots.is_closed() {
+            return;
         }
+        let excess = self.live().saturating_sub(self.most());
+        let evicted: Vec<Worker> = {
+            let mut idle = self.inner.lock_idle();
+            idle.push(worker);
+            (0..excess)
+                .filter_map(|_| {
+                    let at = (idle.iter().position(|w| w.tenant.is_some()))
+                        .or_else(|| (!idle.is_empty()).then_some(0))?;
+                    Some(idle.remove(at))
+                })
+                .collect()
+        };
+        for worker in evicted {
+            self.retire(worker);
+        }
+    }
+
+    /// Workers the pool keeps alive at most, running or idle: one for
+    /// every slot, and a fresh one in reserve. (The owner's jobs may take
+    /// as many more while they run.)
+    fn most(&self) -> usize {
+        self.slots() + 1
     }
 
     /// Worker processes alive now.

@@ -188,13 +188,7 @@ impl Sandbox {
             JobStdin::File(path) => std::fs::read(path)
                 .map_err(|e| Failure::Host(format!("cannot read stdin blob: {e}")))?,
         };
-        if self.executor.is_none() {
-            let executor = tokio::runtime::Builder::new_current_thread()
-                .enable_time()
-                .build()
-                .map_err(|e| Failure::Host(format!("cannot start the guest executor: {e}")))?;
-            self.executor = Some(executor);
-        }
+        self.start_executor()?;
         for set in &self.engines {
             set.missed.set(false);
         }
@@ -281,6 +275,26 @@ impl Sandbox {
             fuel: job.limits.fuel.saturating_sub(fuel_left),
             wall_ms: 0,
         })
+    }
+
+    /// Makes ready, before any job, what every job needs: the guest
+    /// executor, and the engine for jobs with a `stack` limit. A fresh
+    /// worker does this before it says it is ready, so that its first job
+    /// costs little more than a warm worker's.
+    pub fn warm(&mut self, stack: u64) -> Result<(), Failure> {
+        self.start_executor()?;
+        self.engine_for(stack).map(|_| ())
+    }
+
+    fn start_executor(&mut self) -> Result<(), Failure> {
+        if self.executor.is_none() {
+            let executor = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+                .map_err(|e| Failure::Host(format!("cannot start the guest executor: {e}")))?;
+            self.executor = Some(executor);
+        }
+        Ok(())
     }
 
     /// The engine whose stack limit is `stack`, created on first use.

@@ -82,6 +82,10 @@ fn serve(
     // files, and what it left would run in the next.
     let cache_dir = cache_dir.filter(|_| confinement.files && confinement.landlock_abi >= 3);
     let mut sandbox = Sandbox::reading(cache_dir);
+    // Most jobs ask for the default stack. Should this fail, the job says why.
+    if let Err(e) = sandbox.warm(spare_core::Limits::DEFAULT.stack) {
+        eprintln!("spare worker: {e}");
+    }
     let mut input = BufReader::new(std::io::stdin().lock());
     // Our own handle on fd 1: std's stdout is line-buffered and would split
     // a result at the first newline of the guest's output, costing a
