@@ -418,6 +418,10 @@ impl WorkerPool {
         for pid in self.inner.lock_compilers().iter() {
             signal(*pid, libc::SIGKILL);
         }
+        // Listed until they are ready or have failed, and reaped only then.
+        for pid in self.inner.lock_starting().iter() {
+            signal(*pid, libc::SIGKILL);
+        }
         let idle: Vec<Worker> = std::mem::take(&mut *self.inner.lock_idle());
         for mut worker in idle {
             let _ = worker.child.start_kill();
@@ -691,10 +695,6 @@ impl WorkerPool {
         else {
             return Err(PoolError::Startup("no pipes to the worker".into()));
         };
-        // Its start takes a few milliseconds of CPU, which the governor
-        // must not take for the owner's. Off the list once ready or failed,
-        // and before it is reaped.
-        let starting = Listed::new(&self.inner.starting, pid);
         let mut worker = Worker {
             child,
             stdin,
@@ -704,6 +704,11 @@ impl WorkerPool {
             tenant: None,
             pids: Arc::clone(&self.inner.pids),
         };
+        // Its start takes a few milliseconds of CPU, which the governor
+        // must not take for the owner's. Off the list once ready or failed,
+        // and before it is reaped (declared after the worker, so dropped
+        // before it).
+        let starting = Listed::new(&self.inner.starting, pid);
         for procs in &self.inner.config.join {
             if let Err(e) = std::fs::write(procs, pid.to_string()) {
                 return Err(PoolError::Startup(format!(
@@ -906,6 +911,9 @@ impl WorkerPool {
     /// killed. (A job that finds no idle worker starts one itself;
     /// `give_back` keeps the total at [`WorkerPool::most`] either way.)
     fn replenish(&self) {
+        if self.inner.slots.is_closed() {
+            return;
+        }
         let live = self.live();
         {
             // With every worker running (the owner's jobs may take more
@@ -921,12 +929,14 @@ impl WorkerPool {
         }
         let pool = self.clone();
         tokio::spawn(async move {
-            let started = pool.spawn().await;
-            pool.inner.reserving.store(false, Ordering::Release);
-            match started {
+            match pool.spawn().await {
                 Ok(worker) => pool.give_back(worker),
+                // `close` kills workers still starting.
+                Err(_) if pool.inner.slots.is_closed() => {}
                 Err(e) => tracing::warn!("cannot start a worker: {e}"),
             }
+            // Only now: until it is idle, another call would start a second.
+            pool.inner.reserving.store(false, Ordering::Release);
         });
     }
 
@@ -935,21 +945,25 @@ impl WorkerPool {
     /// used one is idle). A pool that is closed keeps none (dropping it
     /// kills it).
     fn give_back(&self, worker: Worker) {
+        let excess = self.live().saturating_sub(self.most());
+        let mut idle = self.inner.lock_idle();
+        // Checked under the lock `close` empties the idle list under, after
+        // closing the slots: a worker given back as the pool closes is
+        // either killed by `close` or not kept.
         if self.inner.slots.is_closed() {
+            drop(idle);
+            drop(worker);
             return;
         }
-        let excess = self.live().saturating_sub(self.most());
-        let evicted: Vec<Worker> = {
-            let mut idle = self.inner.lock_idle();
-            idle.push(worker);
-            (0..excess)
-                .filter_map(|_| {
-                    let at = (idle.iter().position(|w| w.tenant.is_some()))
-                        .or_else(|| (!idle.is_empty()).then_some(0))?;
-                    Some(idle.remove(at))
-                })
-                .collect()
-        };
+        idle.push(worker);
+        let evicted: Vec<Worker> = (0..excess)
+            .filter_map(|_| {
+                let at = (idle.iter().position(|w| w.tenant.is_some()))
+                    .or_else(|| (!idle.is_empty()).then_some(0))?;
+                Some(idle.remove(at))
+            })
+            .collect();
+        drop(idle);
         for worker in evicted {
             self.retire(worker);
         }
@@ -1488,7 +1502,8 @@ mod tests {
         assert_eq!(outcome, Outcome::failed(Failure::Cancelled));
         assert_eq!(pool.stats().running, 0);
         assert_eq!(pool.inner.slots.available_permits(), 1);
-        // The worker, with half a job in its pipe, was killed and replaced.
+        // The worker, with half a job in its pipe, was killed; the fresh
+        // one in reserve is left.
         for _ in 0..500 {
             let pids = pool.worker_pids();
             if pids.len() == 1 && pids != first {
