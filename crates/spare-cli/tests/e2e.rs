@@ -1151,10 +1151,12 @@ fn demo_stopped_by(signal: libc::c_int, after: &str, tmp: &std::path::Path) -> V
         }
         logs
     };
-    // Reaping a worker can take the kernel seconds on this machine while
-    // the test suite loads it (a daemon's thread was seen spending 5 to
-    // 10 s of system time in `release_task` → `shrink_dcache_parent`): a
-    // daemon left behind would live on for good.
+    // Reaping a worker can take the kernel seconds while other threads
+    // keep reading `/proc` (a daemon's thread was seen spending 5 to 10 s
+    // of system time in `release_task` → `shrink_dcache_parent` while four
+    // of these loops read every process's command line 50 times a
+    // second): they look every 200 ms, and allow a minute, as a daemon
+    // left behind would live on for good.
     let stopped = Instant::now();
     let gone = stopped + Duration::from_secs(60);
     while !left().is_empty() {
@@ -1164,7 +1166,7 @@ fn demo_stopped_by(signal: libc::c_int, after: &str, tmp: &std::path::Path) -> V
             left(),
             logs()
         );
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(200));
     }
     if stopped.elapsed() > Duration::from_secs(10) {
         eprintln!("the demo's processes took {:?} to exit", stopped.elapsed());
