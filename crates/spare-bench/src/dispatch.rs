@@ -17,7 +17,7 @@ use spare_node::api::types::{Placement, Submission, SubmitStdin, TaskEvent, Task
 use spare_testkit::Swarm;
 
 use crate::Env;
-use crate::stats::{Samples, fmt, header, ratio, row};
+use crate::stats::{Samples, header, percentile_rows};
 
 pub(crate) async fn run(env: &Env) -> Result<()> {
     let spare = env.spare.clone();
@@ -80,41 +80,12 @@ pub(crate) async fn run(env: &Env) -> Result<()> {
     header(&format!(
         "Dispatch: trivial task on a remote peer over loopback ({n} sequential tasks)"
     ));
-    row(
-        "p50",
-        &fmt(spare.p50()),
-        &fmt(tcp.p50()),
-        &ratio(spare.p50(), tcp.p50()),
-    );
-    row(
-        "p99",
-        &fmt(spare.p99()),
-        &fmt(tcp.p99()),
-        &ratio(spare.p99(), tcp.p99()),
-    );
-    row(
-        "p50, same task with --local (no network)",
-        &fmt(local.p50()),
-        &fmt(tcp.p50()),
-        &ratio(local.p50(), tcp.p50()),
-    );
-    row(
-        "p99, same task with --local (no network)",
-        &fmt(local.p99()),
-        &fmt(tcp.p99()),
-        &ratio(local.p99(), tcp.p99()),
-    );
-    row(
-        &format!("p50, two requesters in turn ({turns} tasks)"),
-        &fmt(alternating.p50()),
-        &fmt(tcp.p50()),
-        &ratio(alternating.p50(), tcp.p50()),
-    );
-    row(
-        "p99, two requesters in turn",
-        &fmt(alternating.p99()),
-        &fmt(tcp.p99()),
-        &ratio(alternating.p99(), tcp.p99()),
+    percentile_rows("", &spare, &tcp);
+    percentile_rows(", same task with --local (no network)", &local, &tcp);
+    percentile_rows(
+        &format!(", two requesters in turn ({turns} tasks)"),
+        &alternating,
+        &tcp,
     );
     println!(
         "\nbaseline: raw TCP round trip on loopback with a {request_size}-byte request and a {reply_size}-byte reply"
@@ -138,18 +109,7 @@ pub(crate) async fn run(env: &Env) -> Result<()> {
         header(&format!(
             "`spare run` on a remote peer vs `wasmtime run` here ({runs} runs of hello.wasm)"
         ));
-        row(
-            "p50",
-            &fmt(spare_cli.p50()),
-            &fmt(local.p50()),
-            &ratio(spare_cli.p50(), local.p50()),
-        );
-        row(
-            "p99",
-            &fmt(spare_cli.p99()),
-            &fmt(local.p99()),
-            &ratio(spare_cli.p99(), local.p99()),
-        );
+        percentile_rows("", &spare_cli, &local);
     }
     Ok(())
 }

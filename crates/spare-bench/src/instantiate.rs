@@ -13,7 +13,7 @@ use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 
 use crate::Env;
-use crate::stats::{Samples, fmt, header, ratio, row};
+use crate::stats::{Samples, header, percentile_rows};
 
 pub(crate) fn run(env: &Env) -> Result<()> {
     let path = env.example("hello.wasm");
@@ -61,18 +61,7 @@ pub(crate) fn run(env: &Env) -> Result<()> {
         "Instantiation of a cached module ({} runs of hello.wasm)",
         spare.len()
     ));
-    row(
-        "p50",
-        &fmt(spare.p50()),
-        &fmt(bare.p50()),
-        &ratio(spare.p50(), bare.p50()),
-    );
-    row(
-        "p99",
-        &fmt(spare.p99()),
-        &fmt(bare.p99()),
-        &ratio(spare.p99(), bare.p99()),
-    );
+    percentile_rows("", &spare, &bare);
     println!(
         "\nbaseline: bare wasmtime in the same process (no fuel, no limits, no output capture bookkeeping)"
     );

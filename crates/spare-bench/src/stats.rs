@@ -56,6 +56,22 @@ pub(crate) fn ratio(a: Duration, b: Duration) -> String {
     format!("{:.2}×", a.as_secs_f64() / b.as_secs_f64())
 }
 
+/// Prints the p50 and p99 rows of `spare` against `baseline`, each named
+/// by its percentile and then `what` (`"p50"`, or `"p50, with --local"`).
+pub(crate) fn percentile_rows(what: &str, spare: &Samples, baseline: &Samples) {
+    for (name, of) in [
+        ("p50", Samples::p50 as fn(&Samples) -> Duration),
+        ("p99", Samples::p99),
+    ] {
+        row(
+            &format!("{name}{what}"),
+            &fmt(of(spare)),
+            &fmt(of(baseline)),
+            &ratio(of(spare), of(baseline)),
+        );
+    }
+}
+
 /// Prints one result row: what, the figure, the baseline, their ratio.
 pub(crate) fn row(what: &str, figure: &str, baseline: &str, ratio: &str) {
     println!("| {what} | {figure} | {baseline} | {ratio} |");

@@ -868,22 +868,32 @@ async fn worker_pool(slots: usize) -> WorkerPool {
     .unwrap()
 }
 
-/// `hostile/loop.wasm`, which spins until its wall time (a minute) ends.
-fn endless_job() -> Job {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples/hostile/loop.wasm");
+/// `examples/<path>` with `args`, within the default limits.
+fn example_job(path: &str, args: &[&str]) -> Job {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../examples")
+        .join(path);
     let bytes = std::fs::read(&path).unwrap();
     Job {
         task: TaskId::random(),
         module: BlobId::of(&bytes),
+        name: path.file_name().unwrap().to_string_lossy().into_owned(),
         module_path: path,
-        name: "loop.wasm".into(),
-        args: vec![],
+        args: args.iter().map(|a| (*a).to_owned()).collect(),
         env: vec![],
         stdin: JobStdin::Bytes(vec![]),
+        limits: Limits::DEFAULT,
+    }
+}
+
+/// `hostile/loop.wasm`, which spins until its wall time (a minute) ends.
+fn endless_job() -> Job {
+    Job {
         limits: Limits {
             wall_ms: 60_000,
             ..Limits::DEFAULT
         },
+        ..example_job("hostile/loop.wasm", &[])
     }
 }
 
@@ -929,30 +939,13 @@ async fn a_cancel_before_the_job_is_read_still_stops_it_and_only_it() {
 
 /// `hello.wasm`, which prints a line.
 fn hello_job() -> Job {
-    let hello = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples/hello.wasm");
-    let bytes = std::fs::read(&hello).unwrap();
-    Job {
-        module: BlobId::of(&bytes),
-        module_path: hello,
-        name: "hello.wasm".into(),
-        limits: Limits::DEFAULT,
-        ..endless_job()
-    }
+    example_job("hello.wasm", &[])
 }
 
 /// `cpubound.wasm` for a tenth of a second or so: enough CPU time to tell
 /// the worker that ran it from the others.
 fn busy_job() -> Job {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples/cpubound.wasm");
-    let bytes = std::fs::read(&path).unwrap();
-    Job {
-        module: BlobId::of(&bytes),
-        module_path: path,
-        name: "cpubound.wasm".into(),
-        args: vec!["10".into()],
-        limits: Limits::DEFAULT,
-        ..endless_job()
-    }
+    example_job("cpubound.wasm", &["10"])
 }
 
 /// Runs [`busy_job`] for `requester` (the owner's job, without one) and
