@@ -159,7 +159,7 @@ async fn run_for_peer(
         };
         tracing::debug!(%peer, task = %id, "running");
         (
-            node.pool().run(job, &peer.to_string(), token.clone()).await,
+            node.pool().run(job, peer.to_string(), token.clone()).await,
             Some(reserved),
         )
     };

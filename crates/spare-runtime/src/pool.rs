@@ -84,8 +84,10 @@ enum Tenant {
 
 /// What a job finds among the idle workers (`take_idle`).
 enum Idle {
-    /// One it may use.
-    Warm(Worker),
+    /// The one its tenant used last.
+    Own(Worker),
+    /// A fresh one: the reserve, or one never used.
+    Fresh(Worker),
     /// None, and another tenant's to kill to make room for one.
     Retire(Worker),
     /// None, and room for one.
@@ -464,8 +466,13 @@ impl WorkerPool {
     /// the daemon gives their peer ids), waiting for a free slot first, in
     /// a worker that has run no other requester's jobs. Resolves early with
     /// [`Failure::Cancelled`] when `cancel` fires.
-    pub async fn run(&self, job: Job, requester: &str, cancel: CancellationToken) -> Outcome {
-        let tenant = Tenant::Requester(requester.to_owned());
+    pub async fn run(
+        &self,
+        job: Job,
+        requester: impl Into<String>,
+        cancel: CancellationToken,
+    ) -> Outcome {
+        let tenant = Tenant::Requester(requester.into());
         self.run_as(job, tenant, cancel).await
     }
 
@@ -505,15 +512,23 @@ impl WorkerPool {
     async fn run_in_worker(&self, job: Job, tenant: Tenant, cancel: &CancellationToken) -> Outcome {
         let owner = tenant == Tenant::Owner;
         let idle = match self.take_idle(&tenant) {
-            Idle::Warm(worker) => Some(worker),
+            Idle::Own(worker) => Some(worker),
+            // The reserve is taken or short: the next tenant without a
+            // worker finds one started meanwhile.
+            Idle::Fresh(worker) => {
+                self.replenish();
+                Some(worker)
+            }
             Idle::Retire(other) => {
                 self.retire(other);
+                self.replenish();
                 None
             }
-            Idle::None => None,
+            Idle::None => {
+                self.replenish();
+                None
+            }
         };
-        // The next tenant without a worker finds one started meanwhile.
-        self.replenish();
         let (mut worker, exempt) = match idle {
             Some(worker) => {
                 let exempt = owner.then(|| Exempt::new(self, worker.pid));
@@ -873,11 +888,11 @@ impl WorkerPool {
         let full = self.live() >= self.most();
         let mut idle = self.inner.lock_idle();
         // Given back at the end: the last is the most recently used.
-        let at = (idle.iter())
-            .rposition(|w| w.tenant.as_ref() == Some(tenant))
-            .or_else(|| idle.iter().rposition(|w| w.tenant.is_none()));
-        match at {
-            Some(at) => Idle::Warm(idle.remove(at)),
+        if let Some(at) = idle.iter().rposition(|w| w.tenant.as_ref() == Some(tenant)) {
+            return Idle::Own(idle.remove(at));
+        }
+        match idle.iter().rposition(|w| w.tenant.is_none()) {
+            Some(at) => Idle::Fresh(idle.remove(at)),
             None if full && !idle.is_empty() => Idle::Retire(idle.remove(0)),
             None => Idle::None,
         }
