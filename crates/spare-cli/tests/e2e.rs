@@ -881,7 +881,7 @@ fn a_task_waits_while_every_peer_gives_nothing_and_says_why() {
     assert!(
         line.contains(&format!(
             "peer {host_id} gives nothing right now (outside its time windows); \
-             the task waits in its queue"
+             the task waits there"
         )),
         "{line}"
     );

@@ -405,7 +405,14 @@ fn a_paused_hosts_task_finishes_elsewhere() {
     assert_eq!(result["host"], other.peer_id(), "{result}");
     assert_eq!(result["attempts"], 2, "{result}");
     let stderr = text(&out.stderr);
-    assert!(stderr.contains("handed back"), "{stderr}");
+    // The user heard of the pause while it lasted, then of the hand-back.
+    let told = stderr
+        .find(&format!(
+            "spare: waiting: peer {} gives nothing right now (",
+            idle_host.peer_id()
+        ))
+        .unwrap_or_else(|| panic!("no word of the pause: {stderr}"));
+    assert!(stderr[told..].contains("handed back"), "{stderr}");
     let hosted = idle_host.get("/v1/hosted?limit=1").unwrap();
     assert!(
         hosted[0]["failure"]

@@ -379,7 +379,17 @@ impl NetHandle {
     }
 
     pub fn is_connected(&self, peer: &PeerId) -> bool {
-        self.peers().iter().any(|p| p.peer == *peer)
+        self.peer(peer).is_some()
+    }
+
+    /// What is known of one connected `peer`, without copying the table.
+    pub fn peer(&self, peer: &PeerId) -> Option<PeerInfo> {
+        self.shared
+            .peers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(peer)
+            .cloned()
     }
 
     /// Sends a task request and waits for the answer. Cancel-safe: dropping

@@ -220,6 +220,10 @@ impl PeerTable {
         true
     }
 
+    pub(crate) fn get(&self, peer: &PeerId) -> Option<&PeerInfo> {
+        self.peers.get(peer)
+    }
+
     pub(crate) fn snapshot(&self) -> Vec<PeerInfo> {
         let mut peers: Vec<PeerInfo> = self.peers.values().cloned().collect();
         peers.sort_by_key(|p| p.peer);

@@ -43,6 +43,9 @@ const CANCEL_REPORT_GRACE: Duration = Duration::from_secs(5);
 /// Offers older than this are not trusted for placement: their node stopped
 /// publishing (offers are refreshed every 5 s).
 const OFFER_MAX_AGE: Duration = Duration::from_secs(15);
+/// How often a requester looks at the offer of a host that holds one of its
+/// tasks, to tell its user when that host pauses.
+const PAUSE_WATCH: Duration = Duration::from_millis(250);
 /// How long a task waits for a peer to give when every connected peer gives
 /// nothing right now (paused, outside its time windows).
 const GIVING_WAIT: Duration = Duration::from_secs(10 * 60);
@@ -359,9 +362,6 @@ async fn run_remote(
                 let granted = wait_for_offer(node, peer, token)
                     .await
                     .map(|offer| offer.max_limits);
-                if let Some(reason) = pinned_gives_nothing(node, &peer) {
-                    let _ = events.send(TaskEvent::Waiting { reason }).await;
-                }
                 (peer, granted.map_or(spec.limits, |max| limits.fitted(&max)))
             }
             None => match choose(node, limits, &tried, more, token, events).await {
@@ -420,7 +420,7 @@ async fn run_remote(
             };
             &fitted_spec
         };
-        match attempt_on(node, spec, host, token).await {
+        match attempt_on(node, spec, host, token, events).await {
             Attempt::Ran(report) => {
                 let receipt = verify_receipt(node, spec, host, &report)
                     .map(|verified| (verified, report.receipt.clone()));
@@ -543,12 +543,13 @@ async fn retrying(events: &mpsc::Sender<TaskEvent>, attempt: u32, host: PeerId, 
 }
 
 /// Sends the task to `host` and waits for its answer, the deadline, or a
-/// cancellation.
+/// cancellation, telling the user meanwhile when the host gives nothing.
 async fn attempt_on(
     node: &Node,
     spec: &TaskSpec,
     host: PeerId,
     token: &CancellationToken,
+    events: &mpsc::Sender<TaskEvent>,
 ) -> Attempt {
     // Cancelled on the way here: a Run sent now could reach the host after
     // its Cancel, which would find nothing to cancel.
@@ -578,6 +579,7 @@ async fn attempt_on(
             };
         }
         result = tokio::time::timeout(deadline, &mut request) => result,
+        never = tell_while_paused(node, host, events) => match never {},
     };
     node.revoke(host, &blobs);
     match result {
@@ -820,17 +822,33 @@ async fn choose(
     }
 }
 
-/// Why a pinned peer will only queue the task, if its latest offer says it
-/// gives nothing now: the user should not wait in silence.
-fn pinned_gives_nothing(node: &Node, peer: &PeerId) -> Option<String> {
-    let offer = offer_of(node, peer)?;
-    (offer.cores == 0).then(|| {
-        let why = offer.paused.unwrap_or(Pause::Other).describe();
-        format!(
-            "peer {peer} gives nothing right now ({why}); the task waits in its queue, \
-             and comes back if the peer stays paused"
-        )
-    })
+/// Tells the user each time `host`, which holds the task, starts giving
+/// nothing (its owner took the machine back, or it is outside its time
+/// windows): the task waits there rather than in silence. A task pinned to
+/// a paused host is told at once; one placed on a host that pauses later,
+/// when its offer says so. Never returns: the answer ends the wait.
+async fn tell_while_paused(
+    node: &Node,
+    host: PeerId,
+    events: &mpsc::Sender<TaskEvent>,
+) -> std::convert::Infallible {
+    let mut told = false;
+    loop {
+        match offer_of(node, &host) {
+            Some(offer) if offer.cores > 0 => told = false,
+            Some(offer) if !told => {
+                told = true;
+                let why = offer.paused.unwrap_or(Pause::Other).describe();
+                let reason = format!(
+                    "peer {host} gives nothing right now ({why}); the task waits there, \
+                     and comes back if the peer stays paused"
+                );
+                let _ = events.send(TaskEvent::Waiting { reason }).await;
+            }
+            _ => {}
+        }
+        tokio::time::sleep(PAUSE_WATCH).await;
+    }
 }
 
 /// The connected peers with a recent offer, as placement sees them, and
@@ -865,7 +883,7 @@ fn candidates(node: &Node) -> (Vec<Candidate>, HashMap<PeerId, Option<Pause>>) {
 /// The latest offer of a connected `peer`, if it is recent enough to
 /// trust.
 fn offer_of(node: &Node, peer: &PeerId) -> Option<spare_core::wire::Offer> {
-    let info = node.net().peers().into_iter().find(|p| p.peer == *peer)?;
+    let info = node.net().peer(peer)?;
     let (offer, at) = info.offer?;
     (at.elapsed() <= OFFER_MAX_AGE).then_some(offer)
 }
