@@ -101,7 +101,10 @@ impl TokenBucket {
     /// with its request): they take from the bucket, so this node's own
     /// transfers make up for them, but never put it more than one
     /// second's worth in debt ([`MAX_DEBT`]), since nothing this node does
-    /// can slow a peer that pushes faster.
+    /// can slow a peer that pushes faster. Nor do they ever lift it: a
+    /// bucket deeper in debt (transfers reserved ahead) stays there, else
+    /// any peer could forgive this node's own transfers their waits by
+    /// sending a byte of stdin.
     pub fn arrived(&self, bytes: u64) {
         self.moved.fetch_add(bytes, Ordering::Relaxed);
         let Some(rate) = self.rate else {
@@ -109,7 +112,8 @@ impl TokenBucket {
         };
         let rate = rate.max(1) as f64;
         let mut state = self.refilled(rate);
-        state.tokens = (state.tokens - bytes as f64).max(-rate * MAX_DEBT.as_secs_f64());
+        let floor = -rate * MAX_DEBT.as_secs_f64();
+        state.tokens = state.tokens.min((state.tokens - bytes as f64).max(floor));
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -172,6 +176,19 @@ mod tests {
         let wait = bucket.reserve(1000);
         assert!(
             wait > Duration::from_millis(1990) && wait <= Duration::from_millis(2000),
+            "{wait:?}"
+        );
+    }
+
+    #[test]
+    fn bytes_that_arrived_unasked_never_lift_a_deeper_debt() {
+        let bucket = TokenBucket::new(Some(1000));
+        // Transfers reserved ten seconds ahead.
+        bucket.reserve(11_000);
+        bucket.arrived(1);
+        let wait = bucket.reserve(1000);
+        assert!(
+            wait > Duration::from_millis(10_990) && wait <= Duration::from_millis(11_001),
             "{wait:?}"
         );
     }

@@ -31,8 +31,15 @@ impl ResourceLimiter for GuestLimiter {
         &mut self,
         current: usize,
         desired: usize,
-        _maximum: Option<usize>,
+        maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
+        // Past the memory's own declared maximum the growth fails after
+        // this call (`memory.grow` returns -1), and nothing says so but
+        // `memory_grow_failed`, which cannot tell that failure from one
+        // that came before this call: refused here, it is never counted.
+        if maximum.is_some_and(|maximum| desired > maximum) {
+            return Ok(false);
+        }
         let growth = (desired as u64).saturating_sub(current as u64);
         let total = self.memory_used.saturating_add(growth);
         if total > self.memory_limit {
@@ -82,6 +89,16 @@ mod tests {
         assert!(limiter.memory_growing(0, 40, None).unwrap());
         assert!(limiter.memory_growing(40, 41, None).is_err());
         assert!(limiter.memory_exceeded);
+    }
+
+    #[test]
+    fn growth_past_a_memorys_own_maximum_is_refused_and_not_counted() {
+        let mut limiter = GuestLimiter::new(100);
+        // A memory declared to hold at most 50 bytes, asked for 90: the
+        // guest sees -1, and may still use the rest of its limit.
+        assert!(!limiter.memory_growing(10, 90, Some(50)).unwrap());
+        assert!(!limiter.memory_exceeded);
+        assert!(limiter.memory_growing(0, 100, None).unwrap());
     }
 
     #[test]
