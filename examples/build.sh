@@ -66,7 +66,7 @@ build_wasm echo.wasm echo.c
 build_wasm hello.wasm hello.c -nostartfiles
 build_wasm cpubound.wasm cpubound.c
 
-for guest in loop alloc recurse flood passwd crash; do
+for guest in loop alloc recurse flood passwd crash entropy; do
     build_wasm "hostile/$guest.wasm" "hostile/$guest.c"
 done
 wat2wasm hostile/import.wat -o hostile/import.wasm

@@ -488,11 +488,22 @@ fn landlock_abi() -> i64 {
 
 #[test]
 fn ctrl_c_cancels_the_task_on_its_host() {
+    ctrl_c_cancels_on_the_host("hostile/loop.wasm");
+}
+
+/// A guest that lives in host calls, where it reaches no fuel yield, is
+/// stopped by a cancel all the same (on its return from one).
+#[test]
+fn ctrl_c_cancels_a_guest_inside_host_calls() {
+    ctrl_c_cancels_on_the_host("hostile/entropy.wasm");
+}
+
+fn ctrl_c_cancels_on_the_host(guest: &str) {
     let swarm = Swarm::start(&bin(), 2, 1).expect("swarm starts");
     let (a, b) = (&swarm.nodes[0], &swarm.nodes[1]);
     let child = a
         .cli()
-        .args(["run", &example("hostile/loop.wasm")])
+        .args(["run", &example(guest)])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

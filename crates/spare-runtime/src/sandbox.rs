@@ -10,7 +10,9 @@
 //! as a future on a one-thread executor and yields every
 //! [`FUEL_PER_YIELD`] units of the fuel it is metered by anyway; a timer
 //! drops the future when the limit passes, and the fuel used so far is
-//! still known.
+//! still known. A guest that lives in host calls (each cheap in fuel, dear
+//! in time) may not reach a fuel yield for hours: every return from a host
+//! call looks at the clock and for a cancel too.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -24,7 +26,7 @@ use spare_core::wasm::{WasmKind, sniff};
 use spare_core::{BlobId, Failure, Limits, Outcome, OutputStream, Status};
 use wasmtime::component::{Component, ResourceTable};
 use wasmtime::{
-    Config, Engine, InstanceAllocationStrategy, InstancePre, Linker, Module, OptLevel,
+    CallHook, Config, Engine, InstanceAllocationStrategy, InstancePre, Linker, Module, OptLevel,
     PoolingAllocationConfig, Store, Trap,
 };
 use wasmtime_wasi::p1::WasiP1Ctx;
@@ -214,7 +216,7 @@ impl Sandbox {
             .allow_ip_name_lookup(false)
             .max_random_size(MAX_RANDOM_BYTES);
         let limiter = GuestLimiter::new(job.limits.memory);
-        let wall = Duration::from_millis(job.limits.wall_ms);
+        let clock = WallClock::start(Duration::from_millis(job.limits.wall_ms));
         let (result, fuel_left, memory_exceeded) = match prepared {
             Prepared::Module(pre) => {
                 let mut store = Store::new(
@@ -225,13 +227,13 @@ impl Sandbox {
                     },
                 );
                 store.limiter(|s| &mut s.limiter);
-                arm(&mut store, &job.limits)?;
+                arm(&mut store, &job.limits, clock)?;
                 let run = async {
                     let instance = pre.instantiate_async(&mut store).await?;
                     let start = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
                     start.call_async(&mut store, ()).await
                 };
-                let result = executor.block_on(within(wall, run));
+                let result = executor.block_on(within(clock, run));
                 let fuel_left = store.get_fuel().unwrap_or(0);
                 (
                     result.map(|ran| ran.map(|()| 0)),
@@ -249,24 +251,24 @@ impl Sandbox {
                     },
                 );
                 store.limiter(|s| &mut s.limiter);
-                arm(&mut store, &job.limits)?;
+                arm(&mut store, &job.limits, clock)?;
                 let run = async {
                     let command: Command = pre.instantiate_async(&mut store).await?;
                     let ran = command.wasi_cli_run().call_run(&mut store).await?;
                     Ok(if ran.is_ok() { 0 } else { 1 })
                 };
-                let result = executor.block_on(within(wall, run));
+                let result = executor.block_on(within(clock, run));
                 let fuel_left = store.get_fuel().unwrap_or(0);
                 (result, fuel_left, store.data().limiter.memory_exceeded)
             }
         };
         let status = match result {
             Ok(Ok(code)) => Status::Exited(code),
-            Ok(Err(err)) => classify(&err, &job.limits, memory_exceeded, &stdout, &stderr),
-            Err(Cut::TimedOut) => Status::Failed(Failure::Timeout {
-                limit_ms: job.limits.wall_ms,
-            }),
-            Err(Cut::Cancelled) => Status::Failed(Failure::Cancelled),
+            Ok(Err(err)) => match err.downcast_ref::<Cut>() {
+                Some(cut) => Status::Failed(cut.failure(&job.limits)),
+                None => classify(&err, &job.limits, memory_exceeded, &stdout, &stderr),
+            },
+            Err(cut) => Status::Failed(cut.failure(&job.limits)),
         };
         Ok(Outcome {
             status,
@@ -316,19 +318,52 @@ impl Sandbox {
     }
 }
 
-/// Gives a fresh store its fuel, and makes it yield to the executor
-/// regularly so the wall-time timer can fire.
-fn arm<T>(store: &mut Store<T>, limits: &Limits) -> Result<(), Failure> {
+/// Gives a fresh store its fuel, makes it yield to the executor regularly
+/// so the wall-time timer can fire, and has every return from a host call
+/// trap once the guest is out of time or cancelled.
+fn arm<T>(store: &mut Store<T>, limits: &Limits, clock: WallClock) -> Result<(), Failure> {
     let host = |e: wasmtime::Error| Failure::Host(format!("cannot set fuel: {e}"));
     store.set_fuel(limits.fuel).map_err(host)?;
     store
         .fuel_async_yield_interval(Some(FUEL_PER_YIELD))
         .map_err(host)?;
+    store.call_hook(move |_, hook| match hook {
+        CallHook::ReturningFromHost if crate::stop::cancel_requested() => {
+            Err(Cut::Cancelled.into())
+        }
+        CallHook::ReturningFromHost if Instant::now() >= clock.due() => Err(Cut::TimedOut.into()),
+        _ => Ok(()),
+    });
     Ok(())
 }
 
-/// The wall-time limit passed.
-/// Why a guest was cut short from outside.
+/// When a guest's time is up: its wall-time limit after it started, moved
+/// on by the time its worker has spent paused since (see `stop`).
+#[derive(Clone, Copy)]
+struct WallClock {
+    started: Instant,
+    wall: Duration,
+    paused_before: Duration,
+}
+
+impl WallClock {
+    fn start(wall: Duration) -> Self {
+        Self {
+            started: Instant::now(),
+            wall,
+            paused_before: crate::stop::paused(),
+        }
+    }
+
+    fn due(&self) -> Instant {
+        let paused = crate::stop::paused().saturating_sub(self.paused_before);
+        self.started + self.wall + paused
+    }
+}
+
+/// Why a guest was cut short from outside: the end of a [`within`], or the
+/// trap a host call returns with (see [`arm`]).
+#[derive(Debug, Clone, Copy)]
 enum Cut {
     /// The wall-time limit passed.
     TimedOut,
@@ -336,24 +371,43 @@ enum Cut {
     Cancelled,
 }
 
+impl Cut {
+    fn failure(self, limits: &Limits) -> Failure {
+        match self {
+            Cut::TimedOut => Failure::Timeout {
+                limit_ms: limits.wall_ms,
+            },
+            Cut::Cancelled => Failure::Cancelled,
+        }
+    }
+}
+
+impl std::fmt::Display for Cut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Cut::TimedOut => "wall-time limit reached",
+            Cut::Cancelled => "cancelled",
+        })
+    }
+}
+
+impl std::error::Error for Cut {}
+
 /// How often a guest asleep in a host call is checked for a cancel; a
 /// running guest is checked at each of its fuel yields.
 const CANCEL_POLL: Duration = Duration::from_millis(20);
 
-/// Runs `guest` until it ends, `wall` passes or the daemon cancels it;
-/// dropping the future stops the guest at its next yield.
+/// Runs `guest` until it ends, its `clock` runs out or the daemon cancels
+/// it; dropping the future stops the guest at its next yield.
 async fn within<T>(
-    wall: Duration,
+    clock: WallClock,
     guest: impl std::future::Future<Output = wasmtime::Result<T>>,
 ) -> Result<wasmtime::Result<T>, Cut> {
-    let started = Instant::now();
-    let paused_before = crate::stop::paused();
     let deadline = async {
         // A pause moves the deadline by its length (see `stop`); the timer
         // fires late after one, and then sleeps on for what is left.
         loop {
-            let paused = crate::stop::paused().saturating_sub(paused_before);
-            let due = started + wall + paused;
+            let due = clock.due();
             if Instant::now() >= due {
                 return;
             }

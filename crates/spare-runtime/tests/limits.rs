@@ -74,6 +74,21 @@ fn an_endless_loop_hits_the_wall_time_limit() {
     assert!(outcome.fuel > 0);
 }
 
+/// Host calls cost a guest little fuel, so one that lives in them reaches a
+/// fuel yield only after hours: its wall time is checked as each returns.
+#[test]
+fn a_guest_inside_host_calls_hits_the_wall_time_limit() {
+    let limits = Limits {
+        wall_ms: 300,
+        ..Limits::DEFAULT
+    };
+    let started = Instant::now();
+    let outcome = run(&job("hostile/entropy.wasm", limits));
+    assert_eq!(failure(&outcome), &Failure::Timeout { limit_ms: 300 });
+    let took = started.elapsed().as_millis();
+    assert!((300..3_000).contains(&took), "stopped after {took} ms");
+}
+
 #[test]
 fn endless_allocation_hits_the_memory_limit() {
     let limits = Limits {
