@@ -36,7 +36,7 @@ use crate::ipc::{
     FromWorker, MAX_READY_FRAME, ToWorker, read_frame_async, result_bound, write_frame_async,
 };
 use crate::priority::PriorityReport;
-use crate::stop::{WorkerState, signal, transition};
+use crate::stop::{WorkerState, signal, stopped_and_ticks, transition};
 
 /// Extra time beyond a job's wall-time limit before the pool kills its
 /// worker: covers compiling a large module, which the guest's own clock
@@ -57,6 +57,16 @@ const RESUME_AGAIN: Duration = Duration::from_secs(1);
 /// apart), not only every [`RESUME_AGAIN`]: a lost resume then costs a
 /// reading, not a second.
 const RESUME_CLOSELY: Duration = Duration::from_millis(500);
+/// A worker told to pause stops itself (its `SIGTSTP` handler, see
+/// `stop.rs`), so one taken over by its guest could ignore the pause. One
+/// still running this long after it was told, that has meanwhile used more
+/// than [`PAUSE_CPU_ALLOWANCE`] of CPU time, is stopped with `SIGSTOP`. (One
+/// merely starved of CPU, as a worker at idle priority is on a busy
+/// machine, uses none, and stops itself once it gets some.)
+const PAUSE_CHECK: Duration = Duration::from_millis(100);
+/// CPU time, in clock ticks (1/100 s), a worker may use after being told to
+/// pause: its handler takes microseconds.
+const PAUSE_CPU_ALLOWANCE: u64 = 5;
 
 /// How long a cancelled job's worker has to stop its guest and report what
 /// it used before it is killed (a paused worker cannot, and is killed). A
@@ -190,6 +200,11 @@ struct StateClock {
     /// [`RESUME_CLOSELY`]): set when a pause ends, and when an owner's job
     /// takes a paused worker.
     closely_until: Instant,
+    /// The workers told to pause that have not been seen stopped yet, with
+    /// the CPU time each had used then, and when to look (see
+    /// [`PAUSE_CHECK`]).
+    pausing: Vec<(u32, u64)>,
+    look_at: Instant,
 }
 
 impl StateClock {
@@ -276,6 +291,8 @@ impl WorkerPool {
                     stopped_before: Duration::ZERO,
                     resumed: Instant::now(),
                     closely_until: Instant::now(),
+                    pausing: Vec::new(),
+                    look_at: Instant::now(),
                 }),
                 open: watch::Sender::new(true),
                 exempt: Mutex::new(HashSet::new()),
@@ -372,6 +389,9 @@ impl WorkerPool {
                     signal(*pid, libc::SIGCONT);
                 }
             }
+            if state == WorkerState::Pause && !clock.pausing.is_empty() && now >= clock.look_at {
+                self.stop_the_unstopped(&mut clock);
+            }
             return;
         }
         let signals = transition(clock.state, state);
@@ -385,6 +405,19 @@ impl WorkerPool {
                 for &s in signals {
                     signal(*pid, s);
                 }
+            }
+            // Those still running are looked at again (see `PAUSE_CHECK`).
+            clock.pausing.clear();
+            if state == WorkerState::Pause {
+                clock.pausing = pids
+                    .iter()
+                    .filter(|pid| !exempt.contains(pid))
+                    .filter_map(|&pid| match stopped_and_ticks(pid) {
+                        Some((false, ticks)) => Some((pid, ticks)),
+                        _ => None,
+                    })
+                    .collect();
+                clock.look_at = Instant::now() + PAUSE_CHECK;
             }
             for pid in self.inner.lock_compilers().iter() {
                 signal(*pid, compiler_signal(state));
@@ -406,6 +439,30 @@ impl WorkerPool {
         clock.state = state;
         drop(clock);
         self.inner.open.send_replace(state != WorkerState::Pause);
+    }
+
+    /// Stops with `SIGSTOP` each worker told to pause that still runs and has
+    /// used CPU since (see [`PAUSE_CHECK`]); forgets those seen stopped,
+    /// ended, or running the owner's job since.
+    fn stop_the_unstopped(&self, clock: &mut StateClock) {
+        let exempt = self.inner.lock_exempt();
+        // Held while signalling, as in `set_state`.
+        let pids = self.inner.lock_pids();
+        clock.pausing.retain(|&(pid, told_at)| {
+            if exempt.contains(&pid) || !pids.contains(&pid) {
+                return false;
+            }
+            match stopped_and_ticks(pid) {
+                Some((false, ticks)) if ticks.saturating_sub(told_at) > PAUSE_CPU_ALLOWANCE => {
+                    signal(pid, libc::SIGSTOP);
+                    tracing::warn!(pid, "a worker ran on when told to pause: stopped by force");
+                    false
+                }
+                Some((false, _)) => true,
+                Some((true, _)) | None => false,
+            }
+        });
+        clock.look_at = Instant::now() + PAUSE_CHECK;
     }
 
     /// Stops taking jobs and kills the idle workers, waiting for them to
@@ -1429,6 +1486,34 @@ mod tests {
         let mut all = [first[0], pid];
         all.sort_unstable();
         assert_eq!(pool.spare_pids(), all);
+    }
+
+    /// A worker that ignores a pause, as one taken over by its guest could,
+    /// is stopped all the same once it has run on for a moment; one that
+    /// ignores it but uses no CPU (as if starved of it) is left alone.
+    #[tokio::test]
+    async fn a_worker_that_runs_on_when_told_to_pause_is_stopped() {
+        let dir = tempfile::tempdir().unwrap();
+        let spins = r#"trap '' TSTP; cat "$0"; while :; do :; done"#;
+        let pool = fake_pool_running(dir.path(), &[READY], spins).await;
+        let pid = pool.worker_pids()[0];
+        pool.set_state(WorkerState::Pause);
+        // As the governor does, every few milliseconds.
+        let stopped = comes_to(pid, true, || pool.set_state(WorkerState::Pause)).await;
+        assert!(stopped, "it runs on through the pause");
+        pool.set_state(WorkerState::Run);
+        assert!(comes_to(pid, false, || {}).await, "not resumed");
+
+        let sleeps = r#"trap '' TSTP; cat "$0"; exec sleep 600"#;
+        let dir = tempfile::tempdir().unwrap();
+        let pool = fake_pool_running(dir.path(), &[READY], sleeps).await;
+        let pid = pool.worker_pids()[0];
+        pool.set_state(WorkerState::Pause);
+        for _ in 0..25 {
+            pool.set_state(WorkerState::Pause);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(process_state(pid), 'S', "stopped though it used no CPU");
     }
 
     /// A worker left stopped while the pool runs (a resume lost in the

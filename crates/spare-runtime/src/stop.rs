@@ -161,6 +161,20 @@ pub(crate) fn signal(pid: u32, signal: libc::c_int) {
     }
 }
 
+/// Whether process `pid` is stopped, and the CPU time it has used
+/// (utime + stime, in clock ticks); `None` once it has ended.
+pub(crate) fn stopped_and_ticks(pid: u32) -> Option<(bool, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the command name, which may hold anything, parentheses too:
+    // the state, then 10 fields before utime and stime.
+    let mut fields = stat.get(stat.rfind(')')? + 1..)?.split_whitespace();
+    let state = fields.next()?;
+    let mut times = fields.skip(10);
+    let utime: u64 = times.next()?.parse().ok()?;
+    let stime: u64 = times.next()?.parse().ok()?;
+    Some((matches!(state, "T" | "t"), utime.saturating_add(stime)))
+}
+
 /// The signals that take a worker from one state to another, in order.
 pub(crate) fn transition(from: WorkerState, to: WorkerState) -> &'static [libc::c_int] {
     use WorkerState::{Pause, Run, Throttle};
@@ -180,6 +194,28 @@ pub(crate) fn transition(from: WorkerState, to: WorkerState) -> &'static [libc::
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stopped_process_reads_as_stopped_with_its_cpu_time() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let (stopped, _) = stopped_and_ticks(child.id()).unwrap();
+        assert!(!stopped);
+        signal(child.id(), libc::SIGSTOP);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while stopped_and_ticks(child.id()).is_some_and(|(stopped, _)| !stopped) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "never read as stopped"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert_eq!(stopped_and_ticks(child.id()), None);
+    }
 
     #[test]
     fn every_transition_ends_in_the_wanted_state() {
