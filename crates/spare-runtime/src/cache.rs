@@ -117,19 +117,26 @@ pub fn sweep(root: &Path, budget: u64) -> std::io::Result<(u64, usize)> {
     Ok((u64::try_from(total).unwrap_or(u64::MAX), removed))
 }
 
-/// A small least-recently-used map, for prepared instances.
+/// A small least-recently-used map, for prepared instances: at most
+/// `capacity` entries, and at most `max_weight` in all (each entry weighs
+/// what `insert` says), except that the newest entry is kept whatever it
+/// weighs.
 #[derive(Debug)]
 pub(crate) struct Lru<K, V> {
     capacity: usize,
-    map: HashMap<K, V>,
+    max_weight: usize,
+    weight: usize,
+    map: HashMap<K, (V, usize)>,
     /// Keys from least to most recently used.
     order: VecDeque<K>,
 }
 
 impl<K: Hash + Eq + Clone, V> Lru<K, V> {
-    pub(crate) fn new(capacity: usize) -> Self {
+    pub(crate) fn new(capacity: usize, max_weight: usize) -> Self {
         Self {
             capacity: capacity.max(1),
+            max_weight,
+            weight: 0,
             map: HashMap::new(),
             order: VecDeque::new(),
         }
@@ -139,18 +146,25 @@ impl<K: Hash + Eq + Clone, V> Lru<K, V> {
         if self.map.contains_key(key) {
             self.touch(key);
         }
-        self.map.get(key)
+        self.map.get(key).map(|(value, _)| value)
     }
 
-    pub(crate) fn insert(&mut self, key: K, value: V) {
-        if self.map.insert(key.clone(), value).is_some() {
+    pub(crate) fn insert(&mut self, key: K, value: V, weight: usize) {
+        self.weight = self.weight.saturating_add(weight);
+        if let Some((_, old)) = self.map.insert(key.clone(), (value, weight)) {
+            self.weight = self.weight.saturating_sub(old);
             self.touch(&key);
-            return;
+        } else {
+            self.order.push_back(key);
         }
-        self.order.push_back(key);
-        while self.map.len() > self.capacity {
-            if let Some(oldest) = self.order.pop_front() {
-                self.map.remove(&oldest);
+        while self.map.len() > self.capacity
+            || (self.weight > self.max_weight && self.map.len() > 1)
+        {
+            let Some(oldest) = self.order.pop_front() else {
+                break;
+            };
+            if let Some((_, gone)) = self.map.remove(&oldest) {
+                self.weight = self.weight.saturating_sub(gone);
             }
         }
     }
@@ -196,13 +210,35 @@ mod tests {
 
     #[test]
     fn lru_evicts_the_least_recently_used() {
-        let mut lru = Lru::new(2);
-        lru.insert(1, "a");
-        lru.insert(2, "b");
+        let mut lru = Lru::new(2, usize::MAX);
+        lru.insert(1, "a", 0);
+        lru.insert(2, "b", 0);
         assert_eq!(lru.get(&1), Some(&"a"));
-        lru.insert(3, "c");
+        lru.insert(3, "c", 0);
         assert_eq!(lru.get(&2), None);
         assert_eq!(lru.get(&1), Some(&"a"));
         assert_eq!(lru.get(&3), Some(&"c"));
+    }
+
+    #[test]
+    fn lru_keeps_within_its_weight_but_always_the_newest() {
+        let mut lru = Lru::new(10, 100);
+        lru.insert(1, "a", 40);
+        lru.insert(2, "b", 40);
+        assert_eq!(lru.get(&1), Some(&"a"));
+        // 120 in all: the least recently used goes.
+        lru.insert(3, "c", 40);
+        assert_eq!(lru.get(&2), None);
+        assert_eq!(lru.get(&1), Some(&"a"));
+        // Heavier than the bound alone: it stays, and only it.
+        lru.insert(4, "d", 500);
+        assert_eq!(lru.get(&1), None);
+        assert_eq!(lru.get(&3), None);
+        assert_eq!(lru.get(&4), Some(&"d"));
+        // Replacing an entry counts its new weight only.
+        lru.insert(4, "d", 10);
+        lru.insert(5, "e", 90);
+        assert_eq!(lru.get(&4), Some(&"d"));
+        assert_eq!(lru.get(&5), Some(&"e"));
     }
 }

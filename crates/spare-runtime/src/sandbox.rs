@@ -47,6 +47,10 @@ pub const FUEL_PER_YIELD: u64 = 2_000_000;
 const HOST_STACK: u64 = 1 << 20;
 /// Prepared modules kept in memory per engine.
 const PREPARED_CACHE: usize = 64;
+/// Compiled code those may hold, per engine: a worker's memory beyond its
+/// guest's that a requester's modules choose. The module a job runs is
+/// kept whatever its size.
+const PREPARED_BYTES: usize = 64 << 20;
 /// Engines kept at once; there is one per distinct stack limit in use.
 const MAX_ENGINES: usize = 4;
 
@@ -432,6 +436,11 @@ async fn within<T>(
     }
 }
 
+/// The length of compiled code's image in memory.
+fn code_bytes(image: std::ops::Range<*const u8>) -> usize {
+    image.end.addr().saturating_sub(image.start.addr())
+}
+
 /// Names the cause of a guest's abnormal end.
 fn classify(
     err: &wasmtime::Error,
@@ -529,7 +538,7 @@ impl EngineSet {
             p2_linker,
             p1_provided,
             disk,
-            prepared: Lru::new(PREPARED_CACHE),
+            prepared: Lru::new(PREPARED_CACHE, PREPARED_BYTES),
             missed: std::cell::Cell::new(false),
         })
     }
@@ -540,12 +549,14 @@ impl EngineSet {
         if let Some(prepared) = self.prepared.get(module) {
             return Ok(prepared.clone());
         }
-        let prepared = self.load(module, path)?;
-        self.prepared.insert(*module, prepared.clone());
+        let (prepared, code) = self.load(module, path)?;
+        self.prepared.insert(*module, prepared.clone(), code);
         Ok(prepared)
     }
 
-    fn load(&self, id: &BlobId, path: &Path) -> Result<Prepared, Failure> {
+    /// The prepared instance of `id`, and the bytes its compiled code
+    /// takes.
+    fn load(&self, id: &BlobId, path: &Path) -> Result<(Prepared, usize), Failure> {
         let cached = self
             .disk
             .as_ref()
@@ -571,7 +582,9 @@ impl EngineSet {
                         module
                     }
                 };
-                self.prepare_module(&module).map(Prepared::Module)
+                let code = code_bytes(module.image_range());
+                let pre = self.prepare_module(&module)?;
+                Ok((Prepared::Module(pre), code))
             }
             WasmKind::Component => {
                 let component = match cached.and_then(|p| self.deserialize_component(&p)) {
@@ -588,8 +601,9 @@ impl EngineSet {
                     .p2_linker
                     .instantiate_pre(&component)
                     .map_err(|e| Failure::Invalid(one_line(&e)))?;
+                let code = code_bytes(component.image_range());
                 CommandPre::new(pre)
-                    .map(Prepared::Component)
+                    .map(|pre| (Prepared::Component(pre), code))
                     .map_err(|_| Failure::NoEntryPoint)
             }
         }
