@@ -88,11 +88,14 @@ const MAX_IDLE: usize = 256;
 /// the host's queue does again.
 pub(crate) const MAX_STREAMS_PER_PEER: usize = 256;
 /// Inbound task streams of all peers open at once. Each is a task of its
-/// own with a little state. At the bound a new stream takes the place of
-/// the oldest idle stream (waiting for its next request) of the peer that
-/// holds the most, if that peer holds more than the newcomer's would; else
-/// it is dropped. So peers that open streams only to hold them (a few
-/// identities could hold all of them) cannot keep out another requester.
+/// own with a little state. At the bound a new stream takes the place of a
+/// stream of the peer that holds the most, if that peer holds more than the
+/// newcomer's would; else it is dropped. The stream that goes is that
+/// peer's oldest idle one (waiting for its next request) or, if none is
+/// idle, the one whose request has been arriving longest: a header alone
+/// would otherwise shield a stream for as long as its body may take. So
+/// peers that open streams only to hold them (a few identities could hold
+/// all of them) cannot keep out another requester.
 pub(crate) const MAX_STREAMS: usize = 4096;
 
 /// Why a frame could not be read.
@@ -104,7 +107,7 @@ pub(crate) enum FrameError {
     Io(#[from] io::Error),
     #[error("cannot open a stream: {0}")]
     Open(RequestError),
-    #[error("closed while idle to make room for another peer's stream")]
+    #[error("closed before its request had come, to make room for another peer's stream")]
     Evicted,
 }
 
@@ -362,7 +365,7 @@ impl TaskStreams {
             }
             Ok(Err(FrameError::Io(e))) => return Err(stream_error(&e)),
             Ok(Err(FrameError::Open(e))) => return Err(e),
-            // Only a host's idle streams are evicted.
+            // Only a host evicts streams.
             Ok(Err(e @ FrameError::Evicted)) => return Err(RequestError::Io(e.to_string())),
             Ok(Ok(done)) => done,
         };
@@ -611,11 +614,14 @@ struct PeerStreams {
     open: usize,
     /// Its idle streams, oldest first, each with the token that closes it.
     idle: VecDeque<(u64, CancellationToken)>,
+    /// Its streams whose request is arriving (its header came, not yet all
+    /// its body), likewise, in the order their headers came.
+    arriving: VecDeque<(u64, CancellationToken)>,
     budget: PeerBudget,
     answers: AnswerRoom,
 }
 
-/// Numbers idle periods of streams, so that each can be found again.
+/// Numbers streams' waits for a request, so that each can be found again.
 static IDLE_IDS: AtomicU64 = AtomicU64::new(0);
 
 /// One of a peer's [`MAX_STREAMS_PER_PEER`], given back on drop.
@@ -645,6 +651,7 @@ impl StreamSlot {
         let streams = peers.entry(peer).or_insert_with(|| PeerStreams {
             open: 0,
             idle: VecDeque::new(),
+            arriving: VecDeque::new(),
             budget: budget.for_peer(),
             answers: answers.for_peer(peer),
         });
@@ -659,8 +666,9 @@ impl StreamSlot {
 }
 
 impl StreamSlot {
-    /// Marks the stream idle until the guard drops; the guard's token fires
-    /// if the stream is evicted meanwhile.
+    /// Marks the stream idle until its request begins to come
+    /// ([`Waiting::arriving`]), and evictable until the guard drops; the
+    /// guard's token fires if the stream is evicted meanwhile.
     fn waiting(&self) -> Waiting<'_> {
         let (id, evicted) = (
             IDLE_IDS.fetch_add(1, Ordering::Relaxed),
@@ -678,17 +686,26 @@ impl StreamSlot {
     }
 }
 
-/// Closes the oldest idle stream of the peer holding the most streams, if
-/// it holds more than a newcomer holding `mine` would: whether room was
-/// made. (The stream's count drops when it has closed, a moment later.)
+/// Closes a stream of the peer holding the most streams (of the peers with
+/// one that may be closed), if it holds more than a newcomer holding `mine`
+/// would: whether room was made. (The stream's count drops when it has
+/// closed, a moment later.)
+///
+/// Its oldest idle stream goes first. Only if it has none does the stream
+/// whose request has been arriving longest go: an honest requester then
+/// sees its request fail as if its connection had closed (the host never
+/// took it, so nothing ran), and places it again. That is rare: it happens
+/// only while the node holds all the streams it takes, and only to the
+/// peer holding the most.
 fn evict(peers: &mut HashMap<PeerId, PeerStreams>, mine: usize) -> bool {
     let most = peers
         .values_mut()
-        .filter(|s| !s.idle.is_empty())
+        .filter(|s| !s.idle.is_empty() || !s.arriving.is_empty())
         .max_by_key(|s| s.open);
     match most {
         Some(streams) if streams.open > mine + 1 => {
-            if let Some((_, evicted)) = streams.idle.pop_front() {
+            let oldest = streams.idle.pop_front();
+            if let Some((_, evicted)) = oldest.or_else(|| streams.arriving.pop_front()) {
                 evicted.cancel();
             }
             true
@@ -697,11 +714,27 @@ fn evict(peers: &mut HashMap<PeerId, PeerStreams>, mine: usize) -> bool {
     }
 }
 
-/// A stream waiting for its next request (see [`StreamSlot::waiting`]).
+/// A stream waiting for its next request, until all of it has come (see
+/// [`StreamSlot::waiting`]).
 struct Waiting<'a> {
     slot: &'a StreamSlot,
     id: u64,
     evicted: CancellationToken,
+}
+
+impl Waiting<'_> {
+    /// Moves the stream from the idle to those whose request is arriving,
+    /// which are evicted only after idle ones. One evicted already is in
+    /// neither, and stays out: it made room once.
+    fn arriving(&self) {
+        let mut peers = self.slot.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(streams) = peers.get_mut(&self.slot.peer)
+            && let Some(at) = streams.idle.iter().position(|(id, _)| *id == self.id)
+            && let Some(entry) = streams.idle.remove(at)
+        {
+            streams.arriving.push_back(entry);
+        }
+    }
 }
 
 impl Drop for Waiting<'_> {
@@ -709,6 +742,7 @@ impl Drop for Waiting<'_> {
         let mut peers = self.slot.open.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(streams) = peers.get_mut(&self.slot.peer) {
             streams.idle.retain(|(id, _)| *id != self.id);
+            streams.arriving.retain(|(id, _)| *id != self.id);
         }
     }
 }
@@ -855,28 +889,31 @@ async fn next_request_on<T: AsyncRead + Unpin>(
 ) -> Result<Option<Result<TaskRequest, Refusal>>, FrameError> {
     // An idle stream may wait for its next request as long as the
     // connection lives, unless another peer's stream needs its place
-    // (see `MAX_STREAMS`).
-    let header = {
-        let waiting = slot.waiting();
-        let header = tokio::select! {
-            biased;
-            () = waiting.evicted.cancelled() => return Err(FrameError::Evicted),
-            header = read_header(stream) => header?,
+    // (see `MAX_STREAMS`). It stays evictable until the whole request has
+    // come: a header alone holds nothing, and would keep the stream from
+    // eviction for as long as its body may take.
+    let waiting = slot.waiting();
+    let read = async {
+        let Some(header) = read_header(stream).await? else {
+            return Ok(None);
         };
-        // Evicted as its header came: the newcomer it made room for is in,
-        // so it goes all the same. (Once out of the idle list, under the
-        // same lock that eviction takes, it can no longer be chosen.)
-        let evicted = waiting.evicted.clone();
-        drop(waiting);
-        if evicted.is_cancelled() {
-            return Err(FrameError::Evicted);
-        }
-        header
+        waiting.arriving();
+        request_after(stream, header, &slot.budget).await.map(Some)
     };
-    match header {
-        Some(header) => request_after(stream, header, &slot.budget).await.map(Some),
-        None => Ok(None),
+    let request = tokio::select! {
+        biased;
+        () = waiting.evicted.cancelled() => return Err(FrameError::Evicted),
+        request = read => request?,
+    };
+    // Evicted as its request came: the newcomer it made room for is in,
+    // so it goes all the same. (Once out of the lists, under the same lock
+    // that eviction takes, it can no longer be chosen.)
+    let evicted = waiting.evicted.clone();
+    drop(waiting);
+    if evicted.is_cancelled() {
+        return Err(FrameError::Evicted);
     }
+    Ok(request)
 }
 
 /// [`next_request_on`] for a stream that no one evicts.
@@ -1325,6 +1362,110 @@ mod tests {
         assert!(take(newcomer).is_none());
         drop(idle);
         drop((first, second, level, held));
+        assert!(open.lock().unwrap().is_empty());
+    }
+
+    /// Peers that hold all the node's streams with a request's header and
+    /// none of its body (sending the body just before it is due, and the
+    /// next header with it, would keep them so): a newcomer's stream takes
+    /// the place of one at once, as of an idle one.
+    #[tokio::test(start_paused = true)]
+    async fn streams_holding_a_header_without_its_body_make_room_for_another_peers() {
+        use tokio_util::compat::TokioAsyncReadCompatExt;
+        let open: Arc<Mutex<HashMap<PeerId, PeerStreams>>> = Arc::default();
+        let budget = ReadBudget::new(READ_BUDGET_BYTES);
+        let answers = AnswerBudget::new(crate::answer_budget(1, TaskResponse::MAX_BYTES));
+        let take = |peer| StreamSlot::take(&open, peer, &budget, &answers);
+        let mut writers = Vec::new();
+        let mut readers = Vec::new();
+        for _ in 0..MAX_STREAMS / MAX_STREAMS_PER_PEER {
+            let hoarder = PeerId::random();
+            for _ in 0..MAX_STREAMS_PER_PEER {
+                let slot = take(hoarder).unwrap();
+                let (mut writer, reader) = tokio::io::duplex(64);
+                tokio::io::AsyncWriteExt::write_all(&mut writer, &100u32.to_be_bytes())
+                    .await
+                    .unwrap();
+                writers.push(writer);
+                readers.push(tokio::spawn(async move {
+                    next_request_on(&mut reader.compat(), &slot).await
+                }));
+            }
+        }
+        // Every header is read, and every body is awaited.
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(readers.iter().all(|reader| !reader.is_finished()));
+
+        let newcomer = take(PeerId::random()).expect("room made");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let (evicted, waiting): (Vec<_>, Vec<_>) =
+            readers.into_iter().partition(|reader| reader.is_finished());
+        assert_eq!(
+            evicted.len(),
+            1,
+            "one stream made room, well before its body was due"
+        );
+        for reader in evicted {
+            let ended = reader.await.unwrap();
+            assert!(matches!(ended, Err(FrameError::Evicted)), "{ended:?}");
+        }
+        drop((newcomer, writers));
+        for reader in waiting {
+            assert!(reader.await.unwrap().is_err(), "their bodies never came");
+        }
+        assert!(open.lock().unwrap().is_empty());
+    }
+
+    /// The peer holding the most loses its idle streams first, however
+    /// young; then, one by one, those whose request has been arriving
+    /// longest. A stream evicted while idle whose header then comes does
+    /// not count as room a second time.
+    #[test]
+    fn idle_streams_are_evicted_before_ones_whose_request_is_arriving() {
+        let open: Arc<Mutex<HashMap<PeerId, PeerStreams>>> = Arc::default();
+        let budget = ReadBudget::new(READ_BUDGET_BYTES);
+        let answers = AnswerBudget::new(crate::answer_budget(1, TaskResponse::MAX_BYTES));
+        let take = |peer| StreamSlot::take(&open, peer, &budget, &answers);
+        let hoarders: Vec<PeerId> = (0..MAX_STREAMS / MAX_STREAMS_PER_PEER)
+            .map(|_| PeerId::random())
+            .collect();
+        let held: Vec<StreamSlot> = hoarders
+            .iter()
+            .flat_map(|peer| (0..MAX_STREAMS_PER_PEER).map(|_| take(*peer).unwrap()))
+            .collect();
+        // Only the first hoarder's streams wait for requests: all but its
+        // youngest have headers, which came youngest first.
+        let waits: Vec<Waiting<'_>> = held[..MAX_STREAMS_PER_PEER]
+            .iter()
+            .map(StreamSlot::waiting)
+            .collect();
+        let (idle, arriving) = waits.split_last().unwrap();
+        for wait in arriving.iter().rev() {
+            wait.arriving();
+        }
+        let evicted = || -> Vec<u64> {
+            waits
+                .iter()
+                .filter(|w| w.evicted.is_cancelled())
+                .map(|w| w.id)
+                .collect()
+        };
+
+        let first = take(PeerId::random()).expect("room made");
+        assert_eq!(evicted(), [idle.id], "the idle one");
+        idle.arriving();
+        let second = take(PeerId::random()).expect("room made again");
+        let third = take(PeerId::random()).expect("and again");
+        let mut expected = vec![
+            arriving[arriving.len() - 2].id,
+            arriving[arriving.len() - 1].id,
+            idle.id,
+        ];
+        expected.sort_unstable();
+        assert_eq!(evicted(), expected, "then those whose headers came first");
+        drop(waits);
+        assert!(take(PeerId::random()).is_none(), "none left to evict");
+        drop((first, second, third, held));
         assert!(open.lock().unwrap().is_empty());
     }
 
