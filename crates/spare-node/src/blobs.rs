@@ -18,7 +18,11 @@
 //! held by every fetch and, for as long as the task runs, by every hosted
 //! task using the blob. A blob that does not fit even so is refused with
 //! [`BlobError::NoRoom`] (the host then refuses the task and its requester
-//! tries another peer). The room itself is made chunk by chunk as the bytes
+//! tries another peer). One requester's fetches in progress hold at most
+//! half of the budget ([`PEER_SHARE`]); a fetch beyond that fails at once
+//! with [`BlobError::ShareTaken`] (the host then refuses the task as busy,
+//! and its requester tries another peer or comes back later). The room
+//! itself is made chunk by chunk as the bytes
 //! arrive, never ahead of them: a peer that names a blob it does not have,
 //! or stops sending, evicts no more than it sent. Blobs the owner stores
 //! through the API ([`BlobStore::put_verified`]) make room at once and are
@@ -125,6 +129,24 @@ const _: () = assert!(MAX_SERVING_BYTES_PER_PEER >= MAX_BLOB_CHUNK as u64);
 /// how many are served at once too (128 for one peer, 512 in all).
 pub const MIN_SERVING_CHARGE: u64 = 64 << 10;
 
+/// The share of the disk budget one requester's fetches in progress may
+/// hold: a half. A fetch holds its blob's whole room (promised, then
+/// reserved as its bytes arrive) against its requester's share from its
+/// start until it ends, however it ends: committed, failed, or cancelled.
+/// So a requester that names large blobs and never sends them (each fetch
+/// holding its room until it stalls) keeps at most half of the budget from
+/// the others, like its half of a host's slots, admitted specs and answer
+/// budget. The least budget a node runs with (`disk` of 256 MiB, 192 MiB
+/// for blobs) gives a share of 96 MiB, more than the largest module or
+/// stdin. The owner's own blobs ([`BlobStore::put_verified`]) take no
+/// share.
+pub const PEER_SHARE: u64 = 2;
+
+/// How many eviction lines a minute are logged at `info`; more go to
+/// `debug`, since a peer that sends distinct blobs causes evictions at
+/// will.
+static EVICTIONS_LOGGED: spare_core::LogBudget = spare_core::LogBudget::new(10);
+
 /// The unit the budget counts a blob's file in: a file takes whole blocks
 /// of the file system (4 KiB on the usual ones), and an empty one takes an
 /// inode and a directory entry, counted as one block. So a peer's tiny
@@ -189,6 +211,10 @@ struct Space {
     /// when a fetch asks whether its blob would fit, so the fetches in
     /// progress never together expect more than the budget.
     promised: u64,
+    /// The room each requester's fetches in progress hold (their blobs'
+    /// whole charges), within its share ([`PEER_SHARE`]); a requester with
+    /// none in progress has no entry.
+    shares: HashMap<PeerId, u64>,
     /// How many holders keep each blob from eviction (it may not be stored
     /// yet: a fetch pins its blob before it starts).
     pins: HashMap<BlobId, u32>,
@@ -236,6 +262,22 @@ pub enum BlobError {
         format_bytes(*.size), format_bytes(*.budget), format_bytes(*.in_use)
     )]
     NoRoom { size: u64, budget: u64, in_use: u64 },
+    /// The requester's fetches in progress hold its share of the budget
+    /// ([`PEER_SHARE`]): the blob may be fetched once some of them end.
+    #[error(
+        "this requester's fetches in progress hold {} of its share of this host's disk budget \
+         for blobs, {}: no room for a blob of {} until some of them end",
+        format_bytes(*.held), format_bytes(*.share), format_bytes(*.size)
+    )]
+    ShareTaken { size: u64, share: u64, held: u64 },
+    /// The blob is larger than one requester's share of the budget
+    /// ([`PEER_SHARE`]): it is never fetched here.
+    #[error(
+        "a blob of {} is more than one requester's share of this host's disk budget for \
+         blobs, {}",
+        format_bytes(*.size), format_bytes(*.share)
+    )]
+    OverShare { size: u64, share: u64 },
 }
 
 impl BlobStore {
@@ -420,8 +462,10 @@ impl BlobStore {
 
     /// Makes sure `blob` is in the store, fetching it from `peer` if not,
     /// and pins it: it stays until the returned pin is dropped. Before
-    /// fetching, checks the blob would fit in the disk budget (or fails
-    /// with [`BlobError::NoRoom`]), and makes the room as its chunks
+    /// fetching, checks the blob would fit in `peer`'s share of the disk
+    /// budget beside its other fetches in progress (or fails with
+    /// [`BlobError::ShareTaken`] or [`BlobError::OverShare`]) and in the
+    /// budget (or fails with [`BlobError::NoRoom`]), and makes the room as its chunks
     /// arrive. Requires every chunk to be exactly as long as asked, charges
     /// `bucket` for each chunk once it arrived, asks again after a pause a
     /// peer that is busy, and verifies size and hash before the blob
@@ -480,8 +524,9 @@ impl BlobStore {
             self.mark_used(blob.id).await;
             return Ok(pin);
         }
-        // Evicts nothing yet: room is made as the bytes arrive.
-        let room = self.shared.promise(blob.size)?;
+        // Evicts nothing yet: room is made as the bytes arrive. Counted in
+        // the requester's share until the fetch ends.
+        let room = self.shared.promise_for(peer, blob.size)?;
         self.fetch_unlocked(blob, bucket, limits, room, ask).await?;
         Ok(pin)
     }
@@ -763,9 +808,40 @@ impl Shared {
     /// reserved or still expect. Evicts nothing: the returned reservation
     /// is grown ([`Shared::grow`]) as the bytes arrive.
     fn promise(self: &Arc<Self>, size: u64) -> Result<Reservation, BlobError> {
+        self.promise_locked(&mut self.space(), size)
+    }
+
+    /// [`Shared::promise`] for a fetch from `peer`, which holds the blob's
+    /// whole charge in the peer's share of the budget ([`PEER_SHARE`])
+    /// until the reservation is committed or dropped. Fails with
+    /// [`BlobError::ShareTaken`] if the peer's other fetches in progress
+    /// leave too little of its share, with [`BlobError::OverShare`] if the
+    /// blob is larger than the share.
+    fn promise_for(self: &Arc<Self>, peer: PeerId, size: u64) -> Result<Reservation, BlobError> {
         let charge = self.charge(size);
+        let share = self.budget / PEER_SHARE;
+        if charge > share {
+            return Err(BlobError::OverShare { size, share });
+        }
         let mut space = self.space();
-        let in_use = self.in_use(&space);
+        let held = space.shares.get(&peer).copied().unwrap_or(0);
+        if held.saturating_add(charge) > share {
+            return Err(BlobError::ShareTaken { size, share, held });
+        }
+        let mut room = self.promise_locked(&mut space, size)?;
+        *space.shares.entry(peer).or_insert(0) += charge;
+        room.share = Some((peer, charge));
+        Ok(room)
+    }
+
+    /// [`Shared::promise`], with the store's accounting locked.
+    fn promise_locked(
+        self: &Arc<Self>,
+        space: &mut Space,
+        size: u64,
+    ) -> Result<Reservation, BlobError> {
+        let charge = self.charge(size);
+        let in_use = self.in_use(space);
         if in_use.saturating_add(charge) > self.budget {
             return Err(BlobError::NoRoom {
                 size,
@@ -779,6 +855,7 @@ impl Shared {
             size,
             reserved: 0,
             promised: charge,
+            share: None,
         })
     }
 
@@ -817,12 +894,22 @@ impl Shared {
             room.take(&mut space, bytes);
             evicted
         };
+        // A peer that sends distinct blobs evicts at will: the owner reads
+        // a few lines a minute of it, the rest go to `debug`.
         if !evicted.is_empty() {
-            tracing::info!(
-                "evicted {} least recently used blob(s) to make room for one of {}",
-                evicted.len(),
-                format_bytes(room.size)
-            );
+            if EVICTIONS_LOGGED.allow() {
+                tracing::info!(
+                    "evicted {} least recently used blob(s) to make room for one of {}",
+                    evicted.len(),
+                    format_bytes(room.size)
+                );
+            } else {
+                tracing::debug!(
+                    "evicted {} least recently used blob(s) to make room for one of {}",
+                    evicted.len(),
+                    format_bytes(room.size)
+                );
+            }
         }
         drop(evicted);
         Ok(())
@@ -974,8 +1061,9 @@ impl Drop for BlobPin {
 }
 
 /// A blob's room in the budget while it is written: reserved for its bytes
-/// that arrived, promised for the rest. Becomes the stored blob when
-/// committed; given back if the fetch fails.
+/// that arrived, promised for the rest; and, for a fetch, the blob's whole
+/// charge in its requester's share ([`PEER_SHARE`]). Becomes the stored
+/// blob when committed; given back if the fetch fails or is dropped.
 #[derive(Debug)]
 struct Reservation {
     shared: Arc<Shared>,
@@ -983,6 +1071,8 @@ struct Reservation {
     size: u64,
     reserved: u64,
     promised: u64,
+    /// The requester whose share this holds, and how much of it.
+    share: Option<(PeerId, u64)>,
 }
 
 impl Reservation {
@@ -996,12 +1086,20 @@ impl Reservation {
         space.reserved += bytes;
     }
 
-    /// Gives the room back to `space`.
+    /// Gives the room back to `space`, and the requester's share.
     fn release(&mut self, space: &mut Space) {
         space.reserved = space.reserved.saturating_sub(self.reserved);
         space.promised = space.promised.saturating_sub(self.promised);
         self.reserved = 0;
         self.promised = 0;
+        if let Some((peer, bytes)) = self.share.take()
+            && let Some(held) = space.shares.get_mut(&peer)
+        {
+            *held = held.saturating_sub(bytes);
+            if *held == 0 {
+                space.shares.remove(&peer);
+            }
+        }
     }
 }
 
@@ -1009,7 +1107,7 @@ impl Drop for Reservation {
     fn drop(&mut self) {
         // Released already when committed (under the lock, so it must not
         // be taken again).
-        if self.reserved > 0 || self.promised > 0 {
+        if self.reserved > 0 || self.promised > 0 || self.share.is_some() {
             let shared = Arc::clone(&self.shared);
             self.release(&mut shared.space());
         }
@@ -1593,9 +1691,11 @@ mod tests {
     #[tokio::test]
     async fn a_peer_without_the_blob_evicts_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        let (store, ids) = store_of_three(dir.path(), 100);
-        // A blob that fits only with all three evicted, which the peer
-        // does not have.
+        let (store, ids) = store_of_three(dir.path(), 200);
+        // With the node's state taking half the budget, a blob of the
+        // requester's whole share fits only with all three evicted; the
+        // peer does not have it.
+        store.set_state_bytes(100);
         let blob = BlobRef {
             id: BlobId::of(b"never sent"),
             size: 100,
@@ -1626,9 +1726,11 @@ mod tests {
     async fn room_is_made_as_the_chunks_arrive() {
         let dir = tempfile::tempdir().unwrap();
         let chunk = MAX_BLOB_CHUNK as usize;
-        let budget = 3 * chunk as u64;
-        // Three blobs of a chunk each, `a` the oldest: the store is full.
+        let budget = 4 * chunk as u64;
+        // Four blobs of a chunk each, `a` the oldest: the store is full,
+        // and the blob fetched is the requester's whole share.
         let (store, [a, b, c]) = store_of_three_sized(dir.path(), budget, chunk);
+        let d = store.put(&vec![b'd'; chunk]).unwrap();
         let bytes: Vec<u8> = (0..2 * chunk).map(|i| (i % 13) as u8).collect();
         let blob = BlobRef::of(&bytes);
         let bucket = TokenBucket::new(None);
@@ -1646,7 +1748,7 @@ mod tests {
         // Before the first chunk nothing was evicted; it took the oldest
         // blob's room, and the second chunk the next one's.
         assert_eq!(seen, [[true, true, true], [false, true, true]]);
-        assert!(!store.has(&a) && !store.has(&b) && store.has(&c));
+        assert!(!store.has(&a) && !store.has(&b) && store.has(&c) && store.has(&d));
         assert!(store.has(&blob.id));
         assert_eq!(store.used(), budget);
         no_temporary_files(dir.path());
@@ -1824,6 +1926,193 @@ mod tests {
         assert_eq!((space.reserved, space.promised), (0, 0));
         drop(space);
         no_temporary_files(dir.path());
+    }
+
+    /// A peer that never answers, and tells `asked` when it is asked (its
+    /// fetch holds its room by then).
+    fn silent(
+        asked: &tokio::sync::Notify,
+    ) -> impl FnMut(BlobRequest) -> std::future::Pending<Result<BlobResponse, String>> + '_ {
+        move |_| {
+            asked.notify_one();
+            std::future::pending()
+        }
+    }
+
+    /// A made-up blob of `size` bytes, distinct for each `n`.
+    fn made_up(n: u8, size: u64) -> BlobRef {
+        BlobRef {
+            id: BlobId::of(&[n]),
+            size,
+        }
+    }
+
+    /// A requester that names blobs it never sends holds at most half the
+    /// budget in fetches in progress: its next fetch fails at once, while
+    /// another requester still fetches a blob of its own whole share.
+    #[tokio::test]
+    async fn one_requester_holds_at_most_its_share_of_the_budget() {
+        use tokio::sync::Notify;
+        let dir = tempfile::tempdir().unwrap();
+        let budget = 400;
+        let share = budget / PEER_SHARE;
+        let store = open_exact(dir.path(), budget).unwrap();
+        let bucket = TokenBucket::new(None);
+        let hog = PeerId::random();
+        // Two fetches of a quarter of the budget each, whose chunks never
+        // come: the hog's whole share.
+        let asked = [Notify::new(), Notify::new()];
+        let hogging = async {
+            tokio::join!(
+                store.fetch_from(hog, made_up(0, 100), &bucket, LIMIT, silent(&asked[0])),
+                store.fetch_from(hog, made_up(1, 100), &bucket, LIMIT, silent(&asked[1])),
+            )
+        };
+        let others = async {
+            asked[0].notified().await;
+            asked[1].notified().await;
+            assert_eq!(store.shared.space().shares.get(&hog), Some(&share));
+            // A third fails at once, asking the peer nothing.
+            let err = tokio::time::timeout(
+                Duration::from_secs(5),
+                store.fetch_from(hog, made_up(2, 100), &bucket, LIMIT, |_| async {
+                    unreachable!("asked beyond its share") as Result<BlobResponse, String>
+                }),
+            )
+            .await
+            .expect("refused at once, not fetched")
+            .map(|_| ())
+            .unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    BlobError::ShareTaken {
+                        size: 100,
+                        share: 200,
+                        held: 200
+                    }
+                ),
+                "{err}"
+            );
+            // Another requester fetches a blob of its whole share.
+            let bytes = vec![3u8; share as usize];
+            let blob = BlobRef::of(&bytes);
+            let pin = store
+                .fetch_from(PeerId::random(), blob, &bucket, LIMIT, |request| {
+                    let response = honest(&bytes, &request);
+                    async move { Ok::<_, String>(response) }
+                })
+                .await
+                .unwrap();
+            assert!(store.has(pin.id()));
+        };
+        tokio::select! {
+            biased;
+            _ = hogging => unreachable!("the hog's fetches never end"),
+            () = others => {}
+        }
+        // The hog's fetches, dropped, gave their room and share back.
+        {
+            let space = store.shared.space();
+            assert_eq!((space.reserved, space.promised), (0, 0));
+            assert!(space.shares.is_empty(), "{:?}", space.shares);
+        }
+        assert_eq!(store.used(), share);
+        // A blob larger than a requester's share is never fetched.
+        let err = store
+            .fetch_from(
+                PeerId::random(),
+                made_up(4, share + 1),
+                &bucket,
+                LIMIT,
+                |_| async {
+                    unreachable!("asked for too large a blob") as Result<BlobResponse, String>
+                },
+            )
+            .await
+            .map(|_| ())
+            .unwrap_err();
+        assert!(matches!(err, BlobError::OverShare { .. }), "{err}");
+        assert_consistent(&store);
+    }
+
+    /// A requester's share comes back however its fetch ends: dropped
+    /// (cancelled), failed, stalled, or committed.
+    #[tokio::test]
+    async fn a_requesters_share_comes_back_when_its_fetch_ends() {
+        use tokio::sync::Notify;
+        let dir = tempfile::tempdir().unwrap();
+        let budget = 200;
+        let share = budget / PEER_SHARE;
+        let store = open_exact(dir.path(), budget).unwrap();
+        let bucket = TokenBucket::new(None);
+        let hog = PeerId::random();
+        // Held while a fetch is in progress; back once it is dropped.
+        let (asked, unasked) = (Notify::new(), Notify::new());
+        let holding = store.fetch_from(hog, made_up(0, share), &bucket, LIMIT, silent(&asked));
+        let meanwhile = async {
+            asked.notified().await;
+            tokio::time::timeout(
+                Duration::from_secs(5),
+                store.fetch_from(hog, made_up(1, share), &bucket, LIMIT, silent(&unasked)),
+            )
+            .await
+            .expect("refused at once, not fetched")
+            .map(|_| ())
+            .unwrap_err()
+        };
+        let err = tokio::select! {
+            biased;
+            _ = holding => unreachable!("its chunks never come"),
+            err = meanwhile => err,
+        };
+        assert!(matches!(err, BlobError::ShareTaken { .. }), "{err}");
+        assert!(store.shared.space().shares.is_empty());
+        // Back after a fetch that failed: the peer did not have the blob...
+        let err = store
+            .fetch_from(hog, made_up(2, share), &bucket, LIMIT, |_| async {
+                Ok::<_, String>(BlobResponse::NotFound)
+            })
+            .await
+            .map(|_| ())
+            .unwrap_err();
+        assert!(matches!(err, BlobError::NotFound(_)), "{err}");
+        assert!(store.shared.space().shares.is_empty());
+        // ... or stopped sending.
+        let stalls = FetchLimits {
+            whole: Duration::from_secs(3600),
+            chunk_grace: Duration::from_millis(100),
+        };
+        let err = store
+            .fetch_from(hog, made_up(3, share), &bucket, stalls, |_| async {
+                Ok::<_, String>(BlobResponse::Busy)
+            })
+            .await
+            .map(|_| ())
+            .unwrap_err();
+        assert!(matches!(err, BlobError::Stalled { .. }), "{err}");
+        assert!(store.shared.space().shares.is_empty());
+        // And after one that was committed, which the blob now takes
+        // instead: the next fetch of the whole share evicts it.
+        for fill in [4u8, 5] {
+            let bytes = vec![fill; share as usize];
+            let blob = BlobRef::of(&bytes);
+            drop(
+                store
+                    .fetch_from(hog, blob, &bucket, LIMIT, |request| {
+                        let response = honest(&bytes, &request);
+                        async move { Ok::<_, String>(response) }
+                    })
+                    .await
+                    .unwrap(),
+            );
+            assert!(store.shared.space().shares.is_empty());
+        }
+        let space = store.shared.space();
+        assert_eq!((space.reserved, space.promised), (0, 0));
+        drop(space);
+        assert_eq!(store.used(), 2 * share);
+        assert_consistent(&store);
     }
 
     #[test]

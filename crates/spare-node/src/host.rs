@@ -3,10 +3,13 @@
 //! A task request is refused (the requester then tries elsewhere) when it is
 //! malformed, asks for more than this host grants, arrives while the queue
 //! is full, or would give one requester more than half of this host.
-//! Otherwise the host fetches the blobs it lacks from the requester, runs
-//! the job in a worker, signs a receipt and answers with the outcome. A
-//! hosted task is cancelled when its requester cancels it, disconnects, or
-//! closes (or writes on) the task's stream before the answer.
+//! Otherwise the host fetches the blobs it lacks from the requester
+//! (refusing the task as busy if that requester's fetches in progress
+//! would hold more than half of the disk budget for blobs,
+//! [`crate::blobs::PEER_SHARE`]), runs the job in a worker, signs a
+//! receipt and answers with the outcome. A hosted task is cancelled when
+//! its requester cancels it, disconnects, or closes (or writes on) the
+//! task's stream before the answer.
 //!
 //! While the owner needs the machine the governor pauses the workers and
 //! the offer says so; a task that arrives anyway (pinned to this host)
@@ -29,7 +32,7 @@ use spare_policy::TokenBucket;
 use spare_runtime::{Job, JobStdin};
 use tokio_util::sync::CancellationToken;
 
-use crate::blobs::{BlobPin, BlobStore, ServingPermit};
+use crate::blobs::{BlobError, BlobPin, BlobStore, ServingPermit};
 use crate::node::{HostedEntry, Node};
 
 /// Serves one inbound task request, start to answer.
@@ -352,8 +355,18 @@ async fn prepare(
     peer: PeerId,
     spec: TaskSpec,
 ) -> Result<(Job, Vec<BlobPin>), Refusal> {
-    let unavailable = |e: crate::blobs::BlobError| {
-        Refusal::BlobUnavailable(spare_core::outcome::clip_detail(e.to_string()))
+    let task = spec.id;
+    let unavailable = |e: BlobError| match e {
+        // The requester's own fetches in progress hold its share of the
+        // disk budget: busy, not the task's fault, so the requester tries
+        // another host (or this one later) without using up an attempt.
+        BlobError::ShareTaken { .. } => {
+            tracing::debug!(%peer, %task, "busy: {e}");
+            Refusal::Busy {
+                queued: queued(node),
+            }
+        }
+        e => Refusal::BlobUnavailable(spare_core::outcome::clip_detail(e.to_string())),
     };
     let (blobs, net, bucket) = (node.blobs(), node.net(), node.download());
     // The module stays pinned while room is made for the stdin.
@@ -372,6 +385,14 @@ async fn prepare(
         );
     }
     Ok((job_for(spec, blobs), pins))
+}
+
+/// How many of the tasks this host has taken wait for a slot, besides the
+/// one asking: what a busy refusal tells its requester.
+fn queued(node: &Node) -> u32 {
+    let slots = node.pool().stats().slots;
+    let hosted = node.lock(&node.inner.hosted).len();
+    u32::try_from(hosted.saturating_sub(1).saturating_sub(slots)).unwrap_or(u32::MAX)
 }
 
 /// The job that runs `spec` with blobs from `blobs` (which must hold them).
