@@ -1318,6 +1318,16 @@ mod tests {
         assert!(take(peer).is_some());
     }
 
+    /// Every stream the node takes, held by as few peers as can hold them.
+    fn every_stream_held(take: &impl Fn(PeerId) -> Option<StreamSlot>) -> Vec<StreamSlot> {
+        (0..MAX_STREAMS / MAX_STREAMS_PER_PEER)
+            .flat_map(|_| {
+                let peer = PeerId::random();
+                (0..MAX_STREAMS_PER_PEER).map(move |_| take(peer).expect("room for it"))
+            })
+            .collect()
+    }
+
     /// Peers that open streams only to hold them, as many as the node
     /// takes: a newcomer's stream takes the place of an idle one of the
     /// peer that holds the most, and peers holding as many as the newcomer
@@ -1328,13 +1338,7 @@ mod tests {
         let budget = ReadBudget::new(READ_BUDGET_BYTES);
         let answers = AnswerBudget::new(crate::answer_budget(1, TaskResponse::MAX_BYTES));
         let take = |peer| StreamSlot::take(&open, peer, &budget, &answers);
-        let hoarders: Vec<PeerId> = (0..MAX_STREAMS / MAX_STREAMS_PER_PEER)
-            .map(|_| PeerId::random())
-            .collect();
-        let held: Vec<StreamSlot> = hoarders
-            .iter()
-            .flat_map(|peer| (0..MAX_STREAMS_PER_PEER).map(|_| take(*peer).unwrap()))
-            .collect();
+        let held = every_stream_held(&take);
         // Busy streams (a request being served) are never evicted.
         assert!(take(PeerId::random()).is_none(), "none idle");
         let idle: Vec<Waiting<'_>> = held.iter().map(StreamSlot::waiting).collect();
@@ -1426,13 +1430,7 @@ mod tests {
         let budget = ReadBudget::new(READ_BUDGET_BYTES);
         let answers = AnswerBudget::new(crate::answer_budget(1, TaskResponse::MAX_BYTES));
         let take = |peer| StreamSlot::take(&open, peer, &budget, &answers);
-        let hoarders: Vec<PeerId> = (0..MAX_STREAMS / MAX_STREAMS_PER_PEER)
-            .map(|_| PeerId::random())
-            .collect();
-        let held: Vec<StreamSlot> = hoarders
-            .iter()
-            .flat_map(|peer| (0..MAX_STREAMS_PER_PEER).map(|_| take(*peer).unwrap()))
-            .collect();
+        let held = every_stream_held(&take);
         // Only the first hoarder's streams wait for requests: all but its
         // youngest have headers, which came youngest first.
         let waits: Vec<Waiting<'_>> = held[..MAX_STREAMS_PER_PEER]

@@ -62,15 +62,7 @@ fn an_endless_loop_runs_out_of_fuel() {
 
 #[test]
 fn an_endless_loop_hits_the_wall_time_limit() {
-    let limits = Limits {
-        wall_ms: 300,
-        ..Limits::DEFAULT
-    };
-    let started = Instant::now();
-    let outcome = run(&job("hostile/loop.wasm", limits));
-    assert_eq!(failure(&outcome), &Failure::Timeout { limit_ms: 300 });
-    let took = started.elapsed().as_millis();
-    assert!((300..3_000).contains(&took), "stopped after {took} ms");
+    let outcome = stopped_at_300_ms("hostile/loop.wasm");
     assert!(outcome.fuel > 0);
 }
 
@@ -78,15 +70,22 @@ fn an_endless_loop_hits_the_wall_time_limit() {
 /// fuel yield only after hours: its wall time is checked as each returns.
 #[test]
 fn a_guest_inside_host_calls_hits_the_wall_time_limit() {
+    stopped_at_300_ms("hostile/entropy.wasm");
+}
+
+/// Runs `guest` with a wall-time limit of 300 ms, which must stop it, and
+/// soon after.
+fn stopped_at_300_ms(guest: &str) -> Outcome {
     let limits = Limits {
         wall_ms: 300,
         ..Limits::DEFAULT
     };
     let started = Instant::now();
-    let outcome = run(&job("hostile/entropy.wasm", limits));
+    let outcome = run(&job(guest, limits));
     assert_eq!(failure(&outcome), &Failure::Timeout { limit_ms: 300 });
     let took = started.elapsed().as_millis();
     assert!((300..3_000).contains(&took), "stopped after {took} ms");
+    outcome
 }
 
 #[test]
