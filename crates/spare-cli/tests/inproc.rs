@@ -743,6 +743,79 @@ async fn a_damaged_database_is_named_with_the_way_out() {
     shutdown.cancel();
 }
 
+/// A host that failed a task is remembered across tasks: the next task
+/// goes to a busy host before it, though it offers a free core; and
+/// `spare peers` says why.
+#[tokio::test]
+async fn a_host_that_failed_a_task_is_tried_after_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let shutdown = CancellationToken::new();
+    let flaky = node(&dir.path().join("flaky"), vec![], &shutdown).await;
+    let steady = node(&dir.path().join("steady"), vec![], &shutdown).await;
+    let mut bootstrap = flaky.net().listen_addrs();
+    bootstrap.extend(steady.net().listen_addrs());
+    let requester = node(&dir.path().join("req"), bootstrap, &shutdown).await;
+    wait_for_offers(&requester, 2).await;
+
+    // The flaky host's worker dies under the task: its fault.
+    let on = |host: &Node| Placement::On(host.peer_id().to_string());
+    let mut crashed = start_example(
+        &requester,
+        "hostile/loop.wasm",
+        LimitRequest::default(),
+        on(&flaky),
+    )
+    .await;
+    assert!(eventually(|| !flaky.running_hosted().is_empty()).await);
+    for pid in flaky.pool().worker_pids() {
+        // SAFETY: kill has no memory effects; the pid is the host's worker.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    }
+    let result = ending(&mut crashed).await.expect("a report of the crash");
+    assert_eq!(
+        result.failure_kind,
+        Some(spare_node::api::types::FailureKind::Host),
+        "{result:?}"
+    );
+    let (strikes, _) = requester.standing(&flaky.peer_id()).expect("remembered");
+    assert_eq!(strikes, 1);
+
+    // The steady host's one core is taken (for a second); the flaky host,
+    // its worker replaced, offers a free one.
+    let limits = LimitRequest {
+        wall_ms: Some(1000),
+        ..LimitRequest::default()
+    };
+    let mut occupying = start_example(&requester, "hostile/loop.wasm", limits, on(&steady)).await;
+    assert!(eventually(|| !steady.running_hosted().is_empty()).await);
+    let mut next = start_example(
+        &requester,
+        "hello.wasm",
+        LimitRequest::default(),
+        Placement::Auto,
+    )
+    .await;
+    let (seen, ended) = events_to_the_end(&mut next).await;
+    let first_host = seen.iter().find_map(|e| match e {
+        TaskEvent::Placed { host, .. } => Some(host.clone()),
+        _ => None,
+    });
+    assert_eq!(first_host, Some(steady.peer_id().to_string()), "{seen:?}");
+    assert_eq!(ended.expect("it ran").exit_code, Some(0));
+    ending(&mut occupying).await.expect("it ran");
+
+    let (status, body) = call(&requester, "GET", "/v1/peers", vec![]).await;
+    assert_eq!(status, 200);
+    let peers: Vec<spare_node::api::types::PeerView> = serde_json::from_slice(&body).unwrap();
+    let failures = |host: &Node| {
+        let id = host.peer_id().to_string();
+        let view = peers.iter().find(|p| p.peer_id == id).expect("listed");
+        view.failures.as_ref().map(|f| f.count)
+    };
+    assert_eq!((failures(&flaky), failures(&steady)), (Some(1), None));
+    shutdown.cancel();
+}
+
 /// A host, and a requester bootstrapped from it, in `dir`.
 async fn host_and_requester(dir: &std::path::Path, shutdown: &CancellationToken) -> (Node, Node) {
     host_and_requester_with(dir, shutdown, |_| {}).await

@@ -80,6 +80,8 @@ pub(crate) struct Inner {
     pub(crate) grants: Mutex<HashMap<PeerId, HashMap<BlobId, u32>>>,
     /// Task requests we sent to each peer and that are unanswered.
     pub(crate) in_flight: Mutex<HashMap<PeerId, u32>>,
+    /// Hosts that failed our tasks lately, ranked after the others.
+    pub(crate) standing: Mutex<spare_scheduler::Standing>,
     /// Cancelled first when the node stops: hosted tasks answer that the
     /// host is shutting down, and nothing new is taken.
     pub(crate) shutdown: CancellationToken,
@@ -203,6 +205,7 @@ impl Node {
                 requested: Mutex::default(),
                 grants: Mutex::default(),
                 in_flight: Mutex::default(),
+                standing: Mutex::default(),
                 shutdown: shutdown.child_token(),
                 root: shutdown,
                 started: Instant::now(),
@@ -461,6 +464,25 @@ impl Node {
     /// Peers we have unanswered task requests with, and how many.
     pub(crate) fn in_flight(&self) -> HashMap<PeerId, u32> {
         self.lock(&self.inner.in_flight).clone()
+    }
+
+    /// Counts an attempt on `host` in its standing: a clean run (`served`)
+    /// forgives one of its failures; else it is a failure.
+    pub(crate) fn judge(&self, host: PeerId, served: bool) {
+        let mut standing = self.lock(&self.inner.standing);
+        if served {
+            standing.served(&host, Instant::now());
+        } else {
+            let strikes = standing.failed(host, Instant::now());
+            tracing::debug!(%host, strikes, "host failed a task");
+        }
+    }
+
+    /// The failures of `peer` remembered now, and for how much longer.
+    pub fn standing(&self, peer: &PeerId) -> Option<(u32, Duration)> {
+        let now = Instant::now();
+        let (strikes, until) = self.lock(&self.inner.standing).of(peer, now)?;
+        Some((strikes, until.duration_since(now)))
     }
 
     pub(crate) fn lock<'a, T>(&self, mutex: &'a Mutex<T>) -> MutexGuard<'a, T> {

@@ -420,10 +420,15 @@ async fn run_remote(
             };
             &fitted_spec
         };
-        match attempt_on(node, spec, host, token, events).await {
+        let attempted = attempt_on(node, spec, host, token, events).await;
+        let receipt = match &attempted {
+            Attempt::Ran(report) => verify_receipt(node, spec, host, report)
+                .map(|verified| (verified, report.receipt.clone())),
+            _ => None,
+        };
+        judge(node, host, &attempted, receipt.is_some());
+        match attempted {
             Attempt::Ran(report) => {
-                let receipt = verify_receipt(node, spec, host, &report)
-                    .map(|verified| (verified, report.receipt.clone()));
                 let outcome = report.outcome;
                 // A guest that hit a limit lowered to fit this host may
                 // yet succeed on a host that grants more of it.
@@ -623,6 +628,23 @@ async fn attempt_on(
             reason: "the host answered out of turn".into(),
         },
     }
+}
+
+/// Counts how an attempt went in the host's standing (see
+/// [`spare_scheduler::Standing`]): a run its host's own fault ended, a
+/// failure that does not excuse the host, or a report with a bad receipt
+/// is a failure; any other run is a clean one. A host that was busy or
+/// handed the task back, and a cancelled attempt, count for nothing.
+fn judge(node: &Node, host: PeerId, attempt: &Attempt, receipt_good: bool) {
+    let served = match attempt {
+        Attempt::Ran(report) => {
+            receipt_good && !report.outcome.failure().is_some_and(Failure::is_retryable)
+        }
+        Attempt::Failed { error, .. } if error.host_stays_candidate() => return,
+        Attempt::Failed { .. } => false,
+        Attempt::Cancelled => return,
+    };
+    node.judge(host, served);
 }
 
 /// A host's report of a run, unless it is for another task or impossible
@@ -855,6 +877,7 @@ async fn tell_while_paused(
 /// why each that gives nothing now does not.
 fn candidates(node: &Node) -> (Vec<Candidate>, HashMap<PeerId, Option<Pause>>) {
     let in_flight = node.in_flight();
+    let standing = |peer: &PeerId| node.standing(peer).map_or(0, |(strikes, _)| strikes);
     let mut pauses = HashMap::new();
     let candidates = node
         .net()
@@ -874,6 +897,7 @@ fn candidates(node: &Node) -> (Vec<Candidate>, HashMap<PeerId, Option<Pause>>) {
                 in_flight: in_flight.get(&p.peer).copied().unwrap_or(0),
                 rtt: p.rtt,
                 max_limits: offer.max_limits,
+                strikes: standing(&p.peer),
             })
         })
         .collect();

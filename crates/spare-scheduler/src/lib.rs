@@ -7,10 +7,14 @@
 //! [`place`] for a peer and the limits to run with there (by [`rank`]'s
 //! order), and [`grants_more`] whether a limit lowered to fit one host is
 //! worth another, and consults [`RetryPolicy`] after each failed attempt.
+//! [`Standing`] remembers, across tasks, the hosts that failed this node's
+//! tasks lately, so that a host whose offer attracts tasks it then fails
+//! is tried after the others.
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 use std::cmp::Ordering;
-use std::time::Duration;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
 use spare_core::{Limit, LimitRequest, Limits, PeerId};
 
@@ -31,6 +35,8 @@ pub struct Candidate {
     pub rtt: Option<Duration>,
     /// The largest limits the peer grants.
     pub max_limits: Limits,
+    /// Recent failures of this node's tasks there, per [`Standing`].
+    pub strikes: u32,
 }
 
 impl Candidate {
@@ -55,9 +61,10 @@ impl Candidate {
 /// Orders candidates best first for a task with `limits`, leaving out peers
 /// in `exclude` (already tried) and peers that would refuse the limits.
 ///
-/// Best means: a free core now beats a queue; then the shorter queue per
-/// core; then the lower round-trip time; then more free cores; ties broken by
-/// peer id so the order is deterministic.
+/// Best means: fewer recent failures (see [`Standing`]) beat an offer, as
+/// an offer is only a claim; then a free core now beats a queue; then the
+/// shorter queue per core; then the lower round-trip time; then more free
+/// cores; ties broken by peer id so the order is deterministic.
 pub fn rank(candidates: &[Candidate], limits: &Limits, exclude: &[PeerId]) -> Vec<PeerId> {
     let mut eligible: Vec<&Candidate> = candidates
         .iter()
@@ -115,8 +122,9 @@ pub fn grants_more(
 
 fn compare(a: &Candidate, b: &Candidate) -> Ordering {
     let free = |c: &Candidate| c.spare_cores() > 0;
-    free(b)
-        .cmp(&free(a))
+    a.strikes
+        .cmp(&b.strikes)
+        .then_with(|| free(b).cmp(&free(a)))
         .then_with(|| a.backlog_per_core().cmp(&b.backlog_per_core()))
         .then_with(|| rtt_key(a).cmp(&rtt_key(b)))
         .then_with(|| b.spare_cores().cmp(&a.spare_cores()))
@@ -179,6 +187,105 @@ impl RetryPolicy {
     }
 }
 
+/// How long a host's first failure of a task ranks it after the hosts
+/// without one; each further failure while one is remembered doubles it,
+/// up to [`STRIKE_MEMORY_MAX`].
+pub const STRIKE_MEMORY: Duration = Duration::from_secs(120);
+/// The longest a failure is remembered.
+pub const STRIKE_MEMORY_MAX: Duration = Duration::from_secs(3600);
+/// Failures counted against one host at most: more rank it no lower.
+pub const MAX_STRIKES: u32 = 8;
+/// Hosts whose failures are remembered at most: beyond, the one whose
+/// memory ends first is forgotten, so a swarm of identities that fail
+/// cannot grow the record without end.
+pub const MAX_STANDINGS: usize = 1024;
+
+/// The hosts that failed this node's tasks lately, across tasks: a host
+/// that attracts tasks with an offer and then fails them (a lie, a broken
+/// machine, a worker that keeps crashing) is ranked after every host with
+/// fewer failures until its failures are forgotten. A failure is what
+/// [`AttemptError::host_stays_candidate`] does not excuse, or a run the
+/// host's own fault ended; a clean run forgives one. Busy hosts and hosts
+/// whose owners took the machine back are honest, and never struck.
+#[derive(Debug, Default)]
+pub struct Standing {
+    records: HashMap<PeerId, Strikes>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Strikes {
+    count: u32,
+    /// When the failures are forgotten.
+    until: Instant,
+}
+
+impl Standing {
+    /// Counts a failure of `peer` at `now`; returns its failures now
+    /// remembered.
+    pub fn failed(&mut self, peer: PeerId, now: Instant) -> u32 {
+        let count = self
+            .current(&peer, now)
+            .map_or(1, |s| (s.count + 1).min(MAX_STRIKES));
+        if !self.records.contains_key(&peer) && self.records.len() >= MAX_STANDINGS {
+            self.make_room(now);
+        }
+        let memory = STRIKE_MEMORY
+            .saturating_mul(1 << (count - 1).min(16))
+            .min(STRIKE_MEMORY_MAX);
+        self.records.insert(
+            peer,
+            Strikes {
+                count,
+                until: now + memory,
+            },
+        );
+        count
+    }
+
+    /// Counts a clean run on `peer`: it forgives one failure.
+    pub fn served(&mut self, peer: &PeerId, now: Instant) {
+        match self.current(peer, now) {
+            Some(s) if s.count > 1 => {
+                if let Some(record) = self.records.get_mut(peer) {
+                    record.count -= 1;
+                }
+            }
+            _ => {
+                self.records.remove(peer);
+            }
+        }
+    }
+
+    /// The failures of `peer` remembered at `now`, and until when.
+    pub fn of(&self, peer: &PeerId, now: Instant) -> Option<(u32, Instant)> {
+        self.current(peer, now).map(|s| (s.count, s.until))
+    }
+
+    /// The failures of `peer` remembered at `now`.
+    pub fn strikes(&self, peer: &PeerId, now: Instant) -> u32 {
+        self.current(peer, now).map_or(0, |s| s.count)
+    }
+
+    fn current(&self, peer: &PeerId, now: Instant) -> Option<Strikes> {
+        self.records.get(peer).copied().filter(|s| s.until > now)
+    }
+
+    /// Forgets what has expired, or else the record whose memory ends
+    /// first.
+    fn make_room(&mut self, now: Instant) {
+        self.records.retain(|_, s| s.until > now);
+        if self.records.len() >= MAX_STANDINGS
+            && let Some(first) = self
+                .records
+                .iter()
+                .min_by_key(|(_, s)| s.until)
+                .map(|(peer, _)| *peer)
+        {
+            self.records.remove(&first);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -193,6 +300,7 @@ mod tests {
             in_flight: 0,
             rtt: Some(Duration::from_millis(rtt_ms)),
             max_limits: Limits::MAX,
+            strikes: 0,
         }
     }
 
@@ -244,6 +352,81 @@ mod tests {
             &[tried.peer],
         );
         assert_eq!(order, vec![ok.peer]);
+    }
+
+    #[test]
+    fn a_host_that_failed_lately_goes_after_busier_ones() {
+        let mut failed = cand(2, 0, 1);
+        failed.strikes = 1;
+        let busy = cand(0, 4, 30);
+        assert_eq!(
+            rank(&[failed.clone(), busy.clone()], &Limits::DEFAULT, &[]),
+            vec![busy.peer, failed.peer],
+            "an offer of free cores does not outweigh a failure"
+        );
+        let mut failed_twice = cand(2, 0, 1);
+        failed_twice.strikes = 2;
+        assert_eq!(
+            rank(
+                &[failed_twice.clone(), failed.clone()],
+                &Limits::DEFAULT,
+                &[]
+            ),
+            vec![failed.peer, failed_twice.peer]
+        );
+        // Still a candidate: when it is the only one, it is tried.
+        assert_eq!(
+            place(&[failed_twice.clone()], &LimitRequest::default(), &[]),
+            Some((failed_twice.peer, Limits::DEFAULT))
+        );
+    }
+
+    #[test]
+    fn failures_are_remembered_for_a_while_and_a_clean_run_forgives_one() {
+        let mut standing = Standing::default();
+        let (peer, other) = (PeerId::random(), PeerId::random());
+        let t0 = Instant::now();
+        assert_eq!(standing.failed(peer, t0), 1);
+        assert_eq!(standing.strikes(&peer, t0 + STRIKE_MEMORY / 2), 1);
+        assert_eq!(standing.strikes(&peer, t0 + STRIKE_MEMORY), 0, "forgotten");
+        assert_eq!(standing.strikes(&other, t0), 0);
+        // Failures while one is remembered add up, and are remembered
+        // longer each time.
+        let t1 = t0 + STRIKE_MEMORY;
+        assert_eq!(standing.failed(peer, t1), 1);
+        assert_eq!(standing.failed(peer, t1), 2);
+        assert_eq!(standing.failed(peer, t1), 3);
+        assert_eq!(standing.strikes(&peer, t1 + STRIKE_MEMORY * 3), 3);
+        assert_eq!(standing.strikes(&peer, t1 + STRIKE_MEMORY * 4), 0);
+        for _ in 0..20 {
+            standing.failed(peer, t1);
+        }
+        let (count, until) = standing.of(&peer, t1).unwrap();
+        assert_eq!((count, until), (MAX_STRIKES, t1 + STRIKE_MEMORY_MAX));
+        standing.served(&peer, t1);
+        assert_eq!(standing.strikes(&peer, t1), MAX_STRIKES - 1);
+        for _ in 0..MAX_STRIKES {
+            standing.served(&peer, t1);
+        }
+        assert_eq!(standing.of(&peer, t1), None);
+    }
+
+    #[test]
+    fn the_record_of_failures_is_bounded() {
+        let mut standing = Standing::default();
+        let t0 = Instant::now();
+        let first = PeerId::random();
+        standing.failed(first, t0);
+        let later = t0 + Duration::from_secs(1);
+        for _ in 0..MAX_STANDINGS + 10 {
+            standing.failed(PeerId::random(), later);
+        }
+        assert_eq!(standing.records.len(), MAX_STANDINGS);
+        assert_eq!(
+            standing.strikes(&first, later),
+            0,
+            "the first to end goes first"
+        );
     }
 
     #[test]
@@ -310,9 +493,10 @@ mod tests {
             0u32..10,
             proptest::option::of(0u64..500),
             any::<bool>(),
+            0u32..3,
         )
-            .prop_map(
-                |(cores, idle, queued, in_flight, rtt, generous)| Candidate {
+            .prop_map(|(cores, idle, queued, in_flight, rtt, generous, strikes)| {
+                Candidate {
                     peer: PeerId::random(),
                     cores,
                     idle: idle.min(cores),
@@ -320,8 +504,9 @@ mod tests {
                     in_flight,
                     rtt: rtt.map(Duration::from_millis),
                     max_limits: if generous { Limits::MAX } else { Limits::MIN },
-                },
-            )
+                    strikes,
+                }
+            })
     }
 
     fn arb_request() -> impl Strategy<Value = LimitRequest> {
@@ -376,13 +561,15 @@ mod tests {
         }
 
         #[test]
-        fn a_peer_with_a_free_core_always_precedes_one_without(cands in prop::collection::vec(arb_candidate(), 0..12)) {
+        fn fewer_failures_then_a_free_core_go_first(cands in prop::collection::vec(arb_candidate(), 0..12)) {
             let order = rank(&cands, &Limits::DEFAULT, &[]);
-            let free: Vec<bool> = order.iter().map(|p| cands.iter().find(|c| c.peer == *p).unwrap().spare_cores() > 0).collect();
-            // Once a busy peer appears, no free peer follows.
-            if let Some(first_busy) = free.iter().position(|f| !f) {
-                prop_assert!(free[first_busy..].iter().all(|f| !f));
-            }
+            let keys: Vec<(u32, bool)> = order.iter().map(|p| {
+                let c = cands.iter().find(|c| c.peer == *p).unwrap();
+                (c.strikes, c.spare_cores() <= 0)
+            }).collect();
+            // Failures never decrease along the order; among equal
+            // failures, once a busy peer appears, no free peer follows.
+            prop_assert!(keys.windows(2).all(|w| w[0] <= w[1]));
         }
 
         #[test]

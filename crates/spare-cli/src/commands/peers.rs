@@ -72,6 +72,22 @@ fn rows(peers: &[PeerView]) -> Vec<Vec<String>> {
             ),
             None => ("-".to_owned(), "-".to_owned(), "-".to_owned()),
         };
+        // Why a peer that offers free cores may not get the next task.
+        let state = match &p.failures {
+            Some(f) => {
+                let failed = format!(
+                    "failed {} task{} lately",
+                    f.count,
+                    if f.count == 1 { "" } else { "s" }
+                );
+                if p.offer.is_some() {
+                    format!("{state}, {failed}")
+                } else {
+                    failed
+                }
+            }
+            None => state,
+        };
         rows.push(vec![
             p.peer_id.clone(),
             p.rtt_ms
@@ -118,6 +134,7 @@ mod tests {
                 age_ms: 0,
                 paused: why.map(Into::into),
             }),
+            failures: None,
         }
     }
 
@@ -155,5 +172,22 @@ mod tests {
             ]
         );
         assert!(table.iter().all(|r| r.len() == table[0].len()));
+    }
+
+    #[test]
+    fn peers_that_failed_our_tasks_say_so() {
+        let mut flaky = peer("flaky", Some((2, 2)));
+        flaky.failures = Some(spare_node::api::types::FailuresView {
+            count: 2,
+            forgotten_in_ms: 240_000,
+        });
+        let mut once = peer("once", None);
+        once.failures = Some(spare_node::api::types::FailuresView {
+            count: 1,
+            forgotten_in_ms: 1,
+        });
+        let table = rows(&[flaky, once]);
+        assert_eq!(table[1][2], "giving, failed 2 tasks lately");
+        assert_eq!(table[2][2], "failed 1 task lately");
     }
 }

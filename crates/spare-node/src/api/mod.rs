@@ -37,8 +37,8 @@ use tokio_util::sync::CancellationToken;
 use crate::node::Node;
 use crate::requester;
 use types::{
-    CancelReply, EnforcementView, ErrorBody, NodeInfo, OfferView, PeerView, SettingsView,
-    StatusView, Submission, WorkerInfo,
+    CancelReply, EnforcementView, ErrorBody, FailuresView, NodeInfo, OfferView, PeerView,
+    SettingsView, StatusView, Submission, WorkerInfo,
 };
 
 /// Largest request body: a module or stdin blob.
@@ -242,6 +242,10 @@ async fn peers(State(node): State<Node>) -> Json<Vec<PeerView>> {
                     .collect(),
                 age_ms: u64::try_from(at.elapsed().as_millis()).unwrap_or(u64::MAX),
                 paused: o.paused.map(|p| p.describe().to_owned()),
+            }),
+            failures: node.standing(&p.peer).map(|(count, left)| FailuresView {
+                count,
+                forgotten_in_ms: u64::try_from(left.as_millis()).unwrap_or(u64::MAX),
             }),
         })
         .collect();

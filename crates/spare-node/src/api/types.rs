@@ -113,6 +113,18 @@ pub struct PeerView {
     pub rtt_ms: Option<f64>,
     pub connected_ms: u64,
     pub offer: Option<OfferView>,
+    /// This node's tasks the peer failed lately, which rank it after the
+    /// peers with fewer; absent when none is remembered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failures: Option<FailuresView>,
+}
+
+/// A peer's recent failures of this node's tasks.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct FailuresView {
+    pub count: u32,
+    /// When they are forgotten, unless the peer fails again.
+    pub forgotten_in_ms: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
