@@ -12,7 +12,7 @@ use libp2p::{
     PeerId, StreamProtocol, Swarm, SwarmBuilder, connection_limits, gossipsub, identify, kad, mdns,
     noise, ping, quic, request_response, tcp, yamux,
 };
-use spare_core::wire::{BLOB_PROTOCOL, BlobRequest, BlobResponse, Message, Offer};
+use spare_core::wire::{BLOB_PROTOCOL, BlobRequest, BlobResponse, Message, OFFER_TOPIC, Offer};
 
 use crate::codec::{CborCodec, ReadBudget};
 use crate::dial_scope::{DialScope, ScopedTransport};
@@ -32,6 +32,11 @@ const MAX_CONNECTIONS_PER_PEER: u32 = 2;
 /// Connections being set up from outside at once.
 const MAX_PENDING_INCOMING: u32 = 64;
 const DUPLICATE_CACHE_TIME: Duration = Duration::from_secs(10);
+/// What a peer may have gossipsub buffer on one connection before a frame
+/// decodes (libp2p's default).
+const GOSSIP_READ_BYTES: usize = 64 << 10;
+/// A gossiped offer: the offer and the envelope that signs it.
+const OFFER_GOSSIP_BYTES: usize = Offer::MAX_BYTES + 512;
 /// Dials in progress at once: mDNS answers are not authenticated, and a
 /// host on the LAN could otherwise name peers at addresses that never
 /// answer, each dial holding a socket until it times out.
@@ -44,6 +49,20 @@ const BLOB_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(3600);
 
 pub(crate) type BlobBehaviour = request_response::Behaviour<CborCodec<BlobRequest, BlobResponse>>;
+/// Gossipsub that keeps track of peers' subscriptions to the offer topic
+/// only: libp2p's default filter remembers every topic a peer names, and
+/// a peer could name topics without end.
+pub(crate) type Gossip =
+    gossipsub::Behaviour<gossipsub::IdentityTransform, gossipsub::WhitelistSubscriptionFilter>;
+
+fn offer_topic() -> gossipsub::TopicHash {
+    gossipsub::IdentTopic::new(OFFER_TOPIC).hash()
+}
+
+/// The only topic spare speaks on, as a subscription filter.
+fn offer_topic_only() -> gossipsub::WhitelistSubscriptionFilter {
+    gossipsub::WhitelistSubscriptionFilter(std::iter::once(offer_topic()).collect())
+}
 
 #[derive(NetworkBehaviour)]
 pub(crate) struct Behaviour {
@@ -52,7 +71,7 @@ pub(crate) struct Behaviour {
     pub(crate) ping: ping::Behaviour,
     pub(crate) mdns: Toggle<mdns::tokio::Behaviour>,
     pub(crate) kad: kad::Behaviour<kad::store::MemoryStore>,
-    pub(crate) gossipsub: gossipsub::Behaviour,
+    pub(crate) gossipsub: Gossip,
     /// The task protocol's streams (`tasks.rs`), used outside the swarm.
     pub(crate) streams: libp2p_stream::Behaviour,
     pub(crate) blob: BlobBehaviour,
@@ -97,7 +116,13 @@ impl Behaviour {
             .heartbeat_interval(Duration::from_secs(1))
             .validation_mode(gossipsub::ValidationMode::Strict)
             .validate_messages()
-            .max_transmit_size(Offer::MAX_BYTES + 512)
+            // libp2p-gossipsub 0.50 holds the whole read buffer, not one
+            // frame, to the global limit, and drops the stream when frames
+            // that arrived together exceed it: a tight global limit would
+            // lose bursts of offers. The global limit bounds the buffer;
+            // each offer is held to its own.
+            .max_transmit_size(GOSSIP_READ_BYTES)
+            .max_transmit_size_for_topic(OFFER_GOSSIP_BYTES, offer_topic())
             // Message ids seen are remembered this long (libp2p's default is
             // a minute): long enough for gossip's five heartbeats of
             // history, short enough that a flood of signed messages from
@@ -105,9 +130,10 @@ impl Behaviour {
             .duplicate_cache_time(DUPLICATE_CACHE_TIME)
             .build()
             .map_err(|e| NetError::Config(e.to_string()))?;
-        let gossipsub = gossipsub::Behaviour::new(
+        let gossipsub = Gossip::new_with_subscription_filter(
             gossipsub::MessageAuthenticity::Signed(key.clone()),
             gossip_config,
+            offer_topic_only(),
         )
         .map_err(|e| NetError::Config(e.into()))?;
         let blob = request_response::Behaviour::with_codec(
@@ -208,4 +234,166 @@ fn transport(
             .boxed(),
     };
     Ok(ScopedTransport::new(inner, scope))
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::StreamExt as _;
+    use libp2p::Multiaddr;
+    use libp2p::swarm::SwarmEvent;
+
+    use super::*;
+
+    /// A node's swarm as `build_swarm` makes it, on the offer topic and
+    /// listening on a fresh memory address.
+    fn node() -> (Swarm<Behaviour>, Multiaddr) {
+        let config = NetConfig {
+            keypair: Keypair::generate_ed25519(),
+            listen: vec![],
+            bootstrap: vec![],
+            mdns: false,
+            transport: Transport::Memory,
+            answer_budget: crate::answer_budget(1, 1 << 20),
+        };
+        let budget = ReadBudget::new(1 << 20);
+        let mut node = build_swarm(&config, &budget, &DialScope::default()).unwrap();
+        let offers = gossipsub::IdentTopic::new(OFFER_TOPIC);
+        node.behaviour_mut().gossipsub.subscribe(&offers).unwrap();
+        let addr: Multiaddr = format!("/memory/{}", u64::from(rand::random::<u32>()) + 1)
+            .parse()
+            .unwrap();
+        node.listen_on(addr.clone()).unwrap();
+        (node, addr)
+    }
+
+    /// A peer with libp2p's gossipsub as it comes, connected to `node`.
+    async fn rogue(node: &mut Swarm<Behaviour>, addr: Multiaddr) -> Swarm<gossipsub::Behaviour> {
+        let mut rogue = SwarmBuilder::with_new_identity()
+            .with_tokio()
+            .with_other_transport(|key| {
+                Ok::<_, BoxedError>(
+                    MemoryTransport::default()
+                        .upgrade(Version::V1)
+                        .authenticate(noise::Config::new(key)?)
+                        .multiplex(yamux::Config::default()),
+                )
+            })
+            .unwrap()
+            .with_behaviour(|key| {
+                gossipsub::Behaviour::new(
+                    gossipsub::MessageAuthenticity::Signed(key.clone()),
+                    gossipsub::Config::default(),
+                )
+                .map_err(Box::from)
+            })
+            .unwrap()
+            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+            .build();
+        rogue.dial(addr).unwrap();
+        loop {
+            tokio::select! {
+                event = rogue.select_next_some() => {
+                    if let SwarmEvent::ConnectionEstablished { .. } = event {
+                        return rogue;
+                    }
+                }
+                _ = node.select_next_some() => {}
+            }
+        }
+    }
+
+    /// Runs both swarms until `done` holds of the node and its event.
+    async fn run_until(
+        node: &mut Swarm<Behaviour>,
+        rogue: &mut Swarm<gossipsub::Behaviour>,
+        mut done: impl FnMut(&Swarm<Behaviour>, Option<BehaviourEvent>) -> bool,
+    ) {
+        let deadline = tokio::time::sleep(Duration::from_secs(20));
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                event = node.select_next_some() => {
+                    let event = match event {
+                        SwarmEvent::Behaviour(event) => Some(event),
+                        _ => None,
+                    };
+                    if done(node, event) {
+                        return;
+                    }
+                }
+                _ = rogue.select_next_some() => {}
+                () = &mut deadline => panic!("timed out"),
+            }
+        }
+    }
+
+    /// A peer that subscribes to many topics besides the offers is
+    /// remembered as subscribed to the offers only.
+    #[tokio::test]
+    async fn a_peer_is_remembered_on_the_offer_topic_only() {
+        let (mut node, addr) = node();
+        let mut rogue = rogue(&mut node, addr).await;
+        let rogue_id = *rogue.local_peer_id();
+        // Subscribed after connecting, each topic is announced in a
+        // message of its own, in order: once the node knows the rogue is
+        // on the offer topic it has seen all the others.
+        for n in 0..500 {
+            let topic = gossipsub::IdentTopic::new(format!("junk-{n}"));
+            rogue.behaviour_mut().subscribe(&topic).unwrap();
+        }
+        let offers = gossipsub::IdentTopic::new(OFFER_TOPIC);
+        rogue.behaviour_mut().subscribe(&offers).unwrap();
+        let mut topics = vec![];
+        run_until(&mut node, &mut rogue, |node, _| {
+            topics = node
+                .behaviour()
+                .gossipsub
+                .all_peers()
+                .filter(|(peer, _)| **peer == rogue_id)
+                .flat_map(|(_, topics)| topics.into_iter().cloned())
+                .collect();
+            !topics.is_empty()
+        })
+        .await;
+        assert_eq!(topics, vec![offers.hash()]);
+    }
+
+    /// Offers that arrive together, more bytes than one offer may have,
+    /// all reach the node.
+    #[tokio::test]
+    async fn a_burst_of_offers_arrives_whole() {
+        const BURST: usize = 12;
+        let (mut node, addr) = node();
+        let mut rogue = rogue(&mut node, addr).await;
+        let offers = gossipsub::IdentTopic::new(OFFER_TOPIC);
+        rogue.behaviour_mut().subscribe(&offers).unwrap();
+        // Published once the node is in the rogue's mesh (it has seen the
+        // node's subscription and grafted it).
+        let node_id = *node.local_peer_id();
+        while !rogue
+            .behaviour()
+            .mesh_peers(&offers.hash())
+            .any(|p| *p == node_id)
+        {
+            tokio::select! {
+                _ = node.select_next_some() => {}
+                _ = rogue.select_next_some() => {}
+            }
+        }
+        for n in 0..BURST {
+            let offer = vec![u8::try_from(n).unwrap(); Offer::MAX_BYTES - 16];
+            rogue
+                .behaviour_mut()
+                .publish(offers.clone(), offer)
+                .unwrap();
+        }
+        let mut heard = 0;
+        run_until(&mut node, &mut rogue, |_, event| {
+            if let Some(BehaviourEvent::Gossipsub(gossipsub::Event::Message { .. })) = event {
+                heard += 1;
+            }
+            heard == BURST
+        })
+        .await;
+    }
 }
