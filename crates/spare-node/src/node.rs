@@ -358,7 +358,7 @@ impl Node {
 
     /// Publishes this node's offer when its load changes, and periodically.
     async fn publish_offers(self) {
-        let mut seq = 0u64;
+        let mut seq = first_offer_seq(std::time::SystemTime::now());
         let mut last: Option<(Offer, Instant)> = None;
         let mut tick = tokio::time::interval(OFFER_CHECK);
         loop {
@@ -488,6 +488,18 @@ impl Node {
     pub(crate) fn lock<'a, T>(&self, mutex: &'a Mutex<T>) -> MutexGuard<'a, T> {
         mutex.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// The sequence number below this daemon's first offer: the wall clock in
+/// microseconds. A node publishes a few offers a second at most, so a
+/// daemon started later numbers its offers above any its predecessor
+/// published, and peers do not take a replay of an old offer, which
+/// gossip may deliver late or a peer may repeat, for its latest one.
+fn first_offer_seq(now: std::time::SystemTime) -> u64 {
+    now.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| {
+            u64::try_from(since.as_micros()).unwrap_or(u64::MAX / 2)
+        })
 }
 
 /// How often the compiled-module cache is brought back within its budget.
@@ -656,6 +668,20 @@ fn disk_beyond_free(config: &Config, blobs: &std::path::Path, held: u64) -> Opti
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A daemon restarted after an hour of publishing ten offers a second
+    /// still numbers its offers above its predecessor's.
+    #[test]
+    fn a_restarted_node_numbers_its_offers_above_its_last_run() {
+        let start = std::time::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let last_of_first_run = first_offer_seq(start) + 3600 * 10;
+        let restart = start + Duration::from_secs(3600);
+        assert!(first_offer_seq(restart) + 1 > last_of_first_run);
+        assert_eq!(
+            first_offer_seq(std::time::UNIX_EPOCH - Duration::from_secs(1)),
+            0
+        );
+    }
 
     #[test]
     fn a_disk_budget_beyond_the_free_space_and_the_blobs_is_warned_of() {
