@@ -116,6 +116,43 @@ fn error_of(body: &[u8]) -> String {
         .to_owned()
 }
 
+/// The owner's blob that `spare run` asks about before each run (and so
+/// does not upload again) is the store's most recently used: room for a
+/// newer blob is made from one not asked about since.
+#[tokio::test]
+async fn a_blob_the_owner_asks_about_is_kept_over_older_ones() {
+    const MIB: usize = 1 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let shutdown = CancellationToken::new();
+    // Blobs get three quarters: room for two of these and the database.
+    let node = node_with(dir.path(), vec![], &shutdown, |config| {
+        config.policy.disk = 4 << 20;
+    })
+    .await;
+    let blobs: Vec<Vec<u8>> = (0..3u8).map(|n| vec![n; MIB]).collect();
+    let path = |blob: &[u8]| format!("/v1/blobs/{}", BlobRef::of(blob).id);
+    for blob in &blobs[..2] {
+        assert_eq!(call(&node, "PUT", &path(blob), blob.clone()).await.0, 201);
+    }
+    assert_eq!(call(&node, "HEAD", &path(&blobs[0]), vec![]).await.0, 200);
+    assert_eq!(
+        call(&node, "PUT", &path(&blobs[2]), blobs[2].clone())
+            .await
+            .0,
+        201
+    );
+    let kept = [
+        call(&node, "HEAD", &path(&blobs[0]), vec![]).await.0,
+        call(&node, "HEAD", &path(&blobs[1]), vec![]).await.0,
+    ];
+    assert_eq!(
+        kept,
+        [200, 404],
+        "the blob asked about stays, the other goes"
+    );
+    shutdown.cancel();
+}
+
 #[tokio::test]
 async fn the_api_refuses_bad_input_with_a_reason() {
     let dir = tempfile::tempdir().unwrap();

@@ -396,7 +396,15 @@ impl BlobStore {
         // where none can be made.
         let room = match self.shared.make_room(size) {
             Ok(room) => Some(room),
-            Err(BlobError::NoRoom { .. }) => None,
+            Err(BlobError::NoRoom { .. }) => {
+                tracing::warn!(
+                    blob = %expected,
+                    size,
+                    budget = self.budget(),
+                    "the owner's blob is stored beyond the blob budget: what is stored is in use"
+                );
+                None
+            }
             Err(e) => return Err(e),
         };
         let tmp = TempFile(self.shared.temp_path(expected));
@@ -531,10 +539,11 @@ impl BlobStore {
         Ok(pin)
     }
 
-    /// Marks a blob a fetch found here as just used, so hot modules stay:
-    /// in memory every time, on disk (a blocking call) only when its file's
-    /// mtime is [`TOUCH_EVERY`] behind.
-    async fn mark_used(&self, id: BlobId) {
+    /// Marks a stored blob as just used (a fetch found it here, or its
+    /// owner asked for it), so hot modules stay: in memory every time, on
+    /// disk (a blocking call) only when its file's mtime is
+    /// [`TOUCH_EVERY`] behind.
+    pub async fn mark_used(&self, id: BlobId) {
         if self.shared.mark_used_in_memory(&id) {
             return;
         }

@@ -17,6 +17,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::types::{Placement, Submission, SubmitStdin, TaskEvent, TaskResult};
+use crate::blobs::BlobPin;
 use crate::host::job_for;
 use crate::node::{InFlight, Node};
 
@@ -69,7 +70,7 @@ pub enum SubmitError {
 }
 
 /// A checked submission, ready to [`start`].
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct Prepared {
     /// The task, with the limits wanted (defaults where none were set).
     pub spec: TaskSpec,
@@ -77,10 +78,20 @@ pub struct Prepared {
     /// What the user set; the defaults in `spec` may be lowered to fit the
     /// chosen host.
     pub limits: LimitRequest,
+    /// The task's own blobs stay in the store, whatever room fetches for
+    /// other requesters need, from the check that they are there until the
+    /// task ends.
+    pins: Vec<BlobPin>,
 }
 
 /// Checks a submission and turns it into a task spec.
 pub async fn prepare(node: &Node, submission: &Submission) -> Result<Prepared, SubmitError> {
+    // Pinned before they are checked, so they are still there when the
+    // task starts.
+    let mut pins = vec![node.blobs().pin(&submission.module.id)];
+    if let SubmitStdin::Blob(blob) = &submission.stdin {
+        pins.push(node.blobs().pin(&blob.id));
+    }
     let stdin = match &submission.stdin {
         SubmitStdin::None => Stdin::Empty,
         SubmitStdin::Inline(text) => {
@@ -88,6 +99,7 @@ pub async fn prepare(node: &Node, submission: &Submission) -> Result<Prepared, S
             let stdin = Stdin::for_bytes(&bytes);
             // Inline input above the inline bound travels as a blob.
             if let Stdin::Blob(blob) = stdin {
+                pins.push(node.blobs().pin(&blob.id));
                 let store = node.clone();
                 tokio::task::spawn_blocking(move || store.blobs().put_verified(&blob.id, &bytes))
                     .await
@@ -107,6 +119,7 @@ pub async fn prepare(node: &Node, submission: &Submission) -> Result<Prepared, S
         &submission.module,
         SubmitError::MissingModule,
     )?;
+    node.blobs().mark_used(submission.module.id).await;
     let spec = TaskSpec {
         id: TaskId::random(),
         name: submission.name.clone(),
@@ -126,6 +139,7 @@ pub async fn prepare(node: &Node, submission: &Submission) -> Result<Prepared, S
         spec,
         placement: submission.placement.clone(),
         limits: submission.limits,
+        pins,
     })
 }
 
@@ -184,6 +198,7 @@ async fn run(
         spec,
         placement,
         limits,
+        pins: _pins,
     } = task;
     // Not awaited: later writes of this task commit after it in any case.
     node.ledger()
@@ -198,12 +213,6 @@ async fn run(
             () = watch.cancelled() => {}
         }
     });
-    // The task's own blobs stay in the store, whatever room fetches for
-    // other requesters need, until it ends.
-    let _pins: Vec<_> = blobs_of(&spec)
-        .iter()
-        .map(|blob| node.blobs().pin(blob))
-        .collect();
     let ended = match placement {
         Placement::Local => run_local(&node, &spec, &token).await,
         Placement::On(peer) => match peer.parse::<PeerId>() {

@@ -262,11 +262,14 @@ async fn head_blob(
     UrlPath(id): UrlPath<String>,
 ) -> Result<StatusCode, ApiError> {
     let id = parse_blob_id(&id)?;
-    Ok(if node.blobs().has(&id) {
-        StatusCode::OK
+    // The owner asks before a task uses the blob: a module run again and
+    // again is the store's most recently used, not its first evicted.
+    if node.blobs().has(&id) {
+        node.blobs().mark_used(id).await;
+        Ok(StatusCode::OK)
     } else {
-        StatusCode::NOT_FOUND
-    })
+        Ok(StatusCode::NOT_FOUND)
+    }
 }
 
 async fn put_blob(
