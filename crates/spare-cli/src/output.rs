@@ -158,13 +158,19 @@ pub(crate) fn printable(text: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
-/// Prints one line on stdout (a reader that went away is not an error).
-pub(crate) fn line(text: &str) {
-    let _ = writeln!(std::io::stdout(), "{text}");
+/// The context of every failed write to stdout: a full disk or a closed
+/// file is an error (a reader that went away is not, see [`fail`]).
+pub(crate) const CANNOT_WRITE: &str = "cannot write to stdout";
+
+/// Prints one line on stdout.
+pub(crate) fn line(text: &str) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    writeln!(std::io::stdout(), "{text}").context(CANNOT_WRITE)
 }
 
 /// Prints rows as aligned columns; the first row is the header.
-pub(crate) fn table(rows: &[Vec<String>]) {
+pub(crate) fn table(rows: &[Vec<String>]) -> anyhow::Result<()> {
+    use anyhow::Context as _;
     let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
     let widths: Vec<usize> = (0..columns)
         .map(|c| {
@@ -186,16 +192,17 @@ pub(crate) fn table(rows: &[Vec<String>]) {
                 line.push_str(&format!("{cell:<width$}  ", width = widths[i]));
             }
         }
-        let _ = writeln!(out, "{}", line.trim_end());
+        writeln!(out, "{}", line.trim_end()).context(CANNOT_WRITE)?;
     }
+    Ok(())
 }
 
 /// Prints a value as pretty JSON on stdout.
 pub(crate) fn json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
+    use anyhow::Context as _;
     let mut out = std::io::stdout().lock();
-    serde_json::to_writer_pretty(&mut out, value)?;
-    writeln!(out)?;
-    Ok(())
+    serde_json::to_writer_pretty(&mut out, value).context(CANNOT_WRITE)?;
+    writeln!(out).context(CANNOT_WRITE)
 }
 
 /// `text` with every peer id in it shortened as [`short_peer`] does, so a

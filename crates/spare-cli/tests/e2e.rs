@@ -1046,6 +1046,40 @@ fn a_reader_that_goes_away_ends_any_command_quietly() {
     }
 }
 
+/// Output that cannot be written (a full disk) is an error, unlike a
+/// reader that went away.
+#[test]
+fn a_full_stdout_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Daemon::start(&bin(), &dir.path().join("a"), &[]).unwrap();
+    let out = spare(&node, &["run", "--local", &example("hello.wasm")], b"");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    for args in [
+        &["id"][..],
+        &["id", "--json"],
+        &["tasks"],
+        &["tasks", "--hosted"],
+        &["peers"],
+        &["status"],
+        &["tasks", "--json"],
+    ] {
+        let out = node
+            .cli()
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create("/dev/full").unwrap())
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        assert_eq!(
+            text(&out.stderr),
+            "spare: error: cannot write to stdout: No space left on device (os error 28)\n",
+            "{args:?}"
+        );
+        assert_eq!(out.status.code(), Some(125), "{args:?}");
+    }
+}
+
 /// Pids of live processes whose command line mentions `text`.
 fn processes_mentioning(text: &str) -> Vec<u32> {
     let Ok(entries) = std::fs::read_dir("/proc") else {

@@ -3,7 +3,7 @@
 use std::io::Write;
 use std::process::ExitCode;
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 use spare_node::api::types::NodeInfo;
 
 use crate::{Context, output};
@@ -24,9 +24,9 @@ pub(crate) async fn execute(context: &Context, args: Args) -> Result<ExitCode> {
         }))?;
     } else {
         let mut out = std::io::stdout().lock();
-        writeln!(out, "{}", info.peer_id)?;
+        writeln!(out, "{}", info.peer_id).context(output::CANNOT_WRITE)?;
         for addr in &info.listen_addrs {
-            writeln!(out, "{addr}")?;
+            writeln!(out, "{addr}").context(output::CANNOT_WRITE)?;
         }
     }
     Ok(ExitCode::SUCCESS)

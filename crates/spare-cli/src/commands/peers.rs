@@ -3,7 +3,7 @@
 use std::io::Write;
 use std::process::ExitCode;
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 use spare_node::api::types::{OfferView, PeerView};
 
 use crate::{Context, output};
@@ -26,10 +26,11 @@ pub(crate) async fn execute(context: &Context, args: Args) -> Result<ExitCode> {
             std::io::stdout(),
             "no peers connected (join a swarm with `spare up --bootstrap <addr>`; nodes on one \
              LAN also find each other with mDNS, unless started with --no-mdns)"
-        )?;
+        )
+        .context(output::CANNOT_WRITE)?;
         return Ok(ExitCode::SUCCESS);
     }
-    output::table(&rows(&peers));
+    output::table(&rows(&peers))?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 use std::io::Write;
 use std::process::ExitCode;
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 use spare_core::units::{format_bytes, format_duration};
 use spare_node::api::types::StatusView;
 
@@ -23,7 +23,9 @@ pub(crate) async fn execute(context: &Context, args: Args) -> Result<ExitCode> {
         output::json(&status)?;
         return Ok(ExitCode::SUCCESS);
     }
-    std::io::stdout().write_all(render(&status).as_bytes())?;
+    std::io::stdout()
+        .write_all(render(&status).as_bytes())
+        .context(output::CANNOT_WRITE)?;
     Ok(ExitCode::SUCCESS)
 }
 

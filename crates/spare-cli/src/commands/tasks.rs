@@ -31,7 +31,7 @@ pub(crate) async fn execute(context: &Context, args: Args) -> Result<ExitCode> {
             return Ok(ExitCode::SUCCESS);
         }
         if tasks.is_empty() {
-            output::line("no task hosted for another peer yet");
+            output::line("no task hosted for another peer yet")?;
             return Ok(ExitCode::SUCCESS);
         }
         // A host knows a task's module, not the name its requester gave it.
@@ -50,7 +50,7 @@ pub(crate) async fn execute(context: &Context, args: Args) -> Result<ExitCode> {
                 t.started_ms,
             ));
         }
-        output::table(&rows);
+        output::table(&rows)?;
     } else {
         let tasks: Vec<RequestedTask> = client
             .get(&format!("/v1/tasks?limit={}", args.limit))
@@ -60,7 +60,7 @@ pub(crate) async fn execute(context: &Context, args: Args) -> Result<ExitCode> {
             return Ok(ExitCode::SUCCESS);
         }
         if tasks.is_empty() {
-            output::line("no task run from this node yet (`spare run <program.wasm>` runs one)");
+            output::line("no task run from this node yet (`spare run <program.wasm>` runs one)")?;
             return Ok(ExitCode::SUCCESS);
         }
         let mut rows = vec![header("NAME", "HOST")];
@@ -77,7 +77,7 @@ pub(crate) async fn execute(context: &Context, args: Args) -> Result<ExitCode> {
                 t.submitted_ms,
             ));
         }
-        output::table(&rows);
+        output::table(&rows)?;
     }
     Ok(ExitCode::SUCCESS)
 }
