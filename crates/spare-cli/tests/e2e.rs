@@ -564,6 +564,30 @@ fn init_is_implied_never_destructive_and_the_cli_explains_a_missing_daemon() {
         "{line}"
     );
 
+    // `run` says so before it reads stdin, which here never ends.
+    let mut child = Command::new(bin())
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["run", &example("hello.wasm")])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let _open_stdin = child.stdin.take();
+    wait_until(
+        "run to end without a daemon",
+        Duration::from_secs(20),
+        || child.try_wait().unwrap().is_some(),
+    );
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(125));
+    assert!(
+        error_line(&out).contains("no spare daemon is running"),
+        "{}",
+        error_line(&out)
+    );
+
     let out = run(&["init"]);
     assert!(out.status.success());
     let key = std::fs::read(data.join("node.key")).unwrap();
@@ -876,18 +900,26 @@ fn a_task_waits_while_every_peer_gives_nothing_and_says_why() {
         unsafe {
             libc::kill(child.id() as libc::pid_t, libc::SIGINT);
         }
-        assert_eq!(child.wait().unwrap().code(), Some(130), "{line}");
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(130), "{line}");
         assert!(line.starts_with("spare: waiting:"), "{line}");
-        (line, state)
+        (line, state, out.stdout)
     };
-    let (line, state) = waiting(&["run", "--memory", "32MiB"], "waiting");
+    let (line, state, _) = waiting(&["run", "--memory", "32MiB"], "waiting");
     assert_eq!(state, "waiting");
     assert!(
         line.contains("1 connected peer gives nothing right now (outside its time windows) ("),
         "{line}"
     );
     let host_id = host.peer_id().to_string();
-    let (line, state) = waiting(&["run", "--on", &host_id, "--memory", "32MiB"], "running");
+    // With --json, what `spare run` prints is JSON however the task ends.
+    let (_, _, stdout) = waiting(&["run", "--json", "--memory", "32MiB"], "waiting");
+    let printed: serde_json::Value = serde_json::from_slice(&stdout).unwrap();
+    assert_eq!(
+        printed,
+        serde_json::json!({"exit_code": null, "error": "cancelled before it ran"})
+    );
+    let (line, state, _) = waiting(&["run", "--on", &host_id, "--memory", "32MiB"], "running");
     assert_eq!(state, "running", "in its host's queue");
     assert!(
         line.contains(&format!(
@@ -922,7 +954,7 @@ fn a_task_waits_while_every_peer_gives_nothing_and_says_why() {
     requester
         .wait_for_peers(2, Duration::from_secs(20))
         .expect("the three connect");
-    let (line, _) = waiting(&["run", "--memory", "32MiB"], "waiting");
+    let (line, _, _) = waiting(&["run", "--memory", "32MiB"], "waiting");
     assert!(
         line.contains(&format!(
             "1 connected peer gives nothing right now (outside its time windows); \

@@ -658,7 +658,8 @@ async fn a_requesters_waiting_tasks_hold_at_most_their_share_of_memory() {
 
 /// Tasks a host has no room for (its queue of 4 holds 2 of one requester's
 /// tasks at most) wait for room and all run: a busy host is asked again
-/// later, not ruled out, and the waits use up no attempt.
+/// later, not ruled out, and the waits use up no attempt. The user hears
+/// once that a task waits, not at every ask.
 #[tokio::test]
 async fn tasks_a_busy_host_refuses_wait_for_room_and_all_run() {
     let dir = tempfile::tempdir().unwrap();
@@ -683,10 +684,17 @@ async fn tasks_a_busy_host_refuses_wait_for_room_and_all_run() {
         let result = ended.expect("it ran");
         let failure = result.failure.clone().unwrap_or_default();
         assert!(failure.contains("wall-time limit"), "{result:?}");
-        busy += seen
+        assert_eq!(result.attempts, 1, "{seen:?}");
+        let waits = seen
             .iter()
-            .filter(|e| matches!(e, TaskEvent::Retrying { reason, .. } if reason.contains("busy")))
+            .filter(|e| matches!(e, TaskEvent::Waiting { reason } if reason.contains("busy")))
             .count();
+        assert!(waits <= 1, "{seen:?}");
+        assert!(
+            !seen.iter().any(|e| matches!(e, TaskEvent::Retrying { .. })),
+            "{seen:?}"
+        );
+        busy += waits;
     }
     assert!(busy > 0, "the host was never busy");
     shutdown.cancel();

@@ -367,6 +367,11 @@ impl Node {
                 () = self.inner.shutdown.cancelled() => break,
                 _ = tick.tick() => {}
             }
+            // A node that started paused (outside its time windows, on
+            // battery) must not first offer to give.
+            if !self.inner.governor.decided() {
+                continue;
+            }
             let offer = self.offer(seq + 1);
             let unchanged = last.as_ref().is_some_and(|(prev, at)| {
                 prev.cores == offer.cores

@@ -336,9 +336,10 @@ async fn run_remote(
 ) -> Ended {
     let policy = RetryPolicy::default();
     let mut tried: Vec<PeerId> = Vec::new();
+    // Attempts: placements a busy host refused use up none (see
+    // `BUSY_WAIT`) and are not counted, here or in what the user sees.
     let mut attempt = 0u32;
-    // Attempts a busy host refused, which use up none (see `BUSY_WAIT`).
-    let mut busy = 0u32;
+    let mut placed = false;
     let mut room = RoomWait::default();
     // Hosts that were busy or handed the task back: asked again only when
     // no other host can take the task (else one that always says busy
@@ -375,9 +376,10 @@ async fn run_remote(
             }
             None => match choose(node, limits, &tried, more, token, events).await {
                 Choice::Host(peer, fitted) => (peer, fitted),
-                Choice::Nowhere(why) if attempt == 0 => return Ended::failed(why),
+                Choice::Nowhere(why) if !placed => return Ended::failed(why),
                 Choice::Nowhere(_) if !resting.is_empty() && !token.is_cancelled() => {
-                    if !room.wait(token).await {
+                    let why = format!("no peer can take it now (last: {last_failure})");
+                    if !room.wait(token, events, &why).await {
                         return hit_lowered
                             .map(|e| e.after(attempt))
                             .unwrap_or_else(|| room.gave_up(&last_failure));
@@ -408,6 +410,7 @@ async fn run_remote(
                 .unwrap_or_else(Ended::cancelled);
         }
         attempt += 1;
+        placed = true;
         tried.push(host);
         node.ledger().task_attempt(&spec.id, &host).detach();
         let _ = events
@@ -448,7 +451,7 @@ async fn run_remote(
                 });
                 if let Some((failure, limit, ran_with)) = lowered_hit
                     && pinned.is_none()
-                    && policy.should_retry(attempt - busy, AttemptError::Refused)
+                    && policy.should_retry(attempt, AttemptError::Refused)
                     && grants_more(&candidates(node).0, limits, &tried, limit, ran_with)
                 {
                     last_failure = format!("{host}: the program {failure}");
@@ -461,7 +464,7 @@ async fn run_remote(
                 let host_fault = outcome.failure().is_some_and(Failure::is_retryable);
                 if host_fault
                     && pinned.is_none()
-                    && policy.should_retry(attempt - busy, AttemptError::HostFault)
+                    && policy.should_retry(attempt, AttemptError::HostFault)
                 {
                     let failure = outcome
                         .failure()
@@ -484,15 +487,15 @@ async fn run_remote(
                     resting.push(host);
                 }
                 if error == AttemptError::Busy {
-                    busy += 1;
-                    retrying(events, attempt, host, &reason).await;
+                    attempt -= 1;
                     // A pinned host is the only one: it is waited for here.
-                    if pinned.is_some() && !room.wait(token).await {
+                    let why = format!("peer {host} has no room for it now ({reason})");
+                    if pinned.is_some() && !room.wait(token, events, &why).await {
                         return room.gave_up(&last_failure);
                     }
                     continue;
                 }
-                if pinned.is_some() || !policy.should_retry(attempt - busy, error) {
+                if pinned.is_some() || !policy.should_retry(attempt, error) {
                     if let Some(ended) = hit_lowered {
                         return ended.after(attempt);
                     }
@@ -511,6 +514,8 @@ async fn run_remote(
 struct RoomWait {
     waited: Duration,
     pause: Duration,
+    /// Whether the user has been told that the task waits.
+    told: bool,
 }
 
 impl Default for RoomWait {
@@ -518,6 +523,7 @@ impl Default for RoomWait {
         Self {
             waited: Duration::ZERO,
             pause: BUSY_PAUSE_FIRST,
+            told: false,
         }
     }
 }
@@ -525,9 +531,23 @@ impl Default for RoomWait {
 impl RoomWait {
     /// Pauses before busy hosts are asked again (or until `token` is
     /// cancelled); false, at once, once the task has waited [`BUSY_WAIT`].
-    async fn wait(&mut self, token: &CancellationToken) -> bool {
+    /// The user hears `why` the first time, not at every pause.
+    async fn wait(
+        &mut self,
+        token: &CancellationToken,
+        events: &mpsc::Sender<TaskEvent>,
+        why: &str,
+    ) -> bool {
         if self.waited >= BUSY_WAIT {
             return false;
+        }
+        if !self.told {
+            self.told = true;
+            let reason = format!(
+                "{why}; asking again for up to {}",
+                spare_core::units::format_duration(BUSY_WAIT - self.waited)
+            );
+            let _ = events.send(TaskEvent::Waiting { reason }).await;
         }
         tokio::select! {
             () = token.cancelled() => {}

@@ -125,6 +125,8 @@ struct Shared {
     status: Mutex<Status>,
     /// When the current pause began; `None` while giving.
     paused_since: watch::Sender<Option<Instant>>,
+    /// Whether the first decision, to give or to pause, has been made.
+    decided: AtomicBool,
     stop: AtomicBool,
 }
 
@@ -148,6 +150,7 @@ impl Governor {
                 enforcement: config.enforcement.clone(),
             }),
             paused_since: watch::Sender::new(None),
+            decided: AtomicBool::new(false),
             stop: AtomicBool::new(false),
         });
         let thread_shared = Arc::clone(&shared);
@@ -164,6 +167,13 @@ impl Governor {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// Whether the governor has decided, once at least, whether to give
+    /// or to pause: until then what the node gives is not known, and it
+    /// offers nothing.
+    pub fn decided(&self) -> bool {
+        self.shared.decided.load(Ordering::Acquire)
     }
 
     /// Whether guests may run now.
@@ -443,6 +453,8 @@ impl Loop {
             .map(|t| u64::try_from(now.duration_since(t).as_millis()).unwrap_or(u64::MAX));
         status.pauses = self.pauses;
         status.power = self.power.map(Power::describe);
+        drop(status);
+        self.shared.decided.store(true, Ordering::Release);
     }
 
     /// What the owner is doing, to say why guests wait for them.

@@ -148,10 +148,11 @@ async fn submit(context: &Context, args: Args) -> Result<ExitCode> {
     };
     let (module_path, program_args) = args.program()?;
     let module = read_module(&module_path)?;
-    let stdin = read_stdin().await?;
-
     let module_ref = BlobRef::of(&module);
+    // Before stdin is read: without a daemon, the user hears so at once,
+    // not after typing (or piping) all of the input.
     upload(&client, &module_ref, module).await?;
+    let stdin = read_stdin().await?;
     let stdin = if stdin.is_empty() {
         SubmitStdin::None
     } else if stdin.len() <= MAX_INLINE_STDIN {
@@ -183,15 +184,14 @@ async fn submit(context: &Context, args: Args) -> Result<ExitCode> {
             _ = tokio::signal::ctrl_c() => {
                 // A second Ctrl-C stops waiting for the host to confirm.
                 if cancelled {
-                    eprintln_quiet("spare: cancelled; not waiting for the host to confirm");
-                    return Ok(ExitCode::from(EXIT_CANCELLED));
+                    return unfinished(args.json, "cancelled; not waiting for the host to confirm");
                 }
                 cancelled = true;
                 if let Some(task) = &task_id {
                     eprintln_quiet("spare: cancelling… (Ctrl-C again to stop waiting)");
                     let _: Result<CancelReply> = client.post(&format!("/v1/tasks/{task}/cancel"), &()).await;
                 } else {
-                    return Ok(ExitCode::from(EXIT_CANCELLED));
+                    return unfinished(args.json, "cancelled before it ran");
                 }
                 continue;
             }
@@ -228,13 +228,31 @@ async fn submit(context: &Context, args: Args) -> Result<ExitCode> {
                 eprintln_quiet(&format!("spare: waiting: {reason} (Ctrl-C to give up)"));
             }
             Some(TaskEvent::Failed { .. }) if cancelled => {
-                eprintln_quiet("spare: cancelled before it ran");
-                return Ok(ExitCode::from(EXIT_CANCELLED));
+                return unfinished(args.json, "cancelled before it ran");
             }
             Some(TaskEvent::Failed { error }) => bail!("{error}"),
             Some(TaskEvent::Finished { result }) => return finish(&result, args.json, cancelled),
         }
     }
+}
+
+/// Ends a task cancelled before its host told how it ended: `why` on
+/// stderr, or with `--json` as the one JSON object `spare run` prints.
+fn unfinished(json: bool, why: &str) -> Result<ExitCode> {
+    if json {
+        let printed = output::json(&JsonError {
+            exit_code: None,
+            error: why.to_owned(),
+        });
+        if let Err(e) = printed
+            && !output::is_broken_pipe(&e)
+        {
+            return Err(e);
+        }
+    } else {
+        eprintln_quiet(&format!("spare: {why}"));
+    }
+    Ok(ExitCode::from(EXIT_CANCELLED))
 }
 
 /// Prints the result and picks the exit code.
