@@ -769,6 +769,55 @@ async fn a_host_whose_database_fills_its_disk_budget_takes_no_tasks() {
     shutdown.cancel();
 }
 
+/// A host whose blob store is held by running tasks refuses a task whose
+/// blob would fit once they end as busy (so its requester comes back
+/// later and holds nothing against it), and one whose blob could never
+/// fit (here, in a requester's share) as unable to fetch it.
+#[tokio::test]
+async fn a_host_whose_blob_store_is_held_refuses_as_busy() {
+    const MIB: usize = 1 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let shutdown = CancellationToken::new();
+    // 6 MiB for blobs, 5 of them held.
+    let (host, requester) = host_and_requester_with(dir.path(), &shutdown, |config| {
+        config.policy.disk = 8 << 20;
+    })
+    .await;
+    let held = host.blobs().put(&vec![1; 5 * MIB]).unwrap();
+    let _pin = host.blobs().pin(&held);
+    wait_for_offers(&requester, 1).await;
+    let refusal = |size: usize| {
+        let module = vec![2; size];
+        let spec = spare_core::TaskSpec {
+            module: BlobRef::of(&module),
+            ..already_on(&host, "hello.wasm", Limits::DEFAULT)
+        };
+        let net = requester.net().clone();
+        let host = host.peer_id();
+        async move {
+            net.send_task(host, spare_core::wire::TaskRequest::Run(spec))
+                .await
+                .unwrap()
+        }
+    };
+    let answer = refusal(2 * MIB).await;
+    assert!(
+        matches!(
+            answer,
+            spare_core::wire::TaskResponse::Refused(spare_core::wire::Refusal::Busy { .. })
+        ),
+        "{answer:?}"
+    );
+    let answer = refusal(7 * MIB).await;
+    assert!(
+        matches!(&answer,
+            spare_core::wire::TaskResponse::Refused(spare_core::wire::Refusal::BlobUnavailable(why))
+                if why.contains("more than one requester's share")),
+        "{answer:?}"
+    );
+    shutdown.cancel();
+}
+
 /// A damaged database is refused with its path and what to do.
 #[tokio::test]
 async fn a_damaged_database_is_named_with_the_way_out() {

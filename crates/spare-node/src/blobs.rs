@@ -17,8 +17,9 @@
 //! recently used blobs were evicted, never a pinned one: a [`BlobPin`] is
 //! held by every fetch and, for as long as the task runs, by every hosted
 //! task using the blob. A blob that does not fit even so is refused with
-//! [`BlobError::NoRoom`] (the host then refuses the task and its requester
-//! tries another peer). One requester's fetches in progress hold at most
+//! [`BlobError::NoRoom`] (the host then refuses the task as busy, room
+//! coming back as tasks and fetches end, and its requester tries another
+//! peer or comes back later). One requester's fetches in progress hold at most
 //! half of the budget ([`PEER_SHARE`]); a fetch beyond that fails at once
 //! with [`BlobError::ShareTaken`] (the host then refuses the task as busy,
 //! and its requester tries another peer or comes back later). The room

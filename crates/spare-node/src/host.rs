@@ -360,7 +360,16 @@ async fn prepare(
         // The requester's own fetches in progress hold its share of the
         // disk budget: busy, not the task's fault, so the requester tries
         // another host (or this one later) without using up an attempt.
+        //
+        // So does a store filled by what running tasks and fetches hold
+        // (the blob itself would fit): room comes back as they end.
         BlobError::ShareTaken { .. } => {
+            tracing::debug!(%peer, %task, "busy: {e}");
+            Refusal::Busy {
+                queued: queued(node),
+            }
+        }
+        BlobError::NoRoom { size, budget, .. } if size <= budget => {
             tracing::debug!(%peer, %task, "busy: {e}");
             Refusal::Busy {
                 queued: queued(node),
