@@ -543,7 +543,7 @@ impl BlobStore {
     /// Marks a stored blob as just used (a fetch found it here, or its
     /// owner asked for it), so hot modules stay: in memory every time, on
     /// disk (a blocking call) only when its file's mtime is
-    /// [`TOUCH_EVERY`] behind.
+    /// `TOUCH_EVERY` (a minute) behind.
     pub async fn mark_used(&self, id: BlobId) {
         if self.shared.mark_used_in_memory(&id) {
             return;
