@@ -47,6 +47,11 @@ const OFFER_MAX_AGE: Duration = Duration::from_secs(15);
 /// How often a requester looks at the offer of a host that holds one of its
 /// tasks, to tell its user when that host pauses.
 const PAUSE_WATCH: Duration = Duration::from_millis(250);
+/// How long a host may hold a task before refusing it for want of room:
+/// an honest host says so on arrival, or while it fetches the task's
+/// blobs. A host that holds a task longer, then calls itself busy, has
+/// kept it from running elsewhere, and that counts as its failure.
+const LATE_REFUSAL: Duration = Duration::from_secs(60);
 /// How long a task waits for a peer to give when every connected peer gives
 /// nothing right now (paused, outside its time windows).
 const GIVING_WAIT: Duration = Duration::from_secs(10 * 60);
@@ -593,6 +598,8 @@ async fn attempt_on(
     let blobs = blobs_of(spec);
     node.grant(host, &blobs);
     let _in_flight = InFlight::start(node, host);
+    let sent = Instant::now();
+    let saw_pause = std::sync::atomic::AtomicBool::new(false);
     let deadline = Duration::from_millis(spec.limits.wall_ms) + ATTEMPT_GRACE;
     let request = node.net().send_task(host, TaskRequest::Run(spec.clone()));
     tokio::pin!(request);
@@ -613,7 +620,7 @@ async fn attempt_on(
             };
         }
         result = tokio::time::timeout(deadline, &mut request) => result,
-        never = tell_while_paused(node, host, events) => match never {},
+        never = tell_while_paused(node, host, events, &saw_pause) => match never {},
     };
     node.revoke(host, &blobs);
     match result {
@@ -644,19 +651,41 @@ async fn attempt_on(
         // passed this node's own checks before it was sent, so a host that
         // calls it invalid runs another version of spare, or lies (and
         // would otherwise fail every task it attracts).
-        Ok(Ok(TaskResponse::Refused(refusal))) => Attempt::Failed {
-            error: match refusal {
-                Refusal::Busy { .. } | Refusal::Overloaded => AttemptError::Busy,
-                Refusal::HandedBack(_) => AttemptError::HandedBack,
-                _ => AttemptError::Refused,
-            },
-            reason: refusal.to_string(),
-        },
+        Ok(Ok(TaskResponse::Refused(refusal))) => refused(
+            &refusal,
+            sent.elapsed(),
+            saw_pause.load(std::sync::atomic::Ordering::Relaxed),
+        ),
         Ok(Ok(TaskResponse::Cancelled(_))) => Attempt::Failed {
             error: AttemptError::HostFault,
             reason: "the host answered out of turn".into(),
         },
     }
+}
+
+/// What a host's refusal makes of an attempt, the host having held the
+/// task for `held`, its offers having said it paused meanwhile or not.
+fn refused(refusal: &Refusal, held: Duration, paused: bool) -> Attempt {
+    let (error, reason) = match refusal {
+        // Excuses that are not believed: the host kept the task from
+        // running elsewhere (see `LATE_REFUSAL`), or gave it back though
+        // its offers never said it paused.
+        Refusal::Busy { .. } | Refusal::Overloaded if held > LATE_REFUSAL => (
+            AttemptError::HostFault,
+            format!(
+                "{refusal}, after holding the task for {}",
+                spare_core::units::format_duration(held)
+            ),
+        ),
+        Refusal::HandedBack(_) if !paused => (
+            AttemptError::HostFault,
+            format!("{refusal}, though its offers never said it paused"),
+        ),
+        Refusal::Busy { .. } | Refusal::Overloaded => (AttemptError::Busy, refusal.to_string()),
+        Refusal::HandedBack(_) => (AttemptError::HandedBack, refusal.to_string()),
+        _ => (AttemptError::Refused, refusal.to_string()),
+    };
+    Attempt::Failed { error, reason }
 }
 
 /// Counts how an attempt went in the host's standing (see
@@ -877,11 +906,13 @@ async fn choose(
 /// nothing (its owner took the machine back, or it is outside its time
 /// windows): the task waits there rather than in silence. A task pinned to
 /// a paused host is told at once; one placed on a host that pauses later,
-/// when its offer says so. Never returns: the answer ends the wait.
+/// when its offer says so. Notes in `saw_pause` that it did. Never
+/// returns: the answer ends the wait.
 async fn tell_while_paused(
     node: &Node,
     host: PeerId,
     events: &mpsc::Sender<TaskEvent>,
+    saw_pause: &std::sync::atomic::AtomicBool,
 ) -> std::convert::Infallible {
     let mut told = false;
     loop {
@@ -889,6 +920,7 @@ async fn tell_while_paused(
             Some(offer) if offer.cores > 0 => told = false,
             Some(offer) if !told => {
                 told = true;
+                saw_pause.store(true, std::sync::atomic::Ordering::Relaxed);
                 let why = offer.paused.unwrap_or(Pause::Other).describe();
                 let reason = format!(
                     "peer {host} gives nothing right now ({why}); the task waits there, \
@@ -1062,5 +1094,43 @@ mod tests {
             inflate(&mut lying);
             assert_eq!(plausible(&spec, &lying), Err(why));
         }
+    }
+
+    /// A refusal for want of room or a hand-back excuses its host only
+    /// when it is believable: soon after the task was sent, and after the
+    /// host said it paused.
+    #[test]
+    fn late_busy_answers_and_unannounced_hand_backs_are_the_hosts_fault() {
+        let error = |refusal: Refusal, held_s: u64, paused: bool| match refused(
+            &refusal,
+            Duration::from_secs(held_s),
+            paused,
+        ) {
+            Attempt::Failed { error, .. } => error,
+            _ => unreachable!("a refusal is a failed attempt"),
+        };
+        let busy = || Refusal::Busy { queued: 3 };
+        let back = || Refusal::HandedBack("paused".into());
+        assert_eq!(error(busy(), 1, false), AttemptError::Busy);
+        assert_eq!(error(Refusal::Overloaded, 59, false), AttemptError::Busy);
+        assert_eq!(error(busy(), 61, true), AttemptError::HostFault);
+        assert_eq!(
+            error(Refusal::Overloaded, 600, false),
+            AttemptError::HostFault
+        );
+        assert_eq!(error(back(), 600, true), AttemptError::HandedBack);
+        assert_eq!(error(back(), 1, false), AttemptError::HostFault);
+        assert_eq!(
+            error(Refusal::ShuttingDown, 1, false),
+            AttemptError::Refused
+        );
+        let Attempt::Failed { reason, .. } = refused(&busy(), Duration::from_secs(90), false)
+        else {
+            unreachable!()
+        };
+        assert!(
+            reason.ends_with("after holding the task for 90 s"),
+            "{reason}"
+        );
     }
 }
