@@ -429,7 +429,7 @@ pub(crate) async fn serve_blob(
     request: BlobRequest,
     reply: BlobResponder,
 ) {
-    let granted = node.may_fetch(&peer, &request.id);
+    let granted = node.may_fetch(&peer, &request.id, request.len);
     let (response, held) = answer_blob(node.blobs(), node.upload(), peer, request, granted).await;
     // The chunk's bytes count against the serving budget until the peer
     // has taken them.

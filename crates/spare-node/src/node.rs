@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use libp2p::PeerId;
 use libp2p::identity::Keypair;
 use spare_core::wire::{Offer, Runtime};
-use spare_core::{BlobId, TaskId};
+use spare_core::{BlobId, BlobRef, TaskId};
 use spare_ledger::Ledger;
 use spare_net::{NetConfig, NetEvent, NetHandle, Transport};
 use spare_policy::cgroup::{self, Cgroups};
@@ -76,8 +76,8 @@ pub(crate) struct Inner {
     /// Tasks we requested and that are still running.
     pub(crate) requested: Mutex<HashMap<TaskId, CancellationToken>>,
     /// Blobs each peer may fetch from us: those of tasks we sent it, counted
-    /// per task.
-    pub(crate) grants: Mutex<HashMap<PeerId, HashMap<BlobId, u32>>>,
+    /// per task, with the bytes it may still fetch of each.
+    pub(crate) grants: Mutex<Grants>,
     /// Task requests we sent to each peer and that are unanswered.
     pub(crate) in_flight: Mutex<HashMap<PeerId, u32>>,
     /// Hosts that failed our tasks lately, ranked after the others.
@@ -435,35 +435,18 @@ impl Node {
     }
 
     /// Lets `peer` fetch `blobs` until [`Node::revoke`] with the same list.
-    pub(crate) fn grant(&self, peer: PeerId, blobs: &[BlobId]) {
-        let mut grants = self.lock(&self.inner.grants);
-        let entry = grants.entry(peer).or_default();
-        for blob in blobs {
-            *entry.entry(*blob).or_insert(0) += 1;
-        }
+    pub(crate) fn grant(&self, peer: PeerId, blobs: &[BlobRef]) {
+        self.lock(&self.inner.grants).grant(peer, blobs);
     }
 
-    pub(crate) fn revoke(&self, peer: PeerId, blobs: &[BlobId]) {
-        let mut grants = self.lock(&self.inner.grants);
-        if let Some(entry) = grants.get_mut(&peer) {
-            for blob in blobs {
-                if let Some(count) = entry.get_mut(blob) {
-                    *count -= 1;
-                    if *count == 0 {
-                        entry.remove(blob);
-                    }
-                }
-            }
-            if entry.is_empty() {
-                grants.remove(&peer);
-            }
-        }
+    pub(crate) fn revoke(&self, peer: PeerId, blobs: &[BlobRef]) {
+        self.lock(&self.inner.grants).revoke(peer, blobs);
     }
 
-    pub(crate) fn may_fetch(&self, peer: &PeerId, blob: &BlobId) -> bool {
-        self.lock(&self.inner.grants)
-            .get(peer)
-            .is_some_and(|blobs| blobs.contains_key(blob))
+    /// Whether `peer` may fetch `len` bytes of `blob`; see
+    /// [`Grants::may_fetch`].
+    pub(crate) fn may_fetch(&self, peer: &PeerId, blob: &BlobId, len: u32) -> bool {
+        self.lock(&self.inner.grants).may_fetch(peer, blob, len)
     }
 
     /// Peers we have unanswered task requests with, and how many.
@@ -505,6 +488,68 @@ fn first_offer_seq(now: std::time::SystemTime) -> u64 {
         .map_or(0, |since| {
             u64::try_from(since.as_micros()).unwrap_or(u64::MAX / 2)
         })
+}
+
+/// How many times over a peer may fetch each blob of a task we sent it,
+/// while it holds the task: an honest host fetches each once, so a host
+/// cannot make this node upload a blob without end.
+pub(crate) const GRANT_FETCHES: u64 = 2;
+
+/// The blobs each peer may fetch from us: those of tasks we sent it, while
+/// it holds them, each at most [`GRANT_FETCHES`] times over.
+#[derive(Debug, Default)]
+pub(crate) struct Grants(HashMap<PeerId, HashMap<BlobId, Grant>>);
+
+/// What a peer may fetch of one blob: granted by the tasks we sent it that
+/// need the blob, and bytes it may still fetch.
+#[derive(Debug, Default)]
+struct Grant {
+    tasks: u32,
+    bytes: u64,
+}
+
+impl Grants {
+    fn grant(&mut self, peer: PeerId, blobs: &[BlobRef]) {
+        let entry = self.0.entry(peer).or_default();
+        for blob in blobs {
+            let grant = entry.entry(blob.id).or_default();
+            grant.tasks += 1;
+            grant.bytes = grant
+                .bytes
+                .saturating_add(blob.size.max(1).saturating_mul(GRANT_FETCHES));
+        }
+    }
+
+    fn revoke(&mut self, peer: PeerId, blobs: &[BlobRef]) {
+        if let Some(entry) = self.0.get_mut(&peer) {
+            for blob in blobs {
+                if let Some(grant) = entry.get_mut(&blob.id) {
+                    grant.tasks -= 1;
+                    if grant.tasks == 0 {
+                        entry.remove(&blob.id);
+                    }
+                }
+            }
+            if entry.is_empty() {
+                self.0.remove(&peer);
+            }
+        }
+    }
+
+    /// Whether `peer` may fetch `len` bytes of `blob`: if so, they are
+    /// counted against what its grant allows. A chunk that runs past the
+    /// blob's end is as long as what is left; it is counted whole here,
+    /// and allowed while any bytes are left (at most one chunk's excess).
+    fn may_fetch(&mut self, peer: &PeerId, blob: &BlobId, len: u32) -> bool {
+        let Some(grant) = self.0.get_mut(peer).and_then(|blobs| blobs.get_mut(blob)) else {
+            return false;
+        };
+        if grant.bytes == 0 {
+            return false;
+        }
+        grant.bytes = grant.bytes.saturating_sub(u64::from(len));
+        true
+    }
 }
 
 /// How often the compiled-module cache is brought back within its budget.
@@ -673,6 +718,35 @@ fn disk_beyond_free(config: &Config, blobs: &std::path::Path, held: u64) -> Opti
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A host may fetch a blob of a task it holds twice over, and nothing
+    /// once the task is back.
+    #[test]
+    fn a_host_fetches_a_granted_blob_a_bounded_number_of_times() {
+        let mut grants = Grants::default();
+        let (host, other) = (PeerId::random(), PeerId::random());
+        let blob = BlobRef {
+            id: BlobId::of(b"m"),
+            size: 3 << 20,
+        };
+        let chunk = 1 << 20;
+        assert!(!grants.may_fetch(&host, &blob.id, chunk), "not granted yet");
+        grants.grant(host, &[blob]);
+        let fetched = std::iter::repeat_with(|| grants.may_fetch(&host, &blob.id, chunk))
+            .take(10)
+            .filter(|&allowed| allowed)
+            .count();
+        assert_eq!(fetched, 6, "twice the blob's three chunks");
+        assert!(!grants.may_fetch(&other, &blob.id, chunk));
+        // A second task needing it allows as much again, and holds the
+        // grant while the first is revoked.
+        grants.grant(host, &[blob, blob]);
+        grants.revoke(host, &[blob]);
+        assert!(grants.may_fetch(&host, &blob.id, chunk));
+        grants.revoke(host, &[blob, blob]);
+        assert!(!grants.may_fetch(&host, &blob.id, chunk));
+        assert!(grants.0.is_empty());
+    }
 
     /// A daemon restarted after an hour of publishing ten offers a second
     /// still numbers its offers above its predecessor's.

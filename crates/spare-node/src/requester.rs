@@ -742,10 +742,10 @@ async fn cancel_on(node: &Node, host: PeerId, task: TaskId) {
     tracing::warn!(%host, %task, "the host did not confirm the cancel");
 }
 
-fn blobs_of(spec: &TaskSpec) -> Vec<BlobId> {
-    let mut blobs = vec![spec.module.id];
+fn blobs_of(spec: &TaskSpec) -> Vec<BlobRef> {
+    let mut blobs = vec![spec.module];
     if let Stdin::Blob(blob) = &spec.stdin {
-        blobs.push(blob.id);
+        blobs.push(*blob);
     }
     blobs
 }
