@@ -471,6 +471,34 @@ fn impossible_settings_are_refused_at_start_up() {
 /// `unshare -m`) and leaves an empty directory in their place.
 const HIDE_CGROUPS: &str = "umount -R /sys/fs/cgroup && mount -t tmpfs none /sys/fs/cgroup";
 
+/// A daemon that makes its control groups, then cannot start (here, its
+/// listen port is taken), removes them before it exits.
+#[test]
+fn a_daemon_that_cannot_start_leaves_no_control_group() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = Daemon::start(&bin(), &dir.path().join("first"), &[]).unwrap();
+    let taken: String = first
+        .addr()
+        .split("/p2p/")
+        .next()
+        .expect("an address")
+        .to_owned();
+    let second = Command::new(bin())
+        .arg("--data-dir")
+        .arg(dir.path().join("second"))
+        .args(["up", "--no-mdns", "--listen", &taken, "--cores", "1"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = second.id();
+    let out = second.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(125));
+    assert!(text(&out.stderr).contains(&taken), "{}", text(&out.stderr));
+    assert_eq!(groups_of(pid), Vec::<PathBuf>::new());
+}
+
 /// Without a usable cgroup (here: a mount namespace whose /sys/fs/cgroup is
 /// empty), `auto` falls back and says why, and `cgroup` refuses to start.
 #[test]

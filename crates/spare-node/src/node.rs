@@ -121,12 +121,28 @@ impl Node {
             })?;
         let peer_id = key.public().to_peer_id();
         let (cgroups, mut enforcement, duty_cycle) = enforce(&config, &peer_id)?;
-        let pool = WorkerPool::start(PoolConfig {
+        // A start that fails from here on leaves no control group behind.
+        let undo = |pool: Option<&WorkerPool>| {
+            if let Some(pool) = pool {
+                pool.close();
+            }
+            if let Some(groups) = &cgroups {
+                groups.remove();
+            }
+        };
+        let pool = match WorkerPool::start(PoolConfig {
             command: worker,
             slots: usize::from(config.slots()),
             join: cgroups.as_ref().map(|g| g.join.clone()).unwrap_or_default(),
         })
-        .await?;
+        .await
+        {
+            Ok(pool) => pool,
+            Err(e) => {
+                undo(None);
+                return Err(e.into());
+            }
+        };
         if let Some(priority) = pool.priority() {
             // What the OS refused the workers, and what stands in for it.
             if priority.policy != spare_runtime::priority::CpuPolicy::Idle {
@@ -166,9 +182,12 @@ impl Node {
                 power_supply: spare_policy::machine::POWER_SUPPLY.into(),
             },
         )
-        .map_err(|e| NodeError::Io {
-            what: "cannot start the governor thread".into(),
-            source: e,
+        .map_err(|e| {
+            undo(Some(&pool));
+            NodeError::Io {
+                what: "cannot start the governor thread".into(),
+                source: e,
+            }
         })?;
         // The swarm is large; keep it off this future's stack frame.
         let (net, events) = Box::pin(spare_net::start(
@@ -185,7 +204,11 @@ impl Node {
             },
             shutdown.child_token(),
         ))
-        .await?;
+        .await
+        .inspect_err(|_| {
+            governor.stop();
+            undo(Some(&pool));
+        })?;
         let (upload, download) = (config.policy.upload, config.policy.download);
         let node = Node {
             inner: Arc::new(Inner {
