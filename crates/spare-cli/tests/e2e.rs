@@ -672,6 +672,61 @@ fn init_is_implied_never_destructive_and_the_cli_explains_a_missing_daemon() {
     );
 }
 
+/// A bootstrap list that names the node itself (one list shared by a
+/// swarm's nodes) is taken as it is meant: that address is not dialled.
+#[test]
+fn a_bootstrap_address_of_the_node_itself_is_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("n");
+    let out = Command::new(bin())
+        .arg("--data-dir")
+        .arg(&data)
+        .arg("init")
+        .output()
+        .unwrap();
+    let created = text(&out.stdout);
+    let id = created
+        .split_whitespace()
+        .find(|word| word.starts_with("12D3"))
+        .expect("init names the node");
+    let mut daemon = Command::new(bin())
+        .arg("--data-dir")
+        .arg(&data)
+        .args([
+            "up",
+            "--no-mdns",
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--bootstrap",
+        ])
+        .arg(format!("/ip4/127.0.0.1/tcp/9/p2p/{id}"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = daemon.stderr.take().unwrap();
+    let (lines, seen) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = lines.send(line);
+        }
+    });
+    let said = std::iter::from_fn(|| seen.recv_timeout(Duration::from_secs(20)).ok())
+        .find(|line| line.contains("bootstrap"));
+    // SAFETY: kill only takes integers.
+    unsafe {
+        libc::kill(daemon.id() as libc::pid_t, libc::SIGTERM);
+    }
+    let _ = daemon.wait();
+    let said = said.expect("a word about the bootstrap address");
+    assert!(said.contains("is this node's own; not dialled"), "{said}");
+}
+
 /// Polls `check` every 20 ms until it holds or `timeout` passes.
 fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;

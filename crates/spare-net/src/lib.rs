@@ -218,12 +218,25 @@ struct Shared {
 /// Starts the network: binds the listen addresses, dials the bootstrap
 /// peers, and spawns the event loop, which runs until `shutdown` fires.
 pub async fn start(
-    config: NetConfig,
+    mut config: NetConfig,
     shutdown: CancellationToken,
 ) -> Result<(NetHandle, mpsc::Receiver<NetEvent>), NetError> {
     for addr in &config.listen {
         probe_tcp_port(addr)?;
     }
+    // A list of bootstrap peers shared by every node of a swarm names each
+    // node too: it has nothing to dial there.
+    let own = config.keypair.public().to_peer_id();
+    config.bootstrap.retain(|addr| {
+        let itself = matches!(
+            addr.iter().last(),
+            Some(libp2p::multiaddr::Protocol::P2p(peer)) if peer == own
+        );
+        if itself {
+            tracing::info!("bootstrap address {addr} is this node's own; not dialled");
+        }
+        !itself
+    });
     let budget = codec::ReadBudget::new(codec::READ_BUDGET_BYTES);
     let scope = dial_scope::DialScope::new(&config.bootstrap);
     let mut swarm = behaviour::build_swarm(&config, &budget, &scope)?;
