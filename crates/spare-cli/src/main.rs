@@ -15,13 +15,18 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use spare_node::Paths;
 
+/// The environment variable naming the data directory when `--data-dir`
+/// is not given.
+const DATA_DIR_VAR: &str = "SPARE_DATA_DIR";
+
 /// A peer-to-peer cloud built from spare cycles.
 #[derive(Debug, Parser)]
 #[command(name = "spare", version, about, long_about = None, max_term_width = 100)]
 struct Cli {
     /// Directory holding everything of one node (keys, config, database,
-    /// blobs, API socket). Default: the XDG directories.
-    #[arg(long, global = true, env = "SPARE_DATA_DIR", value_name = "DIR")]
+    /// blobs, API socket). Default: $SPARE_DATA_DIR if set and not empty,
+    /// else the XDG directories.
+    #[arg(long, global = true, value_name = "DIR")]
     data_dir: Option<PathBuf>,
 
     #[command(subcommand)]
@@ -94,17 +99,21 @@ fn main() -> ExitCode {
              --data-dir is not used"
         );
     }
-    let paths = match Paths::resolve(cli.data_dir.as_deref()) {
+    // Read here rather than by clap, which takes an empty variable for a
+    // `--data-dir` given no value; empty, it is unset, as is the custom.
+    let data_dir = cli.data_dir.clone().or_else(|| {
+        std::env::var_os(DATA_DIR_VAR)
+            .filter(|dir| !dir.is_empty())
+            .map(PathBuf::from)
+    });
+    let paths = match Paths::resolve(data_dir.as_deref()) {
         Ok(paths) => paths,
         Err(e) => return output::fail(&anyhow::anyhow!(e)),
     };
     if let Err(e) = check_data_dir(&paths.data_dir) {
         return output::fail(&e);
     }
-    let context = Context {
-        paths,
-        data_dir: cli.data_dir.clone(),
-    };
+    let context = Context { paths, data_dir };
     // One thread for async work, the daemon included: its work is I/O bound,
     // and one thread saves the cross-thread wake-ups that would dominate its
     // latency (see ARCHITECTURE.md). Blocking work has threads of its own.

@@ -346,18 +346,17 @@ fn hostile_guests_and_bad_input_end_with_one_clear_line() {
     assert_eq!(out.status.code(), Some(137));
     assert_eq!(out.stdout.len(), 1024);
 
-    // A peer id that is this node's own points to --local.
-    let out = spare(
-        a,
-        &["run", "--on", a.peer_id(), &example("hello.wasm")],
-        b"",
-    );
-    assert!(
-        error_line(&out).contains("run here with --local"),
-        "{}",
-        error_line(&out)
-    );
-    assert_eq!(out.status.code(), Some(125));
+    // A peer id that is this node's own, or its end, points to --local.
+    let own = a.peer_id();
+    for named in [own, &own[own.len() - 8..]] {
+        let out = spare(a, &["run", "--on", named, &example("hello.wasm")], b"");
+        assert!(
+            error_line(&out).contains("is this node; run here with --local"),
+            "{}",
+            error_line(&out)
+        );
+        assert_eq!(out.status.code(), Some(125));
+    }
 
     // With --json, a task that never ran still answers in JSON.
     let out = spare(a, &["run", "--json", &example("hostile/notwasm.wasm")], b"");
@@ -562,6 +561,27 @@ fn init_is_implied_never_destructive_and_the_cli_explains_a_missing_daemon() {
     assert!(
         line.contains(&format!("spare --data-dir {} up", data.display())),
         "{line}"
+    );
+
+    // An empty SPARE_DATA_DIR is as good as unset: the default is used.
+    let home = dir.path().join("home");
+    let out = Command::new(bin())
+        .arg("id")
+        .env("SPARE_DATA_DIR", "")
+        .env("HOME", &home)
+        .env_remove("XDG_DATA_HOME")
+        .env_remove("XDG_CONFIG_HOME")
+        .env_remove("XDG_RUNTIME_DIR")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(125));
+    assert!(
+        error_line(&out).contains(&format!(
+            "no spare daemon is running on {}",
+            home.join(".local/share/spare").display()
+        )),
+        "{}",
+        error_line(&out)
     );
 
     // `run` says so before it reads stdin, which here never ends.

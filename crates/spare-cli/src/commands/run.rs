@@ -17,8 +17,8 @@ use spare_core::task::MAX_INLINE_STDIN;
 use spare_core::units::{format_bytes, format_duration, parse_bytes, parse_count, parse_duration};
 use spare_core::{BlobRef, LimitRequest, Limits, PeerId};
 use spare_node::api::types::{
-    CancelReply, FailureKind, PeerView, Placement, Submission, SubmitStdin, TaskEvent, TaskResult,
-    encode_b64,
+    CancelReply, FailureKind, NodeInfo, PeerView, Placement, Submission, SubmitStdin, TaskEvent,
+    TaskResult, encode_b64,
 };
 
 use crate::output::{
@@ -409,10 +409,20 @@ async fn peer_named(client: &Client, text: &str) -> Result<String> {
     let matching: Vec<&PeerView> = peers.iter().filter(|p| p.peer_id.ends_with(end)).collect();
     match matching.as_slice() {
         [one] => Ok(one.peer_id.clone()),
-        [] => bail!(
-            "--on `{text}` is not a peer id, and no connected peer's id ends with `{end}` \
-             (`spare peers` lists them)"
-        ),
+        [] => {
+            let node: NodeInfo = client.get("/v1/node").await?;
+            if node.peer_id.ends_with(end) {
+                bail!(
+                    "--on `{text}` names peer {}, which is this node; run here with --local \
+                     instead of --on",
+                    node.peer_id
+                );
+            }
+            bail!(
+                "--on `{text}` is not a peer id, and no connected peer's id ends with `{end}` \
+                 (`spare peers` lists them)"
+            )
+        }
         _ => bail!(
             "--on `{text}` could be any of {} connected peers; give more of its id",
             matching.len()
