@@ -31,7 +31,17 @@ pub fn load_or_create(path: &Path) -> Result<(Keypair, bool), KeyError> {
     match load(path) {
         Ok(key) => Ok((key, false)),
         Err(KeyError::Read { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
-            create(path).map(|key| (key, true))
+            match create(path) {
+                Ok(key) => Ok((key, true)),
+                // Another `spare init` or `up` made it meanwhile: theirs
+                // stands, and is this node's.
+                Err(KeyError::Write { source, .. })
+                    if source.kind() == std::io::ErrorKind::AlreadyExists =>
+                {
+                    load(path).map(|key| (key, false))
+                }
+                Err(e) => Err(e),
+            }
         }
         Err(e) => Err(e),
     }
@@ -88,7 +98,11 @@ fn create(path: &Path) -> Result<Keypair, KeyError> {
         source,
     };
     let mut temporary = path.as_os_str().to_owned();
-    temporary.push(format!(".new-{}", std::process::id()));
+    // Unique to this process and this call: two threads creating the key
+    // at once do not share a temporary file.
+    static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    temporary.push(format!(".new-{}-{call}", std::process::id()));
     let temporary = std::path::PathBuf::from(temporary);
     let written = (|| {
         let mut file = std::fs::OpenOptions::new()
@@ -121,6 +135,28 @@ mod tests {
         let (second, created) = load_or_create(&path).unwrap();
         assert!(!created);
         assert_eq!(first.public(), second.public());
+    }
+
+    /// Many processes creating the node at once agree on one key.
+    #[test]
+    fn concurrent_creators_all_get_the_one_key_made() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.key");
+        let barrier = std::sync::Barrier::new(8);
+        let keys: Vec<_> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..8)
+                .map(|_| {
+                    scope.spawn(|| {
+                        barrier.wait();
+                        load_or_create(&path).map(|(key, created)| (key.public(), created))
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let keys: Vec<_> = keys.into_iter().map(Result::unwrap).collect();
+        assert_eq!(keys.iter().filter(|(_, created)| *created).count(), 1);
+        assert!(keys.iter().all(|(key, _)| *key == keys[0].0));
     }
 
     #[test]
