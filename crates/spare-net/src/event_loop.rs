@@ -293,7 +293,7 @@ impl EventLoop {
                 }
                 let floor = {
                     let mut peers = self.write_peers();
-                    peers.connected(peer_id, remote.clone());
+                    peers.connected(peer_id, remote.clone(), endpoint.is_dialer());
                     peers.narrowest_reach()
                 };
                 self.shared.dial_scope.set_floor(floor);

@@ -126,7 +126,11 @@ fn of_v6(ip: std::net::Ipv6Addr) -> Scope {
 }
 
 impl PeerTable {
-    pub(crate) fn connected(&mut self, peer: PeerId, addr: Multiaddr) {
+    /// Notes a connection to `peer` at `addr`, its address where this node
+    /// `dialed` it; an inbound connection's is the port the peer dialled
+    /// from, which nothing can dial, and its own addresses come with
+    /// identify.
+    pub(crate) fn connected(&mut self, peer: PeerId, addr: Multiaddr, dialed: bool) {
         let info = self.peers.entry(peer).or_insert_with(|| PeerInfo {
             peer,
             addrs: Vec::new(),
@@ -138,7 +142,9 @@ impl PeerTable {
         let scope = Scope::of(&addr);
         let reach = self.reach.entry(peer).or_insert(scope);
         *reach = (*reach).max(scope);
-        push_addr(&mut info.addrs, addr);
+        if dialed {
+            push_addr(&mut info.addrs, addr);
+        }
     }
 
     /// Forgets `peer`, returning what was known of it.
@@ -274,13 +280,27 @@ mod tests {
         }
     }
 
+    /// A peer that dialled us is known at the addresses it listens on, as
+    /// identify tells them, not at the port it dialled from.
+    #[test]
+    fn a_peer_that_dialled_in_is_known_at_its_listen_addresses() {
+        let mut table = PeerTable::default();
+        let peer = PeerId::random();
+        table.connected(peer, "/ip4/127.0.0.1/tcp/53122".parse().unwrap(), false);
+        let addrs = |table: &PeerTable| table.get(&peer).unwrap().addrs.clone();
+        assert!(addrs(&table).is_empty());
+        let listen: Multiaddr = "/ip4/127.0.0.1/tcp/4117".parse().unwrap();
+        table.identified(&peer, "spare/0.1.0".into(), std::slice::from_ref(&listen));
+        assert_eq!(addrs(&table), vec![listen]);
+    }
+
     #[test]
     fn a_peer_is_believed_only_about_addresses_as_wide_as_its_connection() {
         let mut table = PeerTable::default();
         let (lan, local, remote) = (PeerId::random(), PeerId::random(), PeerId::random());
-        table.connected(lan, "/ip4/192.168.1.7/tcp/4117".parse().unwrap());
-        table.connected(local, "/ip4/127.0.0.1/tcp/4117".parse().unwrap());
-        table.connected(remote, "/ip4/203.0.113.9/tcp/4117".parse().unwrap());
+        table.connected(lan, "/ip4/192.168.1.7/tcp/4117".parse().unwrap(), true);
+        table.connected(local, "/ip4/127.0.0.1/tcp/4117".parse().unwrap(), true);
+        table.connected(remote, "/ip4/203.0.113.9/tcp/4117".parse().unwrap(), true);
         let loopback: Multiaddr = "/ip4/127.0.0.1/tcp/1".parse().unwrap();
         let private: Multiaddr = "/ip4/10.1.2.3/tcp/1".parse().unwrap();
         let global: Multiaddr = "/ip4/198.51.100.1/tcp/1".parse().unwrap();
@@ -297,7 +317,7 @@ mod tests {
     fn a_peers_agent_string_is_kept_to_its_bound() {
         let mut table = PeerTable::default();
         let peer = PeerId::random();
-        table.connected(peer, "/ip4/127.0.0.1/tcp/4117".parse().unwrap());
+        table.connected(peer, "/ip4/127.0.0.1/tcp/4117".parse().unwrap(), true);
         // Two-byte characters, the bound falling inside one.
         table.identified(&peer, "é".repeat(MAX_AGENT_BYTES), &[]);
         let agent = table.peers[&peer].agent.clone().unwrap();
@@ -358,7 +378,7 @@ mod tests {
     fn stale_offers_do_not_replace_newer_ones() {
         let mut table = PeerTable::default();
         let peer = PeerId::random();
-        table.connected(peer, "/memory/1".parse().unwrap());
+        table.connected(peer, "/memory/1".parse().unwrap(), true);
         assert!(table.offer(&peer, offer(5)));
         assert!(
             !table.offer(&peer, offer(3)),
@@ -372,8 +392,8 @@ mod tests {
     fn a_peer_offers_at_most_so_often() {
         let mut table = PeerTable::default();
         let (peer, other) = (PeerId::random(), PeerId::random());
-        table.connected(peer, "/memory/1".parse().unwrap());
-        table.connected(other, "/memory/2".parse().unwrap());
+        table.connected(peer, "/memory/1".parse().unwrap(), true);
+        table.connected(other, "/memory/2".parse().unwrap(), true);
         for seq in 1..=u64::from(MAX_OFFERS) {
             assert!(table.offer(&peer, offer(seq)));
         }
@@ -395,7 +415,7 @@ mod tests {
         assert_eq!(table.len(), 0);
         let peer = PeerId::random();
         for i in 0..20 {
-            table.connected(peer, format!("/memory/{i}").parse().unwrap());
+            table.connected(peer, format!("/memory/{i}").parse().unwrap(), true);
         }
         assert_eq!(table.snapshot()[0].addrs.len(), MAX_ADDRS_PER_PEER);
         assert!(!table.identified_before(&peer));
