@@ -477,6 +477,15 @@ const HIDE_CGROUPS: &str = "umount -R /sys/fs/cgroup && mount -t tmpfs none /sys
 fn a_daemon_that_cannot_start_leaves_no_control_group() {
     let dir = tempfile::tempdir().unwrap();
     let first = Daemon::start(&bin(), &dir.path().join("first"), &[]).unwrap();
+    if groups_of(first.pid().unwrap()).is_empty() {
+        // Nothing to leave behind where no group is made.
+        assert!(
+            expected_cgroup().is_none(),
+            "the first daemon made no group"
+        );
+        eprintln!("skipping: this machine gives the daemon no control group");
+        return;
+    }
     let taken: String = first
         .addr()
         .split("/p2p/")

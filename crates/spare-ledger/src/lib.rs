@@ -375,6 +375,14 @@ impl Ledger {
         })
     }
 
+    /// Records that the host of `task`'s latest attempt refused it for want
+    /// of room: that was no attempt, and the task waits again.
+    pub fn task_busy(&self, task: &TaskId) -> Committed {
+        self.write(Write::TaskBusy {
+            task: task.to_string(),
+        })
+    }
+
     /// Records how a requested task ended, with the host's verified receipt
     /// if there is one, in one transaction.
     pub fn task_finished(
@@ -712,6 +720,12 @@ mod tests {
             .unwrap();
         let state = |t: &TaskId| ledger.requested_task(t).unwrap().unwrap().state;
         assert_eq!(state(&task), TaskState::Waiting, "no host has it yet");
+        ledger.task_attempt(&task, &host).await.unwrap();
+        assert_eq!(state(&task), TaskState::Running);
+        // A host that refused it for want of room: no attempt, waiting.
+        ledger.task_busy(&task).await.unwrap();
+        let row = ledger.requested_task(&task).unwrap().unwrap();
+        assert_eq!((row.state, row.attempts), (TaskState::Waiting, 0));
         ledger.task_attempt(&task, &host).await.unwrap();
         assert_eq!(state(&task), TaskState::Running);
         ledger

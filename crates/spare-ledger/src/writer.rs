@@ -67,6 +67,9 @@ pub(crate) enum Write {
         task: String,
         host: String,
     },
+    TaskBusy {
+        task: String,
+    },
     TaskFinished {
         task: String,
         ending: Ending,
@@ -253,6 +256,13 @@ fn apply(conn: &Connection, write: &Write, caps: Caps) -> rusqlite::Result<()> {
                  WHERE task = ?1",
             )?
             .execute(params![task, host])?;
+        }
+        Write::TaskBusy { task } => {
+            conn.prepare_cached(
+                "UPDATE requested SET attempts = max(attempts - 1, 0), state = 'waiting'
+                 WHERE task = ?1 AND state = 'running'",
+            )?
+            .execute(params![task])?;
         }
         Write::TaskFinished {
             task,

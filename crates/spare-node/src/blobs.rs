@@ -70,7 +70,7 @@ use tokio::time::Instant;
 /// a chunk's round trips and a second transfer sharing one side's bucket.
 /// Time spent waiting on our own download bucket is not held against the
 /// peer.
-const MIN_FETCH_RATE: u64 = 64 << 10;
+pub(crate) const MIN_FETCH_RATE: u64 = 64 << 10;
 const _: () = assert!(MIN_FETCH_RATE * 2 <= spare_policy::settings::MIN_RATE);
 /// Time every fetch gets on top of its size at the slowest rate; and every
 /// chunk on top of its own size at that rate, from the end of the one

@@ -128,10 +128,18 @@ pub async fn run(options: DaemonOptions) -> Result<(), NodeError> {
         shutdown.clone(),
     )
     .await?;
-    let listener = api::bind(&paths.socket).map_err(|e| NodeError::Io {
-        what: format!("cannot serve the API on {}", paths.socket.display()),
-        source: e,
-    })?;
+    let listener = match api::bind(&paths.socket) {
+        Ok(listener) => listener,
+        Err(e) => {
+            // Its workers and their control groups go with it.
+            node.shutdown().await;
+            node.release();
+            return Err(NodeError::Io {
+                what: format!("cannot serve the API on {}", paths.socket.display()),
+                source: e,
+            });
+        }
+    };
     announce(&node, &paths);
     let app = api::router(node.clone());
     let server = axum::serve(listener, app);

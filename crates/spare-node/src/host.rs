@@ -369,7 +369,9 @@ async fn prepare(
                 queued: queued(node),
             }
         }
-        BlobError::NoRoom { size, budget, .. } if size <= budget => {
+        BlobError::NoRoom { size, budget, .. }
+            if size.saturating_add(node.blobs().state_bytes()) <= budget =>
+        {
             tracing::debug!(%peer, %task, "busy: {e}");
             Refusal::Busy {
                 queued: queued(node),
@@ -429,8 +431,18 @@ pub(crate) async fn serve_blob(
     request: BlobRequest,
     reply: BlobResponder,
 ) {
-    let granted = node.may_fetch(&peer, &request.id, request.len);
+    let (id, asked) = (request.id, request.len);
+    let granted = node.may_fetch(&peer, &id, asked);
     let (response, held) = answer_blob(node.blobs(), node.upload(), peer, request, granted).await;
+    // Only bytes sent count against the grant: a `Busy` answer, or a last
+    // chunk shorter than asked, gives back the rest.
+    if granted {
+        let sent = match &response {
+            BlobResponse::Chunk { data, .. } => u32::try_from(data.len()).unwrap_or(asked),
+            _ => 0,
+        };
+        node.unfetch(&peer, &id, asked.saturating_sub(sent));
+    }
     // The chunk's bytes count against the serving budget until the peer
     // has taken them.
     let held = held.map(|permit| Box::new(permit) as spare_net::Held);

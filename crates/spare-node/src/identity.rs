@@ -31,16 +31,11 @@ pub fn load_or_create(path: &Path) -> Result<(Keypair, bool), KeyError> {
     match load(path) {
         Ok(key) => Ok((key, false)),
         Err(KeyError::Read { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
-            match create(path) {
-                Ok(key) => Ok((key, true)),
+            match create(path)? {
+                Some(key) => Ok((key, true)),
                 // Another `spare init` or `up` made it meanwhile: theirs
                 // stands, and is this node's.
-                Err(KeyError::Write { source, .. })
-                    if source.kind() == std::io::ErrorKind::AlreadyExists =>
-                {
-                    load(path).map(|key| (key, false))
-                }
-                Err(e) => Err(e),
+                None => load(path).map(|key| (key, false)),
             }
         }
         Err(e) => Err(e),
@@ -83,10 +78,11 @@ pub fn load(path: &Path) -> Result<Keypair, KeyError> {
     Ok(key)
 }
 
-/// Creates a new key; fails rather than overwrite an existing file. The key
-/// is written to a temporary file first and linked into place, so a crash
-/// never leaves a partial key behind.
-fn create(path: &Path) -> Result<Keypair, KeyError> {
+/// Creates a new key, or `None` if another process made one first: never
+/// overwritten, even in a race. The key is written to a temporary file
+/// first and linked into place, so a crash never leaves a partial key
+/// behind.
+fn create(path: &Path) -> Result<Option<Keypair>, KeyError> {
     let shown = path.display().to_string();
     let key = Keypair::generate_ed25519();
     let bytes = key.to_protobuf_encoding().map_err(|e| KeyError::Corrupt {
@@ -112,12 +108,17 @@ fn create(path: &Path) -> Result<Keypair, KeyError> {
             .open(&temporary)?;
         file.write_all(&bytes)?;
         file.sync_all()?;
-        // `link` fails if the key exists: never overwritten, even in a race.
-        std::fs::hard_link(&temporary, path)
-    })();
+        Ok(())
+    })()
+    .map_err(write);
+    // `link` fails if the key exists.
+    let linked = written.and_then(|()| match std::fs::hard_link(&temporary, path) {
+        Ok(()) => Ok(Some(key)),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(None),
+        Err(e) => Err(write(e)),
+    });
     let _ = std::fs::remove_file(&temporary);
-    written.map_err(write)?;
-    Ok(key)
+    linked
 }
 
 #[cfg(test)]

@@ -472,6 +472,11 @@ impl Node {
         self.lock(&self.inner.grants).may_fetch(peer, blob, len)
     }
 
+    /// Gives back `len` bytes of what [`Node::may_fetch`] counted, not sent.
+    pub(crate) fn unfetch(&self, peer: &PeerId, blob: &BlobId, len: u32) {
+        self.lock(&self.inner.grants).unfetch(peer, blob, len);
+    }
+
     /// Peers we have unanswered task requests with, and how many.
     pub(crate) fn in_flight(&self) -> HashMap<PeerId, u32> {
         self.lock(&self.inner.in_flight).clone()
@@ -560,9 +565,9 @@ impl Grants {
     }
 
     /// Whether `peer` may fetch `len` bytes of `blob`: if so, they are
-    /// counted against what its grant allows. A chunk that runs past the
-    /// blob's end is as long as what is left; it is counted whole here,
-    /// and allowed while any bytes are left (at most one chunk's excess).
+    /// counted against what its grant allows until [`Grants::unfetch`]
+    /// gives back what was not sent. A chunk is allowed while any bytes
+    /// are left (at most one chunk's excess).
     fn may_fetch(&mut self, peer: &PeerId, blob: &BlobId, len: u32) -> bool {
         let Some(grant) = self.0.get_mut(peer).and_then(|blobs| blobs.get_mut(blob)) else {
             return false;
@@ -572,6 +577,15 @@ impl Grants {
         }
         grant.bytes = grant.bytes.saturating_sub(u64::from(len));
         true
+    }
+
+    /// Gives back `len` bytes counted by [`Grants::may_fetch`] that were
+    /// not sent (a busy answer, a last chunk shorter than asked), if the
+    /// grant still stands.
+    fn unfetch(&mut self, peer: &PeerId, blob: &BlobId, len: u32) {
+        if let Some(grant) = self.0.get_mut(peer).and_then(|blobs| blobs.get_mut(blob)) {
+            grant.bytes = grant.bytes.saturating_add(u64::from(len));
+        }
     }
 }
 
@@ -761,6 +775,10 @@ mod tests {
             .count();
         assert_eq!(fetched, 6, "twice the blob's three chunks");
         assert!(!grants.may_fetch(&other, &blob.id, chunk));
+        // What was asked but not sent (a busy answer) is given back.
+        grants.unfetch(&host, &blob.id, chunk);
+        assert!(grants.may_fetch(&host, &blob.id, chunk));
+        assert!(!grants.may_fetch(&host, &blob.id, chunk));
         // A second task needing it allows as much again, and holds the
         // grant while the first is revoked.
         grants.grant(host, &[blob, blob]);

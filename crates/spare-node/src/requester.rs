@@ -47,10 +47,12 @@ const OFFER_MAX_AGE: Duration = Duration::from_secs(15);
 /// How often a requester looks at the offer of a host that holds one of its
 /// tasks, to tell its user when that host pauses.
 const PAUSE_WATCH: Duration = Duration::from_millis(250);
-/// How long a host may hold a task before refusing it for want of room:
-/// an honest host says so on arrival, or while it fetches the task's
-/// blobs. A host that holds a task longer, then calls itself busy, has
-/// kept it from running elsewhere, and that counts as its failure.
+/// How long a host may hold a task before refusing it for want of room,
+/// besides the time the task's blobs and request take at the slowest rate
+/// a fetch may go (`MIN_FETCH_RATE`): an honest host says so on arrival,
+/// or while it fetches the task's blobs. A host that holds a task longer,
+/// then calls itself busy, has kept it from running elsewhere, and that
+/// counts as its failure.
 const LATE_REFUSAL: Duration = Duration::from_secs(60);
 /// How long a task waits for a peer to give when every connected peer gives
 /// nothing right now (paused, outside its time windows).
@@ -400,9 +402,15 @@ async fn run_remote(
                 }
                 Choice::Nowhere(why) => {
                     return hit_lowered.map(|e| e.after(attempt)).unwrap_or_else(|| {
-                        Ended::failed(format!(
-                            "gave up after {attempt} attempt(s): {why} (last failure: {last_failure})"
-                        ))
+                        Ended::failed(if attempt == 0 {
+                            // Every host asked was busy, and has gone.
+                            format!("{why} (last: {last_failure})")
+                        } else {
+                            format!(
+                                "gave up after {attempt} attempt(s): {why} \
+                                 (last failure: {last_failure})"
+                            )
+                        })
                     });
                 }
             },
@@ -493,6 +501,7 @@ async fn run_remote(
                 }
                 if error == AttemptError::Busy {
                     attempt -= 1;
+                    node.ledger().task_busy(&spec.id).detach();
                     // A pinned host is the only one: it is waited for here.
                     let why = format!("peer {host} has no room for it now ({reason})");
                     if pinned.is_some() && !room.wait(token, events, &why).await {
@@ -651,11 +660,16 @@ async fn attempt_on(
         // passed this node's own checks before it was sent, so a host that
         // calls it invalid runs another version of spare, or lies (and
         // would otherwise fail every task it attracts).
-        Ok(Ok(TaskResponse::Refused(refusal))) => refused(
-            &refusal,
-            sent.elapsed(),
-            saw_pause.load(std::sync::atomic::Ordering::Relaxed),
-        ),
+        Ok(Ok(TaskResponse::Refused(refusal))) => {
+            let bytes = blobs.iter().map(|b| b.size).sum::<u64>() + spec.held_bytes() as u64;
+            let moving = Duration::from_secs(bytes / crate::blobs::MIN_FETCH_RATE);
+            refused(
+                &refusal,
+                sent.elapsed(),
+                LATE_REFUSAL + moving,
+                saw_pause.load(std::sync::atomic::Ordering::Relaxed),
+            )
+        }
         Ok(Ok(TaskResponse::Cancelled(_))) => Attempt::Failed {
             error: AttemptError::HostFault,
             reason: "the host answered out of turn".into(),
@@ -664,13 +678,15 @@ async fn attempt_on(
 }
 
 /// What a host's refusal makes of an attempt, the host having held the
-/// task for `held`, its offers having said it paused meanwhile or not.
-fn refused(refusal: &Refusal, held: Duration, paused: bool) -> Attempt {
+/// task for `held` where a busy answer was due within `due` (see
+/// [`LATE_REFUSAL`]), its offers having said it paused meanwhile, or not
+/// been known, or not.
+fn refused(refusal: &Refusal, held: Duration, due: Duration, paused: bool) -> Attempt {
     let (error, reason) = match refusal {
         // Excuses that are not believed: the host kept the task from
-        // running elsewhere (see `LATE_REFUSAL`), or gave it back though
-        // its offers never said it paused.
-        Refusal::Busy { .. } | Refusal::Overloaded if held > LATE_REFUSAL => (
+        // running elsewhere, or gave it back though its offers never said
+        // it paused.
+        Refusal::Busy { .. } | Refusal::Overloaded if held > due => (
             AttemptError::HostFault,
             format!(
                 "{refusal}, after holding the task for {}",
@@ -906,8 +922,8 @@ async fn choose(
 /// nothing (its owner took the machine back, or it is outside its time
 /// windows): the task waits there rather than in silence. A task pinned to
 /// a paused host is told at once; one placed on a host that pauses later,
-/// when its offer says so. Notes in `saw_pause` that it did. Never
-/// returns: the answer ends the wait.
+/// when its offer says so. Notes in `saw_pause` that it did, or that its
+/// offer was not known. Never returns: the answer ends the wait.
 async fn tell_while_paused(
     node: &Node,
     host: PeerId,
@@ -918,6 +934,8 @@ async fn tell_while_paused(
     loop {
         match offer_of(node, &host) {
             Some(offer) if offer.cores > 0 => told = false,
+            // No recent offer: it may have paused unseen.
+            None => saw_pause.store(true, std::sync::atomic::Ordering::Relaxed),
             Some(offer) if !told => {
                 told = true;
                 saw_pause.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -1104,6 +1122,7 @@ mod tests {
         let error = |refusal: Refusal, held_s: u64, paused: bool| match refused(
             &refusal,
             Duration::from_secs(held_s),
+            LATE_REFUSAL,
             paused,
         ) {
             Attempt::Failed { error, .. } => error,
@@ -1124,10 +1143,20 @@ mod tests {
             error(Refusal::ShuttingDown, 1, false),
             AttemptError::Refused
         );
-        let Attempt::Failed { reason, .. } = refused(&busy(), Duration::from_secs(90), false)
+        let due = LATE_REFUSAL;
+        let Attempt::Failed { reason, .. } = refused(&busy(), Duration::from_secs(90), due, false)
         else {
             unreachable!()
         };
+        // A task whose blobs take long to fetch gives its host longer.
+        let due = LATE_REFUSAL + Duration::from_secs(600);
+        assert!(matches!(
+            refused(&busy(), Duration::from_secs(600), due, false),
+            Attempt::Failed {
+                error: AttemptError::Busy,
+                ..
+            }
+        ));
         assert!(
             reason.ends_with("after holding the task for 90 s"),
             "{reason}"

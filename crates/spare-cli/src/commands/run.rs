@@ -149,10 +149,15 @@ async fn submit(context: &Context, args: Args) -> Result<ExitCode> {
     let (module_path, program_args) = args.program()?;
     let module = read_module(&module_path)?;
     let module_ref = BlobRef::of(&module);
-    // Before stdin is read: without a daemon, the user hears so at once,
-    // not after typing (or piping) all of the input.
-    upload(&client, &module_ref, module).await?;
+    // Asked before stdin is read: without a daemon, the user hears so at
+    // once, not after typing (or piping) all of the input. Uploaded after
+    // it, so that a slow input does not leave the module unpinned, to be
+    // evicted for peers' blobs, in between.
+    client
+        .exists(&format!("/v1/blobs/{}", module_ref.id))
+        .await?;
     let stdin = read_stdin().await?;
+    upload(&client, &module_ref, module).await?;
     let stdin = if stdin.is_empty() {
         SubmitStdin::None
     } else if stdin.len() <= MAX_INLINE_STDIN {
@@ -178,6 +183,10 @@ async fn submit(context: &Context, args: Args) -> Result<ExitCode> {
     let mut events = client.post_stream("/v1/tasks", &submission).await?;
     let mut task_id: Option<String> = None;
     let mut cancelled = false;
+    // What the user has been told: the latest attempt, the hosts that
+    // lower the default limits.
+    let mut told_attempt = 0;
+    let mut told_lowered = std::collections::HashSet::new();
     loop {
         let event = tokio::select! {
             event = events.next::<TaskEvent>() => event?,
@@ -204,10 +213,13 @@ async fn submit(context: &Context, args: Args) -> Result<ExitCode> {
                 host,
                 lowered,
             }) => {
-                if attempt > 1 {
+                // A busy host's refusal is no attempt: the next placement
+                // has the same number, and is not told again.
+                if attempt > 1 && attempt > told_attempt {
                     eprintln_quiet(&format!("spare: attempt {attempt}: running on {host}"));
                 }
-                if let Some(lowered) = lowered {
+                told_attempt = told_attempt.max(attempt);
+                if let Some(lowered) = lowered.filter(|_| told_lowered.insert(host.clone())) {
                     eprintln_quiet(&format!(
                         "spare: peer {host} grants less than the default limits; \
                          running with {lowered} (a limit you set is never lowered)"
