@@ -431,17 +431,18 @@ pub(crate) async fn serve_blob(
     request: BlobRequest,
     reply: BlobResponder,
 ) {
-    let (id, asked) = (request.id, request.len);
-    let granted = node.may_fetch(&peer, &id, asked);
+    let id = request.id;
+    let charged = node.may_fetch(&peer, &id, request.len);
+    let granted = charged.is_some();
     let (response, held) = answer_blob(node.blobs(), node.upload(), peer, request, granted).await;
     // Only bytes sent count against the grant: a `Busy` answer, or a last
-    // chunk shorter than asked, gives back the rest.
-    if granted {
+    // chunk shorter than asked, gives back the rest of what was counted.
+    if let Some(charged) = charged {
         let sent = match &response {
-            BlobResponse::Chunk { data, .. } => u32::try_from(data.len()).unwrap_or(asked),
+            BlobResponse::Chunk { data, .. } => u64::try_from(data.len()).unwrap_or(u64::MAX),
             _ => 0,
         };
-        node.unfetch(&peer, &id, asked.saturating_sub(sent));
+        node.unfetch(&peer, &id, charged.saturating_sub(sent));
     }
     // The chunk's bytes count against the serving budget until the peer
     // has taken them.

@@ -466,15 +466,15 @@ impl Node {
         self.lock(&self.inner.grants).revoke(peer, blobs);
     }
 
-    /// Whether `peer` may fetch `len` bytes of `blob`; see
-    /// [`Grants::may_fetch`].
-    pub(crate) fn may_fetch(&self, peer: &PeerId, blob: &BlobId, len: u32) -> bool {
+    /// Whether `peer` may fetch `len` bytes of `blob`, and what was
+    /// counted for them; see [`Grants::may_fetch`].
+    pub(crate) fn may_fetch(&self, peer: &PeerId, blob: &BlobId, len: u32) -> Option<u64> {
         self.lock(&self.inner.grants).may_fetch(peer, blob, len)
     }
 
-    /// Gives back `len` bytes of what [`Node::may_fetch`] counted, not sent.
-    pub(crate) fn unfetch(&self, peer: &PeerId, blob: &BlobId, len: u32) {
-        self.lock(&self.inner.grants).unfetch(peer, blob, len);
+    /// Gives back `bytes` of what [`Node::may_fetch`] counted, not sent.
+    pub(crate) fn unfetch(&self, peer: &PeerId, blob: &BlobId, bytes: u64) {
+        self.lock(&self.inner.grants).unfetch(peer, blob, bytes);
     }
 
     /// Peers we have unanswered task requests with, and how many.
@@ -564,27 +564,26 @@ impl Grants {
         }
     }
 
-    /// Whether `peer` may fetch `len` bytes of `blob`: if so, they are
-    /// counted against what its grant allows until [`Grants::unfetch`]
-    /// gives back what was not sent. A chunk is allowed while any bytes
-    /// are left (at most one chunk's excess).
-    fn may_fetch(&mut self, peer: &PeerId, blob: &BlobId, len: u32) -> bool {
-        let Some(grant) = self.0.get_mut(peer).and_then(|blobs| blobs.get_mut(blob)) else {
-            return false;
-        };
+    /// Whether `peer` may fetch `len` bytes of `blob`: if so, what its
+    /// grant allows of them is counted, and returned, until
+    /// [`Grants::unfetch`] gives back what was not sent. A chunk is allowed
+    /// while any bytes are left (at most one chunk's excess).
+    fn may_fetch(&mut self, peer: &PeerId, blob: &BlobId, len: u32) -> Option<u64> {
+        let grant = self.0.get_mut(peer)?.get_mut(blob)?;
         if grant.bytes == 0 {
-            return false;
+            return None;
         }
-        grant.bytes = grant.bytes.saturating_sub(u64::from(len));
-        true
+        let counted = grant.bytes.min(u64::from(len));
+        grant.bytes -= counted;
+        Some(counted)
     }
 
-    /// Gives back `len` bytes counted by [`Grants::may_fetch`] that were
-    /// not sent (a busy answer, a last chunk shorter than asked), if the
-    /// grant still stands.
-    fn unfetch(&mut self, peer: &PeerId, blob: &BlobId, len: u32) {
+    /// Gives back `bytes` counted by [`Grants::may_fetch`] that were not
+    /// sent (a busy answer, a last chunk shorter than asked), if the grant
+    /// still stands.
+    fn unfetch(&mut self, peer: &PeerId, blob: &BlobId, bytes: u64) {
         if let Some(grant) = self.0.get_mut(peer).and_then(|blobs| blobs.get_mut(blob)) {
-            grant.bytes = grant.bytes.saturating_add(u64::from(len));
+            grant.bytes = grant.bytes.saturating_add(bytes);
         }
     }
 }
@@ -767,25 +766,32 @@ mod tests {
             size: 3 << 20,
         };
         let chunk = 1 << 20;
-        assert!(!grants.may_fetch(&host, &blob.id, chunk), "not granted yet");
+        assert_eq!(
+            grants.may_fetch(&host, &blob.id, chunk),
+            None,
+            "not granted yet"
+        );
         grants.grant(host, &[blob]);
         let fetched = std::iter::repeat_with(|| grants.may_fetch(&host, &blob.id, chunk))
             .take(10)
-            .filter(|&allowed| allowed)
+            .filter(Option::is_some)
             .count();
         assert_eq!(fetched, 6, "twice the blob's three chunks");
-        assert!(!grants.may_fetch(&other, &blob.id, chunk));
-        // What was asked but not sent (a busy answer) is given back.
-        grants.unfetch(&host, &blob.id, chunk);
-        assert!(grants.may_fetch(&host, &blob.id, chunk));
-        assert!(!grants.may_fetch(&host, &blob.id, chunk));
+        assert_eq!(grants.may_fetch(&other, &blob.id, chunk), None);
+        // What was counted but not sent (a busy answer) is given back, and
+        // no more than was counted.
+        grants.unfetch(&host, &blob.id, 100);
+        assert_eq!(grants.may_fetch(&host, &blob.id, chunk), Some(100));
+        grants.unfetch(&host, &blob.id, 100);
+        assert_eq!(grants.may_fetch(&host, &blob.id, chunk), Some(100));
+        assert_eq!(grants.may_fetch(&host, &blob.id, chunk), None);
         // A second task needing it allows as much again, and holds the
         // grant while the first is revoked.
         grants.grant(host, &[blob, blob]);
         grants.revoke(host, &[blob]);
-        assert!(grants.may_fetch(&host, &blob.id, chunk));
+        assert!(grants.may_fetch(&host, &blob.id, chunk).is_some());
         grants.revoke(host, &[blob, blob]);
-        assert!(!grants.may_fetch(&host, &blob.id, chunk));
+        assert_eq!(grants.may_fetch(&host, &blob.id, chunk), None);
         assert!(grants.0.is_empty());
     }
 
