@@ -725,17 +725,7 @@ fn a_bootstrap_address_of_the_node_itself_is_skipped() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let stderr = daemon.stderr.take().unwrap();
-    let (lines, seen) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = lines.send(line);
-        }
-    });
+    let seen = stderr_lines(&mut daemon);
     let said = std::iter::from_fn(|| seen.recv_timeout(Duration::from_secs(20)).ok())
         .find(|line| line.contains("bootstrap"));
     // SAFETY: kill only takes integers.
@@ -745,6 +735,26 @@ fn a_bootstrap_address_of_the_node_itself_is_skipped() {
     let _ = daemon.wait();
     let said = said.expect("a word about the bootstrap address");
     assert!(said.contains("is this node's own; not dialled"), "{said}");
+}
+
+/// The lines `child` writes to its (piped) stderr, as they come.
+fn stderr_lines(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<String> {
+    lines_of(child.stderr.take().expect("stderr is piped"))
+}
+
+/// The lines read from `reader`, as they come, from a thread of their own.
+fn lines_of(reader: impl std::io::Read + Send + 'static) -> std::sync::mpsc::Receiver<String> {
+    let (lines, seen) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(reader)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = lines.send(line);
+        }
+    });
+    seen
 }
 
 /// Polls `check` every 20 ms until it holds or `timeout` passes.
@@ -946,17 +956,7 @@ fn a_task_waits_while_every_peer_gives_nothing_and_says_why() {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (lines, seen) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            for line in std::io::BufReader::new(stderr)
-                .lines()
-                .map_while(Result::ok)
-            {
-                let _ = lines.send(line);
-            }
-        });
+        let seen = stderr_lines(&mut child);
         let line = seen
             .recv_timeout(Duration::from_secs(20))
             .expect("a line on stderr");
@@ -1208,7 +1208,6 @@ fn processes_mentioning(text: &str) -> Vec<u32> {
 /// signal is `SIGKILL`, which it cannot catch: its daemons still stop).
 /// Returns the lines it printed.
 fn demo_stopped_by(signal: libc::c_int, after: &str, tmp: &std::path::Path) -> Vec<String> {
-    use std::io::BufRead;
     let mut child = Command::new(bin())
         .arg("demo")
         .env("TMPDIR", tmp)
@@ -1217,13 +1216,7 @@ fn demo_stopped_by(signal: libc::c_int, after: &str, tmp: &std::path::Path) -> V
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
-    let (lines_tx, lines) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in stdout.lines().map_while(Result::ok) {
-            let _ = lines_tx.send(line);
-        }
-    });
+    let lines = lines_of(child.stdout.take().unwrap());
     let mut seen = Vec::new();
     while !seen.last().is_some_and(|l: &String| l.contains(after)) {
         let line = lines
