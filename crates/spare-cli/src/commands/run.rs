@@ -153,11 +153,15 @@ async fn submit(context: &Context, args: Args) -> Result<ExitCode> {
     // once, not after typing (or piping) all of the input. Uploaded after
     // it, so that a slow input does not leave the module unpinned, to be
     // evicted for peers' blobs, in between.
-    client
-        .exists(&format!("/v1/blobs/{}", module_ref.id))
-        .await?;
+    let blob_path = format!("/v1/blobs/{}", module_ref.id);
+    let stored = client.exists(&blob_path).await?;
     let stdin = read_stdin().await?;
-    upload(&client, &module_ref, module).await?;
+    if !stored {
+        client.put(&blob_path, Bytes::from(module)).await?;
+    } else if !stdin.is_empty() {
+        // Reading the input may have taken a while: asked again.
+        upload(&client, &module_ref, module).await?;
+    }
     let stdin = if stdin.is_empty() {
         SubmitStdin::None
     } else if stdin.len() <= MAX_INLINE_STDIN {
