@@ -268,16 +268,10 @@ mod tests {
 
     /// A peer with libp2p's gossipsub as it comes, connected to `node`.
     async fn rogue(node: &mut Swarm<Behaviour>, addr: Multiaddr) -> Swarm<gossipsub::Behaviour> {
+        let scope = DialScope::new(std::slice::from_ref(&addr));
         let mut rogue = SwarmBuilder::with_new_identity()
             .with_tokio()
-            .with_other_transport(|key| {
-                Ok::<_, BoxedError>(
-                    MemoryTransport::default()
-                        .upgrade(Version::V1)
-                        .authenticate(noise::Config::new(key)?)
-                        .multiplex(yamux::Config::default()),
-                )
-            })
+            .with_other_transport(|key| transport(Transport::Memory, key, scope))
             .unwrap()
             .with_behaviour(|key| {
                 gossipsub::Behaviour::new(
