@@ -680,17 +680,23 @@ fn a_paused_daemons_workers_die_with_it() {
     let node = Daemon::start(&bin(), &dir.path().join("a"), &["--cores", "2"]).unwrap();
     let workers = node.worker_pids().unwrap();
     assert_eq!(workers.len(), 2);
+    let daemon = node.pid().unwrap();
+    // The daemon itself is stopped first: a running daemon resumes its
+    // workers every second (`RESUME_AGAIN`), which would discard a stop
+    // not yet delivered to an idle-priority worker on a busy machine.
+    // SAFETY: kill only takes integers.
+    unsafe { libc::kill(daemon as libc::pid_t, libc::SIGSTOP) };
     for &pid in &workers {
         // SAFETY: kill only takes integers.
         unsafe { libc::kill(pid as libc::pid_t, libc::SIGSTOP) };
     }
-    wait_until("the workers to stop", Duration::from_secs(5), || {
-        workers
-            .iter()
+    wait_until("the workers to stop", Duration::from_secs(30), || {
+        std::iter::once(&daemon)
+            .chain(&workers)
             .all(|&pid| proc_stat(pid).is_some_and(|(state, _)| state == 'T'))
     });
     // SAFETY: kill only takes integers.
-    unsafe { libc::kill(node.pid().unwrap() as libc::pid_t, libc::SIGKILL) };
+    unsafe { libc::kill(daemon as libc::pid_t, libc::SIGKILL) };
     wait_until(
         "the stopped workers to die",
         Duration::from_secs(10),
