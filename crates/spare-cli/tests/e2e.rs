@@ -6,7 +6,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use spare_runtime::priority::{PROC_SCHED_IDLE, read_proc_priority};
-use spare_testkit::{Daemon, Swarm, example, text};
+use spare_testkit::{Daemon, Swarm, example, proc_stat, text};
 
 fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_spare"))
@@ -514,8 +514,17 @@ fn ctrl_c_cancels_on_the_host(guest: &str) {
         std::thread::sleep(Duration::from_millis(20));
     }
     // Sent to its worker is not yet running: a task cancelled before its
-    // guest ran an instruction rightly reports no fuel. Let it burn some.
-    std::thread::sleep(Duration::from_millis(500));
+    // guest ran an instruction rightly reports no fuel. Let it burn some:
+    // CPU time, not wall time, for an idle-priority worker on a busy
+    // machine gets none until the machine has some to spare. 300 ms of it
+    // is far more than compiling this guest takes. Each worker's CPU time
+    // is counted from when it is first seen (the task's may start late).
+    let mut first_seen = std::collections::HashMap::new();
+    wait_until("the guest to run", Duration::from_secs(120), || {
+        b.worker_pids().unwrap().into_iter().any(|pid| {
+            proc_stat(pid).is_some_and(|(_, now)| now >= *first_seen.entry(pid).or_insert(now) + 30)
+        })
+    });
     // SAFETY: kill only takes integers.
     unsafe {
         libc::kill(child.id() as libc::pid_t, libc::SIGINT);

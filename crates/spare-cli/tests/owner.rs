@@ -14,7 +14,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use spare_policy::owner::{machine_busy_ticks, ticks_per_second};
-use spare_testkit::{Daemon, example, text};
+use spare_testkit::{Daemon, example, proc_stat, text};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -60,18 +60,6 @@ fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) ->
         std::thread::sleep(every);
     }
     start.elapsed()
-}
-
-/// Fields of `/proc/<pid>/stat` after the command name: state, and utime +
-/// stime in clock ticks.
-fn proc_stat(pid: u32) -> Option<(char, u64)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let state = fields.first()?.chars().next()?;
-    let utime: u64 = fields.get(11)?.parse().ok()?;
-    let stime: u64 = fields.get(12)?.parse().ok()?;
-    Some((state, utime + stime))
 }
 
 fn machine_cores() -> f64 {

@@ -32,6 +32,21 @@ pub fn example(name: &str) -> String {
         .to_string()
 }
 
+/// Fields of `/proc/<pid>/stat` after the command name: the state letter
+/// (`R`, `S`, `T`, `Z`, …), and user + system CPU time in clock ticks.
+/// `None` once the process is gone.
+pub fn proc_stat(pid: u32) -> Option<(char, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces and parentheses: the fields start
+    // after its last `)`.
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let state = fields.first()?.chars().next()?;
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some((state, utime + stime))
+}
+
 /// Output of a command as text, for assertions and their messages.
 pub fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
