@@ -381,18 +381,14 @@ fn a_paused_hosts_task_finishes_elsewhere() {
         Some(_) => Duration::from_secs(90),
         None => Duration::from_secs(20),
     };
-    wait_until(
-        "the idle host to give again",
-        give_again,
-        || {
-            let now = status(&idle_host);
-            if now["state"] != last_state {
-                eprintln!("idle host: {now}");
-                last_state = now["state"].clone();
-            }
-            now["state"] == "giving" && proc_stat(worker).is_some_and(|(state, _)| state != 'T')
-        },
-    );
+    wait_until("the idle host to give again", give_again, || {
+        let now = status(&idle_host);
+        if now["state"] != last_state {
+            eprintln!("idle host: {now}");
+            last_state = now["state"].clone();
+        }
+        now["state"] == "giving" && proc_stat(worker).is_some_and(|(state, _)| state != 'T')
+    });
 
     let _load = OwnerLoad::start();
     let out: Output = run.wait_with_output().unwrap();
