@@ -191,6 +191,12 @@ fn a_cpu_share_holds_under_a_saturating_guest() {
         // only take time from the guest, never give it more, so a window
         // with the full share counts whatever else ran.
         std::thread::sleep(Duration::from_secs(2));
+        // The emulated machine's daemons are busy for longer stretches:
+        // it gets more windows to find a quiet one.
+        let windows = match expected_cgroup() {
+            Some(_) => 12,
+            None => 5,
+        };
         let mut measured = Vec::new();
         let used = loop {
             let (_, before) = proc_stat(worker).unwrap();
@@ -206,7 +212,7 @@ fn a_cpu_share_holds_under_a_saturating_guest() {
                 break used;
             }
             assert!(
-                measured.len() < 5,
+                measured.len() < windows,
                 "the machine is too busy to measure a CPU share: (guest, others) in cores {measured:?}"
             );
         };
