@@ -413,18 +413,21 @@ fn a_paused_hosts_task_finishes_elsewhere() {
     assert!(stderr[told..].contains("handed back"), "{stderr}");
     // The host records the task as it ends there, which may come after
     // the requester, told, has finished it elsewhere.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let hosted = loop {
-        let hosted = idle_host.get("/v1/hosted?limit=1").unwrap();
-        let handed_back = hosted[0]["failure"]
-            .as_str()
-            .is_some_and(|f| f.contains("handed back"));
-        if handed_back {
-            break hosted;
-        }
-        assert!(Instant::now() < deadline, "no hand-back recorded: {hosted}");
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let mut hosted = serde_json::Value::Null;
+    wait_until(
+        "the idle host to record the hand-back",
+        Duration::from_secs(10),
+        || {
+            hosted = idle_host.get("/v1/hosted?limit=1").unwrap();
+            let recorded = hosted[0]["failure"]
+                .as_str()
+                .is_some_and(|f| f.contains("handed back"));
+            if !recorded {
+                eprintln!("idle host's latest task: {hosted}");
+            }
+            recorded
+        },
+    );
     // It ran there before the pause: that time is recorded, the pause
     // (all of `hand_back_after`) is not.
     let held = spare_core::units::parse_duration(hand_back_after).unwrap();
