@@ -460,13 +460,32 @@ fn workers_run_at_idle_priority() {
             status.contains("\nNoNewPrivs:\t1\n"),
             "worker {pid}: {status}"
         );
+        // Whoever runs the daemon, root included, its workers hold no
+        // capabilities (a root daemon's would otherwise have them all).
+        for set in ["CapInh", "CapPrm", "CapEff", "CapAmb"] {
+            assert!(
+                status.contains(&format!("\n{set}:\t0000000000000000\n")),
+                "worker {pid}: {set} in {status}"
+            );
+        }
+        // SAFETY: geteuid cannot fail. Only a process that holds
+        // CAP_SETPCAP (root, here) can empty its bounding set.
+        if unsafe { libc::geteuid() } == 0 {
+            assert!(
+                status.contains("\nCapBnd:\t0000000000000000\n"),
+                "worker {pid}: {status}"
+            );
+        }
     }
     let workers = node.get("/v1/status").unwrap()["enforcement"]["workers"].clone();
     let workers = workers.as_str().unwrap_or_default();
     assert!(workers.starts_with("confined: "), "{workers}");
     assert!(workers.contains("sockets"), "{workers}");
     if landlock_abi() >= 6 {
-        assert_eq!(workers, "confined: files, TCP, signals, sockets");
+        assert_eq!(
+            workers,
+            "confined: files, TCP, signals, sockets, privileges"
+        );
     }
 }
 

@@ -113,6 +113,9 @@ pub async fn run(options: DaemonOptions) -> Result<(), NodeError> {
         worker,
     } = options;
     init(&paths)?;
+    // SAFETY: geteuid cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    paths.check_owner(euid).map_err(NodeError::Ownership)?;
     let _lock = lock(&paths)?;
     tracing::debug!(open_files = raise_open_files(), "file descriptor limit");
     let (key, _) = identity::load_or_create(&paths.key)?;

@@ -55,4 +55,6 @@ pub enum NodeError {
     Locked(String),
     #[error("{0}")]
     Enforcement(String),
+    #[error("{0}")]
+    Ownership(String),
 }

@@ -117,6 +117,32 @@ impl Paths {
         }
         Ok(())
     }
+
+    /// Refuses directories that workers of a daemon running as `euid`
+    /// could not read. Workers give up every capability (`confine.rs`),
+    /// so those of a daemon run as root read the blob store and the cache
+    /// as a plain user whose id is 0: a private directory another user
+    /// owns is closed to them, and every task would fail.
+    pub fn check_owner(&self, euid: u32) -> Result<(), String> {
+        use std::os::unix::fs::MetadataExt;
+        if euid != 0 {
+            return Ok(());
+        }
+        for dir in [&self.data_dir, &self.blobs, &self.cache] {
+            let uid = std::fs::metadata(dir)
+                .map_err(|e| format!("cannot read {}: {e}", dir.display()))?
+                .uid();
+            if uid != 0 {
+                return Err(format!(
+                    "the daemon runs as root, but {} belongs to the user with id {uid}: \
+                     workers give up root's privileges and could not read it; run the \
+                     daemon as that user, or give it a data directory root owns",
+                    dir.display()
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -133,6 +159,31 @@ mod tests {
         Paths::in_dir(&data).create_dirs().unwrap();
         let mode = std::fs::metadata(&data).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o700);
+    }
+
+    #[test]
+    fn a_root_daemon_refuses_a_data_dir_another_user_owns() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let paths = Paths::in_dir(&dir.path().join("node"));
+        paths.create_dirs().unwrap();
+        let mine = std::fs::metadata(&paths.data_dir).unwrap().uid();
+        // Run as root, make the directory another user's.
+        if mine == 0 {
+            std::os::unix::fs::chown(&paths.data_dir, Some(65_534), None).unwrap();
+        }
+        let error = paths.check_owner(0).unwrap_err();
+        assert!(
+            error.contains(&paths.data_dir.display().to_string()) && error.contains("runs as root"),
+            "{error}"
+        );
+        // Its own user's directory is fine for a daemon of that user.
+        let owner = std::fs::metadata(&paths.data_dir).unwrap().uid();
+        paths.check_owner(owner).unwrap();
+        if mine == 0 {
+            std::os::unix::fs::chown(&paths.data_dir, Some(0), None).unwrap();
+            paths.check_owner(0).unwrap();
+        }
     }
 
     #[test]

@@ -10,14 +10,21 @@
 //!   else, so not the node's key, its database or the owner's files, and
 //!   it can execute no program;
 //! - **TCP** (Landlock): it may neither connect nor bind;
-//! - **signals and abstract Unix sockets** (Landlock scopes): it may not
-//!   signal, or connect to an abstract socket of, any process outside its
-//!   own sandbox, so not the daemon, the owner's programs or other workers;
-//! - **sockets** (seccomp): `socket(2)` fails with `EACCES`, for every
-//!   family, so no UDP, raw, netlink or Unix socket either (so not the
-//!   daemon's API socket); so does io_uring, which could open one without
-//!   passing through seccomp, and a few more calls that reach beyond the
-//!   process (`DENIED`).
+//! - **signals and abstract Unix sockets** (Landlock scopes, and seccomp
+//!   for signals on kernels before them): it may not signal, or connect to
+//!   an abstract socket of, any process outside its own sandbox, so not
+//!   the daemon, the owner's programs or other workers;
+//! - **sockets and everything else a worker never calls** (seccomp):
+//!   `socket(2)` fails with `EACCES`, for every family, so no UDP, raw,
+//!   netlink or Unix socket either (so not the daemon's API socket); so
+//!   does io_uring, which could open one without passing through seccomp,
+//!   and the calls that reach beyond the process (`DENIED`): other
+//!   processes' memory, file descriptors and priorities, its own priority,
+//!   what the owner's programs share by user id (System V IPC, POSIX
+//!   message queues), and the metadata of files (mode, owner, extended
+//!   attributes, times), which Landlock does not govern;
+//! - **privileges**: it gives up every capability, which only a daemon run
+//!   as root would have passed on.
 //!
 //! The daemon still controls the worker from outside: it signals it,
 //! stops and resumes it, and reads its `/proc` entries. A kernel without
@@ -60,6 +67,9 @@ pub struct ConfineReport {
     pub signals: bool,
     /// `socket(2)`, io_uring and the other `DENIED` calls are refused.
     pub sockets: bool,
+    /// It holds no capabilities (a daemon run as root would otherwise
+    /// give its workers all of root's).
+    pub privileges: bool,
     /// What could not be done, and why.
     pub notes: Vec<String>,
 }
@@ -75,6 +85,7 @@ impl ConfineReport {
             (self.tcp, "TCP"),
             (self.signals, "signals"),
             (self.sockets, "sockets"),
+            (self.privileges, "privileges"),
         ] {
             if on { &mut held } else { &mut open }.push(what);
         }
@@ -124,11 +135,20 @@ pub fn confine(confinement: &Confinement) -> ConfineReport {
             .push("Landlock is not available in this kernel".into()),
         Err(e) => report.notes.push(format!("Landlock refused: {e}")),
     }
-    match deny_sockets() {
-        Ok(()) => report.sockets = true,
+    match filter_calls() {
+        Ok(()) => {
+            report.sockets = true;
+            report.signals = true;
+        }
         Err(e) => report
             .notes
-            .push(format!("seccomp refused the socket filter: {e}")),
+            .push(format!("seccomp refused the system call filter: {e}")),
+    }
+    match drop_capabilities() {
+        Ok(()) => report.privileges = true,
+        Err(e) => report
+            .notes
+            .push(format!("cannot give up its capabilities: {e}")),
     }
     report
 }
@@ -186,25 +206,51 @@ fn landlock(confinement: &Confinement, abi: u32) -> Result<RulesetStatus, landlo
 /// System calls a worker never makes, refused by its seccomp filter:
 /// sockets of any family, io_uring (whose operations, sockets among them,
 /// never pass through seccomp), running programs, and what would reach
-/// beyond the process (other processes' memory, kernel keys, BPF,
-/// namespaces, mounts old and new, modules).
+/// beyond the process: other processes' memory, file descriptors and
+/// priorities, kernel keys, BPF, namespaces, mounts old and new, modules,
+/// the kernel's log, System V and POSIX message queues and shared memory
+/// (shared with the owner's programs by user id), watches on files, and
+/// the metadata of files, which Landlock does not govern (a worker could
+/// otherwise make the owner's files readable to everyone, or take them
+/// away from the owner).
 #[cfg(target_arch = "x86_64")]
-const DENIED: [libc::c_long; 33] = [
+const DENIED: [libc::c_long; 85] = [
+    // Sockets and what opens them unseen.
     libc::SYS_socket,
     libc::SYS_io_uring_setup,
     libc::SYS_io_uring_enter,
     libc::SYS_io_uring_register,
+    // Programs.
     libc::SYS_execve,
     libc::SYS_execveat,
+    // Other processes.
     libc::SYS_ptrace,
     libc::SYS_process_vm_readv,
     libc::SYS_process_vm_writev,
+    libc::SYS_process_madvise,
+    libc::SYS_process_mrelease,
+    libc::SYS_pidfd_getfd,
+    libc::SYS_pidfd_send_signal,
+    libc::SYS_tkill,
+    libc::SYS_kcmp,
+    libc::SYS_migrate_pages,
+    libc::SYS_move_pages,
+    // Priorities: a worker keeps the one it took before confining itself,
+    // and changes no other process's.
+    libc::SYS_setpriority,
+    libc::SYS_sched_setscheduler,
+    libc::SYS_sched_setparam,
+    libc::SYS_sched_setattr,
+    libc::SYS_sched_setaffinity,
+    libc::SYS_ioprio_set,
+    // The kernel's facilities.
     libc::SYS_bpf,
     libc::SYS_perf_event_open,
     libc::SYS_userfaultfd,
     libc::SYS_keyctl,
     libc::SYS_add_key,
     libc::SYS_request_key,
+    libc::SYS_syslog,
     libc::SYS_unshare,
     libc::SYS_setns,
     libc::SYS_mount,
@@ -223,6 +269,66 @@ const DENIED: [libc::c_long; 33] = [
     libc::SYS_delete_module,
     libc::SYS_kexec_load,
     libc::SYS_kexec_file_load,
+    // What the owner's programs share by user id.
+    libc::SYS_shmget,
+    libc::SYS_shmat,
+    libc::SYS_shmctl,
+    libc::SYS_semget,
+    libc::SYS_semop,
+    libc::SYS_semtimedop,
+    libc::SYS_semctl,
+    libc::SYS_msgget,
+    libc::SYS_msgsnd,
+    libc::SYS_msgrcv,
+    libc::SYS_msgctl,
+    libc::SYS_mq_open,
+    libc::SYS_mq_unlink,
+    // Files: watches, handles and metadata, outside Landlock's reach.
+    libc::SYS_inotify_add_watch,
+    libc::SYS_fanotify_init,
+    libc::SYS_fanotify_mark,
+    libc::SYS_name_to_handle_at,
+    libc::SYS_open_by_handle_at,
+    libc::SYS_chmod,
+    libc::SYS_fchmod,
+    libc::SYS_fchmodat,
+    libc::SYS_fchmodat2,
+    libc::SYS_chown,
+    libc::SYS_fchown,
+    libc::SYS_lchown,
+    libc::SYS_fchownat,
+    libc::SYS_setxattr,
+    libc::SYS_lsetxattr,
+    libc::SYS_fsetxattr,
+    libc::SYS_removexattr,
+    libc::SYS_lremovexattr,
+    libc::SYS_fremovexattr,
+    SYS_SETXATTRAT,
+    SYS_REMOVEXATTRAT,
+    libc::SYS_utime,
+    libc::SYS_utimes,
+    libc::SYS_futimesat,
+];
+
+/// `setxattrat` and `removexattrat` (Linux 6.13), which the libc crate
+/// does not name yet.
+#[cfg(target_arch = "x86_64")]
+const SYS_SETXATTRAT: libc::c_long = 463;
+#[cfg(target_arch = "x86_64")]
+const SYS_REMOVEXATTRAT: libc::c_long = 466;
+
+/// Calls whose first argument names a process, allowed only when it names
+/// the worker itself: signals (`kill`, `tgkill`, `rt_sigqueueinfo`,
+/// `rt_tgsigqueueinfo`), pidfds (`pidfd_open`) and, with 0 for itself too,
+/// resource limits (`prlimit64`). The kernel reads a pid as 32 bits, the
+/// half of the argument the filter compares.
+#[cfg(target_arch = "x86_64")]
+const OWN_PROCESS_ONLY: [libc::c_long; 5] = [
+    libc::SYS_kill,
+    libc::SYS_tgkill,
+    libc::SYS_rt_sigqueueinfo,
+    libc::SYS_rt_tgsigqueueinfo,
+    libc::SYS_pidfd_open,
 ];
 
 /// `clone` flags that make new namespaces, refused like `unshare`. (Its
@@ -235,17 +341,98 @@ const CLONE_NAMESPACES: u64 = (libc::CLONE_NEWNS
     | libc::CLONE_NEWPID
     | libc::CLONE_NEWNET) as u64;
 
+/// Where a jump of the filter goes: on to the next instruction, or to one
+/// of the program's named places, resolved when it is finished.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum To {
+    Next,
+    Allow,
+    Deny,
+    Missing,
+    Clone,
+    Ioctl,
+    OwnProcess,
+    OwnLimits,
+    OpenFileTimes,
+}
+
+/// A classic BPF program under construction. Jumps go only forward, at
+/// most 255 instructions; [`Bpf::finish`] checks both.
+#[derive(Default)]
+struct Bpf {
+    code: Vec<libc::sock_filter>,
+    /// Where each jump goes when its test holds and when it does not.
+    jumps: Vec<(usize, To, To)>,
+    places: Vec<(To, usize)>,
+}
+
+impl Bpf {
+    fn op(&mut self, code: u32, k: u32) {
+        self.code.push(libc::sock_filter {
+            code: u16::try_from(code).unwrap_or(u16::MAX),
+            jt: 0,
+            jf: 0,
+            k,
+        });
+    }
+
+    /// Loads the 32-bit word at `offset` of the call's `seccomp_data`.
+    fn load(&mut self, offset: u32) {
+        self.op(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, offset);
+    }
+
+    fn ret(&mut self, action: u32) {
+        self.op(libc::BPF_RET | libc::BPF_K, action);
+    }
+
+    /// Jumps to `yes` if the loaded word compares with `k` as `test` says
+    /// (`BPF_JEQ`, `BPF_JGE`, `BPF_JSET`), else to `no`.
+    fn jump(&mut self, test: u32, k: u32, yes: To, no: To) {
+        self.jumps.push((self.code.len(), yes, no));
+        self.op(libc::BPF_JMP | test | libc::BPF_K, k);
+    }
+
+    /// Names the place of the next instruction.
+    fn place(&mut self, name: To) {
+        self.places.push((name, self.code.len()));
+    }
+
+    fn finish(mut self) -> std::io::Result<Vec<libc::sock_filter>> {
+        let places = std::mem::take(&mut self.places);
+        let offset = |from: usize, to: To| -> std::io::Result<u8> {
+            if to == To::Next {
+                return Ok(0);
+            }
+            let target = places
+                .iter()
+                .find(|(name, _)| *name == to)
+                .map(|&(_, at)| at)
+                .ok_or_else(|| std::io::Error::other(format!("filter: no place {to:?}")))?;
+            target
+                .checked_sub(from + 1)
+                .and_then(|skip| u8::try_from(skip).ok())
+                .ok_or_else(|| std::io::Error::other(format!("filter: cannot jump to {to:?}")))
+        };
+        for &(at, yes, no) in &self.jumps {
+            let (jt, jf) = (offset(at, yes)?, offset(at, no)?);
+            self.code[at].jt = jt;
+            self.code[at].jf = jf;
+        }
+        Ok(self.code)
+    }
+}
+
 /// Installs a seccomp filter under which the [`DENIED`] calls fail with
-/// `EACCES`, as do `clone` with [`CLONE_NAMESPACES`] flags, the terminal
-/// `ioctl`s `TIOCSTI` and `TIOCLINUX`, and every call of another ABI
-/// (i386, x32). `clone3`, whose flags sit in memory a
+/// `EACCES`, as do the [`OWN_PROCESS_ONLY`] calls naming another process,
+/// `clone` with [`CLONE_NAMESPACES`] flags, `utimensat` on a path rather
+/// than a file the worker holds open (it marks the cached artifacts it
+/// uses), the terminal `ioctl`s `TIOCSTI` and `TIOCLINUX`, and every call
+/// of another ABI (i386, x32). `clone3`, whose flags sit in memory a
 /// filter cannot read, fails with `ENOSYS`, so that the C library falls
 /// back to `clone` for new threads.
 #[cfg(target_arch = "x86_64")]
-fn deny_sockets() -> std::io::Result<()> {
-    use libc::{
-        BPF_ABS, BPF_JEQ, BPF_JGE, BPF_JMP, BPF_JSET, BPF_K, BPF_LD, BPF_RET, BPF_W, sock_filter,
-    };
+fn filter_calls() -> std::io::Result<()> {
+    use libc::{BPF_JEQ, BPF_JGE, BPF_JSET};
 
     /// `AUDIT_ARCH_X86_64`: the architecture a seccomp filter sees.
     const ARCH: u32 = 0xc000_003e;
@@ -253,106 +440,74 @@ fn deny_sockets() -> std::io::Result<()> {
     const X32_BIT: u32 = 0x4000_0000;
     const ARCH_OFFSET: u32 = 4;
     const NR_OFFSET: u32 = 0;
-    /// The low halves of a call's first and second arguments
-    /// (little-endian).
+    /// The halves of a call's first and second arguments (little-endian).
     const ARG0_OFFSET: u32 = 16;
     const ARG1_OFFSET: u32 = 24;
+    const ARG1_HIGH_OFFSET: u32 = 28;
     const TIOCSTI: u32 = 0x5412;
     const TIOCLINUX: u32 = 0x541c;
     let errno = |e: i32| libc::SECCOMP_RET_ERRNO | u32::try_from(e).unwrap_or(1);
-    let (denied, missing) = (errno(libc::EACCES), errno(libc::ENOSYS));
     let call = |nr: libc::c_long| u32::try_from(nr).unwrap_or(u32::MAX);
-    let stmt = |code: u32, k: u32| sock_filter {
-        code: u16::try_from(code).unwrap_or(0),
-        jt: 0,
-        jf: 0,
-        k,
-    };
-    // Where the program's ends are: after the checks of the call number
-    // (which fall through to "allow", at `checks`), these, in this order.
-    let checks = 8 + DENIED.len();
-    let (deny, enosys, clone) = (checks + 1, checks + 2, checks + 3);
-    let ioctl = clone + 4;
-    // A jump from instruction `at` to `target` (both absolute; BPF jumps
-    // only forward, counting the instructions skipped).
-    let to = |at: usize, target: usize| u8::try_from(target - at - 1).unwrap_or(u8::MAX);
-    let jump = |at: usize, code: u32, k: u32, jt: usize, jf: usize| sock_filter {
-        code: u16::try_from(code).unwrap_or(0),
-        jt: to(at, jt),
-        jf: to(at, jf),
-        k,
-    };
-    let mut program = vec![
-        // Another architecture's calls (int 0x80) have other numbers.
-        stmt(BPF_LD | BPF_W | BPF_ABS, ARCH_OFFSET),
-        jump(1, BPF_JMP | BPF_JEQ | BPF_K, ARCH, 3, 2),
-        stmt(BPF_RET | BPF_K, denied),
-        stmt(BPF_LD | BPF_W | BPF_ABS, NR_OFFSET),
-        jump(4, BPF_JMP | BPF_JGE | BPF_K, X32_BIT, deny, 5),
-        jump(
-            5,
-            BPF_JMP | BPF_JEQ | BPF_K,
-            call(libc::SYS_clone3),
-            enosys,
-            6,
-        ),
-        jump(
-            6,
-            BPF_JMP | BPF_JEQ | BPF_K,
-            call(libc::SYS_clone),
-            clone,
-            7,
-        ),
-        jump(
-            7,
-            BPF_JMP | BPF_JEQ | BPF_K,
-            call(libc::SYS_ioctl),
-            ioctl,
-            8,
-        ),
-    ];
-    for (n, nr) in DENIED.iter().enumerate() {
-        let at = 8 + n;
-        program.push(jump(at, BPF_JMP | BPF_JEQ | BPF_K, call(*nr), deny, at + 1));
+    let own = std::process::id();
+
+    let mut bpf = Bpf::default();
+    // Another architecture's calls (int 0x80) have other numbers.
+    bpf.load(ARCH_OFFSET);
+    bpf.jump(BPF_JEQ, ARCH, To::Next, To::Deny);
+    bpf.load(NR_OFFSET);
+    bpf.jump(BPF_JGE, X32_BIT, To::Deny, To::Next);
+    bpf.jump(BPF_JEQ, call(libc::SYS_clone3), To::Missing, To::Next);
+    bpf.jump(BPF_JEQ, call(libc::SYS_clone), To::Clone, To::Next);
+    bpf.jump(BPF_JEQ, call(libc::SYS_ioctl), To::Ioctl, To::Next);
+    bpf.jump(BPF_JEQ, call(libc::SYS_prlimit64), To::OwnLimits, To::Next);
+    bpf.jump(
+        BPF_JEQ,
+        call(libc::SYS_utimensat),
+        To::OpenFileTimes,
+        To::Next,
+    );
+    for nr in OWN_PROCESS_ONLY {
+        bpf.jump(BPF_JEQ, call(nr), To::OwnProcess, To::Next);
     }
-    program.extend([
-        stmt(BPF_RET | BPF_K, libc::SECCOMP_RET_ALLOW),
-        stmt(BPF_RET | BPF_K, denied),
-        stmt(BPF_RET | BPF_K, missing),
-        // `clone`: its flags are its first argument.
-        stmt(BPF_LD | BPF_W | BPF_ABS, ARG0_OFFSET),
-        jump(
-            clone + 1,
-            BPF_JMP | BPF_JSET | BPF_K,
-            u32::try_from(CLONE_NAMESPACES).unwrap_or(u32::MAX),
-            clone + 2,
-            clone + 3,
-        ),
-        stmt(BPF_RET | BPF_K, denied),
-        stmt(BPF_RET | BPF_K, libc::SECCOMP_RET_ALLOW),
-        // `ioctl`: no faking input on, or reaching into, a terminal the
-        // worker may have inherited (its request is its second argument).
-        stmt(BPF_LD | BPF_W | BPF_ABS, ARG1_OFFSET),
-        jump(
-            ioctl + 1,
-            BPF_JMP | BPF_JEQ | BPF_K,
-            TIOCSTI,
-            ioctl + 4,
-            ioctl + 2,
-        ),
-        jump(
-            ioctl + 2,
-            BPF_JMP | BPF_JEQ | BPF_K,
-            TIOCLINUX,
-            ioctl + 4,
-            ioctl + 3,
-        ),
-        stmt(BPF_RET | BPF_K, libc::SECCOMP_RET_ALLOW),
-        stmt(BPF_RET | BPF_K, denied),
-    ]);
-    debug_assert_eq!(program.len(), ioctl + 5);
+    for nr in DENIED {
+        bpf.jump(BPF_JEQ, call(nr), To::Deny, To::Next);
+    }
+    bpf.ret(libc::SECCOMP_RET_ALLOW);
+    // `clone`: its flags are its first argument.
+    bpf.place(To::Clone);
+    bpf.load(ARG0_OFFSET);
+    let namespaces = u32::try_from(CLONE_NAMESPACES).unwrap_or(u32::MAX);
+    bpf.jump(BPF_JSET, namespaces, To::Deny, To::Allow);
+    // `ioctl`: no faking input on, or reaching into, a terminal the worker
+    // may have inherited (its request is its second argument).
+    bpf.place(To::Ioctl);
+    bpf.load(ARG1_OFFSET);
+    bpf.jump(BPF_JEQ, TIOCSTI, To::Deny, To::Next);
+    bpf.jump(BPF_JEQ, TIOCLINUX, To::Deny, To::Allow);
+    // `prlimit64`: its own limits, as 0 or by its pid.
+    bpf.place(To::OwnLimits);
+    bpf.load(ARG0_OFFSET);
+    bpf.jump(BPF_JEQ, 0, To::Allow, To::OwnProcess);
+    bpf.place(To::OwnProcess);
+    bpf.load(ARG0_OFFSET);
+    bpf.jump(BPF_JEQ, own, To::Allow, To::Deny);
+    // `utimensat(fd, NULL, ...)`, which is `futimens`: the times of a file
+    // it opened, which Landlock let it open.
+    bpf.place(To::OpenFileTimes);
+    bpf.load(ARG1_OFFSET);
+    bpf.jump(BPF_JEQ, 0, To::Next, To::Deny);
+    bpf.load(ARG1_HIGH_OFFSET);
+    bpf.jump(BPF_JEQ, 0, To::Allow, To::Deny);
+    bpf.place(To::Allow);
+    bpf.ret(libc::SECCOMP_RET_ALLOW);
+    bpf.place(To::Deny);
+    bpf.ret(errno(libc::EACCES));
+    bpf.place(To::Missing);
+    bpf.ret(errno(libc::ENOSYS));
+    let program = bpf.finish()?;
+
     let filter = libc::sock_fprog {
-        len: u16::try_from(program.len()).unwrap_or(0),
+        len: u16::try_from(program.len()).map_err(|_| std::io::Error::other("filter: too long"))?,
         filter: program.as_ptr().cast_mut(),
     };
     // SAFETY: prctl with these options takes plain integers; a process may
@@ -378,10 +533,98 @@ fn deny_sockets() -> std::io::Result<()> {
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-fn deny_sockets() -> std::io::Result<()> {
+fn filter_calls() -> std::io::Result<()> {
     Err(std::io::Error::other(
-        "the socket filter is written for x86_64 only",
+        "the system call filter is written for x86_64 only",
     ))
+}
+
+/// `_LINUX_CAPABILITY_VERSION_3`: capability sets of 64 bits, in two
+/// halves.
+const CAPABILITY_VERSION: u32 = 0x2008_0522;
+
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: libc::c_int,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+/// The calling process's capabilities: effective, permitted, inheritable,
+/// each 64 bits.
+fn capabilities() -> std::io::Result<[u64; 3]> {
+    let mut header = CapHeader {
+        version: CAPABILITY_VERSION,
+        pid: 0,
+    };
+    let mut data = [CapData::default(); 2];
+    // SAFETY: version 3 of capget writes two `CapData` into `data`.
+    let got = unsafe { libc::syscall(libc::SYS_capget, &raw mut header, data.as_mut_ptr()) };
+    if got != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let join = |low: u32, high: u32| u64::from(low) | u64::from(high) << 32;
+    let [low, high] = data;
+    Ok([
+        join(low.effective, high.effective),
+        join(low.permitted, high.permitted),
+        join(low.inheritable, high.inheritable),
+    ])
+}
+
+/// Gives up every capability the process holds: a daemon run as root
+/// starts its workers with all of them, and with them they could renice,
+/// signal or trace any process and pass over every file's permissions.
+/// The bounding set goes first, while `CAP_SETPCAP` is still held (a
+/// process without it cannot shrink it, and has nothing there to gain:
+/// workers run no program, and `no_new_privs` is set), then the ambient,
+/// inheritable, permitted and effective sets. Succeeds when the process
+/// holds none at the end.
+fn drop_capabilities() -> std::io::Result<()> {
+    let [effective, permitted, inheritable] = capabilities()?;
+    if effective | permitted | inheritable == 0 {
+        return Ok(());
+    }
+    for cap in 0..64 {
+        // SAFETY: prctl with these options takes plain integers.
+        if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) } != 0 {
+            // EINVAL: past the kernel's last capability.
+            break;
+        }
+    }
+    // SAFETY: as above.
+    unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL,
+            0,
+            0,
+            0,
+        );
+    }
+    let mut header = CapHeader {
+        version: CAPABILITY_VERSION,
+        pid: 0,
+    };
+    let none = [CapData::default(); 2];
+    // SAFETY: version 3 of capset reads two `CapData` from `none`.
+    let set = unsafe { libc::syscall(libc::SYS_capset, &raw mut header, none.as_ptr()) };
+    if set != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    match capabilities()? {
+        [0, 0, 0] => Ok(()),
+        held => Err(std::io::Error::other(format!(
+            "still holds capabilities {held:x?}"
+        ))),
+    }
 }
 
 #[cfg(test)]
@@ -499,7 +742,7 @@ mod tests {
                 Err(std::io::Error::last_os_error())
             },
         );
-        if let Err(e) = deny_sockets() {
+        if let Err(e) = filter_calls() {
             eprintln!("seccomp refused: {e}");
             return 2;
         }
@@ -593,15 +836,195 @@ mod tests {
             let exec = unsafe { libc::syscall(call, 0usize, 0usize, 0usize, 0usize, 0usize) };
             expect("call execve or execveat", false, raw(exec));
         }
-        // SAFETY: getpid cannot fail; signalling ourselves stays allowed.
-        let own = unsafe { libc::kill(libc::getpid(), 0) };
-        expect(
-            "signal itself",
-            true,
-            if own == 0 {
+        // Other processes: signals, pidfds, limits, priorities; and its
+        // own priority. Its own signals and limits stay allowed (its pause
+        // handler stops itself; the C library reads its own limits).
+        // SAFETY: getpid cannot fail.
+        let own = unsafe { libc::getpid() };
+        let ok = |result: libc::c_long| {
+            if result >= 0 {
                 Ok(())
             } else {
                 Err(std::io::Error::last_os_error())
+            }
+        };
+        // SAFETY: each call takes integers, null pointers, C strings and
+        // pointers to locals living across it; signal 0 only checks that a
+        // signal would be allowed.
+        let refused = unsafe {
+            [
+                (
+                    "signal the process outside",
+                    raw(libc::kill(parent, 0).into()),
+                ),
+                (
+                    "signal a thread outside",
+                    raw(libc::syscall(libc::SYS_tgkill, parent, parent, 0)),
+                ),
+                (
+                    "queue a signal outside",
+                    raw(libc::syscall(libc::SYS_rt_sigqueueinfo, parent, 0, 0usize)),
+                ),
+                (
+                    "open a pidfd of the process outside",
+                    raw(libc::syscall(libc::SYS_pidfd_open, parent, 0)),
+                ),
+                (
+                    "read the limits of the process outside",
+                    raw(libc::syscall(
+                        libc::SYS_prlimit64,
+                        parent,
+                        libc::RLIMIT_NOFILE,
+                        0usize,
+                        1usize,
+                    )),
+                ),
+                (
+                    "renice the process outside",
+                    raw(libc::setpriority(libc::PRIO_PROCESS, parent.cast_unsigned(), 19).into()),
+                ),
+                (
+                    "renice itself",
+                    raw(libc::setpriority(libc::PRIO_PROCESS, 0, 19).into()),
+                ),
+                (
+                    "leave its scheduling policy",
+                    raw({
+                        let param = libc::sched_param { sched_priority: 0 };
+                        libc::sched_setscheduler(0, libc::SCHED_BATCH, &raw const param)
+                    }
+                    .into()),
+                ),
+                (
+                    "move to other cores",
+                    raw({
+                        let mut cores: libc::cpu_set_t = std::mem::zeroed();
+                        libc::CPU_SET(0, &mut cores);
+                        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const cores)
+                    }
+                    .into()),
+                ),
+                (
+                    "get System V shared memory",
+                    raw(libc::shmget(libc::IPC_PRIVATE, 4096, 0o600).into()),
+                ),
+                (
+                    "read the kernel's log",
+                    raw(libc::syscall(libc::SYS_syslog, 10, 0usize, 0)),
+                ),
+            ]
+        };
+        // SAFETY: as above.
+        let allowed = unsafe {
+            [
+                ("signal itself", ok(libc::kill(own, 0).into())),
+                (
+                    "signal its own thread",
+                    ok(libc::syscall(libc::SYS_tgkill, own, libc::gettid(), 0)),
+                ),
+                (
+                    "open a pidfd of itself",
+                    ok(libc::syscall(libc::SYS_pidfd_open, own, 0)),
+                ),
+                (
+                    "read its own limits",
+                    ok({
+                        let mut limit: libc::rlimit = std::mem::zeroed();
+                        libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut limit)
+                    }
+                    .into()),
+                ),
+                (
+                    "read its own limits by its pid",
+                    ok({
+                        let mut limit: libc::rlimit = std::mem::zeroed();
+                        libc::prlimit(own, libc::RLIMIT_NOFILE, std::ptr::null(), &raw mut limit)
+                    }
+                    .into()),
+                ),
+            ]
+        };
+        // Files' metadata, which Landlock leaves alone: refused even for a
+        // file the worker may read, but for the times of one it opened.
+        let key = std::ffi::CString::new(dir.join("key").into_os_string().into_encoded_bytes())
+            .unwrap_or_default();
+        let blob = std::fs::File::open(dir.join("blobs/module"));
+        let blob_fd = blob.as_ref().map_or(-1, std::os::fd::AsRawFd::as_raw_fd);
+        // SAFETY: each call takes integers, null pointers and `key`, a C
+        // string living across it.
+        let metadata = unsafe {
+            [
+                (
+                    "make the key readable to all",
+                    raw(libc::chmod(key.as_ptr(), 0o644).into()),
+                ),
+                (
+                    "change a blob's mode",
+                    raw(libc::fchmod(blob_fd, 0o644).into()),
+                ),
+                (
+                    "give the key away",
+                    raw(libc::chown(key.as_ptr(), libc::getuid(), libc::getgid()).into()),
+                ),
+                (
+                    "set an extended attribute",
+                    raw(libc::setxattr(
+                        key.as_ptr(),
+                        c"user.spare".as_ptr(),
+                        std::ptr::null(),
+                        0,
+                        0,
+                    )
+                    .into()),
+                ),
+                (
+                    "set the key's times by its path",
+                    raw(libc::utimensat(libc::AT_FDCWD, key.as_ptr(), std::ptr::null(), 0).into()),
+                ),
+                (
+                    "watch the key",
+                    raw(libc::inotify_add_watch(
+                        libc::inotify_init1(0),
+                        key.as_ptr(),
+                        libc::IN_ACCESS,
+                    )
+                    .into()),
+                ),
+            ]
+        };
+        for (what, result) in refused.into_iter().chain(metadata) {
+            expect(what, false, result);
+        }
+        for (what, result) in allowed {
+            expect(what, true, result);
+        }
+        expect(
+            "mark a blob it opened as used",
+            true,
+            blob.and_then(|file| file.set_modified(std::time::SystemTime::now())),
+        );
+
+        // Capabilities: a process run as root holds them until it gives
+        // them up.
+        // SAFETY: geteuid cannot fail.
+        let root = unsafe { libc::geteuid() } == 0;
+        let held = capabilities().is_ok_and(|[effective, ..]| effective != 0);
+        expect(
+            "hold capabilities (as root only)",
+            root,
+            if held {
+                Ok(())
+            } else {
+                Err(std::io::Error::other("holds none"))
+            },
+        );
+        expect("give up its capabilities", true, drop_capabilities());
+        expect(
+            "hold none after",
+            true,
+            match capabilities() {
+                Ok([0, 0, 0]) => Ok(()),
+                other => Err(std::io::Error::other(format!("{other:x?}"))),
             },
         );
         for line in &wrong {
@@ -619,19 +1042,22 @@ mod tests {
             tcp: true,
             signals: true,
             sockets: true,
+            privileges: true,
             notes: Vec::new(),
         };
-        assert_eq!(all.describe(), "confined: files, TCP, signals, sockets");
+        assert_eq!(
+            all.describe(),
+            "confined: files, TCP, signals, sockets, privileges"
+        );
         let old_kernel = ConfineReport {
             landlock_abi: 3,
-            files: true,
             tcp: false,
-            signals: false,
+            privileges: false,
             ..all.clone()
         };
         assert_eq!(
             old_kernel.describe(),
-            "confined: files, sockets; not TCP, signals"
+            "confined: files, signals, sockets; not TCP, privileges"
         );
         assert_eq!(ConfineReport::default().describe(), "not confined");
     }

@@ -1301,6 +1301,7 @@ mod tests {
             tcp: false,
             signals: false,
             sockets: false,
+            privileges: false,
             notes: Vec::new(),
         },
     };
