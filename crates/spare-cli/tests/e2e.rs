@@ -451,7 +451,7 @@ fn workers_run_at_idle_priority() {
     let (_, policy) = read_proc_priority(node.pid().unwrap()).unwrap();
     assert_eq!(policy, 0);
 
-    // Workers are confined (confine.rs): no socket at all, so a seccomp
+    // Workers are confined (confine/): no socket at all, so a seccomp
     // filter is in force, and status says what they cannot reach.
     for pid in node.worker_pids().unwrap() {
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();

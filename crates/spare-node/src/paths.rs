@@ -119,7 +119,7 @@ impl Paths {
     }
 
     /// Refuses directories that workers of a daemon running as `euid`
-    /// could not read. Workers give up every capability (`confine.rs`),
+    /// could not read. Workers give up every capability (`confine/`),
     /// so those of a daemon run as root read the blob store and the cache
     /// as a plain user whose id is 0: a private directory another user
     /// owns is closed to them, and every task would fail.

@@ -328,7 +328,7 @@ impl WorkerPool {
             .unwrap_or_else(|p| p.into_inner())
     }
 
-    /// What the workers could take from themselves (`confine.rs`).
+    /// What the workers could take from themselves (`confine/`).
     pub fn confinement(&self) -> Option<ConfineReport> {
         self.inner
             .confinement

@@ -28,7 +28,7 @@ use crate::sandbox::Sandbox;
 const EXECUTOR_STACK: usize = 8 << 20;
 
 /// Runs the worker until the daemon closes its stdin, confined to
-/// `confinement` (`confine.rs`), which should let it only read `cache_dir`:
+/// `confinement` (`confine/`), which should let it only read `cache_dir`:
 /// it never writes there. Returns the process exit code.
 pub fn main(cache_dir: Option<PathBuf>, confinement: &Confinement) -> i32 {
     let (priority, confinement) = settle(confinement);
