@@ -16,6 +16,7 @@ mod log_budget;
 pub mod outcome;
 pub mod receipt;
 pub mod task;
+pub mod text;
 pub mod units;
 pub mod wasm;
 pub mod wire;

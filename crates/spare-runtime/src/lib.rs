@@ -24,6 +24,7 @@
 //! | open files | stdin, stdout, stderr only: no preopened directory, no sockets |
 //! | host resources of a preview-2 guest | [`MAX_RESOURCES`](spare_core::limits::MAX_RESOURCES) |
 //! | random bytes per call | [`MAX_RANDOM_BYTES`](spare_core::limits::MAX_RANDOM_BYTES) |
+//! | a worker's own stderr, should a guest take it over | read at [`relay::READ_RATE`] after [`relay::READ_BURST`], lines cut at [`relay::MAX_LINE`], [`relay::LINES_PER_MINUTE`] logged where the owner reads |
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod cache;
@@ -34,6 +35,7 @@ mod limiter;
 mod output;
 mod pool;
 pub mod priority;
+pub mod relay;
 mod sandbox;
 pub mod stop;
 pub mod worker;

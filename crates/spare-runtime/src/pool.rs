@@ -712,8 +712,9 @@ impl WorkerPool {
     }
 
     /// The command that starts a worker process, with `extra` arguments:
-    /// no environment but `RUST_LOG`, its output piped to the daemon, and
-    /// tied to the daemon's life in a session of its own.
+    /// no environment but `RUST_LOG`, its output and its stderr piped to
+    /// the daemon (the stderr to be relayed, `relay.rs`), and tied to the
+    /// daemon's life in a session of its own.
     fn command(&self, extra: &[OsString]) -> Command {
         let command = &self.inner.config.command;
         let mut spawning = Command::new(&command.program);
@@ -724,7 +725,7 @@ impl WorkerPool {
             .envs(std::env::vars_os().filter(|(k, _)| k == "RUST_LOG"))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::piped())
             .kill_on_drop(true);
         let daemon = std::process::id();
         // SAFETY: the closure runs in the child between fork and exec and
@@ -762,11 +763,15 @@ impl WorkerPool {
             program: command.program.display().to_string(),
             source,
         })?;
-        let (Some(stdin), Some(stdout), Some(pid)) =
-            (child.stdin.take(), child.stdout.take(), child.id())
-        else {
+        let (Some(stdin), Some(stdout), Some(stderr), Some(pid)) = (
+            child.stdin.take(),
+            child.stdout.take(),
+            child.stderr.take(),
+            child.id(),
+        ) else {
             return Err(PoolError::Startup("no pipes to the worker".into()));
         };
+        crate::relay::spawn(pid, stderr);
         let mut worker = Worker {
             child,
             stdin,
@@ -889,9 +894,12 @@ impl WorkerPool {
             .command(&extra)
             .spawn()
             .map_err(|e| format!("cannot start the compiler: {e}"))?;
-        let (Some(pid), Some(mut stdout)) = (child.id(), child.stdout.take()) else {
+        let (Some(pid), Some(mut stdout), Some(stderr)) =
+            (child.id(), child.stdout.take(), child.stderr.take())
+        else {
             return Err("no pipe to the compiler".into());
         };
+        crate::relay::spawn(pid, stderr);
         for procs in &self.inner.config.join {
             if let Err(e) = std::fs::write(procs, pid.to_string()) {
                 let _ = child.start_kill();
