@@ -925,10 +925,10 @@ impl WorkerPool {
         // Time stopped by pauses does not count, as for a job's watchdog.
         let deadline = self.after_running_for(COMPILE_TIMEOUT, Instant::now(), self.stopped());
         // It writes nothing: its output ends when it exits, before it is
-        // reaped, so its pid is its own while listed.
-        let mut sink = tokio::io::sink();
+        // reaped, so its pid is its own while listed. Should it write, it
+        // is read at the pace of a worker's stderr and thrown away.
         let ended = tokio::select! {
-            read = tokio::io::copy(&mut stdout, &mut sink) => Ok(read),
+            read = crate::relay::relay(&mut stdout, |_| {}) => Ok(read),
             () = deadline => Err(()),
         };
         if ended.is_err() {
