@@ -10,6 +10,16 @@ struct CapHeader {
     pid: libc::c_int,
 }
 
+impl CapHeader {
+    /// Version 3, for the calling process.
+    fn own() -> Self {
+        Self {
+            version: CAPABILITY_VERSION,
+            pid: 0,
+        }
+    }
+}
+
 #[repr(C)]
 #[derive(Clone, Copy, Default)]
 struct CapData {
@@ -21,10 +31,7 @@ struct CapData {
 /// The calling process's capabilities: effective, permitted, inheritable,
 /// each 64 bits.
 pub(super) fn capabilities() -> std::io::Result<[u64; 3]> {
-    let mut header = CapHeader {
-        version: CAPABILITY_VERSION,
-        pid: 0,
-    };
+    let mut header = CapHeader::own();
     let mut data = [CapData::default(); 2];
     // SAFETY: version 3 of capget writes two `CapData` into `data`.
     let got = unsafe { libc::syscall(libc::SYS_capget, &raw mut header, data.as_mut_ptr()) };
@@ -70,10 +77,7 @@ pub(super) fn drop_capabilities() -> std::io::Result<()> {
             0,
         );
     }
-    let mut header = CapHeader {
-        version: CAPABILITY_VERSION,
-        pid: 0,
-    };
+    let mut header = CapHeader::own();
     let none = [CapData::default(); 2];
     // SAFETY: version 3 of capset reads two `CapData` from `none`.
     let set = unsafe { libc::syscall(libc::SYS_capset, &raw mut header, none.as_ptr()) };
